@@ -1,0 +1,3 @@
+from stuseg.cli import main
+
+main()

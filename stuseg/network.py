@@ -1,0 +1,161 @@
+"""The STU-Net architecture (arXiv 2304.06716) as a plain PyTorch module.
+
+Sizes are rows of the ``SIZES`` table. Module and parameter names follow the original
+implementation so that the published checkpoints load with ``strict=True``. This module
+knows nothing about files, downloads or preprocessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Stride = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One STU-Net variant: channel widths and residual blocks per resolution stage."""
+
+    dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    strides: tuple[Stride, ...] = ((2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 1, 2))
+    in_channels: int = 1
+    num_classes: int = 105
+
+    def __post_init__(self) -> None:
+        if not (len(self.dims) == len(self.depths) == len(self.strides) + 1):
+            raise ValueError("Arch needs one width and one depth per stage and one stride per downsampling")
+
+    @property
+    def divisor(self) -> Stride:
+        """Spatial input dims must be multiples of this (product of the strides per axis)."""
+        div = [1, 1, 1]
+        for stride in self.strides:
+            div = [d * s for d, s in zip(div, stride)]
+        return (div[0], div[1], div[2])
+
+
+_WIDTHS = (1, 2, 4, 8, 16, 16)
+
+SIZES: dict[str, Arch] = {
+    "small": Arch(dims=tuple(16 * w for w in _WIDTHS), depths=(1,) * 6),
+    "base": Arch(dims=tuple(32 * w for w in _WIDTHS), depths=(1,) * 6),
+    "large": Arch(dims=tuple(64 * w for w in _WIDTHS), depths=(2,) * 6),
+    "huge": Arch(dims=tuple(96 * w for w in _WIDTHS), depths=(3,) * 6),
+}
+
+_ALIASES = {name[0]: name for name in SIZES}
+
+
+def canonical_size(name: str) -> str:
+    """Map ``small``/``S``/``Base``/... to the ``SIZES`` key; raise ValueError listing valid names."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in SIZES:
+        valid = ", ".join(f"{n} ({n[0].upper()})" for n in SIZES)
+        raise ValueError(f"unknown model size {name!r}; valid sizes: {valid}")
+    return key
+
+
+class ResBlock(nn.Module):
+    """conv-norm-act, conv-norm, add the (optionally 1x1-projected) shortcut, act."""
+
+    def __init__(self, cin: int, cout: int, stride: Sequence[int] = (1, 1, 1), project: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, cout, 3, stride=tuple(stride), padding=1)
+        self.norm1 = nn.InstanceNorm3d(cout, affine=True)
+        self.act1 = nn.LeakyReLU(inplace=True)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
+        self.norm2 = nn.InstanceNorm3d(cout, affine=True)
+        self.act2 = nn.LeakyReLU(inplace=True)
+        self.conv3 = nn.Conv3d(cin, cout, 1, stride=tuple(stride)) if project else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        y += self.conv3(x) if self.conv3 is not None else x
+        return self.act2(y)
+
+
+def _stage(cin: int, cout: int, depth: int, stride: Sequence[int] = (1, 1, 1)) -> nn.Sequential:
+    first = ResBlock(cin, cout, stride, project=True)
+    return nn.Sequential(first, *(ResBlock(cout, cout) for _ in range(depth - 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling by an integer factor, then a 1x1 conv.
+
+    The original upsamples first and convolves second; the reverse order is the same maths
+    but not bitwise the same logits, so we keep the original order.
+    """
+
+    def __init__(self, cin: int, cout: int, factor: Stride):
+        super().__init__()
+        self.factor = [float(f) for f in factor]
+        self.conv = nn.Conv3d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
+
+
+class STUNet(nn.Module):
+    """Residual U-Net. ``eval()`` forward returns full-resolution logits only."""
+
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.arch = arch
+        dims, depths, strides = arch.dims, arch.depths, arch.strides
+        n_up = len(strides)
+        self.conv_blocks_context = nn.ModuleList(
+            [_stage(arch.in_channels, dims[0], depths[0])]
+            + [_stage(dims[d - 1], dims[d], depths[d], strides[d - 1]) for d in range(1, len(dims))]
+        )
+        self.upsample_layers = nn.ModuleList(
+            Upsample(dims[-1 - u], dims[-2 - u], strides[-1 - u]) for u in range(n_up)
+        )
+        self.conv_blocks_localization = nn.ModuleList(
+            _stage(2 * dims[-2 - u], dims[-2 - u], depths[-2 - u]) for u in range(n_up)
+        )
+        # All five heads exist so the checkpoints load strictly; only the last one runs in eval.
+        self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], arch.num_classes, 1) for u in range(n_up))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        shape = tuple(x.shape[2:])
+        div = self.arch.divisor
+        if len(shape) != 3 or any(s % d for s, d in zip(shape, div)):
+            raise ValueError(f"STU-Net input spatial shape {shape} must be divisible by {div}")
+        skips = []
+        for stage in self.conv_blocks_context[:-1]:
+            x = stage(x)
+            skips.append(x)
+        x = self.conv_blocks_context[-1](x)
+        heads = []
+        last = len(self.upsample_layers) - 1
+        for u, (up, block) in enumerate(zip(self.upsample_layers, self.conv_blocks_localization)):
+            x = block(torch.cat((up(x), skips.pop()), dim=1))
+            if self.training or u == last:
+                heads.append(self.seg_outputs[u](x))
+        if self.training:
+            return tuple(reversed(heads))
+        return heads[-1]
+
+
+def build_network(size: str | Arch, device: str | torch.device | None = None) -> STUNet:
+    """Build STU-Net of a named size (``small``/``S`` ...) or an explicit ``Arch``.
+
+    ``device="meta"`` builds the module without allocating parameter memory, e.g. to check a
+    checkpoint's keys and shapes or to load weights later with ``load_state_dict(assign=True)``.
+    """
+    arch = size if isinstance(size, Arch) else SIZES[canonical_size(size)]
+    with torch.device(device if device is not None else "cpu"):
+        net = STUNet(arch)
+    return net.eval()
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
