@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from stuseg.errors import OutputError
+from stuseg.errors import InputError, OutputError
+
+# SimpleITK is imported inside the functions that need it: NIfTI input and `stuseg --help` do not
+# pay for its import.
+
+
+class StusegWarning(UserWarning):
+    """Something in the input is unusual but usable; the result may need a second look."""
 
 
 @dataclass
@@ -118,3 +127,377 @@ def save_image(img: nib.Nifti1Image, path: Path) -> None:
 def write_label_map(data: np.ndarray, like: nib.Nifti1Header, path: Path) -> None:
     """Write a uint8 label map or mask on the grid of ``like``, atomically."""
     save_image(label_image(data, like), path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+SUPPORTED_INPUTS = (
+    "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file, "
+    "or a folder holding one DICOM series"
+)
+
+# Slices of a DICOM series may sit this far (as a fraction of the slice spacing) from the regular
+# grid that SimpleITK assumes before we refuse the series: beyond it a mask would visibly shift.
+_SLICE_POSITION_TOLERANCE = 0.1
+# Angle between the slice stacking direction and the slice normal (gantry tilt) we still accept.
+_MAX_TILT_DEGREES = 0.5
+
+# Everything that nibabel raises for a damaged, truncated or foreign file.
+_NIBABEL_READ_ERRORS = (
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+)
+
+# (x, y, z) LPS <-> RAS: negate the first two world axes. Its own inverse.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series in a folder: its SeriesInstanceUID, SeriesDescription and file count."""
+
+    uid: str
+    description: str
+    n_files: int
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_image(path: Path, series: str | None = None) -> Volume:
+    """Read a 3D CT image: NIfTI, NRRD, MetaImage, or a folder with a DICOM series.
+
+    ``series`` picks one SeriesInstanceUID in a DICOM folder that holds several. Every problem a
+    user can fix raises :class:`InputError` with a one-line message.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        return _read_dicom_folder(path, series)
+    if series is not None:
+        raise InputError(f"--series applies only to a DICOM folder, but {path} is a file; leave it out")
+    suffix = _suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(path)
+    if suffix in SITK_SUFFIXES:
+        _check_detached_data_file(path)
+        return _volume_from_sitk(_sitk_read_file(path), path)
+    if _looks_like_dicom(path):
+        raise InputError(
+            f"{path} is a single DICOM file; pass the folder that holds the whole series instead"
+        )
+    raise InputError(f"{path} has an unsupported file type; use {SUPPORTED_INPUTS}")
+
+
+def _check_pixel_kind(path: Path, dtype: np.dtype | None, components: int = 1) -> None:
+    if dtype is not None and dtype.kind == "c":  # before the vector test: ITK counts 2 components
+        raise InputError(f"{path} holds complex values; stuseg needs a real-valued (grayscale) CT image")
+    if components > 1 or (dtype is not None and dtype.fields is not None):
+        raise InputError(
+            f"{path} holds RGB or vector pixels; stuseg needs a single-channel (grayscale) CT image"
+        )
+
+
+def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The 3D shape of an image, accepting trailing singleton dimensions (x, y, z, 1[, 1])."""
+    if len(shape) < 3:
+        raise InputError(f"{path} is a {len(shape)}D image of shape {shape}; stuseg needs a 3D CT volume")
+    if 0 in shape:
+        raise InputError(f"{path} contains no voxels (shape {shape}); check the file or export it again")
+    extra = int(np.prod(shape[3:]))
+    if extra != 1:
+        raise InputError(
+            f"{path} holds {extra} volumes (shape {shape}); stuseg segments one 3D volume, "
+            "so extract the one you want first"
+        )
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(
+            f"{path} has an invalid voxel-to-world matrix (singular or not finite); fix its header"
+        )
+
+
+def _read_nifti(path: Path) -> Volume:
+    damaged = (
+        f"cannot read {path}: it is damaged, truncated or not a NIfTI image; "
+        "check the file or export it again"
+    )
+    try:
+        img = nib.load(path)
+    except _NIBABEL_READ_ERRORS:
+        raise InputError(damaged) from None
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise InputError(damaged)
+    hdr = img.header
+    _check_pixel_kind(path, hdr.get_data_dtype())
+    shape3 = _spatial_shape(path, img.shape)
+    if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
+        warnings.warn(
+            f"{path} has neither a qform nor an sform; its orientation is unknown, so the image is "
+            "assumed to lie in nibabel's default frame and the outputs will say the same",
+            StusegWarning,
+            stacklevel=3,  # the caller of read_image
+        )
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(path, affine)
+    try:
+        # get_fdata applies scl_slope / scl_inter; NaNs stay NaN (the preprocessor handles them).
+        data = img.get_fdata(dtype=np.float32, caching="unchanged")
+    except _NIBABEL_READ_ERRORS:
+        raise InputError(damaged) from None
+    header = hdr.copy()
+    if data.ndim > 3:
+        # (x, y, z, 1[, 1]) -> (x, y, z). Only dim changes: qform, sform, codes and pixdim[1:4]
+        # are the input's, so the outputs describe the same 3D grid.
+        data = data.reshape(shape3, order="A")
+        header.set_data_shape(shape3)
+    return Volume(data=data, affine=affine, header=header)
+
+
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK writes its warnings straight to stderr; library code must not print, so mute them
+    while reading (the checks that matter are done here and raised or warned properly)."""
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _check_detached_data_file(path: Path) -> None:
+    """For .mhd / .nhdr headers, check that a single named data file exists.
+
+    MetaIO prints its own complaint to the console before failing, so look first. Lists, file
+    patterns and data stored in the header itself are left to SimpleITK.
+    """
+    suffix = _suffix(path)
+    if suffix not in (".mhd", ".nhdr"):
+        return
+    keys = ("elementdatafile",) if suffix == ".mhd" else ("data file", "datafile")
+    try:
+        with path.open("r", encoding="latin-1") as f:
+            lines = [f.readline() for _ in range(200)]
+    except OSError:
+        return
+    for line in lines:
+        key, sep, value = line.partition("=" if suffix == ".mhd" else ":")
+        value = value.strip()
+        if not sep or key.strip().lower() not in keys:
+            continue
+        if " " in value or "%" in value or value.upper() in ("LOCAL", "LIST") or not value:
+            return
+        data_file = path.parent / value
+        if not data_file.exists():
+            raise InputError(
+                f"the data file {data_file} that {path} refers to does not exist; "
+                "keep it next to its header or export the image again"
+            )
+        return
+
+
+def _sitk_read_file(path: Path):  # -> sitk.Image
+    import SimpleITK as sitk
+
+    kind = "NRRD" if _suffix(path) in (".nrrd", ".nhdr") else "MetaImage"
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _itk_warnings_off():
+            return reader.Execute()
+    except RuntimeError:
+        raise InputError(
+            f"cannot read {path}: it is damaged, truncated or not a {kind} image, or its data file is "
+            "missing; check the file or export it again"
+        ) from None
+
+
+def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
+    """A Volume from a SimpleITK image: array to (i, j, k), ITK's LPS geometry to a RAS affine."""
+    import SimpleITK as sitk
+
+    dtype = None
+    if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        dtype = np.dtype(np.complex64)
+    _check_pixel_kind(path, dtype, img.GetNumberOfComponentsPerPixel())
+    dim = img.GetDimension()
+    shape3 = _spatial_shape(path, tuple(int(s) for s in img.GetSize()))
+    # ITK's geometry: physical point (LPS mm) = origin + direction @ diag(spacing) @ (i, j, k),
+    # where i runs along x (fastest in memory). For 4D+ images with singleton trailing axes keep
+    # the spatial 3x3 block.
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[:3]
+    origin = np.asarray(img.GetOrigin(), dtype=np.float64)[:3]
+    affine = np.eye(4)
+    # NIfTI/nibabel want RAS+: negate the first two rows (x: L -> R, y: P -> A).
+    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = _LPS_TO_RAS @ origin
+    _check_affine(path, affine)
+    # GetArrayViewFromImage is indexed [z, y, x] (C order); its transpose is [x, y, z] = (i, j, k)
+    # in Fortran order, the same layout nibabel gives. astype copies, so nothing refers to `img`.
+    view = sitk.GetArrayViewFromImage(img)
+    data = view.reshape(view.shape[-3:]).T.astype(np.float32)
+    return Volume(data=data, affine=affine, header=nifti_header_for(affine, shape3))
+
+
+def list_dicom_series(folder: Path) -> list[SeriesInfo]:
+    """The DICOM series directly in ``folder`` (subfolders are not searched), in GDCM's order."""
+    return [info for info, _ in _scan_dicom_folder(Path(folder))]
+
+
+def _scan_dicom_folder(folder: Path) -> list[tuple[SeriesInfo, tuple[str, ...]]]:
+    """Each series in ``folder`` with its files, sorted by GDCM along the slice normal."""
+    import SimpleITK as sitk
+
+    found = []
+    with _itk_warnings_off():
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+            files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+            info = SeriesInfo(uid=uid, description=_series_description(files[0]), n_files=len(files))
+            found.append((info, files))
+    return found
+
+
+def _series_description(file: str) -> str:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+
+
+def _format_series(info: SeriesInfo) -> str:
+    uid = info.uid or "(empty UID)"
+    return f"{uid} ('{info.description}', {info.n_files} slices)"
+
+
+def _read_dicom_folder(folder: Path, series: str | None) -> Volume:
+    import SimpleITK as sitk
+
+    if not any(folder.iterdir()):
+        raise InputError(f"{folder} is an empty folder; pass {SUPPORTED_INPUTS}")
+    scanned = _scan_dicom_folder(folder)
+    found = [info for info, _ in scanned]
+    if not found:
+        raise InputError(
+            f"{folder} contains no DICOM files (subfolders are not searched); pass {SUPPORTED_INPUTS}"
+        )
+    if series is None:
+        if len(found) > 1:
+            listing = ", ".join(_format_series(s) for s in found)
+            raise InputError(
+                f"{folder} holds {len(found)} DICOM series: {listing}; pick one with --series UID"
+            )
+        files = scanned[0][1]
+    else:
+        matches = [series_files for info, series_files in scanned if info.uid == series.strip()]
+        if not matches:
+            valid = ", ".join(_format_series(s) for s in found)
+            raise InputError(f"{folder} has no DICOM series with UID {series!r}; valid UIDs: {valid}")
+        files = matches[0]
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with _itk_warnings_off():
+            img = reader.Execute()
+    except RuntimeError:
+        raise InputError(
+            f"cannot read the DICOM series in {folder}: its files are damaged, use an unsupported "
+            "encoding or do not form one volume; check the files or export the series again"
+        ) from None
+    positions = _slice_positions(reader, len(files))
+    if positions is not None and len(positions) > 2 and img.GetDimension() == 3:
+        direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+        _check_slice_positions(folder, positions, direction[:, 2])
+    return _volume_from_sitk(img, folder)
+
+
+def _slice_positions(reader, n_files: int) -> np.ndarray | None:
+    """ImagePositionPatient (LPS mm) of each file read by ``reader``; None where any is unusable."""
+    positions = []
+    for n in range(n_files):
+        if not reader.HasMetaDataKey(n, "0020|0032"):
+            return None
+        try:
+            xyz = [float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")]
+        except ValueError:
+            return None
+        if len(xyz) != 3:
+            return None
+        positions.append(xyz)
+    return np.asarray(positions, dtype=np.float64)
+
+
+def _check_slice_positions(folder: Path, positions: np.ndarray, normal: np.ndarray) -> None:
+    """Refuse a series whose slices do not lie on the regular grid SimpleITK builds from it.
+
+    SimpleITK places slice k at first + k * (last - first) / (n - 1) along the slice normal. A
+    missing or duplicated slice, or slices at varying gaps, would silently shift the image (and
+    the masks) by up to a slice, so that is an error rather than a warning. So is gantry tilt
+    (slices stacked obliquely to their own plane), which a 3D affine without shear cannot hold.
+    """
+    stack = positions[-1] - positions[0]
+    length = float(np.linalg.norm(stack))
+    if length > 0:
+        cos = abs(float(stack @ normal)) / length
+        tilt = float(np.degrees(np.arccos(min(cos, 1.0))))
+        if tilt > _MAX_TILT_DEGREES:
+            raise InputError(
+                f"the DICOM slices in {folder} are stacked at {tilt:.1f} degrees to their normal "
+                "(gantry tilt); resample the series to a regular grid first"
+            )
+    along = positions @ normal
+    gaps = np.abs(np.diff(along))
+    step = abs(along[-1] - along[0]) / (len(along) - 1)
+    expected = along[0] + np.sign(along[-1] - along[0]) * step * np.arange(len(along))
+    if step == 0 or np.max(np.abs(along - expected)) > _SLICE_POSITION_TOLERANCE * step:
+        raise InputError(
+            f"the DICOM series in {folder} has non-uniform slice spacing (gaps from {gaps.min():.4g} "
+            f"to {gaps.max():.4g} mm: missing or duplicate slices?); export the complete series or "
+            "resample it to a regular grid first"
+        )
+
+
+def describe(volume: Volume) -> str:
+    """One line for people: shape, spacing and orientation, e.g. '512x512x20 voxels, 0.977 x ...'."""
+    shape = "x".join(str(s) for s in volume.data.shape)
+    spacing = " x ".join(f"{s:.3g}" for s in volume.spacing)
+    codes = "".join(nib.aff2axcodes(volume.affine))
+    text = f"{shape} voxels, spacing {spacing} mm, orientation {codes}"
+    tilt = float(np.degrees(np.max(nib.affines.obliquity(volume.affine))))
+    if tilt > 0.01:
+        text += f" (oblique by {tilt:.1f} degrees)"
+    return text
