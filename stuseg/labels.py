@@ -1,0 +1,251 @@
+"""The label table: the 104 structures in model channel order, their groups and selection.
+
+Channel ``i`` of the network is label value ``i`` in every segmentation stuseg writes
+(0 = background). The order is the 104 TotalSegmentator v1 names in Python ``sorted()`` order,
+as STU-Net was trained; it is *not* TotalSegmentator's own numbering, which each row carries
+as ``totalseg_v1`` so results can be renumbered for comparison.
+
+Pure data and name lookup: this module imports nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterable
+from enum import Enum
+from typing import NamedTuple
+
+from stuseg.errors import LabelError
+
+
+class Group(str, Enum):
+    """Anatomical groups, as in the TotalSegmentator paper."""
+
+    ORGANS = "organs"
+    BONES = "bones"
+    MUSCLES = "muscles"
+    VESSELS = "vessels"
+
+
+class Numbering(str, Enum):
+    """How label values are numbered in a multilabel file."""
+
+    MODEL = "model"  # value = model channel index (1..104), the stuseg default
+    COMPACT = "compact"  # value = 1..k in model order of the selected structures
+    TOTALSEG_V1 = "totalsegmentator-v1"  # value = TotalSegmentator v1's official index
+
+
+class Structure(NamedTuple):
+    """One row of the label table."""
+
+    index: int  # model channel = label value
+    name: str
+    group: Group
+    totalseg_v1: int  # index in TotalSegmentator v1's class_map["total"]
+
+
+# fmt: off
+TABLE: tuple[Structure, ...] = (
+    Structure(1, "adrenal_gland_left", Group.ORGANS, 12),
+    Structure(2, "adrenal_gland_right", Group.ORGANS, 11),
+    Structure(3, "aorta", Group.VESSELS, 7),
+    Structure(4, "autochthon_left", Group.MUSCLES, 100),
+    Structure(5, "autochthon_right", Group.MUSCLES, 101),
+    Structure(6, "brain", Group.ORGANS, 50),
+    Structure(7, "clavicula_left", Group.BONES, 86),
+    Structure(8, "clavicula_right", Group.BONES, 87),
+    Structure(9, "colon", Group.ORGANS, 57),
+    Structure(10, "duodenum", Group.ORGANS, 56),
+    Structure(11, "esophagus", Group.ORGANS, 42),
+    Structure(12, "face", Group.ORGANS, 93),
+    Structure(13, "femur_left", Group.BONES, 88),
+    Structure(14, "femur_right", Group.BONES, 89),
+    Structure(15, "gallbladder", Group.ORGANS, 4),
+    Structure(16, "gluteus_maximus_left", Group.MUSCLES, 94),
+    Structure(17, "gluteus_maximus_right", Group.MUSCLES, 95),
+    Structure(18, "gluteus_medius_left", Group.MUSCLES, 96),
+    Structure(19, "gluteus_medius_right", Group.MUSCLES, 97),
+    Structure(20, "gluteus_minimus_left", Group.MUSCLES, 98),
+    Structure(21, "gluteus_minimus_right", Group.MUSCLES, 99),
+    Structure(22, "heart_atrium_left", Group.ORGANS, 45),
+    Structure(23, "heart_atrium_right", Group.ORGANS, 47),
+    Structure(24, "heart_myocardium", Group.ORGANS, 44),
+    Structure(25, "heart_ventricle_left", Group.ORGANS, 46),
+    Structure(26, "heart_ventricle_right", Group.ORGANS, 48),
+    Structure(27, "hip_left", Group.BONES, 90),
+    Structure(28, "hip_right", Group.BONES, 91),
+    Structure(29, "humerus_left", Group.BONES, 82),
+    Structure(30, "humerus_right", Group.BONES, 83),
+    Structure(31, "iliac_artery_left", Group.VESSELS, 51),
+    Structure(32, "iliac_artery_right", Group.VESSELS, 52),
+    Structure(33, "iliac_vena_left", Group.VESSELS, 53),
+    Structure(34, "iliac_vena_right", Group.VESSELS, 54),
+    Structure(35, "iliopsoas_left", Group.MUSCLES, 102),
+    Structure(36, "iliopsoas_right", Group.MUSCLES, 103),
+    Structure(37, "inferior_vena_cava", Group.VESSELS, 8),
+    Structure(38, "kidney_left", Group.ORGANS, 3),
+    Structure(39, "kidney_right", Group.ORGANS, 2),
+    Structure(40, "liver", Group.ORGANS, 5),
+    Structure(41, "lung_lower_lobe_left", Group.ORGANS, 14),
+    Structure(42, "lung_lower_lobe_right", Group.ORGANS, 17),
+    Structure(43, "lung_middle_lobe_right", Group.ORGANS, 16),
+    Structure(44, "lung_upper_lobe_left", Group.ORGANS, 13),
+    Structure(45, "lung_upper_lobe_right", Group.ORGANS, 15),
+    Structure(46, "pancreas", Group.ORGANS, 10),
+    Structure(47, "portal_vein_and_splenic_vein", Group.VESSELS, 9),
+    Structure(48, "pulmonary_artery", Group.VESSELS, 49),
+    Structure(49, "rib_left_1", Group.BONES, 58),
+    Structure(50, "rib_left_10", Group.BONES, 67),
+    Structure(51, "rib_left_11", Group.BONES, 68),
+    Structure(52, "rib_left_12", Group.BONES, 69),
+    Structure(53, "rib_left_2", Group.BONES, 59),
+    Structure(54, "rib_left_3", Group.BONES, 60),
+    Structure(55, "rib_left_4", Group.BONES, 61),
+    Structure(56, "rib_left_5", Group.BONES, 62),
+    Structure(57, "rib_left_6", Group.BONES, 63),
+    Structure(58, "rib_left_7", Group.BONES, 64),
+    Structure(59, "rib_left_8", Group.BONES, 65),
+    Structure(60, "rib_left_9", Group.BONES, 66),
+    Structure(61, "rib_right_1", Group.BONES, 70),
+    Structure(62, "rib_right_10", Group.BONES, 79),
+    Structure(63, "rib_right_11", Group.BONES, 80),
+    Structure(64, "rib_right_12", Group.BONES, 81),
+    Structure(65, "rib_right_2", Group.BONES, 71),
+    Structure(66, "rib_right_3", Group.BONES, 72),
+    Structure(67, "rib_right_4", Group.BONES, 73),
+    Structure(68, "rib_right_5", Group.BONES, 74),
+    Structure(69, "rib_right_6", Group.BONES, 75),
+    Structure(70, "rib_right_7", Group.BONES, 76),
+    Structure(71, "rib_right_8", Group.BONES, 77),
+    Structure(72, "rib_right_9", Group.BONES, 78),
+    Structure(73, "sacrum", Group.BONES, 92),
+    Structure(74, "scapula_left", Group.BONES, 84),
+    Structure(75, "scapula_right", Group.BONES, 85),
+    Structure(76, "small_bowel", Group.ORGANS, 55),
+    Structure(77, "spleen", Group.ORGANS, 1),
+    Structure(78, "stomach", Group.ORGANS, 6),
+    Structure(79, "trachea", Group.ORGANS, 43),
+    Structure(80, "urinary_bladder", Group.ORGANS, 104),
+    Structure(81, "vertebrae_C1", Group.BONES, 41),
+    Structure(82, "vertebrae_C2", Group.BONES, 40),
+    Structure(83, "vertebrae_C3", Group.BONES, 39),
+    Structure(84, "vertebrae_C4", Group.BONES, 38),
+    Structure(85, "vertebrae_C5", Group.BONES, 37),
+    Structure(86, "vertebrae_C6", Group.BONES, 36),
+    Structure(87, "vertebrae_C7", Group.BONES, 35),
+    Structure(88, "vertebrae_L1", Group.BONES, 22),
+    Structure(89, "vertebrae_L2", Group.BONES, 21),
+    Structure(90, "vertebrae_L3", Group.BONES, 20),
+    Structure(91, "vertebrae_L4", Group.BONES, 19),
+    Structure(92, "vertebrae_L5", Group.BONES, 18),
+    Structure(93, "vertebrae_T1", Group.BONES, 34),
+    Structure(94, "vertebrae_T10", Group.BONES, 25),
+    Structure(95, "vertebrae_T11", Group.BONES, 24),
+    Structure(96, "vertebrae_T12", Group.BONES, 23),
+    Structure(97, "vertebrae_T2", Group.BONES, 33),
+    Structure(98, "vertebrae_T3", Group.BONES, 32),
+    Structure(99, "vertebrae_T4", Group.BONES, 31),
+    Structure(100, "vertebrae_T5", Group.BONES, 30),
+    Structure(101, "vertebrae_T6", Group.BONES, 29),
+    Structure(102, "vertebrae_T7", Group.BONES, 28),
+    Structure(103, "vertebrae_T8", Group.BONES, 27),
+    Structure(104, "vertebrae_T9", Group.BONES, 26),
+)
+# fmt: on
+
+LABELS: tuple[str, ...] = ("background", *(s.name for s in TABLE))
+STRUCTURES: tuple[str, ...] = LABELS[1:]
+GROUPS: dict[str, tuple[str, ...]] = {g.value: tuple(s.name for s in TABLE if s.group is g) for g in Group}
+TOTALSEG_V1_INDEX: dict[int, int] = {0: 0, **{s.index: s.totalseg_v1 for s in TABLE}}
+
+_BY_LOWER: dict[str, Structure] = {s.name.lower(): s for s in TABLE}
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_LIST_HINT = "run 'stuseg labels' to list the names"
+
+
+def _suggest(word: str) -> str:
+    """A message tail naming the closest names and groups, or pointing to the full list."""
+    candidates = {**{k: s.name for k, s in _BY_LOWER.items()}, **{g: g for g in GROUPS}}
+    close = difflib.get_close_matches(word.lower(), candidates, n=3)
+    # Keep only matches about as close as the best one, so 'organ' suggests 'organs' alone.
+    score = {c: difflib.SequenceMatcher(None, word.lower(), c).ratio() for c in close}
+    close = [c for c in close if score[c] >= score[close[0]] - 0.15]
+    if not close:
+        return f"; {_LIST_HINT}"
+    quoted = [f"'{candidates[c]}'" for c in close]
+    alternatives = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+    return f", did you mean {alternatives}?"
+
+
+def lookup(name: str) -> Structure:
+    """The row of structure ``name`` (case-insensitive); LabelError with suggestions if unknown."""
+    row = _BY_LOWER.get(name.strip().lower())
+    if row is None:
+        if name.strip().lower() == "background":
+            raise LabelError(f"'background' is label 0, not a structure; {_LIST_HINT}")
+        raise LabelError(f"unknown structure '{name}'{_suggest(name)}")
+    return row
+
+
+def index_of(name: str) -> int:
+    """Model channel index (= label value) of structure ``name``."""
+    return lookup(name).index
+
+
+def group_of(name: str) -> str:
+    """The group ('organs', 'bones', 'muscles' or 'vessels') of structure ``name``."""
+    return lookup(name).group.value
+
+
+def describe(group: str | None = None) -> list[Structure]:
+    """The table rows, optionally only those of one group, in model order."""
+    if group is None:
+        return list(TABLE)
+    key = str(getattr(group, "value", group)).strip().lower()
+    if key not in GROUPS:
+        raise LabelError(f"unknown group '{group}'; choose one of {', '.join(GROUPS)}")
+    return [s for s in TABLE if s.group.value == key]
+
+
+def select(patterns: Iterable[str]) -> list[int]:
+    """Sorted model indices of the structures named by ``patterns``.
+
+    Each pattern is an exact name, a group name or a shell pattern (``rib_*``), compared
+    case-insensitively; an entry may hold several, separated by commas or spaces. A name
+    that is unknown, or a pattern that matches nothing, is a LabelError.
+    """
+    words = [w for p in patterns for w in re.split(r"[,\s]+", str(p).strip()) if w]
+    if not words:
+        raise LabelError("no structures named; give structure names, groups or patterns such as 'rib_*'")
+    chosen: set[int] = set()
+    for word in words:
+        key = word.lower()
+        if key in GROUPS:
+            chosen.update(s.index for s in TABLE if s.group.value == key)
+        elif _GLOB_CHARS.search(key):
+            hits = [s.index for k, s in _BY_LOWER.items() if fnmatch.fnmatchcase(k, key)]
+            if not hits:
+                raise LabelError(f"pattern '{word}' matches no structure; {_LIST_HINT}")
+            chosen.update(hits)
+        else:
+            chosen.add(lookup(word).index)
+    return sorted(chosen)
+
+
+def renumbering(indices: Iterable[int], numbering: str = Numbering.MODEL) -> dict[int, int]:
+    """Map the model indices ``indices`` to label values under ``numbering``."""
+    idx = sorted(set(indices))
+    bad = [i for i in idx if not 1 <= i <= len(STRUCTURES)]
+    if bad:
+        raise LabelError(f"label value {bad[0]} is not a structure index; use 1 to {len(STRUCTURES)}")
+    scheme = str(getattr(numbering, "value", numbering))
+    if scheme == Numbering.MODEL.value:
+        return {i: i for i in idx}
+    if scheme == Numbering.COMPACT.value:
+        return {i: k for k, i in enumerate(idx, start=1)}
+    if scheme == Numbering.TOTALSEG_V1.value:
+        return {i: TOTALSEG_V1_INDEX[i] for i in idx}
+    choices = ", ".join(n.value for n in Numbering)
+    raise LabelError(f"unknown numbering '{numbering}'; choose one of {choices}")

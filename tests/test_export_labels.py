@@ -1,0 +1,386 @@
+"""Reading and writing segmentations, and ``stuseg export-labels`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stuseg import labelmaps, labels
+from stuseg.cli import app
+from stuseg.errors import InputError, OutputError
+from stuseg.io import write_label_map
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "label_order.json"
+
+SHAPE = (7, 9, 5)  # odd and anisotropic, so an axis swap cannot go unnoticed
+PRESENT = ("aorta", "liver", "rib_left_1", "rib_left_10", "spleen", "vertebrae_L1")
+GEOMETRY = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+            "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "pixdim", "dim")  # fmt: skip
+
+
+def oblique_lps_header() -> nib.Nifti1Header:
+    """Rotated about two axes, LPS-like (x and y flipped), qform and sform with different codes."""
+    a, b = np.deg2rad(20), np.deg2rad(-12)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1, -1, 1]) @ rz @ rx @ np.diag([0.8, 1.25, 3.0])
+    affine[:3, 3] = [120.5, -88.25, 40.0]
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(SHAPE)
+    hdr.set_qform(affine, code=1)  # scanner
+    sform = affine.copy()
+    sform[0, 1] += 0.01  # a shear only the sform can hold: both must be copied, not re-derived
+    hdr.set_sform(sform, code=2)  # aligned
+    return hdr
+
+
+def assert_same_geometry(path: Path, like: nib.Nifti1Header) -> None:
+    out = nib.load(path).header
+    for field in GEOMETRY:
+        assert np.array_equal(out[field][:4] if field == "pixdim" else out[field],
+                              like[field][:4] if field == "pixdim" else like[field]), field  # fmt: skip
+
+
+@pytest.fixture
+def header() -> nib.Nifti1Header:
+    return oblique_lps_header()
+
+
+@pytest.fixture
+def seg() -> np.ndarray:
+    """A model-index label map holding the PRESENT structures; kidney_left (38) is absent."""
+    rng = np.random.default_rng(4)
+    values = np.array([0, *(labels.index_of(n) for n in PRESENT)], np.uint8)
+    return values[rng.integers(0, len(values), SHAPE)]
+
+
+@pytest.fixture
+def ml_file(tmp_path: Path, seg: np.ndarray, header: nib.Nifti1Header) -> Path:
+    """A multilabel file as ``predict --ml`` writes it."""
+    path = tmp_path / "pred" / "seg.nii.gz"
+    path.parent.mkdir()
+    labelmaps.save_multilabel(seg, header, path, dict(enumerate(labels.STRUCTURES, 1)), numbering="model")
+    return path
+
+
+@pytest.fixture
+def mask_dir(tmp_path: Path, seg: np.ndarray, header: nib.Nifti1Header) -> Path:
+    """A folder of masks as ``predict`` writes it: one 0/1 uint8 mask per structure, some empty."""
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    for name in (*PRESENT, "stomach"):
+        mask = (seg == labels.index_of(name)).astype(np.uint8)
+        write_label_map(mask, header, folder / f"{name}.nii.gz")
+    return folder
+
+
+def invoke(*args: object) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --- save_multilabel / load_segmentation -------------------------------------------------------------
+
+
+def test_save_multilabel_carries_names_everywhere(tmp_path: Path, header: nib.Nifti1Header) -> None:
+    data = np.zeros(SHAPE, np.uint8)
+    data[1:3, 2:5, 1] = 7
+    data[4, :, 3] = 200
+    names = {7: "liver", 200: "my lesion"}
+    out = tmp_path / "x.nii.gz"
+    labelmaps.save_multilabel(data, header, out, names)
+    assert files_in(tmp_path) == ["x.ctbl", "x.itksnap.txt", "x.json", "x.nii.gz"]
+
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asanyarray(img.dataobj), data)
+    assert_same_geometry(out, header)
+    sidecar = json.loads((tmp_path / "x.json").read_text())
+    assert sidecar == {"format": "stuseg-labels/1", "labels": {"7": "liver", "200": "my lesion"}}
+    [ext] = [e for e in img.header.extensions if e.get_code() == 6]
+    assert json.loads(ext.get_content()) == sidecar
+    assert labelmaps.read_names(img, out) == names
+
+    itk = [ln for ln in (tmp_path / "x.itksnap.txt").read_text().splitlines() if not ln.startswith("#")]
+    assert [ln.split()[0] for ln in itk] == ["0", "7", "200"]
+    assert itk[1].endswith('"liver"') and itk[2].endswith('"my lesion"')
+    ctbl = [ln.split() for ln in (tmp_path / "x.ctbl").read_text().splitlines() if not ln.startswith("#")]
+    assert [row[:2] for row in ctbl] == [["0", "background"], ["7", "liver"], ["200", "my_lesion"]]
+    assert all(len(row) == 6 and all(0 <= int(c) <= 255 for c in row[2:]) for row in ctbl)
+
+
+def test_save_multilabel_rejects_unnamed_values(tmp_path: Path, header: nib.Nifti1Header) -> None:
+    data = np.full(SHAPE, 3, np.uint8)
+    with pytest.raises(ValueError, match=r"label values \[3\]"):
+        labelmaps.save_multilabel(data, header, tmp_path / "x.nii.gz", {1: "liver"})
+    with pytest.raises(OutputError, match=r"end it in \.nii\.gz"):
+        labelmaps.save_multilabel(data, header, tmp_path / "x.nrrd", {3: "aorta"})
+    assert files_in(tmp_path) == []
+
+
+def test_load_multilabel_and_folder_agree(ml_file: Path, mask_dir: Path, seg: np.ndarray) -> None:
+    lab, hdr, names = labelmaps.load_segmentation(ml_file)
+    assert lab.dtype == np.uint8 and np.array_equal(lab, seg)
+    assert names == dict(enumerate(labels.STRUCTURES, 1))
+    lab2, hdr2, names2 = labelmaps.load_segmentation(mask_dir)
+    assert np.array_equal(lab2, seg)
+    assert sorted(names2.values()) == sorted((*PRESENT, "stomach"))
+    for field in GEOMETRY:
+        assert np.array_equal(hdr[field], hdr2[field])
+
+
+def test_load_plain_file_assumes_model_numbering(tmp_path: Path, seg: np.ndarray, header) -> None:
+    write_label_map(seg, header, tmp_path / "plain.nii.gz")  # as STU-Net writes it: no names
+    lab, _, names = labelmaps.load_segmentation(tmp_path / "plain.nii.gz")
+    assert np.array_equal(lab, seg) and len(names) == 104
+
+
+def test_load_folder_only_reads_requested(mask_dir: Path, seg: np.ndarray) -> None:
+    lab, _, names = labelmaps.load_segmentation(mask_dir, only=[40, 38])
+    assert names == {40: "liver"}
+    assert np.array_equal(lab, np.where(seg == 40, 40, 0))
+    with pytest.raises(InputError, match="holds no mask of the requested structures"):
+        labelmaps.load_segmentation(mask_dir, only=[38])
+
+
+# --- export-labels: round trips, numbering, geometry ---------------------------------------------
+
+
+def test_multilabel_to_masks_and_back(tmp_path: Path, ml_file: Path, seg: np.ndarray, header) -> None:
+    out = tmp_path / "out"
+    result = invoke(
+        "export-labels", ml_file, out, "--labels", "liver", "-l", "RIB_left_1*", "--group", "vessels"
+    )
+    assert result.exit_code == 0, result.stderr
+    expected = ["aorta", *labels.GROUPS["vessels"][1:], "liver", "rib_left_1", "rib_left_10", "rib_left_11",
+                "rib_left_12"]  # fmt: skip
+    assert files_in(out) == sorted(f"{n}.nii.gz" for n in expected)
+    assert result.stdout.splitlines() == [
+        str(out / f"{n}.nii.gz") for n in sorted(expected, key=labels.index_of)
+    ]
+    assert "note: no voxels for" in result.stderr and "rib_left_11" in result.stderr
+    for name in expected:
+        img = nib.load(out / f"{name}.nii.gz")
+        assert img.get_data_dtype() == np.uint8
+        assert np.array_equal(np.asanyarray(img.dataobj), seg == labels.index_of(name))
+        assert_same_geometry(out / f"{name}.nii.gz", header)
+
+    back = tmp_path / "back.nii.gz"
+    result = invoke("export-labels", out, back, "--labels", "liver,rib_left_10", "--ml")
+    assert result.exit_code == 0, result.stderr
+    lab, _, names = labelmaps.load_segmentation(back)
+    assert np.array_equal(lab, np.where(np.isin(seg, [40, 50]), seg, 0))
+    assert names == {40: "liver", 50: "rib_left_10"}
+    assert_same_geometry(back, header)
+
+
+def test_masks_to_multilabel_round_trip(tmp_path: Path, mask_dir: Path, seg: np.ndarray, header) -> None:
+    out = tmp_path / "sub" / "all.nii.gz"
+    result = invoke("export-labels", mask_dir, out, "--labels", "*", "--ml")
+    assert result.exit_code == 0, result.stderr
+    assert "has no mask for adrenal_gland_left" in result.stderr  # the folder has 7 of 104
+    assert files_in(out.parent) == ["all.ctbl", "all.itksnap.txt", "all.json", "all.nii.gz"]
+    lab, _, names = labelmaps.load_segmentation(out)
+    assert np.array_equal(lab, seg)
+    assert sorted(names.values()) == sorted((*PRESENT, "stomach"))
+    assert_same_geometry(out, header)
+
+    again = tmp_path / "again"
+    assert invoke("export-labels", out, again, "-g", "bones").exit_code == 0
+    assert files_in(again) == ["rib_left_1.nii.gz", "rib_left_10.nii.gz", "vertebrae_L1.nii.gz"]
+
+
+@pytest.mark.parametrize("numbering", ["compact", "totalsegmentator-v1"])
+def test_ml_numbering(tmp_path: Path, ml_file: Path, seg: np.ndarray, numbering: str) -> None:
+    ref = json.loads(REFERENCE.read_text())["stunet_index_to_totalseg_v1_index"]
+    chosen = [3, 40, 49, 50, 88]  # aorta, liver, rib_left_1, rib_left_10, vertebrae_L1
+    out = tmp_path / "renum.nii.gz"
+    result = invoke("export-labels", ml_file, out, "-l", "aorta,liver,rib_left_1,rib_left_10,vertebrae_L1",
+                    "--ml", "--numbering", numbering)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    value = dict(zip(chosen, range(1, 6))) if numbering == "compact" else {i: ref[str(i)] for i in chosen}
+    expected = np.zeros_like(seg)
+    for i, v in value.items():
+        expected[seg == i] = v
+    assert np.array_equal(np.asanyarray(nib.load(out).dataobj), expected)
+    sidecar = json.loads((tmp_path / "renum.json").read_text())
+    assert sidecar["numbering"] == numbering
+    assert sidecar["labels"] == {str(v): labels.STRUCTURES[i - 1] for i, v in value.items()}
+    # The carried names undo the renumbering on the way back in.
+    lab, _, names = labelmaps.load_segmentation(out)
+    assert np.array_equal(lab, np.where(np.isin(seg, chosen), seg, 0))
+    assert sorted(names) == chosen
+
+
+def test_combine_writes_the_union(tmp_path: Path, mask_dir: Path, seg: np.ndarray, header) -> None:
+    result = invoke("export-labels", mask_dir, mask_dir, "-l", "rib_*", "--combine", "ribs")
+    assert result.exit_code == 0, result.stderr
+    img = nib.load(mask_dir / "ribs.nii.gz")
+    assert np.array_equal(np.asanyarray(img.dataobj), np.isin(seg, [49, 50]).astype(np.uint8))
+    assert_same_geometry(mask_dir / "ribs.nii.gz", header)
+    assert result.stdout.splitlines() == [str(mask_dir / "ribs.nii.gz")]
+
+
+def test_nothing_is_left_when_a_write_fails(tmp_path: Path, ml_file: Path, monkeypatch) -> None:
+    calls = []
+
+    def flaky_save(img: nib.Nifti1Image, path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_save(img, path)
+
+    real_save = nib.save
+    monkeypatch.setattr(nib, "save", flaky_save)
+    out = tmp_path / "out"
+    result = invoke("export-labels", ml_file, out, "--group", "bones")
+    assert result.exit_code == 1
+    failed = out / "femur_left.nii.gz"  # third bone in model order, after the claviculae
+    assert result.stderr == f"stuseg: error: cannot write {failed}: No space left on device\n"
+    assert not out.exists()  # the two masks already written were never renamed into place
+
+
+# --- export-labels: every error, one line, nothing written ---------------------------------------
+
+
+def test_error_unknown_structure(tmp_path: Path, ml_file: Path) -> None:
+    result = invoke("export-labels", ml_file, tmp_path / "out", "--labels", "livr")
+    assert result.exit_code == 1
+    assert result.stderr == "stuseg: error: unknown structure 'livr', did you mean 'liver'?\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_values_above_104(tmp_path: Path, header) -> None:
+    data = np.zeros(SHAPE, np.int16)
+    data[0, 0, 0] = 117
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(data, header.get_best_affine()), path)
+    result = invoke("export-labels", path, tmp_path / "out", "-l", "liver")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: {path} holds label value 117 but the model has only 104 structures; "
+        "give a segmentation written by 'stuseg predict --ml'\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_non_integer_data(tmp_path: Path, header) -> None:
+    data = np.zeros(SHAPE, np.float32)
+    data[1, 2, 3] = 40.5
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(data, header.get_best_affine()), path)
+    result = invoke("export-labels", path, tmp_path / "out.nii.gz", "-l", "liver", "--ml")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: {path} holds the non-integer value 40.5; give a label map of whole numbers "
+        "such as 'stuseg predict --ml' writes\n"
+    )
+    assert files_in(tmp_path) == ["seg.nii.gz"]
+
+
+def test_integer_valued_float_file_is_accepted(tmp_path: Path, seg: np.ndarray, header) -> None:
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(seg.astype(np.float32), header.get_best_affine()), path)
+    assert invoke("export-labels", path, tmp_path / "out", "-l", "liver").exit_code == 0
+
+
+@pytest.mark.parametrize("what", ["shape", "affine"])
+def test_error_masks_disagree(tmp_path: Path, mask_dir: Path, header, what: str) -> None:
+    if what == "shape":
+        nib.save(
+            nib.Nifti1Image(np.zeros((7, 9, 6), np.uint8), header.get_best_affine()),
+            mask_dir / "spleen.nii.gz",
+        )
+    else:
+        moved = nib.Nifti1Image(np.zeros(SHAPE, np.uint8), header.get_best_affine() + np.eye(4) * 0.5)
+        nib.save(moved, mask_dir / "spleen.nii.gz")
+    result = invoke("export-labels", mask_dir, tmp_path / "out", "-l", "organs")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: masks liver.nii.gz and spleen.nii.gz in {mask_dir} differ in {what}; "
+        "give a folder whose masks come from one segmentation\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_folder_without_requested_structures(tmp_path: Path, mask_dir: Path) -> None:
+    result = invoke("export-labels", mask_dir, tmp_path / "out", "-l", "kidney_*", "-g", "muscles")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: folder {mask_dir} holds no mask of the requested structures; "
+        "run 'ls' on it to see which structures it has\n"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke("export-labels", empty, tmp_path / "out", "-l", "liver")
+    assert result.stderr == (
+        f"stuseg: error: folder {empty} holds no <structure>.nii.gz masks; "
+        "give a folder written by 'stuseg predict'\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_output_is_a_file_for_masks(tmp_path: Path, ml_file: Path) -> None:
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    result = invoke("export-labels", ml_file, target, "-l", "liver")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: {target} is a file but masks are written into a folder; "
+        "give a folder name, or add --ml for one multilabel file\n"
+    )
+    assert target.read_text() == "keep me"
+    result = invoke("export-labels", ml_file, tmp_path / "liver.nii.gz", "-l", "liver")
+    assert result.exit_code == 1
+    assert "looks like a file name but masks are written into a folder" in result.stderr
+    assert not (tmp_path / "liver.nii.gz").exists()
+
+
+def test_error_output_is_a_folder_for_ml(tmp_path: Path, ml_file: Path) -> None:
+    target = tmp_path / "dir.nii.gz"
+    target.mkdir()
+    result = invoke("export-labels", ml_file, target, "-l", "liver", "--ml")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: {target} is a folder but --ml writes one file; give a file name such as seg.nii.gz\n"
+    )
+    assert files_in(target) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "name the structures to export with --labels or --group (see 'stuseg labels')"),
+        (["-l", "liver", "--ml", "--combine", "x"], "--ml and --combine exclude each other; choose one"),
+        (["-l", "liver", "--numbering", "compact"],
+         "--numbering applies to --ml output only; add --ml or drop --numbering"),
+        (["-l", "lung_*", "--combine", "Liver"],
+         "--combine name 'Liver' is a structure's name; choose another so the union cannot be mistaken "
+         "for that structure"),
+        (["-l", "liver", "--combine", "../up"],
+         "'../up' is not a plain name for --combine; use letters, digits and _"),
+    ],
+)  # fmt: skip
+def test_error_bad_option_combinations(tmp_path: Path, ml_file: Path, args: list[str], message: str) -> None:
+    result = invoke("export-labels", ml_file, tmp_path / "out", *args)
+    assert result.exit_code != 0
+    assert result.stderr == f"stuseg: error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_missing_input(tmp_path: Path) -> None:
+    result = invoke("export-labels", tmp_path / "nope.nii.gz", tmp_path / "out", "-l", "liver")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: {tmp_path / 'nope.nii.gz'} does not exist; give a multilabel .nii.gz or a folder "
+        "of masks from 'stuseg predict'\n"
+    )
