@@ -141,10 +141,16 @@ def export_labels_cmd(
     result = labelmaps.export_labels(
         segmentation, output, labels.select(patterns), ml=ml, numbering=numbering, combine=combine
     )
+
+    def some(names: list[str]) -> str:  # keep the note one readable line
+        if len(names) <= 6:
+            return ", ".join(names)
+        return f"{len(names)} structures ({', '.join(names[:3])}, ...)"
+
     if result.missing:
-        err.print(f"note: {segmentation} has no mask for {', '.join(result.missing)}", markup=False)
+        err.print(f"note: {segmentation} has no mask for {some(result.missing)}", markup=False)
     if result.empty:
-        err.print(f"note: no voxels for {', '.join(result.empty)}", markup=False)
+        err.print(f"note: no voxels for {some(result.empty)}", markup=False)
     for path in result.written:
         typer.echo(str(path))
     err.print(f"wrote {len(result.written)} files", markup=False)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from stuseg import labelmaps, labels
 from stuseg.cli import app
-from stuseg.errors import InputError, OutputError
+from stuseg.errors import InputError, LabelError, OutputError
 from stuseg.io import write_label_map
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "label_order.json"
@@ -167,7 +167,10 @@ def test_multilabel_to_masks_and_back(tmp_path: Path, ml_file: Path, seg: np.nda
     assert result.stdout.splitlines() == [
         str(out / f"{n}.nii.gz") for n in sorted(expected, key=labels.index_of)
     ]
-    assert "note: no voxels for" in result.stderr and "rib_left_11" in result.stderr
+    assert result.stderr.splitlines() == [
+        "note: no voxels for 9 structures (iliac_artery_left, iliac_artery_right, iliac_vena_left, ...)",
+        "wrote 13 files",
+    ]
     for name in expected:
         img = nib.load(out / f"{name}.nii.gz")
         assert img.get_data_dtype() == np.uint8
@@ -187,7 +190,12 @@ def test_masks_to_multilabel_round_trip(tmp_path: Path, mask_dir: Path, seg: np.
     out = tmp_path / "sub" / "all.nii.gz"
     result = invoke("export-labels", mask_dir, out, "--labels", "*", "--ml")
     assert result.exit_code == 0, result.stderr
-    assert "has no mask for adrenal_gland_left" in result.stderr  # the folder has 7 of 104
+    assert result.stderr.splitlines() == [  # the folder has 7 of the 104 masks, stomach empty
+        f"note: {mask_dir} has no mask for 97 structures (adrenal_gland_left, adrenal_gland_right, "
+        "autochthon_left, ...)",
+        "note: no voxels for stomach",
+        "wrote 4 files",
+    ]
     assert files_in(out.parent) == ["all.ctbl", "all.itksnap.txt", "all.json", "all.nii.gz"]
     lab, _, names = labelmaps.load_segmentation(out)
     assert np.array_equal(lab, seg)
@@ -383,4 +391,41 @@ def test_error_missing_input(tmp_path: Path) -> None:
     assert result.stderr == (
         f"stuseg: error: {tmp_path / 'nope.nii.gz'} does not exist; give a multilabel .nii.gz or a folder "
         "of masks from 'stuseg predict'\n"
+    )
+
+
+def test_error_overlapping_masks(tmp_path: Path, mask_dir: Path, seg: np.ndarray, header) -> None:
+    write_label_map((seg == labels.index_of("liver")).astype(np.uint8), header, mask_dir / "spleen.nii.gz")
+    result = invoke("export-labels", mask_dir, tmp_path / "out", "-l", "liver,spleen")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: masks liver and spleen in {mask_dir} overlap; one label map cannot hold both, "
+        "so export them from separate folders\n"
+    )
+
+
+def test_error_carried_names_that_do_not_fit(tmp_path: Path, header) -> None:
+    data = np.zeros(SHAPE, np.uint8)
+    data[0, 0, 0], data[1, 1, 1] = 1, 2
+    path = tmp_path / "seg.nii.gz"
+    labelmaps.save_multilabel(data, header, path, {1: "liver", 2: "lungs"})
+    with pytest.raises(LabelError, match="names label 2 'lungs', which is not one of the 104 structures"):
+        labelmaps.load_segmentation(path)
+    labelmaps.save_multilabel(data, header, path, {1: "liver", 2: "spleen"})
+    (tmp_path / "seg.json").unlink()
+    lab, _, names = labelmaps.load_segmentation(path)  # the header extension alone suffices
+    assert names == {40: "liver", 77: "spleen"} and lab[0, 0, 0] == 40 and lab[1, 1, 1] == 77
+
+
+def test_error_value_missing_from_sidecar_table(tmp_path: Path, header) -> None:
+    data = np.zeros(SHAPE, np.uint8)
+    data[0, 0, 0], data[1, 1, 1] = 1, 3
+    path = tmp_path / "seg.nii.gz"
+    write_label_map(data, header, path)  # no extension: the sidecar is the only table
+    (tmp_path / "seg.json").write_text(json.dumps({"format": "stuseg-labels/1", "labels": {"1": "liver"}}))
+    result = invoke("export-labels", path, tmp_path / "out", "-l", "liver")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: {path} holds label value 3, which its label table does not name; "
+        "give a segmentation written by 'stuseg predict --ml'\n"
     )
