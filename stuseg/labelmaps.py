@@ -350,7 +350,9 @@ def _load_folder(
             )
     first_index, first = next(iter(files.items()))
     ref = _load_nifti(first)
-    labels = np.zeros(ref.shape, np.uint8)
+    # Fortran order, like the arrays nibabel reads from NIfTI.
+    labels = np.zeros(ref.shape, np.uint8, order="F")
+    flat = labels.ravel(order="F")  # a view: boolean indexing walks C order, slow on F arrays
     for index, path in files.items():
         img = ref if index == first_index else _load_nifti(path)
         if img.shape != ref.shape or not np.allclose(img.affine, ref.affine, atol=_AFFINE_ATOL_MM):
@@ -359,15 +361,16 @@ def _load_folder(
                 f"masks {first.name} and {path.name} in {folder} differ in {what}; "
                 "give a folder whose masks come from one segmentation"
             )
-        mask = _integer_data(img, path) != 0  # any non-zero value marks the structure
-        clash = labels[mask]
+        mask = np.asfortranarray(_integer_data(img, path) != 0)  # any non-zero value marks it
+        where = np.flatnonzero(mask.ravel(order="F"))  # views, both in memory order
+        clash = flat[where]
         if clash.any():
             other = lbl.STRUCTURES[int(clash[clash != 0][0]) - 1]
             raise LabelError(
                 f"masks {other} and {lbl.STRUCTURES[index - 1]} in {folder} overlap; "
                 "one label map cannot hold both, so export them from separate folders"
             )
-        labels[mask] = index
+        flat[where] = index
     return labels, ref.header, {i: lbl.STRUCTURES[i - 1] for i in files}
 
 
