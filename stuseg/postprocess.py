@@ -1,0 +1,265 @@
+"""Network-resolution results back to the cropped input resolution, streaming.
+
+Two exports, as nnU-Net v1's ``normal`` and ``fast`` modes (reference sections 5 and 9):
+
+- ``ProbabilityExport`` (normal): class probabilities are linearly interpolated to the input
+  spacing, then argmax. Slabs arrive from the sliding window and are resampled and reduced to
+  labels as soon as the rows they need are complete, so the K-channel volume at input
+  resolution never exists; only a few output rows of it do.
+- ``resample_labels`` (fast): the network-resolution label map is brought back by linear
+  interpolation of each label's indicator, each voxel taking the label with the highest
+  interpolated value. Only the (at most 8) labels at the corners of a voxel's interpolation
+  cell can win, so each output voxel scores just those instead of a full pass per label.
+
+Both resample each axis on the pixel-area grid (source coordinate ``(o + 0.5) * n_in / n_out
+- 0.5``, clamped at the edges), linearly, or with nearest neighbour along the separate
+low-resolution axis of strongly anisotropic images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+import torch
+
+from stuseg.predict import Slab
+from stuseg.preprocess import nearest_indices
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """1D resampling: ``out[o] = w_lo[o] * in[lo[o]] + w_hi[o] * in[hi[o]]``."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    w_lo: np.ndarray  # float64
+    w_hi: np.ndarray
+
+    @property
+    def is_nearest(self) -> bool:
+        return not self.w_hi.any()
+
+    def rows(self, sel: slice) -> AxisMap:
+        return AxisMap(self.lo[sel], self.hi[sel], self.w_lo[sel], self.w_hi[sel])
+
+
+def linear_map(n_in: int, n_out: int) -> AxisMap:
+    """Linear interpolation on the pixel-area grid, edge values repeated beyond the ends.
+
+    Weights are formed as scipy.ndimage forms its order-1 spline weights - ``w_lo = 1 - t``,
+    ``w_hi = 1 - w_lo`` for the fractional part ``t`` of the unclamped coordinate, indices
+    clamped afterwards - so that exact ties in the fast export are ties in the reference too.
+    """
+    coord = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    start = np.floor(coord)
+    w_lo = 1.0 - (coord - start)
+    w_hi = 1.0 - w_lo
+    lo = np.clip(start, 0, n_in - 1).astype(np.int64)
+    hi = np.clip(start + 1, 0, n_in - 1).astype(np.int64)
+    return AxisMap(lo, hi, w_lo, w_hi)
+
+
+def nearest_map(n_in: int, n_out: int) -> AxisMap:
+    idx = nearest_indices(n_in, n_out)
+    return AxisMap(idx, idx, np.ones(n_out), np.zeros(n_out))
+
+
+def axis_maps(
+    in_shape: tuple[int, ...], out_shape: tuple[int, ...], separate_axis: int | None
+) -> list[AxisMap]:
+    """Linear along every axis except ``separate_axis`` (nearest neighbour there)."""
+    return [
+        nearest_map(n, m) if a == separate_axis else linear_map(n, m)
+        for a, (n, m) in enumerate(zip(in_shape, out_shape))
+    ]
+
+
+def _resample_axis(x: torch.Tensor, dim: int, amap: AxisMap) -> torch.Tensor:
+    """Apply ``amap`` along ``dim`` of ``x``, in float32."""
+    dev = x.device
+    out = x.index_select(dim, torch.from_numpy(amap.lo).to(dev))
+    if amap.is_nearest:
+        return out
+    shape = [1] * x.ndim
+    shape[dim] = len(amap.lo)
+    w_lo = torch.from_numpy(amap.w_lo.astype(np.float32)).to(dev).reshape(shape)
+    w_hi = torch.from_numpy(amap.w_hi.astype(np.float32)).to(dev).reshape(shape)
+    out.mul_(w_lo)
+    out.add_(x.index_select(dim, torch.from_numpy(amap.hi).to(dev)).mul_(w_hi))
+    return out
+
+
+class ProbabilityExport:
+    """Consume score slabs in order along one axis; produce the argmax label map at ``out_shape``.
+
+    ``budget_bytes`` bounds the K-channel block of output rows resampled at once.
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        out_shape: tuple[int, int, int],
+        separate_axis: int | None,
+        axis: int,
+        num_classes: int,
+        budget_bytes: int = 256 * 2**20,
+    ):
+        self.maps = axis_maps(in_shape, out_shape, separate_axis)
+        self.axis = axis
+        self.out_shape = out_shape
+        self.labels = np.zeros(out_shape, np.uint8)
+        plane = int(np.prod([n for d, n in enumerate(out_shape) if d != axis]))
+        self.rows_per_block = max(1, budget_bytes // (4 * num_classes * max(plane, 1)))
+        self._held: torch.Tensor | None = None  # source rows [held_lo, held_hi) along axis
+        self._held_lo = 0
+        self._next = 0  # next output row along axis
+
+    def add(self, slab: Slab) -> None:
+        if slab.axis != self.axis:
+            raise ValueError("slabs must all stream along the same axis")
+        d = self.axis + 1  # tensor dim of the stream axis (dim 0 is the class)
+        held_hi = self._held_lo + (0 if self._held is None else self._held.shape[d])
+        if slab.start != held_hi and self._held is not None:
+            raise ValueError(f"slab starts at {slab.start}, expected {held_hi}")
+        if self._held is None:
+            self._held, self._held_lo = slab.scores, slab.start
+        else:
+            self._held = torch.cat((self._held, slab.scores), dim=d)
+        held_hi = slab.stop
+        amap = self.maps[self.axis]
+        n_out = self.out_shape[self.axis]
+        # Output rows whose source rows have all arrived.
+        ready = self._next
+        while ready < n_out and amap.hi[ready] < held_hi:
+            ready += 1
+        for start in range(self._next, ready, self.rows_per_block):
+            rows = slice(start, min(start + self.rows_per_block, ready))
+            self._emit(rows)
+        self._next = ready
+        # Drop source rows no later output needs.
+        if ready < n_out:
+            keep_from = int(amap.lo[ready])
+            if keep_from > self._held_lo:
+                self._held = self._held.narrow(d, keep_from - self._held_lo, held_hi - keep_from).clone()
+                self._held_lo = keep_from
+        else:
+            self._held = None
+
+    def _emit(self, rows: slice) -> None:
+        assert self._held is not None
+        amap = self.maps[self.axis]
+        part = amap.rows(rows)
+        shifted = AxisMap(part.lo - self._held_lo, part.hi - self._held_lo, part.w_lo, part.w_hi)
+        block = _resample_axis(self._held, self.axis + 1, shifted)
+        for a in range(3):
+            if a != self.axis:
+                block = _resample_axis(block, a + 1, self.maps[a])
+        # torch.argmax returns the first maximum: ties go to the lowest class, as numpy does.
+        labels = block.argmax(0).to(torch.uint8).cpu().numpy()
+        index = [slice(None)] * 3
+        index[self.axis] = rows
+        self.labels[tuple(index)] = labels
+
+    def result(self) -> np.ndarray:
+        if self._next != self.out_shape[self.axis]:
+            raise ValueError("not all slabs were added")
+        return self.labels
+
+
+def resample_labels(
+    labels: torch.Tensor,
+    out_shape: tuple[int, int, int],
+    separate_axis: int | None,
+    block_voxels: int = 2**22,
+) -> np.ndarray:
+    """Fast-mode export of a (z, y, x) label map to ``out_shape`` (batchgenerators >= 0.25.4 rule).
+
+    Each label's indicator is interpolated (linear; nearest along ``separate_axis``) and every
+    voxel takes the label with the highest value. Exact ties go to the nearest-neighbour label
+    when it is one of the tied labels, else to the smallest tied label.
+    """
+    maps = axis_maps(tuple(labels.shape), out_shape, separate_axis)
+    near = [nearest_map(n, m) for n, m in zip(labels.shape, out_shape)]
+    dev = labels.device
+    src = labels.to(torch.uint8)
+    out = np.empty(out_shape, np.uint8)
+    step = max(1, block_voxels // max(out_shape[1] * out_shape[2], 1))
+    for z0 in range(0, out_shape[0], step):
+        rows = slice(z0, min(z0 + step, out_shape[0]))
+        # Interpolation corners per axis: (source indices, weights); one where nearest suffices.
+        per_axis = []
+        for a, amap in enumerate(maps):
+            part = amap.rows(rows) if a == 0 else amap
+            pairs = (
+                [(part.lo, part.w_lo)] if part.is_nearest else [(part.lo, part.w_lo), (part.hi, part.w_hi)]
+            )
+            per_axis.append([(torch.from_numpy(i).to(dev), torch.from_numpy(w).to(dev)) for i, w in pairs])
+        # Corner label volumes, gathered one axis at a time; z-major corner order.
+        corners = [src]
+        for a in range(3):
+            corners = [c.index_select(a, idx) for c in corners for idx, _ in per_axis[a]]
+        weights = list(product(*([w for _, w in choices] for choices in per_axis)))
+        nn = src
+        for a in range(3):
+            part = near[a].rows(rows) if a == 0 else near[a]
+            nn = nn.index_select(a, torch.from_numpy(part.lo).to(dev))
+        out[rows] = _vote(corners, weights, nn).cpu().numpy()
+    return out
+
+
+def _vote(
+    corners: list[torch.Tensor], weights: list[tuple[torch.Tensor, ...]], nearest: torch.Tensor
+) -> torch.Tensor:
+    """Per voxel: the label with the largest summed corner weight (ties: nearest, else smallest).
+
+    ``weights[k]`` holds corner k's per-axis weight vectors (z, y, x); a corner's weight is
+    their product, formed in that order in float64 like scipy's ``(1 * w_z) * w_y * w_x``, and
+    a label's score sums its corners' weights in corner order.
+    """
+    result = corners[0].clone()
+    if len(corners) == 1:
+        return result
+    first = corners[0]
+    mixed = torch.zeros_like(first, dtype=torch.bool)
+    for lab in corners[1:]:
+        mixed |= lab != first
+    flat = mixed.view(-1).nonzero().squeeze(1)
+    if flat.numel() == 0:
+        return result
+    # Only voxels whose corners disagree need scoring.
+    _, ny, nx = first.shape
+    zi, yi, xi = flat // (ny * nx), (flat // nx) % ny, flat % nx
+    lab = torch.stack([c.view(-1).index_select(0, flat) for c in corners]).to(torch.int16)
+    wt = torch.stack([wz[zi] * wy[yi] * wx[xi] for wz, wy, wx in weights])
+    nn = nearest.view(-1).index_select(0, flat).to(torch.int16)
+    # Most disagreeing voxels see exactly two labels (a boundary between two structures):
+    # score both at once; the rest (junctions of 3+ labels) compare every corner pair.
+    a = lab[0]
+    b = torch.where(lab != a, lab, torch.full_like(lab, -1)).max(0).values
+    two = ((lab == a) | (lab == b)).all(0)
+    winner = torch.empty_like(a)
+    if bool(two.any()):
+        lab2, wt2, la, lb, near = lab[:, two], wt[:, two], a[two], b[two], nn[two]
+        sa = torch.zeros_like(wt2[0])
+        sb = torch.zeros_like(wt2[0])
+        for j in range(lab2.shape[0]):
+            is_a = lab2[j] == la
+            sa += torch.where(is_a, wt2[j], 0.0)
+            sb += torch.where(is_a, 0.0, wt2[j])
+        tie_pick = torch.where((near == la) | (near == lb), near, torch.minimum(la, lb))
+        winner[two] = torch.where(sa > sb, la, torch.where(sb > sa, lb, tie_pick))
+    many = ~two
+    if bool(many.any()):
+        labm, wtm, near = lab[:, many], wt[:, many], nn[many]
+        score = torch.zeros_like(wtm)
+        for j in range(labm.shape[0]):
+            # every corner sharing corner j's label gains corner j's weight
+            score += torch.where(labm == labm[j], wtm[j], 0.0)
+        tied = score == score.max(0).values
+        nn_tied = (tied & (labm == near)).any(0)
+        smallest = torch.where(tied, labm, torch.full_like(labm, 32767)).min(0).values
+        winner[many] = torch.where(nn_tied, near, smallest)
+    result.view(-1).index_copy_(0, flat, winner.to(torch.uint8))
+    return result

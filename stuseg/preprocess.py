@@ -1,0 +1,199 @@
+"""From the input grid to what the network sees, and the geometry to undo it.
+
+The steps follow nnU-Net v1's test-time preprocessing for these models (see
+``shared/reference/nnunet_v1_inference.md``), with one deliberate change first:
+
+1. reorient to the closest canonical RAS orientation, then present the array as SimpleITK
+   would for that RAS file: (z, y, x) order (the training images were stored in RAS);
+2. crop to the bounding box of the nonzero voxels;
+3. NaN -> 0;
+4. resample to the target spacing with cubic splines, or, for strongly anisotropic voxels,
+   in-plane cubic plus nearest-neighbour along the low-resolution axis ("separate z");
+5. z-score with the volume's own mean and standard deviation (no clipping).
+
+``Geometry`` records each step so that ``restore`` can put a label map at the cropped
+resolution back on the input grid exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from stuseg.errors import InputError
+
+# nnU-Net's RESAMPLING_SEPARATE_Z_ANISO_THRESHOLD: above this max/min spacing ratio the
+# low-resolution axis is resampled on its own (nearest neighbour) instead of with the others.
+SEPARATE_Z_THRESHOLD = 3.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How the network array relates to the input voxel grid. All model-side shapes are (z, y, x)."""
+
+    input_shape: tuple[int, int, int]  # input (i, j, k)
+    ornt: np.ndarray  # nibabel orientation transform: input axes -> RAS
+    model_shape: tuple[int, int, int]  # full (z, y, x) array after reorientation
+    spacing: tuple[float, float, float]  # (z, y, x) mm, before resampling
+    crop: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # [lo, hi) per (z, y, x) axis
+    resampled_shape: tuple[int, int, int]  # (z, y, x) at the target spacing
+    separate_axis: int | None  # low-resolution axis (z, y, x order) resampled on its own
+
+    @property
+    def cropped_shape(self) -> tuple[int, int, int]:
+        return tuple(hi - lo for lo, hi in self.crop)  # type: ignore[return-value]
+
+
+def separate_axis(
+    spacing: tuple[float, ...] | np.ndarray, target: tuple[float, ...] | np.ndarray
+) -> int | None:
+    """The axis to resample separately (nearest neighbour), or None.
+
+    Decided on the original spacing first, then on the target spacing; if two or three axes
+    share the largest spacing there is no single low-resolution axis and none is separate.
+    """
+    for sp in (np.asarray(spacing, float), np.asarray(target, float)):
+        if sp.max() / sp.min() > SEPARATE_Z_THRESHOLD:
+            lowres = np.flatnonzero(sp == sp.max())
+            return int(lowres[0]) if len(lowres) == 1 else None
+    return None
+
+
+def resampled_shape(
+    shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]
+) -> tuple[int, ...]:
+    """round(spacing / target * shape) per axis, numpy rounding (halves to even), as nnU-Net."""
+    ratio = np.asarray(spacing, float) / np.asarray(target, float)
+    return tuple(int(n) for n in np.round(ratio * np.asarray(shape)).astype(int))
+
+
+def _cubic(x: np.ndarray, new_shape: tuple[int, ...]) -> np.ndarray:
+    """skimage ``resize(order=3, mode='edge', anti_aliasing=False)`` for float input, as float32.
+
+    That is a cubic B-spline zoom on the pixel-area grid (``grid_mode=True``) with edge
+    replication, then clipping to the input's range (spline overshoot), computed in float64.
+    Writing float32 directly equals clipping in float64 and casting, because the clip bounds
+    are float32 values and rounding is monotonic.
+    """
+    zoom = np.asarray(new_shape, float) / np.asarray(x.shape, float)
+    out = np.empty(new_shape, np.float32)
+    ndimage.zoom(x, zoom, output=out, order=3, mode="nearest", grid_mode=True)
+    np.clip(out, x.min(), x.max(), out=out)
+    return out
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index for each output index along one axis: nearest neighbour on the pixel grid.
+
+    Coordinate ``(o + 0.5) * n_in / n_out - 0.5`` rounded half up, clamped to the array
+    (scipy's order-0 rule with ``mode='nearest'``).
+    """
+    coord = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    return np.clip(np.floor(coord + 0.5), 0, n_in - 1).astype(np.int64)
+
+
+def resample_image(x: np.ndarray, new_shape: tuple[int, int, int], axis: int | None) -> np.ndarray:
+    """Resample a float32 volume to ``new_shape``: cubic, or cubic in-plane + nearest along ``axis``."""
+    if tuple(x.shape) == tuple(new_shape):
+        return x
+    if axis is None:
+        return _cubic(x, new_shape)
+    plane = tuple(n for a, n in enumerate(new_shape) if a != axis)
+    slices = np.moveaxis(x, axis, 0)
+    # Each slice is resized (and clipped) on its own, as the reference does.
+    stack = np.stack([_cubic(s, plane) for s in slices])
+    if stack.shape[0] != new_shape[axis]:
+        stack = stack[nearest_indices(stack.shape[0], new_shape[axis])]
+    return np.ascontiguousarray(np.moveaxis(stack, 0, axis))
+
+
+def to_model_order(
+    volume_data: np.ndarray, affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Reorient to closest canonical RAS; return the (z, y, x) view, the transform and (z, y, x) spacing."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(volume_data, ornt)
+    # Input axis i becomes RAS axis ornt[i, 0]; carry its voxel size along.
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    ras_zooms = np.empty(3)
+    ras_zooms[ornt[:, 0].astype(int)] = zooms
+    # SimpleITK gives the array of a RAS file as (z, y, x): the reverse of nibabel's (x, y, z).
+    return ras.transpose(2, 1, 0), ornt, tuple(float(z) for z in ras_zooms[::-1])
+
+
+def nonzero_bbox(x: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """[lo, hi) per axis of the voxels != 0 (NaN counts as nonzero, as in the reference).
+
+    The reference fills holes in the mask before taking its bounding box; filling holes never
+    changes a bounding box, so the fill is skipped.
+    """
+    box = []
+    for axis in range(x.ndim):
+        other = tuple(a for a in range(x.ndim) if a != axis)
+        hit = np.flatnonzero(np.any(x != 0, axis=other))
+        if hit.size == 0:
+            raise InputError("the image is empty: every voxel is 0")
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """In place ``(x - mean) / (std + 1e-8)`` with numpy float32 statistics, no clipping."""
+    mean = x.mean()
+    std = x.std()
+    x -= mean
+    x /= std + np.float32(1e-8)
+    return x
+
+
+def preprocess(
+    data: np.ndarray, affine: np.ndarray, target_spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, Geometry, bool]:
+    """Input voxels (i, j, k) -> normalized float32 (z, y, x) array at the target spacing.
+
+    Returns the array, the geometry to undo it, and whether NaNs were replaced by 0.
+    """
+    zyx, ornt, spacing = to_model_order(data, affine)
+    box = nonzero_bbox(zyx)
+    x = np.array(zyx[tuple(slice(lo, hi) for lo, hi in box)], dtype=np.float32, order="C")
+    nan = np.isnan(x)
+    had_nan = bool(nan.any())
+    if had_nan:
+        x[nan] = 0
+    del nan
+    axis = separate_axis(spacing, target_spacing)
+    new_shape = resampled_shape(x.shape, spacing, target_spacing)
+    x = resample_image(x, new_shape, axis)
+    x = zscore(x)  # x is our own copy by now (crop copy or resampler output)
+    geometry = Geometry(
+        input_shape=tuple(int(n) for n in data.shape[:3]),  # type: ignore[arg-type]
+        ornt=ornt,
+        model_shape=tuple(int(n) for n in zyx.shape),  # type: ignore[arg-type]
+        spacing=spacing,  # type: ignore[arg-type]
+        crop=box,  # type: ignore[arg-type]
+        resampled_shape=tuple(int(n) for n in x.shape),  # type: ignore[arg-type]
+        separate_axis=axis,
+    )
+    return x, geometry, had_nan
+
+
+def restore(labels_cropped: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A (z, y, x) label map on the cropped grid -> the input's (i, j, k) grid (0 outside the crop)."""
+    if tuple(labels_cropped.shape) != geometry.cropped_shape:
+        raise ValueError(f"label map {labels_cropped.shape} does not match the crop {geometry.cropped_shape}")
+    full = np.zeros(geometry.model_shape, dtype=labels_cropped.dtype)
+    full[tuple(slice(lo, hi) for lo, hi in geometry.crop)] = labels_cropped
+    ras = full.transpose(2, 1, 0)
+    back = nib.orientations.apply_orientation(ras, _inverse(geometry.ornt))
+    return np.ascontiguousarray(back) if not back.flags.f_contiguous else back
+
+
+def _inverse(ornt: np.ndarray) -> np.ndarray:
+    """The orientation transform that undoes ``ornt`` (RAS axes -> input axes)."""
+    inv = np.empty_like(ornt)
+    for in_axis, (out_axis, flip) in enumerate(ornt):
+        inv[int(out_axis)] = (in_axis, flip)
+    return inv
