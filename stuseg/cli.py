@@ -8,7 +8,8 @@ exit status 1; nothing else is printed.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -154,6 +155,245 @@ def export_labels_cmd(
     for path in result.written:
         typer.echo(str(path))
     err.print(f"wrote {len(result.written)} files", markup=False)
+
+
+ManifestOption = Annotated[
+    Path | None,
+    typer.Option("--manifest", metavar="FILE", help="Use another weights manifest (JSON) than the built-in."),
+]
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[str, int, int | None], None]]:
+    """A rich progress bar on stderr, fed by the library's ``progress(phase, done, total)`` callback."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(phase: str, done: int, total: int | None) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        yield report
+
+
+def _quiet_hub() -> None:
+    """huggingface_hub logs retries as warnings; our own error line says what happened."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+@app.command("download")
+@user_errors
+def download_cmd(
+    sizes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--size", "-s", metavar="SIZE", help="small, base, large or huge (or S/B/L/H); repeatable."
+        ),
+    ] = None,
+    all_sizes: Annotated[bool, typer.Option("--all", help="Every size in the manifest.")] = False,
+    manifest: ManifestOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Download and convert again even if cached.")
+    ] = False,
+) -> None:
+    """Download published weights from the Hugging Face hub, check size and sha256, convert them once."""
+    from stuseg import weights
+
+    if not sizes and not all_sizes:
+        raise fail("choose what to download with --size SIZE (small, base, large, huge) or --all")
+    _quiet_hub()
+    chosen = list(weights.load_manifest(manifest).entries) if all_sizes else sizes or []
+    for size in chosen:
+        with _progress_bar() as report:
+            result = weights.download_weights(size, manifest=manifest, force=force, progress=report)
+        state = "downloaded, verified and converted" if result.fetched else "already in the cache"
+        err.print(f"{result.size}: {state} (verified by {result.verified_by})", markup=False)
+        typer.echo(str(result.path))
+
+
+@app.command("import-weights")
+@user_errors
+def import_weights_cmd(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint from the authors' mirrors (e.g. base_ep4k.model) or a .safetensors."
+        ),
+    ],
+    size: Annotated[
+        str | None,
+        typer.Option("--size", "-s", help="Expected size; inferred from the tensor shapes if omitted."),
+    ] = None,
+    manifest: ManifestOption = None,
+) -> None:
+    """Verify a checkpoint you got elsewhere (Google Drive, Baidu) and convert it into the cache."""
+    from stuseg import weights
+
+    with _progress_bar() as report:
+        result = weights.import_weights(file, size, manifest=manifest, progress=report)
+    if result.note:
+        err.print(f"note: {result.note}", markup=False)
+    err.print(f"{result.size}: imported (verified by {result.verified_by})", markup=False)
+    typer.echo(str(result.path))
+
+
+@app.command("weights")
+@user_errors
+def weights_cmd(
+    manifest: ManifestOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show each model size: parameters, download size, whether verified weights are cached, and where."""
+    from stuseg import weights
+
+    rows = weights.weights_status(manifest)
+    if as_json:
+        import json
+
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "size": r.size,
+                        "parameters": r.parameters,
+                        "file": r.filename,
+                        "file_bytes": r.file_bytes,
+                        "approx_file_bytes": r.approx_file_bytes,
+                        "pin": r.pin,
+                        "present": r.present,
+                        "verified_by": r.verified_by,
+                        "path": str(r.path),
+                    }
+                    for r in rows
+                ],
+                indent=1,
+            )
+        )
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for title in ("size", "parameters", "download", "status", "path"):
+        table.add_column(
+            title,
+            justify="right" if title in ("parameters", "download") else "left",
+            overflow="fold" if title == "path" else "ellipsis",
+        )
+    for r in rows:
+        download = f"{r.file_bytes / 1e6:,.0f} MB" if r.file_bytes else f"~{r.approx_file_bytes / 1e9:.2f} GB"
+        status = f"cached, verified by {r.verified_by}" if r.present else "not downloaded"
+        table.add_row(r.size, f"{r.parameters / 1e6:,.1f}M", download, status, str(r.path))
+    out.print(table)
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    input_path: Annotated[
+        Path,
+        typer.Argument(metavar="INPUT", help="CT image (.nii, .nii.gz, .nrrd, .mha, .mhd) or DICOM folder."),
+    ],
+    output: Annotated[
+        Path, typer.Argument(metavar="OUTPUT", help="Folder for one mask per structure (a file with --ml).")
+    ],
+    size: Annotated[str, typer.Option("--size", "-s", help="small, base, large or huge (S/B/L/H).")] = "base",
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
+    ] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")] = False,
+    step_size: Annotated[
+        float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
+    ] = 0.5,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    weights_file: Annotated[
+        Path | None,
+        typer.Option("--weights", metavar="FILE", help="Local checkpoint (.model or .safetensors)."),
+    ] = None,
+    roi_subset: Annotated[
+        list[str] | None,
+        typer.Option("--roi-subset", metavar="NAME", help="Keep only these structures, groups or patterns."),
+    ] = None,
+    multilabel: Annotated[
+        bool, typer.Option("--ml", help="Write one multilabel file (values = model index) with names.")
+    ] = False,
+    series: Annotated[
+        str | None,
+        typer.Option("--series", metavar="UID", help="DICOM series to use when a folder holds several."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Segment the 104 structures of a CT scan."""
+    import time
+    import warnings
+
+    from stuseg import pipeline
+    from stuseg.network import canonical_size
+
+    try:
+        size = canonical_size(size)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    pipeline.check_output(output, multilabel)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _tile_bar(quiet) as progress:
+            seg = pipeline.segment(
+                input_path,
+                size=size,
+                fast=fast,
+                tta=tta,
+                step_size=step_size,
+                device=device,
+                weights=weights_file,
+                roi_subset=roi_subset,
+                series=series,
+                progress=progress,
+            )
+        start = time.perf_counter()
+        if multilabel:
+            pipeline.write_multilabel(seg, output)
+        else:
+            pipeline.write_masks(seg, output)
+        seg.timings["write"] = time.perf_counter() - start
+    if not quiet:
+        for w in caught:
+            err.print(f"stuseg: warning: {w.message}", markup=False)
+        err.print(_summary(seg, output, multilabel), markup=False)
+
+
+@contextmanager
+def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar over sliding-window tiles, with ETA, on stderr."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("tiles", total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield report
+
+
+def _summary(seg: Any, output: Path, multilabel: bool) -> str:
+    """One line: what was written, time per stage and peak memory."""
+    order = ("read", "load", "preprocess", "network", "export", "write")
+    times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
+    memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
+    if seg.peak_gpu_bytes is not None:
+        memory += f", peak GPU {seg.peak_gpu_bytes / 2**30:.2f} GB"
+    what = output if multilabel else f"{len(seg.names)} masks in {output}"
+    return f"wrote {what} ({seg.size} on {seg.device}); {times}; {memory}"
 
 
 def main() -> None:
