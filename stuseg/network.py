@@ -124,7 +124,8 @@ class STUNet(nn.Module):
         # All five heads exist so the checkpoints load strictly; only the last one runs in eval.
         self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], arch.num_classes, 1) for u in range(n_up))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def _decode(self, x: torch.Tensor, heads: list[torch.Tensor] | None) -> torch.Tensor:
+        """Encoder and decoder: the full-resolution features; ``heads`` collects deep-supervision outputs."""
         shape = tuple(x.shape[2:])
         div = self.arch.divisor
         if len(shape) != 3 or any(s % d for s, d in zip(shape, div)):
@@ -134,15 +135,24 @@ class STUNet(nn.Module):
             x = stage(x)
             skips.append(x)
         x = self.conv_blocks_context[-1](x)
-        heads = []
         last = len(self.upsample_layers) - 1
         for u, (up, block) in enumerate(zip(self.upsample_layers, self.conv_blocks_localization)):
             x = block(torch.cat((up(x), skips.pop()), dim=1))
-            if self.training or u == last:
+            if heads is not None and u < last:
                 heads.append(self.seg_outputs[u](x))
-        if self.training:
-            return tuple(reversed(heads))
-        return heads[-1]
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-resolution decoder features (N, dims[0], *spatial), before the last 1x1 head."""
+        return self._decode(x, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if not self.training:
+            return self.seg_outputs[-1](self._decode(x, None))
+        heads: list[torch.Tensor] = []
+        x = self._decode(x, heads)
+        heads.append(self.seg_outputs[-1](x))
+        return tuple(reversed(heads))
 
 
 def build_network(size: str | Arch, device: str | torch.device | None = None) -> STUNet:

@@ -119,7 +119,7 @@ class ProbabilityExport:
     def add(self, slab: Slab) -> None:
         if slab.axis != self.axis:
             raise ValueError("slabs must all stream along the same axis")
-        d = self.axis + 1  # tensor dim of the stream axis (dim 0 is the class)
+        d = self.axis  # scores are (*spatial, K)
         held_hi = self._held_lo + (0 if self._held is None else self._held.shape[d])
         if slab.start != held_hi and self._held is not None:
             raise ValueError(f"slab starts at {slab.start}, expected {held_hi}")
@@ -152,12 +152,12 @@ class ProbabilityExport:
         amap = self.maps[self.axis]
         part = amap.rows(rows)
         shifted = AxisMap(part.lo - self._held_lo, part.hi - self._held_lo, part.w_lo, part.w_hi)
-        block = _resample_axis(self._held, self.axis + 1, shifted)
+        block = _resample_axis(self._held, self.axis, shifted)
         for a in range(3):
             if a != self.axis:
-                block = _resample_axis(block, a + 1, self.maps[a])
+                block = _resample_axis(block, a, self.maps[a])
         # torch.argmax returns the first maximum: ties go to the lowest class, as numpy does.
-        labels = block.argmax(0).to(torch.uint8).cpu().numpy()
+        labels = block.argmax(-1).to(torch.uint8).cpu().numpy()
         index = [slice(None)] * 3
         index[self.axis] = rows
         self.labels[tuple(index)] = labels
