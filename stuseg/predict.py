@@ -74,12 +74,13 @@ def _softmax_last_(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def class_probabilities(net: torch.nn.Module) -> PatchFn:
+def class_probabilities(net: torch.nn.Module, chunk: int = 32768) -> PatchFn:
     """(B, C_in, *patch) -> softmax class probabilities (B, *patch, K), float32.
 
-    For an STU-Net the last 1x1 convolution is applied as one matrix product on the
-    channels-last features (the same sums; 0.5 s instead of 1.3 s per 128^3 tile on the CPU).
-    Any other module is called as it is and its (B, K, *patch) logits are moved to the end.
+    For an STU-Net the last 1x1 convolution is applied as a matrix product on channels-last
+    features, on the CPU in cache-sized chunks of voxels, each followed by its softmax in place
+    (0.45 s per 128^3 tile instead of 1.3 s for the 1x1 conv plus 0.49 s for a channels-first
+    softmax). Any other module is called as it is and its (B, K, *patch) logits moved last.
     """
     features = getattr(net, "features", None)
     head = net.seg_outputs[-1] if features is not None else None  # type: ignore[index]
@@ -90,8 +91,17 @@ def class_probabilities(net: torch.nn.Module) -> PatchFn:
         f = features(x)
         k, c = head.weight.shape[:2]
         flat = f.movedim(1, -1).reshape(-1, c)
-        logits = torch.addmm(head.bias.to(flat.dtype), flat, head.weight.view(k, c).t().to(flat.dtype))
-        return _softmax_last_(logits.view(*f.shape[:1], *f.shape[2:], k))
+        weight = head.weight.view(k, c).t().to(flat.dtype)
+        bias = head.bias.to(flat.dtype)
+        shape = (*f.shape[:1], *f.shape[2:], k)
+        if flat.device.type != "cpu" or flat.dtype != torch.float32:
+            return _softmax_last_(torch.addmm(bias, flat, weight).view(shape))
+        out = torch.empty((flat.shape[0], k), dtype=torch.float32)
+        for lo in range(0, flat.shape[0], chunk):
+            part = out[lo : lo + chunk]
+            torch.addmm(bias, flat[lo : lo + chunk], weight, out=part)
+            torch.ops.aten._softmax.out(part, -1, False, out=part)
+        return out.view(shape)
 
     return fn
 
