@@ -302,7 +302,14 @@ def predict_cmd(
     output: Annotated[
         Path, typer.Argument(metavar="OUTPUT", help="Folder for one mask per structure (a file with --ml).")
     ],
-    size: Annotated[str, typer.Option("--size", "-s", help="small, base, large or huge (S/B/L/H).")] = "base",
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size",
+            "-s",
+            help="small, base, large or huge (S/B/L/H). [default: base, or the size of --weights]",
+        ),
+    ] = None,
     fast: Annotated[
         bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
     ] = False,
@@ -335,10 +342,11 @@ def predict_cmd(
     from stuseg import pipeline
     from stuseg.network import canonical_size
 
-    try:
-        size = canonical_size(size)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
+    if size is not None:
+        try:
+            size = canonical_size(size)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     pipeline.check_output(output, multilabel)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -387,7 +395,7 @@ def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
 
 def _summary(seg: Any, output: Path, multilabel: bool) -> str:
     """One line: what was written, time per stage and peak memory."""
-    order = ("read", "load", "preprocess", "network", "export", "write")
+    order = ("read", "load", "preprocess", "network", "softmax", "export", "write")
     times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
     memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
     if seg.peak_gpu_bytes is not None:

@@ -96,11 +96,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def load_model(size: str, weights: Path | None, device: torch.device) -> tuple[STUNet, str]:
-    """Build the network of ``size`` (or the size of ``weights``) and load verified weights."""
+def load_model(size: str | None, weights: Path | None, device: torch.device) -> tuple[STUNet, str]:
+    """Build the network of ``size`` (or the size of ``weights``) and load verified weights.
+
+    Without ``weights``, ``size`` (default ``base``) comes from stuseg's cache, downloaded if
+    needed. With ``weights``, the file's size is inferred; a ``size`` given too must agree.
+    """
     from stuseg.weights import load_weights
 
-    loaded = load_weights(size if weights is None else None, weights)
+    loaded = load_weights(size or ("base" if weights is None else None), weights)
     net = build_network(loaded.size, device="meta")
     # assign=True adopts the (memory-mapped) tensors instead of copying into fresh parameters.
     net.load_state_dict(loaded.state_dict, strict=True, assign=True)
@@ -109,8 +113,10 @@ def load_model(size: str, weights: Path | None, device: torch.device) -> tuple[S
 
 def check_ct(volume: Volume) -> None:
     """Warn about inputs the models were not trained for; never refuse them."""
-    finite = volume.data[np.isfinite(volume.data)] if not np.isfinite(volume.data).all() else volume.data
-    if finite.size and float(finite.min()) > -500:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN input: nanmin warns, we decide below
+        lowest = float(np.nanmin(volume.data)) if volume.data.size else np.nan
+    if np.isfinite(lowest) and lowest > -500:
         warnings.warn(
             "the image has no values below -500, so it may not be a CT in Hounsfield units; "
             "results will likely be meaningless",
@@ -121,7 +127,7 @@ def check_ct(volume: Volume) -> None:
 
 def _patch_fn(net: torch.nn.Module, device: torch.device, tta: bool, stages: _Stages) -> Callable:
     """The per-batch function the sliding window calls: network (+ mirror TTA) -> softmax."""
-    fn = class_probabilities(net)
+    fn = class_probabilities(net, on_softmax=lambda seconds: stages.add("softmax", seconds))
     if device.type == "cuda":
         # Convolutions in float16 as the original (nnU-Net's autocast); softmax in float32.
         probabilities = fn
@@ -134,10 +140,13 @@ def _patch_fn(net: torch.nn.Module, device: torch.device, tta: bool, stages: _St
 
     def timed(x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
+        softmax_before = stages.seconds.get("softmax", 0.0)
         y = fn(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        stages.add("network", time.perf_counter() - start)
+        # "network" is the forward passes alone; the CPU softmax is reported on its own.
+        softmax = stages.seconds.get("softmax", 0.0) - softmax_before
+        stages.add("network", time.perf_counter() - start - softmax)
         return y
 
     return timed
@@ -160,6 +169,7 @@ def _run_network(
     """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams."""
     start = time.perf_counter()
     before = stages.seconds.get("network", 0.0)
+    softmax_before = stages.seconds.get("softmax", 0.0)
     fn = _patch_fn(net, device, tta, stages)
     xt = torch.from_numpy(x)[None].to(device)
     normal = None
@@ -185,7 +195,8 @@ def _run_network(
             assert normal is not None
             labels = normal.result()
     network = stages.seconds.get("network", 0.0) - before
-    stages.add("export", time.perf_counter() - start - network)
+    softmax = stages.seconds.get("softmax", 0.0) - softmax_before
+    stages.add("export", time.perf_counter() - start - network - softmax)
     return labels
 
 
@@ -211,6 +222,20 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def release_free_memory() -> None:
+    """Return free heap pages to the kernel (glibc ``malloc_trim``) between stages.
+
+    With ``keep_freed_memory`` the heap keeps every page it ever had, so memory freed by one
+    stage (the float64 spline coefficients of preprocessing) would still count in RSS while
+    the next (the row accumulator) grows the heap elsewhere.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _peak_rss() -> int | None:
     if sys.platform.startswith("linux"):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -222,7 +247,7 @@ def _peak_rss() -> int | None:
 def segment(
     image: str | Path | Volume,
     *,
-    size: str = "base",
+    size: str | None = None,
     fast: bool = False,
     tta: bool = False,
     step_size: float = 0.5,
@@ -237,8 +262,10 @@ def segment(
     """Segment a CT: a path (NIfTI, NRRD, MHA/MHD, DICOM folder) or a ``Volume``.
 
     Returns the label map on the input grid (values = model channel index, see
-    ``stuseg.labels.LABELS``). ``roi_subset`` keeps only those structures (names, groups or
-    patterns). ``model`` replaces the published network, e.g. for tests or fine-tuned weights.
+    ``stuseg.labels.LABELS``). ``size`` defaults to ``base``, or to the size of ``weights``.
+    ``roi_subset`` keeps only those structures (names, groups or patterns). ``model`` replaces
+    the published network, e.g. for tests or fine-tuned weights. On the CPU this sets glibc's
+    malloc to keep freed memory (see ``keep_freed_memory``).
     """
     if not 0 < step_size <= 1:
         raise InputError(f"--step-size must be in (0, 1], got {step_size}")
@@ -254,11 +281,15 @@ def segment(
         if model is None:
             net, size = load_model(size, weights, dev)
         else:
-            net = model.to(dev).eval()
+            net, size = model.to(dev).eval(), size or "custom"
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     with stages("preprocess"):
         x, geometry, had_nan = preprocess(volume.data, volume.affine, TARGET_SPACING)
+        header = volume.header
+        if not isinstance(image, Volume):
+            del volume  # our own copy of the input voxels is no longer needed
+        release_free_memory()
     if had_nan:
         warnings.warn(
             "the image contains NaN voxels; they were set to 0 as nnU-Net does", StusegWarning, stacklevel=2
@@ -283,14 +314,15 @@ def segment(
             "use a smaller --size, or run on the CPU with --device cpu"
         ) from None
     del x
+    release_free_memory()
     with stages("export"):
         full = restore(labels, geometry)
         del labels
         if len(keep) < NUM_CLASSES - 1:
             lut = np.zeros(256, np.uint8)
             lut[keep] = keep
-            full = lut[full]
-        img = label_image(full, volume.header)
+            full = np.asfortranarray(lut[full])
+        img = label_image(full, header)
     return Segmentation(
         image=img,
         names={i: label_table.LABELS[i] for i in keep},
@@ -336,8 +368,12 @@ def write_masks(seg: Segmentation, output: Path, threads: int | None = None) -> 
         write_label_map((labels == value).view(np.uint8), header, path)
         return path
 
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         return list(pool.map(write_one, sorted(seg.names.items())))
+    finally:
+        # On a failure (disk full), stop: masks not yet started are not written.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_multilabel(seg: Segmentation, output: Path) -> None:

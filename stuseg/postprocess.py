@@ -230,24 +230,32 @@ def _vote(
         return result
     # Only voxels whose corners disagree need scoring.
     _, ny, nx = first.shape
-    zi, yi, xi = flat // (ny * nx), (flat // nx) % ny, flat % nx
+    where = (flat // (ny * nx), (flat // nx) % ny, flat % nx)
     lab = torch.stack([c.view(-1).index_select(0, flat) for c in corners]).to(torch.int16)
-    wt = torch.stack([wz[zi] * wy[yi] * wx[xi] for wz, wy, wx in weights])
+    # Each axis' distinct weight vectors gathered once, then multiplied per corner.
+    gathered: list[dict[int, torch.Tensor]] = [{}, {}, {}]
+    for corner in weights:
+        for axis, w in enumerate(corner):
+            if id(w) not in gathered[axis]:
+                gathered[axis][id(w)] = w[where[axis]]
+    wt = torch.stack(
+        [gathered[0][id(wz)] * gathered[1][id(wy)] * gathered[2][id(wx)] for wz, wy, wx in weights]
+    )
     nn = nearest.view(-1).index_select(0, flat).to(torch.int16)
     # Most disagreeing voxels see exactly two labels (a boundary between two structures):
     # score both at once; the rest (junctions of 3+ labels) compare every corner pair.
     a = lab[0]
     b = torch.where(lab != a, lab, torch.full_like(lab, -1)).max(0).values
-    two = ((lab == a) | (lab == b)).all(0)
+    is_a = lab == a
+    two = (is_a | (lab == b)).all(0)
     winner = torch.empty_like(a)
     if bool(two.any()):
-        lab2, wt2, la, lb, near = lab[:, two], wt[:, two], a[two], b[two], nn[two]
-        sa = torch.zeros_like(wt2[0])
-        sb = torch.zeros_like(wt2[0])
-        for j in range(lab2.shape[0]):
-            is_a = lab2[j] == la
-            sa += torch.where(is_a, wt2[j], 0.0)
-            sb += torch.where(is_a, 0.0, wt2[j])
+        la, lb, near, w2, in_a = a[two], b[two], nn[two], wt[:, two], is_a[:, two]
+        sa = torch.zeros_like(w2[0])
+        sb = torch.zeros_like(w2[0])
+        for j in range(w2.shape[0]):  # in corner order: the reference's rounding
+            sa += w2[j] * in_a[j]
+            sb += w2[j] * ~in_a[j]
         tie_pick = torch.where((near == la) | (near == lb), near, torch.minimum(la, lb))
         winner[two] = torch.where(sa > sb, la, torch.where(sb > sa, lb, tie_pick))
     many = ~two

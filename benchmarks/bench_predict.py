@@ -1,0 +1,177 @@
+"""Time and memory of `stuseg predict` on a synthetic CT, one fresh process per run.
+
+    python3 benchmarks/bench_predict.py --mode fast --mode normal [--size small] [--device cpu]
+
+Each run happens in a child process (so its peak RSS is its own): it reads the CT, segments
+it, writes the 104 masks, and prints one JSON line with the wall time, the time per stage and
+the peak RSS. The parent appends the lines to benchmarks/results.jsonl.
+
+The CT is synthetic (512 x 512 x 300 voxels at 0.8 x 0.8 x 1.0 mm by default, int16, CT-like
+intensities) and the weights are random with the real architecture: timings and memory do
+not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y, z = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    cx, cy = shape[0] / 2, shape[1] / 2
+    body = ((x - cx) / (0.42 * shape[0])) ** 2 + ((y - cy) / (0.32 * shape[1])) ** 2 < 1
+    vol = np.full(shape, -1000, np.int16)
+    vol[np.broadcast_to(body, shape)] = 40
+    organ = ((x - cx * 0.8) / 60.0) ** 2 + ((y - cy) / 50.0) ** 2 + ((z - shape[2] / 2) / 80.0) ** 2 < 1
+    vol[organ] = 60
+    spine = ((x - cx) / 18.0) ** 2 + ((y - 0.72 * shape[1]) / 18.0) ** 2 < 1
+    vol[np.broadcast_to(spine, shape)] = 700
+    vol += rng.normal(0, 15, shape).astype(np.int16)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # LPS-stored, as scanners write
+    img = nib.Nifti1Image(vol, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
+def make_weights(path: Path, size: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from stuseg.network import build_network
+
+    gen = torch.Generator().manual_seed(0)
+    sd = build_network(size, device="meta").state_dict()
+    save_file({k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in sd.items()}, str(path))
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measured run, in this (fresh) process."""
+    from stuseg import pipeline
+
+    mode = args.mode[0]
+    start = time.perf_counter()
+    seg = pipeline.segment(
+        args.input,
+        size=args.size,
+        fast=mode == "fast",
+        tta=args.tta,
+        device=args.device,
+        weights=args.weights,
+    )
+    t0 = time.perf_counter()
+    pipeline.write_masks(seg, args.output)
+    seg.timings["write"] = time.perf_counter() - t0
+    wall = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    not_network = wall - seg.timings.get("network", 0.0)
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "tta": args.tta,
+                "size": args.size,
+                "device": seg.device,
+                "wall_s": round(wall, 2),
+                "stages_s": {k: round(v, 2) for k, v in seg.timings.items()},
+                "outside_network_fraction": round(not_network / wall, 4),
+                "peak_rss_gb": round(rss / 2**30, 3),
+                "peak_gpu_gb": round(seg.peak_gpu_bytes / 2**30, 3) if seg.peak_gpu_bytes else None,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mode", action="append", choices=["fast", "normal"], help="repeatable")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
+    parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0])
+    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ct = work / "ct.nii.gz"
+        weights = work / f"{args.size}.safetensors"
+        make_ct(ct, tuple(args.shape), tuple(args.spacing))
+        make_weights(weights, args.size)
+        env = {**os.environ, "STUSEG_HOME": str(work / "home")}
+        for mode in args.mode or ["fast"]:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--mode",
+                mode,
+                "--size",
+                args.size,
+                "--device",
+                args.device,
+            ]
+            cmd += ["--input", str(ct), "--output", str(work / f"out-{mode}"), "--weights", str(weights)]
+            cmd += ["--tta"] if args.tta else []
+            done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+            record = json.loads(done.stdout.strip().splitlines()[-1])
+            record.update(
+                {
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "input": {"shape": args.shape, "spacing_mm": args.spacing},
+                    "machine": _machine(),
+                    "torch_threads": _torch_threads(),
+                    "command": " ".join(["python3", "benchmarks/bench_predict.py", *sys.argv[1:]]),
+                }
+            )
+            line = json.dumps(record)
+            print(line, flush=True)
+            with args.results.open("a") as fh:
+                fh.write(line + "\n")
+
+
+def _machine() -> str:
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {model}".strip(", ")
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()
