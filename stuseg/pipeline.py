@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -127,7 +128,7 @@ def check_ct(volume: Volume) -> None:
 
 def _patch_fn(net: torch.nn.Module, device: torch.device, tta: bool, stages: _Stages) -> Callable:
     """The per-batch function the sliding window calls: network (+ mirror TTA) -> softmax."""
-    fn = class_probabilities(net, on_softmax=lambda seconds: stages.add("softmax", seconds))
+    fn = class_probabilities(net, on_time=stages.add)
     if device.type == "cuda":
         # Convolutions in float16 as the original (nnU-Net's autocast); softmax in float32.
         probabilities = fn
@@ -138,17 +139,24 @@ def _patch_fn(net: torch.nn.Module, device: torch.device, tta: bool, stages: _St
 
     fn = mirrored(fn) if tta else fn
 
-    def timed(x: torch.Tensor) -> torch.Tensor:
+    def measure(call: Callable[[], Any]) -> Any:
         start = time.perf_counter()
-        softmax_before = stages.seconds.get("softmax", 0.0)
-        y = fn(x)
+        before = {k: stages.seconds.get(k, 0.0) for k in ("softmax", "accumulate")}
+        result = call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        # "network" is the forward passes alone; the CPU softmax is reported on its own.
-        softmax = stages.seconds.get("softmax", 0.0) - softmax_before
-        stages.add("network", time.perf_counter() - start - softmax)
-        return y
+        # "network" is the forward passes alone: the CPU softmax and the accumulation into the
+        # sliding-window buffers are reported apart (the latter as part of "export").
+        inside = sum(stages.seconds.get(k, 0.0) - v for k, v in before.items())
+        stages.add("network", time.perf_counter() - start - inside)
+        return result
 
+    def timed(x: torch.Tensor) -> torch.Tensor:
+        return measure(lambda: fn(x))
+
+    accumulate = getattr(fn, "accumulate", None)
+    if accumulate is not None:
+        timed.accumulate = lambda x, targets, weight: measure(lambda: accumulate(x, targets, weight))  # type: ignore[attr-defined]
     return timed
 
 
@@ -196,6 +204,7 @@ def _run_network(
             labels = normal.result()
     network = stages.seconds.get("network", 0.0) - before
     softmax = stages.seconds.get("softmax", 0.0) - softmax_before
+    stages.seconds.pop("accumulate", None)  # part of "export"
     stages.add("export", time.perf_counter() - start - network - softmax)
     return labels
 

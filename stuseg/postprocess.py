@@ -94,7 +94,16 @@ def _resample_axis(x: torch.Tensor, dim: int, amap: AxisMap) -> torch.Tensor:
 class ProbabilityExport:
     """Consume score slabs in order along one axis; produce the argmax label map at ``out_shape``.
 
-    ``budget_bytes`` bounds the K-channel block of output rows resampled at once.
+    Where the (up to 8) network voxels around an output voxel share one argmax label, the
+    interpolated probabilities have that argmax too: interpolation weights are non-negative, so
+    a class that is at least as likely at every corner stays at least as likely in between
+    (exactly so in floating point, as rounding is monotonic). Only the other voxels - along
+    structure boundaries - are interpolated over all K classes. Where boundary voxels are most
+    of a block (noisy predictions), the block is interpolated axis by axis over all classes
+    instead, which is cheaper then. ``block_voxels`` bounds the output voxels handled at once,
+    ``chunk`` the K-channel rows gathered at once, ``dense_bytes`` a block's K-channel buffer
+    on the axis-by-axis path, and ``dense_fraction`` is the share of boundary voxels above
+    which that path is taken.
     """
 
     def __init__(
@@ -104,15 +113,23 @@ class ProbabilityExport:
         separate_axis: int | None,
         axis: int,
         num_classes: int,
-        budget_bytes: int = 256 * 2**20,
+        block_voxels: int = 2**22,
+        chunk: int = 2**18,
+        dense_bytes: int = 256 * 2**20,
+        dense_fraction: float = 0.3,
     ):
         self.maps = axis_maps(in_shape, out_shape, separate_axis)
         self.axis = axis
         self.out_shape = out_shape
+        self.num_classes = num_classes
         self.labels = np.zeros(out_shape, np.uint8)
         plane = int(np.prod([n for d, n in enumerate(out_shape) if d != axis]))
-        self.rows_per_block = max(1, budget_bytes // (4 * num_classes * max(plane, 1)))
-        self._held: torch.Tensor | None = None  # source rows [held_lo, held_hi) along axis
+        self.rows_per_block = max(1, block_voxels // max(plane, 1))
+        self.rows_per_dense_block = max(1, dense_bytes // (4 * num_classes * max(plane, 1)))
+        self.chunk = chunk
+        self.dense_fraction = dense_fraction
+        self._held: torch.Tensor | None = None  # source scores, rows [held_lo, held_hi) along axis
+        self._held_labels: torch.Tensor | None = None  # their argmax
         self._held_lo = 0
         self._next = 0  # next output row along axis
 
@@ -123,10 +140,13 @@ class ProbabilityExport:
         held_hi = self._held_lo + (0 if self._held is None else self._held.shape[d])
         if slab.start != held_hi and self._held is not None:
             raise ValueError(f"slab starts at {slab.start}, expected {held_hi}")
-        if self._held is None:
-            self._held, self._held_lo = slab.scores, slab.start
+        # torch.argmax returns the first maximum: ties go to the lowest class, as numpy does.
+        labels = slab.scores.argmax(-1).to(torch.uint8)
+        if self._held is None or self._held_labels is None:
+            self._held, self._held_labels, self._held_lo = slab.scores.contiguous(), labels, slab.start
         else:
             self._held = torch.cat((self._held, slab.scores), dim=d)
+            self._held_labels = torch.cat((self._held_labels, labels), dim=d)
         held_hi = slab.stop
         amap = self.maps[self.axis]
         n_out = self.out_shape[self.axis]
@@ -135,32 +155,78 @@ class ProbabilityExport:
         while ready < n_out and amap.hi[ready] < held_hi:
             ready += 1
         for start in range(self._next, ready, self.rows_per_block):
-            rows = slice(start, min(start + self.rows_per_block, ready))
-            self._emit(rows)
+            self._emit(slice(start, min(start + self.rows_per_block, ready)))
         self._next = ready
         # Drop source rows no later output needs.
         if ready < n_out:
             keep_from = int(amap.lo[ready])
             if keep_from > self._held_lo:
-                self._held = self._held.narrow(d, keep_from - self._held_lo, held_hi - keep_from).clone()
+                n = held_hi - keep_from
+                self._held = self._held.narrow(d, keep_from - self._held_lo, n).clone()
+                self._held_labels = self._held_labels.narrow(d, keep_from - self._held_lo, n).clone()
                 self._held_lo = keep_from
         else:
-            self._held = None
+            self._held = self._held_labels = None
 
     def _emit(self, rows: slice) -> None:
-        assert self._held is not None
-        amap = self.maps[self.axis]
-        part = amap.rows(rows)
-        shifted = AxisMap(part.lo - self._held_lo, part.hi - self._held_lo, part.w_lo, part.w_hi)
-        block = _resample_axis(self._held, self.axis, shifted)
+        assert self._held is not None and self._held_labels is not None
+        dev = self._held.device
+        part = self.maps[self.axis].rows(rows)
+        maps = [
+            AxisMap(part.lo - self._held_lo, part.hi - self._held_lo, part.w_lo, part.w_hi)
+            if a == self.axis
+            else m
+            for a, m in enumerate(self.maps)
+        ]
+        # Interpolation corners per axis: (source indices, weights); one where nearest suffices.
+        per_axis = [[(m.lo, m.w_lo)] if m.is_nearest else [(m.lo, m.w_lo), (m.hi, m.w_hi)] for m in maps]
+        per_axis_t = [[(torch.from_numpy(i).to(dev), w) for i, w in choices] for choices in per_axis]
+        corners = [self._held_labels]
         for a in range(3):
-            if a != self.axis:
-                block = _resample_axis(block, a, self.maps[a])
-        # torch.argmax returns the first maximum: ties go to the lowest class, as numpy does.
-        labels = block.argmax(-1).to(torch.uint8).cpu().numpy()
+            corners = [c.index_select(a, idx) for c in corners for idx, _ in per_axis_t[a]]
+        out = corners[0].clone()
+        mixed = torch.zeros_like(out, dtype=torch.bool)
+        for c in corners[1:]:
+            mixed |= c != corners[0]
+        where = mixed.nonzero()
+        if where.shape[0] > self.dense_fraction * out.numel():
+            self._emit_dense(rows)
+            return
+        held = self._held.view(-1, self.num_classes)
+        strides = (self._held.shape[1] * self._held.shape[2], self._held.shape[2], 1)
+        tables = [
+            [
+                (torch.from_numpy(i).to(dev), torch.from_numpy(w.astype(np.float32)).to(dev))
+                for i, w in choices
+            ]
+            for choices in per_axis
+        ]
+        for lo in range(0, where.shape[0], self.chunk):
+            at = where[lo : lo + self.chunk]
+            values = torch.zeros((at.shape[0], self.num_classes), dtype=torch.float32, device=dev)
+            for choice in product(*tables):
+                flat = sum(idx[at[:, a]] * strides[a] for a, (idx, _) in enumerate(choice))
+                weight = choice[0][1][at[:, 0]] * choice[1][1][at[:, 1]] * choice[2][1][at[:, 2]]
+                values.addcmul_(held.index_select(0, flat), weight.unsqueeze(1))
+            out[tuple(at.T)] = values.argmax(-1).to(torch.uint8)
         index = [slice(None)] * 3
         index[self.axis] = rows
-        self.labels[tuple(index)] = labels
+        self.labels[tuple(index)] = out.cpu().numpy()
+
+    def _emit_dense(self, rows: slice) -> None:
+        """All K classes interpolated axis by axis for output rows ``rows``, then argmax."""
+        assert self._held is not None
+        for start in range(rows.start, rows.stop, self.rows_per_dense_block):
+            sub = slice(start, min(start + self.rows_per_dense_block, rows.stop))
+            part = self.maps[self.axis].rows(sub)
+            here = AxisMap(part.lo - self._held_lo, part.hi - self._held_lo, part.w_lo, part.w_hi)
+            block = _resample_axis(self._held, self.axis, here)
+            for a in range(3):
+                if a != self.axis:
+                    block = _resample_axis(block, a, self.maps[a])
+            index = [slice(None)] * 3
+            index[self.axis] = sub
+            self.labels[tuple(index)] = block.argmax(-1).to(torch.uint8).cpu().numpy()
 
     def result(self) -> np.ndarray:
         if self._next != self.out_shape[self.axis]:

@@ -64,11 +64,27 @@ def reference_fast(lab: np.ndarray, shape: tuple[int, ...], sep: int | None) -> 
 
 @pytest.mark.parametrize(("in_shape", "out_shape", "sep"), CASES)
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_probability_export_streams_to_the_reference_labels(in_shape, out_shape, sep, axis) -> None:
+@pytest.mark.parametrize(("smooth", "dense_fraction"), [(False, 0.3), (False, 1.0), (True, 0.3), (True, 0.0)])
+def test_probability_export_streams_to_the_reference_labels(
+    in_shape, out_shape, sep, axis, smooth, dense_fraction
+):
+    """Noisy and smooth probabilities, through the boundary-only and the axis-by-axis paths."""
     rng = np.random.default_rng(sum(in_shape) + axis)
     p = rng.random((6, *in_shape)).astype(np.float32)
+    if smooth:  # structures a few voxels wide, as a trained network predicts
+        p = ndi.gaussian_filter(p, (0, 2, 2, 2)) ** 8
     p /= p.sum(0)
-    export = ProbabilityExport(in_shape, out_shape, sep, axis, 6, budget_bytes=6 * 4 * 40)
+    export = ProbabilityExport(
+        in_shape,
+        out_shape,
+        sep,
+        axis,
+        6,
+        block_voxels=200,
+        chunk=37,
+        dense_bytes=6 * 4 * 40,
+        dense_fraction=dense_fraction,
+    )
     cuts = sorted({0, in_shape[axis], *rng.integers(1, max(in_shape[axis], 2), 2).tolist()})
     for a, b in zip(cuts, cuts[1:]):
         index = [slice(None)] * 4

@@ -192,3 +192,18 @@ def test_class_probabilities_of_stunet_match_its_forward() -> None:
         got = class_probabilities(net)(x)
     assert got.shape == (2, 32, 32, 32, 7)
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+
+
+def test_accumulating_in_place_equals_materialising_each_tile() -> None:
+    """The CPU path that adds probability chunks straight into the buffers changes nothing."""
+    from stuseg.network import Arch, build_network
+
+    torch.manual_seed(1)
+    net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6, num_classes=9))
+    fused = class_probabilities(net, chunk=700)
+    assert hasattr(fused, "accumulate")
+    x = torch.randn(1, 40, 70, 50)
+    with torch.inference_mode():
+        a = predict_scores(x, fused, 9, (32, 32, 32), 0.5, batch_size=2)
+        b = predict_scores(x, lambda t: fused(t), 9, (32, 32, 32), 0.5, batch_size=2)
+    assert torch.equal(a, b)
