@@ -60,7 +60,8 @@ def preprocess(data_xyz: np.ndarray, zooms_xyz: tuple[float, ...]):
     return x.astype(np.float32), box, axis, zyx.shape
 
 
-def _starts(size: int, patch: int, step: float) -> list[int]:
+def tile_starts_formula(size: int, patch: int, step: float) -> list[int]:
+    """The reference's tile positions along one axis, written out independently."""
     n = int(np.ceil((size - patch) / (patch * step))) + 1
     if n == 1:
         return [0]
@@ -72,7 +73,7 @@ def predict_softmax(x: np.ndarray, net: torch.nn.Module, tta: bool, step: float 
     patch = 128
     pads = [((max(patch - s, 0)) // 2, max(patch - s, 0) - max(patch - s, 0) // 2) for s in x.shape]
     xp = np.pad(x, pads)
-    starts = [_starts(s, patch, step) for s in xp.shape]
+    starts = [tile_starts_formula(s, patch, step) for s in xp.shape]
     n_tiles = len(starts[0]) * len(starts[1]) * len(starts[2])
     if n_tiles > 1:
         d = np.arange(patch) - patch // 2

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
+from reference_pipeline import tile_starts_formula as reference_starts
 
 from stuseg.predict import (
     MIRROR_FLIPS,
@@ -19,15 +20,6 @@ from stuseg.predict import (
     sliding_window,
     tile_starts,
 )
-
-
-def reference_starts(size: int, patch: int, step: float) -> list[int]:
-    """The reference formula, written out independently."""
-    n = int(np.ceil((size - patch) / (patch * step))) + 1
-    if n == 1:
-        return [0]
-    actual = (size - patch) / (n - 1)
-    return [int(np.round(actual * i)) for i in range(n)]
 
 
 @pytest.mark.parametrize("size", [128, 129, 137, 191, 192, 193, 200, 256, 300, 511])
