@@ -130,6 +130,7 @@ class ProbabilityExport:
         self.dense_fraction = dense_fraction
         self._held: torch.Tensor | None = None  # source scores, rows [held_lo, held_hi) along axis
         self._held_labels: torch.Tensor | None = None  # their argmax
+        self._held_second: torch.Tensor | None = None  # their second-largest probability
         self._held_lo = 0
         self._next = 0  # next output row along axis
 
@@ -142,11 +143,17 @@ class ProbabilityExport:
             raise ValueError(f"slab starts at {slab.start}, expected {held_hi}")
         # torch.argmax returns the first maximum: ties go to the lowest class, as numpy does.
         labels = slab.scores.argmax(-1).to(torch.uint8)
-        if self._held is None or self._held_labels is None:
-            self._held, self._held_labels, self._held_lo = slab.scores.contiguous(), labels, slab.start
+        # The second-largest probability bounds every class but the argmax (see _emit).
+        others = slab.scores.clone().scatter_(-1, labels.long().unsqueeze(-1), -1.0)
+        second = others.amax(-1)  # faster than topk(2); -1 if there is one class only
+        del others
+        if self._held is None or self._held_labels is None or self._held_second is None:
+            self._held, self._held_lo = slab.scores.contiguous(), slab.start
+            self._held_labels, self._held_second = labels, second.contiguous()
         else:
             self._held = torch.cat((self._held, slab.scores), dim=d)
             self._held_labels = torch.cat((self._held_labels, labels), dim=d)
+            self._held_second = torch.cat((self._held_second, second), dim=d)
         held_hi = slab.stop
         amap = self.maps[self.axis]
         n_out = self.out_shape[self.axis]
@@ -164,9 +171,10 @@ class ProbabilityExport:
                 n = held_hi - keep_from
                 self._held = self._held.narrow(d, keep_from - self._held_lo, n).clone()
                 self._held_labels = self._held_labels.narrow(d, keep_from - self._held_lo, n).clone()
+                self._held_second = self._held_second.narrow(d, keep_from - self._held_lo, n).clone()
                 self._held_lo = keep_from
         else:
-            self._held = self._held_labels = None
+            self._held = self._held_labels = self._held_second = None
 
     def _emit(self, rows: slice) -> None:
         assert self._held is not None and self._held_labels is not None
@@ -201,14 +209,40 @@ class ProbabilityExport:
             ]
             for choices in per_axis
         ]
+        flat_labels = self._held_labels.view(-1)
+        flat_second = self._held_second.view(-1)
+        flat_scores = self._held.view(-1)
+        k = self.num_classes
         for lo in range(0, where.shape[0], self.chunk):
             at = where[lo : lo + self.chunk]
-            values = torch.zeros((at.shape[0], self.num_classes), dtype=torch.float32, device=dev)
+            corner_rows = []
+            corner_weights = []
             for choice in product(*tables):
-                flat = sum(idx[at[:, a]] * strides[a] for a, (idx, _) in enumerate(choice))
-                weight = choice[0][1][at[:, 0]] * choice[1][1][at[:, 1]] * choice[2][1][at[:, 2]]
-                values.addcmul_(held.index_select(0, flat), weight.unsqueeze(1))
-            out[tuple(at.T)] = values.argmax(-1).to(torch.uint8)
+                corner_rows.append(sum(idx[at[:, a]] * strides[a] for a, (idx, _) in enumerate(choice)))
+                corner_weights.append(
+                    choice[0][1][at[:, 0]] * choice[1][1][at[:, 1]] * choice[2][1][at[:, 2]]
+                )
+            # Candidates: the corners' argmax classes. Their interpolated values, summed in
+            # corner order exactly as the all-class path below sums every class.
+            cand = torch.stack([flat_labels[r].long() for r in corner_rows])  # (corners, n)
+            values = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
+            bound = torch.zeros(cand.shape[1], dtype=torch.float32, device=dev)
+            for rows_j, w_j in zip(corner_rows, corner_weights):
+                values.addcmul_(flat_scores.take(rows_j * k + cand), w_j)
+                bound.addcmul_(flat_second[rows_j], w_j)
+            best = values.max(0).values
+            best_class = torch.where(values == best, cand, torch.full_like(cand, k)).min(0).values
+            # Any other class is at most the second-largest probability at every corner, so
+            # its interpolated value is at most ``bound`` (same weights, same order, monotonic
+            # rounding): where ``best > bound`` a candidate wins, else score all classes.
+            sure = best > bound
+            out[tuple(at[sure].T)] = best_class[sure].to(torch.uint8)
+            unsure = (~sure).nonzero().squeeze(1)
+            if unsure.numel():
+                full = torch.zeros((unsure.numel(), k), dtype=torch.float32, device=dev)
+                for rows_j, w_j in zip(corner_rows, corner_weights):
+                    full.addcmul_(held.index_select(0, rows_j[unsure]), w_j[unsure].unsqueeze(1))
+                out[tuple(at[unsure].T)] = full.argmax(-1).to(torch.uint8)
         index = [slice(None)] * 3
         index[self.axis] = rows
         self.labels[tuple(index)] = out.cpu().numpy()
