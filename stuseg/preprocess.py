@@ -74,6 +74,8 @@ def resampled_shape(
 
 # scipy's zoom pads 'nearest'-mode input by this many edge voxels before its spline prefilter.
 _SPLINE_PAD = 12
+# Output samples per banded matrix product along the last axis.
+_BAND = 16
 
 
 def _cubic(x: np.ndarray, new_shape: tuple[int, ...], workers: int | None = None) -> np.ndarray:
@@ -81,51 +83,99 @@ def _cubic(x: np.ndarray, new_shape: tuple[int, ...], workers: int | None = None
 
     That is ``scipy.ndimage.zoom(order=3, mode='nearest', grid_mode=True)`` in float64 (edge
     padding, cubic B-spline prefilter, evaluation on the pixel-area grid), then clipping to the
-    input's range. The same steps are spread over threads here (scipy releases the GIL): the
-    prefilter along each axis in blocks of the other axes, the evaluation in blocks of output
-    rows. Each output sample takes the same arithmetic as in ``zoom`` except its coordinate,
-    formed as ``s * o + offset`` rather than ``(o + 0.5) * s - 0.5`` (a last-bit difference at
-    most). Writing float32 directly equals clipping in float64 and casting, since the bounds
-    are float32 values and rounding is monotonic.
+    input's range. A zoom's tensor-product spline factors into one 1D pass per axis: pad,
+    prefilter and evaluate along the last axis, then along the next, each pass on the array the
+    previous one shrank. That is 3 x 4 taps per output sample instead of zoom's 4^3, in float64
+    throughout; the result equals zoom's to within one float32 ulp (the sums are only
+    associated differently). Writing float32 and then clipping with the (float32) bounds
+    equals clipping in float64 and casting, since rounding is monotonic.
     """
     workers = workers or min(os.cpu_count() or 1, 8)
-    coeffs = np.pad(x.astype(np.float64, copy=False), _SPLINE_PAD, mode="edge")
+    lo, hi = x.min(), x.max()
+    y = x
     with ThreadPoolExecutor(workers) as pool:
-        for axis in range(coeffs.ndim):
-            split = 1 if axis == 0 else 0
-            bounds = np.linspace(0, coeffs.shape[split], min(workers, coeffs.shape[split]) + 1).astype(int)
-            blocks = [_block(coeffs, split, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-
-            def prefilter(block: np.ndarray, axis: int = axis) -> None:
-                ndimage.spline_filter1d(block, 3, axis=axis, output=block, mode="nearest")
-
-            list(pool.map(prefilter, blocks))
-        scale = np.asarray(x.shape, float) / np.asarray(new_shape, float)
-        out = np.empty(new_shape, np.float32)
-        rows = np.linspace(0, new_shape[0], min(4 * workers, new_shape[0]) + 1).astype(int)
-
-        def evaluate(lo: int, hi: int) -> None:
-            offset = (np.arange(len(new_shape)) == 0) * lo * scale + 0.5 * scale - 0.5 + _SPLINE_PAD
-            ndimage.affine_transform(
-                coeffs,
-                scale,
-                offset=offset,
-                output_shape=(hi - lo, *new_shape[1:]),
-                output=out[lo:hi],
-                order=3,
-                mode="nearest",
-                prefilter=False,
-            )
-
-        list(pool.map(evaluate, rows[:-1], rows[1:]))
-    np.clip(out, x.min(), x.max(), out=out)
+        for axis in reversed(range(x.ndim)):
+            y = _cubic_axis(y, axis, new_shape[axis], pool, workers)
+    out = y.astype(np.float32)
+    np.clip(out, lo, hi, out=out)
     return out
 
 
-def _block(a: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
-    index = [slice(None)] * a.ndim
-    index[axis] = slice(lo, hi)
-    return a[tuple(index)]
+def _bspline_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output sample along one axis: its first of 4 taps in the padded axis, and (4, n_out) weights.
+
+    The sample sits at ``(o + 0.5) * n_in / n_out - 0.5`` (pixel-area grid), shifted by the
+    padding; the weights are the cubic B-spline's at the fractional part ``t``.
+    """
+    coord = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5 + _SPLINE_PAD
+    floor = np.floor(coord)
+    t = coord - floor
+    weights = np.stack(
+        [
+            (1 - t) ** 3 / 6,
+            (3 * t**3 - 6 * t**2 + 4) / 6,
+            (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
+            t**3 / 6,
+        ]
+    )
+    return floor.astype(np.int64) - 1, weights
+
+
+def _cubic_axis(x: np.ndarray, axis: int, n_out: int, pool: ThreadPoolExecutor, workers: int) -> np.ndarray:
+    """One 1D pass of ``_cubic``: edge-pad ``axis``, prefilter along it, evaluate at ``n_out`` samples."""
+    n_in = x.shape[axis]
+    other = 1 if axis == 0 else 0  # threads split the array along this axis
+    padded_shape = list(x.shape)
+    padded_shape[axis] += 2 * _SPLINE_PAD
+    coeffs = np.empty(padded_shape, np.float64)
+    out_shape = list(x.shape)
+    out_shape[axis] = n_out
+    out = np.empty(out_shape, np.float64)
+
+    def _along(a: np.ndarray, lo: int | None, hi: int | None) -> np.ndarray:
+        return _block(a, axis, slice(lo, hi))
+
+    def prefilter(part: slice) -> None:
+        src, dst = _block(x, other, part), _block(coeffs, other, part)
+        _along(dst, _SPLINE_PAD, _SPLINE_PAD + n_in)[...] = src
+        _along(dst, 0, _SPLINE_PAD)[...] = _along(src, 0, 1)
+        _along(dst, _SPLINE_PAD + n_in, None)[...] = _along(src, n_in - 1, n_in)
+        ndimage.spline_filter1d(dst, 3, axis=axis, output=dst, mode="nearest")
+
+    list(pool.map(prefilter, _parts(x.shape[other], 4 * workers)))
+    first, weights = _bspline_taps(n_in, n_out)
+    if axis == x.ndim - 1:
+        # Along the contiguous axis: a banded matrix product per run of output samples (BLAS).
+        rows = coeffs.reshape(-1, padded_shape[-1])
+        flat = out.reshape(-1, n_out)
+        for o in range(0, n_out, _BAND):
+            stop = min(o + _BAND, n_out)
+            lo, hi = int(first[o]), int(first[stop - 1]) + 4
+            band = np.zeros((hi - lo, stop - o))
+            for k in range(4):
+                band[first[o:stop] + k - lo, np.arange(stop - o)] = weights[k, o:stop]
+            np.matmul(rows[:, lo:hi], band, out=flat[:, o:stop])
+        return out
+
+    def evaluate(part: slice) -> None:
+        src, dst = _block(coeffs, other, part), _block(out, other, part)
+        for o in range(n_out):
+            sample = _along(dst, o, o + 1)
+            np.multiply(_along(src, first[o], first[o] + 1), weights[0, o], out=sample)
+            for k in range(1, 4):
+                sample += _along(src, first[o] + k, first[o] + k + 1) * weights[k, o]
+
+    list(pool.map(evaluate, _parts(out.shape[other], 4 * workers)))
+    return out
+
+
+def _parts(n: int, count: int) -> list[slice]:
+    bounds = np.linspace(0, n, min(count, n) + 1).astype(int)
+    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _block(a: np.ndarray, axis: int, part: slice) -> np.ndarray:
+    return a[(slice(None),) * axis + (part,)]
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
