@@ -46,7 +46,7 @@ def slabs(labels: np.ndarray, rows: int = 8):
         lab = torch.from_numpy(labels[lo : lo + rows]).long()
         logits = torch.randn((*lab.shape, K), generator=torch.Generator().manual_seed(lo)) * 0.3
         logits.scatter_(-1, lab.unsqueeze(-1), 5.0)
-        yield Slab(0, lo, lo + lab.shape[0], torch.softmax(logits, -1))
+        yield Slab(0, lo, lo + lab.shape[0], torch.softmax(logits, -1), torch.ones(lab.shape))
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
     for kind in ("smooth", "noisy"):
         labels = label_field(kind)
         start = time.perf_counter()
-        resample_labels(torch.from_numpy(labels), OUT, None)
+        resample_labels(labels, OUT, None)
         fast = time.perf_counter() - start
         export = ProbabilityExport(NET, OUT, None, 0, K)
         normal = 0.0

@@ -27,7 +27,7 @@ from stuseg import labels as label_table
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.io import StusegWarning, Volume, label_image, read_image, write_label_map
 from stuseg.network import STUNet, build_network
-from stuseg.postprocess import ProbabilityExport, resample_labels
+from stuseg.postprocess import ProbabilityExport, resample_labels, slab_labels
 from stuseg.predict import class_probabilities, mirrored, sliding_window
 from stuseg.preprocess import preprocess, restore
 
@@ -186,10 +186,10 @@ def _run_network(
         for slab in sliding_window(xt, fn, NUM_CLASSES, PATCH, step_size, batch_size, on_tile=progress):
             if fast:
                 if net_labels is None:
-                    net_labels = torch.empty(x.shape, dtype=torch.uint8, device=device)
+                    net_labels = np.empty(x.shape, np.uint8)
                 index = [slice(None)] * 3
                 index[slab.axis] = slice(slab.start, slab.stop)
-                net_labels[tuple(index)] = slab.scores.argmax(-1).to(torch.uint8)
+                slab_labels(slab, net_labels[tuple(index)])
             else:
                 if normal is None:
                     normal = ProbabilityExport(x.shape, out_shape, separate_axis, slab.axis, NUM_CLASSES)

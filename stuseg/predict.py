@@ -185,12 +185,22 @@ def mirrored(fn: PatchFn, flips: Sequence[tuple[int, ...]] = MIRROR_FLIPS) -> Pa
 
 @dataclass(frozen=True)
 class Slab:
-    """Final class scores for ``[start, stop)`` along ``axis`` (unpadded coordinates)."""
+    """Final sums for ``[start, stop)`` along ``axis`` (unpadded coordinates).
+
+    ``sums`` (*spatial, K) are the weighted class scores and ``norm`` (*spatial) the summed
+    tile weights; their quotient is the sliding-window mean. Both are views into the sliding
+    window's buffers, valid until the next slab is requested.
+    """
 
     axis: int
     start: int
     stop: int
-    scores: torch.Tensor  # (*spatial, K) with ``stop - start`` along spatial ``axis``
+    sums: torch.Tensor  # (*spatial, K) with ``stop - start`` along spatial ``axis``
+    norm: torch.Tensor  # (*spatial)
+
+    def scores(self) -> torch.Tensor:
+        """The mean class scores ``sums / norm``, a new tensor."""
+        return self.sums / self.norm.unsqueeze(-1)
 
 
 def pad_amounts(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, int]]:
@@ -224,8 +234,9 @@ def sliding_window(
 
     Yields ``Slab``s in order along ``axis`` (default: the largest padded axis) covering the
     whole unpadded volume. The input is padded with 0 up to the patch where it is smaller.
-    Accumulators are float32 on ``x.device``; each yielded slab holds at most about
-    ``slab_bytes`` of scores. ``on_tile(done, total)`` reports progress.
+    Accumulators are float32 on ``x.device``; each yielded slab covers at most about
+    ``slab_bytes`` of scores, as views into them that the next step overwrites: use a slab
+    before asking for the next. ``on_tile(done, total)`` reports progress.
     """
     patch = tuple(int(p) for p in patch)
     spatial = tuple(int(s) for s in x.shape[1:])
@@ -306,7 +317,7 @@ def _finish(
     a: int,
     rows_per_slab: int,
 ) -> Iterator[Slab]:
-    """Divide the finished rows ``[0, n_final)`` of the buffers, drop the padding, yield Slabs."""
+    """The finished rows ``[0, n_final)`` of the buffers, without the padding, as Slabs."""
     lo_pad = [before for before, _ in pads]
     # Padded coordinates [row_start, row_start + n_final) -> unpadded, clipped to the volume.
     lo = max(row_start, lo_pad[a])
@@ -315,8 +326,7 @@ def _finish(
     for start in range(lo, hi, rows_per_slab):
         stop = min(start + rows_per_slab, hi)
         crop[a] = slice(start - row_start, stop - row_start)
-        scores = acc[tuple(crop)] / norm[tuple(crop)].unsqueeze(-1)
-        yield Slab(axis=a, start=start - lo_pad[a], stop=stop - lo_pad[a], scores=scores)
+        yield Slab(a, start - lo_pad[a], stop - lo_pad[a], acc[tuple(crop)], norm[tuple(crop)])
 
 
 def _shift(buf: torch.Tensor, dim: int, n: int) -> None:
@@ -340,5 +350,5 @@ def predict_scores(
     batch_size: int = 1,
 ) -> torch.Tensor:
     """The whole (*spatial, K) averaged score volume at once (for tests and small volumes)."""
-    slabs = list(sliding_window(x, fn, num_classes, patch, step_size, batch_size))
-    return torch.cat([s.scores for s in slabs], dim=slabs[0].axis)
+    slabs = [(s.axis, s.scores()) for s in sliding_window(x, fn, num_classes, patch, step_size, batch_size)]
+    return torch.cat([scores for _, scores in slabs], dim=slabs[0][0])

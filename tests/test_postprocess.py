@@ -7,7 +7,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from stuseg.postprocess import ProbabilityExport, linear_map, resample_labels
+from stuseg.postprocess import ProbabilityExport, linear_map, resample_labels, slab_labels
 from stuseg.predict import Slab
 
 CASES = [
@@ -64,42 +64,63 @@ def reference_fast(lab: np.ndarray, shape: tuple[int, ...], sep: int | None) -> 
 
 @pytest.mark.parametrize(("in_shape", "out_shape", "sep"), CASES)
 @pytest.mark.parametrize("axis", [0, 1, 2])
-@pytest.mark.parametrize(("smooth", "dense_fraction"), [(False, 0.3), (False, 1.0), (True, 0.3), (True, 0.0)])
-def test_probability_export_streams_to_the_reference_labels(
-    in_shape, out_shape, sep, axis, smooth, dense_fraction
-):
-    """Noisy and smooth probabilities, through the boundary-only and the axis-by-axis paths."""
+@pytest.mark.parametrize("smooth", [False, True])
+def test_probability_export_streams_to_the_reference_labels(in_shape, out_shape, sep, axis, smooth):
+    """Noisy probabilities (mostly every class interpolated) and smooth ones (corners agree or a
+    candidate wins by the bound), in uneven slabs, as sums and tile weights."""
     rng = np.random.default_rng(sum(in_shape) + axis)
     p = rng.random((6, *in_shape)).astype(np.float32)
     if smooth:  # structures a few voxels wide, as a trained network predicts
         p = ndi.gaussian_filter(p, (0, 2, 2, 2)) ** 8
     p /= p.sum(0)
-    export = ProbabilityExport(
-        in_shape,
-        out_shape,
-        sep,
-        axis,
-        6,
-        block_voxels=200,
-        chunk=37,
-        dense_bytes=6 * 4 * 40,
-        dense_fraction=dense_fraction,
-    )
+    norm = rng.uniform(0.1, 3.0, in_shape).astype(np.float32)
+    sums = p * norm
+    export = ProbabilityExport(in_shape, out_shape, sep, axis, 6)
     cuts = sorted({0, in_shape[axis], *rng.integers(1, max(in_shape[axis], 2), 2).tolist()})
     for a, b in zip(cuts, cuts[1:]):
         index = [slice(None)] * 4
         index[axis + 1] = slice(a, b)
-        export.add(Slab(axis, a, b, torch.from_numpy(p[tuple(index)]).movedim(0, -1)))
+        export.add(
+            Slab(
+                axis,
+                a,
+                b,
+                torch.from_numpy(sums[tuple(index)]).movedim(0, -1),
+                torch.from_numpy(norm[tuple(index)[1:]]),
+            )
+        )
     got = export.result()
     assert got.dtype == np.uint8 and got.shape == out_shape
-    np.testing.assert_array_equal(got, reference_normal(p, out_shape, sep))
+    np.testing.assert_array_equal(got, reference_normal(sums / norm, out_shape, sep))
+
+
+def test_slab_labels_are_the_argmax_of_the_mean_with_ties_to_the_lowest_class() -> None:
+    rng = np.random.default_rng(3)
+    sums = torch.from_numpy(rng.random((5, 6, 7, 9)).astype(np.float32))
+    norm = torch.from_numpy(rng.uniform(0.5, 2.0, (5, 6, 7)).astype(np.float32))
+    sums[0, 0, 0, 2] = sums[0, 0, 0, 6] = 2.0  # an exact tie: class 2 wins
+    # A near tie that the division makes exact: the reference (divide, then argmax) picks class 1.
+    norm[1, 1, 1] = 0.75
+    sums[1, 1, 1, :] = 0.0
+    sums[1, 1, 1, 1] = 1.9000000953674316  # a float32
+    sums[1, 1, 1, 4] = 1.9000002145767212  # the next float32: larger, same quotient
+    assert sums[1, 1, 1, 4] > sums[1, 1, 1, 1] and sums[1, 1, 1, 1] / 0.75 == sums[1, 1, 1, 4] / 0.75
+    out = np.zeros((5, 6, 7), np.uint8)
+    slab_labels(Slab(0, 0, 5, sums, norm), out)
+    expected = (sums / norm.unsqueeze(-1)).argmax(-1).numpy()
+    np.testing.assert_array_equal(out, expected)
+    assert out[0, 0, 0] == 2 and out[1, 1, 1] == 1
+    # Strided views, as the sliding window hands them out.
+    out_t = np.zeros((7, 6, 5), np.uint8).transpose(2, 1, 0)
+    slab_labels(Slab(0, 0, 5, sums.transpose(0, 2).transpose(0, 2), norm), out_t)
+    np.testing.assert_array_equal(out_t, expected)
 
 
 def test_probability_export_rejects_gaps() -> None:
     export = ProbabilityExport((4, 4, 4), (8, 8, 8), None, 0, 2)
-    export.add(Slab(0, 0, 2, torch.rand(2, 4, 4, 2)))
+    export.add(Slab(0, 0, 2, torch.rand(2, 4, 4, 2), torch.ones(2, 4, 4)))
     with pytest.raises(ValueError, match="expected 2"):
-        export.add(Slab(0, 3, 4, torch.rand(1, 4, 4, 2)))
+        export.add(Slab(0, 3, 4, torch.rand(1, 4, 4, 2), torch.ones(1, 4, 4)))
     with pytest.raises(ValueError, match="not all slabs"):
         export.result()
 
@@ -109,7 +130,7 @@ def test_probability_export_rejects_gaps() -> None:
 def test_fast_export_matches_the_reference_rule(in_shape, out_shape, sep, n_labels) -> None:
     rng = np.random.default_rng(n_labels + sum(out_shape))
     lab = rng.integers(0, n_labels, in_shape).astype(np.uint8)
-    got = resample_labels(torch.from_numpy(lab), out_shape, sep, block_voxels=97)
+    got = resample_labels(lab, out_shape, sep)
     np.testing.assert_array_equal(got, reference_fast(lab, out_shape, sep))
 
 
@@ -120,9 +141,9 @@ def test_fast_export_on_smooth_structures_and_round_trip() -> None:
     lab[(grid**2).sum(0) < 0.6] = 3
     lab[((grid - 0.3) ** 2).sum(0) < 0.2] = 7
     lab[grid[0] > 0.7] = 1
-    up = resample_labels(torch.from_numpy(lab), (40, 40, 40), None)
+    up = resample_labels(lab, (40, 40, 40), None)
     np.testing.assert_array_equal(up, reference_fast(lab, (40, 40, 40), None))
-    down = resample_labels(torch.from_numpy(up), (20, 20, 20), None)
+    down = resample_labels(up, (20, 20, 20), None)
     np.testing.assert_array_equal(down, reference_fast(up, (20, 20, 20), None))
     np.testing.assert_array_equal(down, lab)
 

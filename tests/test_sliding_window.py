@@ -81,12 +81,16 @@ def test_weighted_average_of_pointwise_functions_is_the_function(shape: tuple[in
 
 def test_streamed_slabs_tile_the_volume_in_order() -> None:
     x = torch.rand(1, 40, 75, 50)
-    slabs = list(sliding_window(x, _three, 3, (16, 16, 16), 0.5, slab_bytes=3 * 4 * 40 * 50 * 3))
-    assert {s.axis for s in slabs} == {1}  # the largest axis
-    assert slabs[0].start == 0 and slabs[-1].stop == 75
-    assert all(a.stop == b.start for a, b in zip(slabs, slabs[1:]))
-    assert max(s.stop - s.start for s in slabs) <= 3
-    whole = torch.cat([s.scores for s in slabs], dim=1)
+    # A slab's tensors are views into buffers the next step reuses: read each one at once.
+    slabs = [
+        (s.axis, s.start, s.stop, s.scores())
+        for s in sliding_window(x, _three, 3, (16, 16, 16), 0.5, slab_bytes=3 * 4 * 40 * 50 * 3)
+    ]
+    assert {axis for axis, *_ in slabs} == {1}  # the largest axis
+    assert slabs[0][1] == 0 and slabs[-1][2] == 75
+    assert all(a[2] == b[1] for a, b in zip(slabs, slabs[1:]))
+    assert max(stop - start for _, start, stop, _ in slabs) <= 3
+    whole = torch.cat([scores for *_, scores in slabs], dim=1)
     torch.testing.assert_close(whole, predict_scores(x, _three, 3, (16, 16, 16), 0.5), rtol=0, atol=0)
 
 

@@ -1,0 +1,260 @@
+"""Per-voxel loops of the exports, compiled with numba.
+
+Each of these visits a voxel's 105 class scores or its 8 interpolation corners once, with
+early exits (most output voxels lie where all corners agree). As whole-array operations the
+same work takes one memory pass per step and is several times slower (the fast-mode vote
+on the 512 x 512 x 300 benchmark: 8.7 s in torch, 1.6 s here; benchmarks/RESULTS.md).
+
+Conventions shared by the interpolating kernels: along each of the three output axes, a
+(2, n) index table gives the low and high source index per output position and a (2, n)
+float64 table their weights (low ``w``, high ``1 - w`` formed as scipy forms them; for a
+nearest-neighbour axis the high index repeats the low one with weight 0). Corners are
+visited z-major: (lo, lo, lo), (lo, lo, hi), (lo, hi, lo), ... A corner's weight is
+``(w_0 * w_1) * w_2`` in float64, as scipy's order-1 spline forms it.
+
+The functions are compiled on first use and cached on disk (numba's ``cache=True``), so only
+the first run on a machine pays the compile time (a few seconds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_OPTIONS = {"cache": True, "nogil": True, "parallel": True, "error_model": "numpy"}
+
+
+@njit(**_OPTIONS)
+def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    """``out = argmax_k(sums[..., k] / norm)`` per voxel, float32, ties to the lowest class.
+
+    ``sums`` (a, b, c, K), ``norm`` (a, b, c), ``out`` (a, b, c) uint8. Dividing by the same
+    positive ``norm`` keeps the order of the classes, so the maximum quotient is the quotient
+    of the maximum; only the search for its first occurrence divides each class.
+    """
+    n_classes = sums.shape[3]
+    for i in prange(sums.shape[0]):
+        for j in range(sums.shape[1]):
+            for m in range(sums.shape[2]):
+                row = sums[i, j, m]
+                top = row[0]
+                for k in range(1, n_classes):
+                    if row[k] > top:
+                        top = row[k]
+                n = norm[i, j, m]
+                q = top / n
+                for k in range(n_classes):
+                    if row[k] / n == q:
+                        out[i, j, m] = k
+                        break
+
+
+@njit(**_OPTIONS)
+def mean_top2(
+    sums: np.ndarray, norm: np.ndarray, scores: np.ndarray, labels: np.ndarray, second: np.ndarray
+) -> None:  # pragma: no cover
+    """``scores = sums / norm`` (float32), its argmax (ties to the lowest class) and second-largest value.
+
+    ``second`` is the largest score of any class but the argmax (-1 with a single class).
+    """
+    n_classes = sums.shape[3]
+    for i in prange(sums.shape[0]):
+        for j in range(sums.shape[1]):
+            for m in range(sums.shape[2]):
+                row = sums[i, j, m]
+                dst = scores[i, j, m]
+                n = norm[i, j, m]
+                best = np.float32(-1.0)
+                runner_up = np.float32(-1.0)
+                arg = 0
+                for k in range(n_classes):
+                    v = row[k] / n
+                    dst[k] = v
+                    if v > best:
+                        runner_up = best
+                        best = v
+                        arg = k
+                    elif v > runner_up:
+                        runner_up = v
+                labels[i, j, m] = arg
+                second[i, j, m] = runner_up
+
+
+@njit(**_OPTIONS)
+def vote_labels(
+    src: np.ndarray,
+    idx0: np.ndarray,
+    w0: np.ndarray,
+    idx1: np.ndarray,
+    w1: np.ndarray,
+    idx2: np.ndarray,
+    w2: np.ndarray,
+    near0: np.ndarray,
+    near1: np.ndarray,
+    near2: np.ndarray,
+    out: np.ndarray,
+) -> None:  # pragma: no cover
+    """Fast-mode export: per output voxel, the label whose corners carry the most weight.
+
+    That is the argmax over labels of each label's linearly interpolated indicator. A label's
+    score sums its corners' weights in corner order (the reference's rounding). Exact ties go
+    to the nearest-neighbour label (``src`` at ``near0/1/2``) when it is tied, else to the
+    smallest tied label.
+    """
+    labels = np.empty(8, np.uint8)
+    weights = np.empty(8, np.float64)
+    for o0 in prange(out.shape[0]):
+        lab = labels.copy()
+        wt = weights.copy()
+        for o1 in range(out.shape[1]):
+            for o2 in range(out.shape[2]):
+                c = 0
+                for a in range(2):
+                    for b in range(2):
+                        for d in range(2):
+                            lab[c] = src[idx0[a, o0], idx1[b, o1], idx2[d, o2]]
+                            c += 1
+                first = lab[0]
+                mixed = False
+                for c in range(1, 8):
+                    if lab[c] != first:
+                        mixed = True
+                        break
+                if not mixed:
+                    out[o0, o1, o2] = first
+                    continue
+                c = 0
+                for a in range(2):
+                    for b in range(2):
+                        for d in range(2):
+                            wt[c] = w0[a, o0] * w1[b, o1] * w2[d, o2]
+                            c += 1
+                near = src[near0[o0], near1[o1], near2[o2]]
+                best = -1.0
+                best_label = first
+                for c in range(8):
+                    label = lab[c]
+                    seen = False
+                    for e in range(c):
+                        if lab[e] == label:
+                            seen = True
+                            break
+                    if seen:
+                        continue
+                    score = 0.0
+                    for e in range(8):
+                        if lab[e] == label:
+                            score += wt[e]
+                    if score > best:
+                        best = score
+                        best_label = label
+                    elif score == best:
+                        if label == near or best_label == near:
+                            best_label = near
+                        elif label < best_label:
+                            best_label = label
+                out[o0, o1, o2] = best_label
+
+
+@njit(**_OPTIONS)
+def interpolate_argmax(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    second: np.ndarray,
+    idx0: np.ndarray,
+    w0: np.ndarray,
+    idx1: np.ndarray,
+    w1: np.ndarray,
+    idx2: np.ndarray,
+    w2: np.ndarray,
+    out: np.ndarray,
+) -> None:  # pragma: no cover
+    """Normal-mode export: argmax of the linearly interpolated class scores, per output voxel.
+
+    ``scores`` (a, b, c, K) float32 with their argmax ``labels`` and ``second``-largest value
+    per source voxel. Interpolated values are summed in float64 and rounded to float32 before
+    the argmax (ties to the lowest class), as the reference resizes in float64 and casts.
+
+    Three levels, each exact:
+    - all corners share their argmax: that class is at least as large as any other at every
+      corner, so also in between (non-negative weights, monotonic rounding);
+    - else the corners' argmax classes are interpolated; any other class is at most the
+      second-largest score at every corner, so at most the same interpolation of ``second``:
+      where the best candidate beats that bound, it wins;
+    - else every class is interpolated.
+    """
+    n_classes = scores.shape[3]
+    labels8 = np.empty(8, np.uint8)
+    weights8 = np.empty(8, np.float64)
+    corner_index = np.empty((8, 3), np.int64)
+    totals = np.empty(n_classes, np.float64)
+    for o0 in prange(out.shape[0]):
+        lab = labels8.copy()
+        wt = weights8.copy()
+        at = corner_index.copy()
+        acc = totals.copy()
+        for o1 in range(out.shape[1]):
+            for o2 in range(out.shape[2]):
+                c = 0
+                for a in range(2):
+                    for b in range(2):
+                        for d in range(2):
+                            i, j, m = idx0[a, o0], idx1[b, o1], idx2[d, o2]
+                            lab[c] = labels[i, j, m]
+                            at[c, 0] = i
+                            at[c, 1] = j
+                            at[c, 2] = m
+                            c += 1
+                first = lab[0]
+                mixed = False
+                for c in range(1, 8):
+                    if lab[c] != first:
+                        mixed = True
+                        break
+                if not mixed:
+                    out[o0, o1, o2] = first
+                    continue
+                c = 0
+                for a in range(2):
+                    for b in range(2):
+                        for d in range(2):
+                            wt[c] = w0[a, o0] * w1[b, o1] * w2[d, o2]
+                            c += 1
+                best = np.float32(-np.inf)
+                best_class = n_classes
+                for c in range(8):
+                    k = lab[c]
+                    seen = False
+                    for e in range(c):
+                        if lab[e] == k:
+                            seen = True
+                            break
+                    if seen:
+                        continue
+                    v = 0.0
+                    for e in range(8):
+                        v += wt[e] * scores[at[e, 0], at[e, 1], at[e, 2], k]
+                    v32 = np.float32(v)
+                    if v32 > best or (v32 == best and k < best_class):
+                        best = v32
+                        best_class = k
+                bound = 0.0
+                for e in range(8):
+                    bound += wt[e] * second[at[e, 0], at[e, 1], at[e, 2]]
+                if best > np.float32(bound):
+                    out[o0, o1, o2] = best_class
+                    continue
+                acc[:] = 0.0
+                for e in range(8):
+                    row = scores[at[e, 0], at[e, 1], at[e, 2]]
+                    w = wt[e]
+                    for k in range(n_classes):
+                        acc[k] += w * row[k]
+                top = np.float32(acc[0])
+                arg = 0
+                for k in range(1, n_classes):
+                    v32 = np.float32(acc[k])
+                    if v32 > top:
+                        top = v32
+                        arg = k
+                out[o0, o1, o2] = arg
