@@ -25,7 +25,15 @@ import torch
 
 from stuseg import labels as label_table
 from stuseg.errors import InputError, OutputError, StusegError
-from stuseg.io import StusegWarning, Volume, label_image, read_image, write_label_map
+from stuseg.io import (
+    StusegWarning,
+    Volume,
+    label_image,
+    nifti_gz_bytes,
+    read_image,
+    write_bytes,
+    write_label_map,
+)
 from stuseg.network import STUNet, build_network
 from stuseg.postprocess import ProbabilityExport, resample_labels, slab_labels
 from stuseg.predict import class_probabilities, mirrored, sliding_window
@@ -360,7 +368,11 @@ def check_output(output: Path, multilabel: bool) -> None:
 
 
 def write_masks(seg: Segmentation, output: Path, threads: int | None = None) -> list[Path]:
-    """One uint8 0/1 ``<name>.nii.gz`` per selected structure, written atomically, in parallel."""
+    """One uint8 0/1 ``<name>.nii.gz`` per selected structure, written atomically, in parallel.
+
+    The masks of structures absent from the scan are all the same file: it is encoded once and
+    its bytes written for each of them.
+    """
     output = Path(output)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -368,13 +380,18 @@ def write_masks(seg: Segmentation, output: Path, threads: int | None = None) -> 
         raise OutputError(f"cannot create {output}: {exc.strerror or exc}") from None
     labels = seg.labels
     header = seg.image.header
-    # zlib releases the GIL, so threads compress masks in parallel.
+    present = np.bincount(labels.ravel(order="K"), minlength=256) > 0
+    empty = nifti_gz_bytes(label_image(np.zeros_like(labels), header)) if not present.all() else b""
+    # ISA-L and zlib release the GIL, so threads compress masks in parallel.
     workers = threads or min(8, os.cpu_count() or 1)
 
     def write_one(item: tuple[int, str]) -> Path:
         value, name = item
         path = output / f"{name}.nii.gz"
-        write_label_map((labels == value).view(np.uint8), header, path)
+        if present[value]:
+            write_label_map((labels == value).view(np.uint8), header, path)
+        else:
+            write_bytes(empty, path)
         return path
 
     pool = ThreadPoolExecutor(workers)

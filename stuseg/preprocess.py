@@ -76,6 +76,8 @@ def resampled_shape(
 _SPLINE_PAD = 12
 # Output samples per banded matrix product along the last axis.
 _BAND = 16
+# Size of the float64 coefficient buffer each worker prefilters at a time.
+_BLOCK_BYTES = 8 * 2**20
 
 
 def _cubic(x: np.ndarray, new_shape: tuple[int, ...], workers: int | None = None) -> np.ndarray:
@@ -122,51 +124,62 @@ def _bspline_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cubic_axis(x: np.ndarray, axis: int, n_out: int, pool: ThreadPoolExecutor, workers: int) -> np.ndarray:
-    """One 1D pass of ``_cubic``: edge-pad ``axis``, prefilter along it, evaluate at ``n_out`` samples."""
+    """One 1D pass of ``_cubic``: edge-pad ``axis``, prefilter along it, evaluate at ``n_out`` samples.
+
+    Lines along ``axis`` are independent, so the array is cut across another axis into blocks of
+    a few MB; each worker pads, prefilters and evaluates a block in its own buffer. Only the
+    output is ever whole, and a block's coefficients stay in cache.
+    """
     n_in = x.shape[axis]
-    other = 1 if axis == 0 else 0  # threads split the array along this axis
-    padded_shape = list(x.shape)
-    padded_shape[axis] += 2 * _SPLINE_PAD
-    coeffs = np.empty(padded_shape, np.float64)
+    other = 1 if axis == 0 else 0  # blocks split the array along this axis
     out_shape = list(x.shape)
     out_shape[axis] = n_out
     out = np.empty(out_shape, np.float64)
-
-    def _along(a: np.ndarray, lo: int | None, hi: int | None) -> np.ndarray:
-        return _block(a, axis, slice(lo, hi))
-
-    def prefilter(part: slice) -> None:
-        src, dst = _block(x, other, part), _block(coeffs, other, part)
-        _along(dst, _SPLINE_PAD, _SPLINE_PAD + n_in)[...] = src
-        _along(dst, 0, _SPLINE_PAD)[...] = _along(src, 0, 1)
-        _along(dst, _SPLINE_PAD + n_in, None)[...] = _along(src, n_in - 1, n_in)
-        ndimage.spline_filter1d(dst, 3, axis=axis, output=dst, mode="nearest")
-
-    list(pool.map(prefilter, _parts(x.shape[other], 4 * workers)))
     first, weights = _bspline_taps(n_in, n_out)
-    if axis == x.ndim - 1:
-        # Along the contiguous axis: a banded matrix product per run of output samples (BLAS).
-        rows = coeffs.reshape(-1, padded_shape[-1])
-        flat = out.reshape(-1, n_out)
-        for o in range(0, n_out, _BAND):
-            stop = min(o + _BAND, n_out)
-            lo, hi = int(first[o]), int(first[stop - 1]) + 4
-            band = np.zeros((hi - lo, stop - o))
-            for k in range(4):
-                band[first[o:stop] + k - lo, np.arange(stop - o)] = weights[k, o:stop]
-            np.matmul(rows[:, lo:hi], band, out=flat[:, o:stop])
-        return out
+    last = axis == x.ndim - 1
+    bands = _bands(first, weights) if last else []
+    line_bytes = 8 * (n_in + 2 * _SPLINE_PAD) * x.size // (x.shape[axis] * x.shape[other])
+    blocks = max(4 * workers, line_bytes * x.shape[other] // _BLOCK_BYTES)
 
-    def evaluate(part: slice) -> None:
-        src, dst = _block(coeffs, other, part), _block(out, other, part)
+    def run(part: slice) -> None:
+        src, dst = _block(x, other, part), _block(out, other, part)
+        shape = list(src.shape)
+        shape[axis] += 2 * _SPLINE_PAD
+        coeffs = np.empty(shape, np.float64)
+        _block(coeffs, axis, slice(_SPLINE_PAD, _SPLINE_PAD + n_in))[...] = src
+        _block(coeffs, axis, slice(0, _SPLINE_PAD))[...] = _block(src, axis, slice(0, 1))
+        _block(coeffs, axis, slice(_SPLINE_PAD + n_in, None))[...] = _block(src, axis, slice(n_in - 1, n_in))
+        ndimage.spline_filter1d(coeffs, 3, axis=axis, output=coeffs, mode="nearest")
+        if last:
+            # Along the contiguous axis: a banded matrix product per run of output samples (BLAS).
+            rows = coeffs.reshape(-1, shape[-1])
+            flat = dst.reshape(-1, n_out)
+            for o, stop, lo, hi, band in bands:
+                np.matmul(rows[:, lo:hi], band, out=flat[:, o:stop])
+            return
         for o in range(n_out):
-            sample = _along(dst, o, o + 1)
-            np.multiply(_along(src, first[o], first[o] + 1), weights[0, o], out=sample)
+            sample = _block(dst, axis, slice(o, o + 1))
+            taps = [_block(coeffs, axis, slice(first[o] + k, first[o] + k + 1)) for k in range(4)]
+            np.multiply(taps[0], weights[0, o], out=sample)
             for k in range(1, 4):
-                sample += _along(src, first[o] + k, first[o] + k + 1) * weights[k, o]
+                sample += taps[k] * weights[k, o]
 
-    list(pool.map(evaluate, _parts(out.shape[other], 4 * workers)))
+    list(pool.map(run, _parts(x.shape[other], blocks)))
     return out
+
+
+def _bands(first: np.ndarray, weights: np.ndarray) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """The 4-tap evaluation as banded matrices: (first output, stop, first input, stop, matrix) per run."""
+    n_out = len(first)
+    bands = []
+    for o in range(0, n_out, _BAND):
+        stop = min(o + _BAND, n_out)
+        lo, hi = int(first[o]), int(first[stop - 1]) + 4
+        band = np.zeros((hi - lo, stop - o))
+        for k in range(4):
+            band[first[o:stop] + k - lo, np.arange(stop - o)] = weights[k, o:stop]
+        bands.append((o, stop, lo, hi, band))
+    return bands
 
 
 def _parts(n: int, count: int) -> list[slice]:
@@ -223,10 +236,11 @@ def nonzero_bbox(x: np.ndarray) -> tuple[tuple[int, int], ...]:
     The reference fills holes in the mask before taking its bounding box; filling holes never
     changes a bounding box, so the fill is skipped.
     """
+    nonzero = x != 0
     box = []
     for axis in range(x.ndim):
         other = tuple(a for a in range(x.ndim) if a != axis)
-        hit = np.flatnonzero(np.any(x != 0, axis=other))
+        hit = np.flatnonzero(np.any(nonzero, axis=other))
         if hit.size == 0:
             raise InputError("the image is empty: every voxel is 0")
         box.append((int(hit[0]), int(hit[-1]) + 1))
@@ -251,16 +265,17 @@ def preprocess(
     """
     zyx, ornt, spacing = to_model_order(data, affine)
     box = nonzero_bbox(zyx)
-    x = np.array(zyx[tuple(slice(lo, hi) for lo, hi in box)], dtype=np.float32, order="C")
-    nan = np.isnan(x)
-    had_nan = bool(nan.any())
-    if had_nan:
-        x[nan] = 0
-    del nan
+    x = zyx[tuple(slice(lo, hi) for lo, hi in box)]  # a view of the input: the resampler reads it
+    had_nan = bool(np.isnan(x.min()))  # a NaN anywhere makes the minimum NaN
+    if had_nan or x.dtype != np.float32:
+        x = np.array(x, dtype=np.float32)
+        x[np.isnan(x)] = 0
     axis = separate_axis(spacing, target_spacing)
     new_shape = resampled_shape(x.shape, spacing, target_spacing)
     x = resample_image(x, new_shape, axis)
-    x = zscore(x)  # x is our own copy by now (crop copy or resampler output)
+    if np.may_share_memory(x, data):  # not resampled: z-score a copy, never the caller's array
+        x = np.array(x, dtype=np.float32, order="C")
+    x = zscore(x)
     geometry = Geometry(
         input_shape=tuple(int(n) for n in data.shape[:3]),  # type: ignore[arg-type]
         ornt=ornt,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -226,16 +227,18 @@ def test_an_interrupted_write_leaves_no_truncated_mask(tmp_path: Path, make_nift
 
     seg = pipeline.segment(make_nifti(), model=_uniform_model(), device="cpu")
     calls = {"n": 0}
-    real_open = io._gzip_open
+    real_atomic_path = io.atomic_path
 
-    def flaky_open(path):
+    @contextlib.contextmanager
+    def flaky_atomic_path(path):
         calls["n"] += 1
-        if calls["n"] == 5:
-            Path(path).write_bytes(b"\x1f\x8b partial")  # a half-written file under the temp name
-            raise OSError(28, "No space left on device")
-        return real_open(path)
+        with real_atomic_path(path) as tmp:
+            if calls["n"] == 5:
+                tmp.write_bytes(b"\x1f\x8b partial")  # a half-written file under the temp name
+                raise OSError(28, "No space left on device")
+            yield tmp
 
-    monkeypatch.setattr(io, "_gzip_open", flaky_open)
+    monkeypatch.setattr(io, "atomic_path", flaky_atomic_path)
     with pytest.raises(pipeline.OutputError, match="No space left on device"):
         pipeline.write_masks(seg, tmp_path / "out", threads=1)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -243,6 +246,25 @@ def test_an_interrupted_write_leaves_no_truncated_mask(tmp_path: Path, make_nift
     assert all(n.endswith(".nii.gz") and not n.startswith(".") for n in names)
     for n in names:
         assert nib.load(tmp_path / "out" / n).shape == seg.image.shape  # complete files only
+
+
+def test_masks_of_absent_structures_share_one_encoding(make_nifti, tmp_path: Path) -> None:
+    from stuseg import pipeline
+
+    src = make_nifti()
+    seg = pipeline.segment(src, model=_uniform_model(), device="cpu")
+    paths = pipeline.write_masks(seg, tmp_path / "out")
+    assert len(paths) == 104
+    liver = tmp_path / "out" / "liver.nii.gz"
+    absent = [p for p in paths if p != liver]
+    assert len({p.read_bytes() for p in absent}) == 1  # one encoding, written 103 times
+    ref = nib.load(src)
+    for path, value in ((liver, 1), (absent[0], 0)):
+        img = nib.load(path)
+        assert img.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(img.affine, ref.affine)
+        assert int(img.header["sform_code"]) == int(ref.header["sform_code"])
+        assert np.all(np.asanyarray(img.dataobj) == value)
 
 
 def _uniform_model():
