@@ -191,7 +191,9 @@ def test_class_probabilities_of_stunet_match_its_forward() -> None:
 
 
 def test_accumulating_in_place_equals_materialising_each_tile() -> None:
-    """The CPU path that adds probability chunks straight into the buffers changes nothing."""
+    """The CPU path that adds probability chunks straight into the buffers, with the division by
+    the softmax sum folded into the tile weight and one fused multiply-add, changes only the last
+    float32 bits."""
     from stuseg.network import Arch, build_network
 
     torch.manual_seed(1)
@@ -202,4 +204,5 @@ def test_accumulating_in_place_equals_materialising_each_tile() -> None:
     with torch.inference_mode():
         a = predict_scores(x, fused, 9, (32, 32, 32), 0.5, batch_size=2)
         b = predict_scores(x, lambda t: fused(t), 9, (32, 32, 32), 0.5, batch_size=2)
-    assert torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-7)
+    assert a.argmax(-1).eq(b.argmax(-1)).float().mean() > 0.9999
