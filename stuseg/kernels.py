@@ -24,6 +24,46 @@ from numba import njit, prange
 _OPTIONS = {"cache": True, "nogil": True, "parallel": True, "error_model": "numpy"}
 
 
+@njit(cache=True, nogil=True)
+def _corners(src, idx0, idx1, idx2, o0, o1, o2, lab, at) -> bool:  # pragma: no cover
+    """Gather output voxel (o0, o1, o2)'s 8 corner values of ``src`` into ``lab`` and their source
+    indices into ``at`` (8, 3), z-major; True when the values are not all equal."""
+    c = 0
+    for a in range(2):
+        for b in range(2):
+            for d in range(2):
+                i, j, m = idx0[a, o0], idx1[b, o1], idx2[d, o2]
+                lab[c] = src[i, j, m]
+                at[c, 0] = i
+                at[c, 1] = j
+                at[c, 2] = m
+                c += 1
+    for c in range(1, 8):  # noqa: SIM110 - numba compiles loops, not generator expressions
+        if lab[c] != lab[0]:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def _corner_weights(w0, w1, w2, o0, o1, o2, wt) -> None:  # pragma: no cover
+    """The 8 corner weights ``(w_0 * w_1) * w_2`` of output voxel (o0, o1, o2), z-major, into ``wt``."""
+    c = 0
+    for a in range(2):
+        for b in range(2):
+            for d in range(2):
+                wt[c] = w0[a, o0] * w1[b, o1] * w2[d, o2]
+                c += 1
+
+
+@njit(cache=True, nogil=True)
+def _seen_before(lab, c) -> bool:  # pragma: no cover
+    """Whether ``lab[c]`` already occurs among ``lab[:c]``."""
+    for e in range(c):  # noqa: SIM110 - as above
+        if lab[e] == lab[c]:
+            return True
+    return False
+
+
 @njit(**_OPTIONS)
 def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     """``out = argmax_k(sums[..., k] / norm)`` per voxel, float32, ties to the lowest class.
@@ -101,46 +141,23 @@ def vote_labels(
     to the nearest-neighbour label (``src`` at ``near0/1/2``) when it is tied, else to the
     smallest tied label.
     """
-    labels = np.empty(8, np.uint8)
-    weights = np.empty(8, np.float64)
     for o0 in prange(out.shape[0]):
-        lab = labels.copy()
-        wt = weights.copy()
+        lab = np.empty(8, np.uint8)
+        at = np.empty((8, 3), np.int64)
+        wt = np.empty(8, np.float64)
         for o1 in range(out.shape[1]):
             for o2 in range(out.shape[2]):
-                c = 0
-                for a in range(2):
-                    for b in range(2):
-                        for d in range(2):
-                            lab[c] = src[idx0[a, o0], idx1[b, o1], idx2[d, o2]]
-                            c += 1
-                first = lab[0]
-                mixed = False
-                for c in range(1, 8):
-                    if lab[c] != first:
-                        mixed = True
-                        break
-                if not mixed:
-                    out[o0, o1, o2] = first
+                if not _corners(src, idx0, idx1, idx2, o0, o1, o2, lab, at):
+                    out[o0, o1, o2] = lab[0]
                     continue
-                c = 0
-                for a in range(2):
-                    for b in range(2):
-                        for d in range(2):
-                            wt[c] = w0[a, o0] * w1[b, o1] * w2[d, o2]
-                            c += 1
+                _corner_weights(w0, w1, w2, o0, o1, o2, wt)
                 near = src[near0[o0], near1[o1], near2[o2]]
                 best = -1.0
-                best_label = first
+                best_label = lab[0]
                 for c in range(8):
-                    label = lab[c]
-                    seen = False
-                    for e in range(c):
-                        if lab[e] == label:
-                            seen = True
-                            break
-                    if seen:
+                    if _seen_before(lab, c):
                         continue
+                    label = lab[c]
                     score = 0.0
                     for e in range(8):
                         if lab[e] == label:
@@ -184,53 +201,23 @@ def interpolate_argmax(
     - else every class is interpolated.
     """
     n_classes = scores.shape[3]
-    labels8 = np.empty(8, np.uint8)
-    weights8 = np.empty(8, np.float64)
-    corner_index = np.empty((8, 3), np.int64)
-    totals = np.empty(n_classes, np.float64)
     for o0 in prange(out.shape[0]):
-        lab = labels8.copy()
-        wt = weights8.copy()
-        at = corner_index.copy()
-        acc = totals.copy()
+        lab = np.empty(8, np.uint8)
+        at = np.empty((8, 3), np.int64)
+        wt = np.empty(8, np.float64)
+        acc = np.empty(n_classes, np.float64)
         for o1 in range(out.shape[1]):
             for o2 in range(out.shape[2]):
-                c = 0
-                for a in range(2):
-                    for b in range(2):
-                        for d in range(2):
-                            i, j, m = idx0[a, o0], idx1[b, o1], idx2[d, o2]
-                            lab[c] = labels[i, j, m]
-                            at[c, 0] = i
-                            at[c, 1] = j
-                            at[c, 2] = m
-                            c += 1
-                first = lab[0]
-                mixed = False
-                for c in range(1, 8):
-                    if lab[c] != first:
-                        mixed = True
-                        break
-                if not mixed:
-                    out[o0, o1, o2] = first
+                if not _corners(labels, idx0, idx1, idx2, o0, o1, o2, lab, at):
+                    out[o0, o1, o2] = lab[0]
                     continue
-                c = 0
-                for a in range(2):
-                    for b in range(2):
-                        for d in range(2):
-                            wt[c] = w0[a, o0] * w1[b, o1] * w2[d, o2]
-                            c += 1
+                _corner_weights(w0, w1, w2, o0, o1, o2, wt)
                 best = np.float32(-np.inf)
                 best_class = n_classes
                 for c in range(8):
-                    k = lab[c]
-                    seen = False
-                    for e in range(c):
-                        if lab[e] == k:
-                            seen = True
-                            break
-                    if seen:
+                    if _seen_before(lab, c):
                         continue
+                    k = lab[c]
                     v = 0.0
                     for e in range(8):
                         v += wt[e] * scores[at[e, 0], at[e, 1], at[e, 2], k]
