@@ -131,34 +131,43 @@ class ProbabilityExport:
         self.out_shape = out_shape
         self.num_classes = num_classes
         self.labels = np.zeros(out_shape, np.uint8)
-        # Held source rows [held_lo, held_lo + n) along ``axis``: mean scores, argmax, second largest.
-        self._held: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # Held source rows [held_lo, held_lo + rows) along ``axis``, at the front of reused buffers:
+        # mean scores, their argmax and their second-largest value.
+        self._buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._rows = 0
         self._held_lo = 0
+        self._expected: int | None = None  # where the next slab must start
         self._next = 0  # next output row along axis
+
+    def _held(self) -> tuple[np.ndarray, ...]:
+        assert self._buffers is not None
+        return tuple(_rows(b, self.axis, 0, self._rows) for b in self._buffers)
 
     def add(self, slab: Slab) -> None:
         if slab.axis != self.axis:
             raise ValueError("slabs must all stream along the same axis")
         d = self.axis
-        held_rows = 0 if self._held is None else self._held[1].shape[d]
-        if self._held is not None and slab.start != self._held_lo + held_rows:
-            raise ValueError(f"slab starts at {slab.start}, expected {self._held_lo + held_rows}")
-        if self._held is None:
+        if self._expected is not None and slab.start != self._expected:
+            raise ValueError(f"slab starts at {slab.start}, expected {self._expected}")
+        if self._expected is None:
             self._held_lo = slab.start
+        self._expected = slab.stop
         sums, norm = _host(slab.sums), _host(slab.norm)
-        rows = held_rows + slab.stop - slab.start
-        spatial = list(norm.shape)
-        spatial[d] = rows
-        held = (
-            np.empty((*spatial, self.num_classes), np.float32),
-            np.empty(spatial, np.uint8),
-            np.empty(spatial, np.float32),
-        )
-        if self._held is not None:
-            for new, old in zip(held, self._held):
-                _rows(new, d, 0, held_rows)[...] = old
-        mean_top2(sums, norm, *(_rows(a, d, held_rows, rows) for a in held))
-        self._held = held
+        rows = self._rows + slab.stop - slab.start
+        if self._buffers is None or self._buffers[1].shape[d] < rows:
+            spatial = list(norm.shape)
+            spatial[d] = rows
+            grown = (
+                np.empty((*spatial, self.num_classes), np.float32),
+                np.empty(spatial, np.uint8),
+                np.empty(spatial, np.float32),
+            )
+            if self._buffers is not None:
+                for new, old in zip(grown, self._held()):
+                    _rows(new, d, 0, self._rows)[...] = old
+            self._buffers = grown
+        mean_top2(sums, norm, *(_rows(b, d, self._rows, rows) for b in self._buffers))
+        self._rows = rows
         held_hi = slab.stop
         amap = self.maps[d]
         n_out = self.out_shape[d]
@@ -169,25 +178,25 @@ class ProbabilityExport:
         if ready > self._next:
             self._emit(self._next, ready)
         self._next = ready
-        # Drop source rows no later output needs.
+        # Drop source rows no later output needs: move the rest (a row or two) to the front.
         if ready < n_out:
-            keep_from = int(amap.lo[ready])
-            if keep_from > self._held_lo:
-                self._held = tuple(  # type: ignore[assignment]
-                    np.ascontiguousarray(_rows(a, d, keep_from - self._held_lo, rows)) for a in held
-                )
-                self._held_lo = keep_from
+            drop = int(amap.lo[ready]) - self._held_lo
+            if drop > 0:
+                for b in self._buffers:
+                    _rows(b, d, 0, rows - drop)[...] = _rows(b, d, drop, rows).copy()
+                self._rows = rows - drop
+                self._held_lo += drop
         else:
-            self._held = None
+            self._buffers = None
+            self._rows = 0
 
     def _emit(self, lo: int, hi: int) -> None:
-        assert self._held is not None
         d = self.axis
         tables = list(self.tables)
         # This block's rows along the stream axis, indexed into the held rows.
         tables[2 * d] = np.ascontiguousarray(tables[2 * d][:, lo:hi]) - self._held_lo
         tables[2 * d + 1] = np.ascontiguousarray(tables[2 * d + 1][:, lo:hi])
-        interpolate_argmax(*self._held, *tables, _rows(self.labels, d, lo, hi))
+        interpolate_argmax(*self._held(), *tables, _rows(self.labels, d, lo, hi))
 
     def result(self) -> np.ndarray:
         if self._next != self.out_shape[self.axis]:
