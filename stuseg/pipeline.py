@@ -227,13 +227,8 @@ def keep_freed_memory() -> bool:
     pages; the cost is that RSS stays at its peak until the process ends. Returns whether the
     setting took effect (glibc on Linux only).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
@@ -246,11 +241,22 @@ def release_free_memory() -> None:
     stage (the float64 spline coefficients of preprocessing) would still count in RSS while
     the next (the row accumulator) grows the heap elsewhere.
     """
-    if sys.platform.startswith("linux"):
-        import ctypes
+    libc = _glibc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):  # malloc_trim is glibc's, not musl's
+            libc.malloc_trim(0)
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+def _glibc() -> Any:
+    """The C library through ctypes on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def _peak_rss() -> int | None:

@@ -7,8 +7,8 @@ Gaussian-weighted average of the overlapping patches, as nnU-Net v1 does (tile p
 Gaussian, padding; see ``shared/reference/nnunet_v1_inference.md`` section 4).
 
 Classes last: a voxel's K scores are contiguous, which makes the softmax, the weighted sums
-and the argmax run at memory speed on the CPU (the softmax over a channels-first 105 x 128^3
-block took 0.49 s, over channels-last 0.17 s; benchmarks/RESULTS.md).
+and the argmax run at memory speed on the CPU (the 1x1 head and softmax of a 105 x 128^3 tile:
+1.82 s channels-first, 0.45 s channels-last; benchmarks/RESULTS.md).
 
 The average is streamed: tiles are visited row by row along the largest axis, and every slab
 that no later tile can touch is normalized and handed out at once. Only one row of tiles
