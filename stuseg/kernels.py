@@ -19,13 +19,27 @@ the first run on a machine pays the compile time (a few seconds).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numba import njit, prange
 
-_OPTIONS = {"cache": True, "nogil": True, "parallel": True, "error_model": "numpy"}
+
+def _jit(parallel: bool = True) -> Callable[[Callable], Callable]:
+    """numba's ``njit``, cached on disk; without the cache where no cache folder is writable
+    (numba refuses ``cache=True`` then, and the kernels are compiled on every run instead)."""
+    options = {"nogil": True, "parallel": parallel, "error_model": "numpy"}
+
+    def decorate(fn: Callable) -> Callable:
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(cache=False, **options)(fn)
+
+    return decorate
 
 
-@njit(cache=True, nogil=True)
+@_jit(parallel=False)
 def _corners(src, idx0, idx1, idx2, o0, o1, o2, lab, at) -> bool:  # pragma: no cover
     """Gather output voxel (o0, o1, o2)'s 8 corner values of ``src`` into ``lab`` and their source
     indices into ``at`` (8, 3), z-major; True when the values are not all equal."""
@@ -45,7 +59,7 @@ def _corners(src, idx0, idx1, idx2, o0, o1, o2, lab, at) -> bool:  # pragma: no 
     return False
 
 
-@njit(cache=True, nogil=True)
+@_jit(parallel=False)
 def _corner_weights(w0, w1, w2, o0, o1, o2, wt) -> None:  # pragma: no cover
     """The 8 corner weights ``(w_0 * w_1) * w_2`` of output voxel (o0, o1, o2), z-major, into ``wt``."""
     c = 0
@@ -56,7 +70,7 @@ def _corner_weights(w0, w1, w2, o0, o1, o2, wt) -> None:  # pragma: no cover
                 c += 1
 
 
-@njit(cache=True, nogil=True)
+@_jit(parallel=False)
 def _seen_before(lab, c) -> bool:  # pragma: no cover
     """Whether ``lab[c]`` already occurs among ``lab[:c]``."""
     for e in range(c):  # noqa: SIM110 - as above
@@ -65,7 +79,7 @@ def _seen_before(lab, c) -> bool:  # pragma: no cover
     return False
 
 
-@njit(**_OPTIONS)
+@_jit()
 def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     """``out = argmax_k(sums[..., k] / norm)`` per voxel, float32, ties to the lowest class.
 
@@ -90,7 +104,7 @@ def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:
                         break
 
 
-@njit(**_OPTIONS)
+@_jit()
 def mean_top2(
     sums: np.ndarray, norm: np.ndarray, scores: np.ndarray, labels: np.ndarray, second: np.ndarray
 ) -> None:  # pragma: no cover
@@ -121,7 +135,7 @@ def mean_top2(
                 second[i, j, m] = runner_up
 
 
-@njit(**_OPTIONS)
+@_jit()
 def vote_labels(
     src: np.ndarray,
     idx0: np.ndarray,
@@ -174,7 +188,7 @@ def vote_labels(
                 out[o0, o1, o2] = best_label
 
 
-@njit(**_OPTIONS)
+@_jit()
 def interpolate_argmax(
     scores: np.ndarray,
     labels: np.ndarray,

@@ -153,3 +153,21 @@ def test_linear_map_weights_sum_to_one_and_clamp_at_edges() -> None:
     np.testing.assert_allclose(m.w_lo + m.w_hi, 1.0)
     assert m.lo.min() == 0 and m.hi.max() == 4
     assert m.lo[0] == 0 and m.hi[0] == 0  # before the first centre: the edge value
+
+
+def test_kernels_work_where_no_cache_folder_is_writable() -> None:
+    """numba refuses cache=True when it finds no writable cache folder; stuseg compiles each run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numba.core.caching as caching\n"
+        "caching.CacheImpl._locator_classes = []  # as on a read-only install without a home folder\n"
+        "import numpy as np\n"
+        "from stuseg.postprocess import resample_labels\n"
+        "lab = np.zeros((4, 5, 6), np.uint8); lab[2:, :, 3:] = 7\n"
+        "print(resample_labels(lab, (8, 10, 12), None)[7, 9, 11])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "7"
