@@ -330,7 +330,12 @@ def _read_original(path: Path) -> dict[str, torch.Tensor]:
                 "refusing to unpickle it"
             ) from None
         raise _corrupt(path, exc.__context__ or exc) from None
-    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, struct.error) as exc:
+    except OSError:
+        raise
+    except Exception as exc:
+        # Garbage makes the weights-only unpickler fail in arbitrary ways (IndexError, KeyError,
+        # UnicodeDecodeError, struct.error, ...); it never runs code, so any failure here means
+        # the file is damaged.
         raise _corrupt(path, exc) from None
     if isinstance(obj, dict) and "state_dict" in obj:
         state = obj["state_dict"]
