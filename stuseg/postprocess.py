@@ -29,7 +29,7 @@ import torch
 
 from stuseg.kernels import argmax_of_mean, interpolate_argmax, mean_top2, vote_labels
 from stuseg.predict import Slab
-from stuseg.preprocess import nearest_indices
+from stuseg.preprocess import axis_slice, nearest_indices
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,9 @@ class AxisMap:
     w_lo: np.ndarray  # float64
     w_hi: np.ndarray
 
-    @property
-    def is_nearest(self) -> bool:
-        return not self.w_hi.any()
-
-    def rows(self, sel: slice) -> AxisMap:
-        return AxisMap(self.lo[sel], self.hi[sel], self.w_lo[sel], self.w_hi[sel])
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(2, n) low/high source indices and (2, n) float64 weights, as the kernels take them."""
+        return np.stack([self.lo, self.hi]), np.stack([self.w_lo, self.w_hi])
 
 
 def linear_map(n_in: int, n_out: int) -> AxisMap:
@@ -66,6 +63,7 @@ def linear_map(n_in: int, n_out: int) -> AxisMap:
 
 
 def nearest_map(n_in: int, n_out: int) -> AxisMap:
+    """Nearest neighbour: the high corner repeats the low one with weight 0."""
     idx = nearest_indices(n_in, n_out)
     return AxisMap(idx, idx, np.ones(n_out), np.zeros(n_out))
 
@@ -81,18 +79,8 @@ def axis_maps(
 
 
 def corner_tables(maps: list[AxisMap]) -> list[np.ndarray]:
-    """Per axis: (2, n) low/high source indices and their (2, n) float64 weights (the kernels' tables)."""
-    tables: list[np.ndarray] = []
-    for m in maps:
-        if m.is_nearest:
-            tables += [np.stack([m.lo, m.lo]), np.stack([m.w_lo, np.zeros_like(m.w_lo)])]
-        else:
-            tables += [np.stack([m.lo, m.hi]), np.stack([m.w_lo, m.w_hi])]
-    return tables
-
-
-def _rows(a: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
-    return a[(slice(None),) * axis + (slice(lo, hi),)]
+    """The kernels' arguments for three axes: indices and weights of the first, then the second, ..."""
+    return [table for m in maps for table in m.tables()]
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -141,7 +129,7 @@ class ProbabilityExport:
 
     def _held(self) -> tuple[np.ndarray, ...]:
         assert self._buffers is not None
-        return tuple(_rows(b, self.axis, 0, self._rows) for b in self._buffers)
+        return tuple(axis_slice(b, self.axis, slice(0, self._rows)) for b in self._buffers)
 
     def add(self, slab: Slab) -> None:
         if slab.axis != self.axis:
@@ -164,9 +152,9 @@ class ProbabilityExport:
             )
             if self._buffers is not None:
                 for new, old in zip(grown, self._held()):
-                    _rows(new, d, 0, self._rows)[...] = old
+                    axis_slice(new, d, slice(0, self._rows))[...] = old
             self._buffers = grown
-        mean_top2(sums, norm, *(_rows(b, d, self._rows, rows) for b in self._buffers))
+        mean_top2(sums, norm, *(axis_slice(b, d, slice(self._rows, rows)) for b in self._buffers))
         self._rows = rows
         held_hi = slab.stop
         amap = self.maps[d]
@@ -183,7 +171,7 @@ class ProbabilityExport:
             drop = int(amap.lo[ready]) - self._held_lo
             if drop > 0:
                 for b in self._buffers:
-                    _rows(b, d, 0, rows - drop)[...] = _rows(b, d, drop, rows).copy()
+                    axis_slice(b, d, slice(0, rows - drop))[...] = axis_slice(b, d, slice(drop, rows)).copy()
                 self._rows = rows - drop
                 self._held_lo += drop
         else:
@@ -194,9 +182,9 @@ class ProbabilityExport:
         d = self.axis
         tables = list(self.tables)
         # This block's rows along the stream axis, indexed into the held rows.
-        tables[2 * d] = np.ascontiguousarray(tables[2 * d][:, lo:hi]) - self._held_lo
+        tables[2 * d] = tables[2 * d][:, lo:hi] - self._held_lo
         tables[2 * d + 1] = np.ascontiguousarray(tables[2 * d + 1][:, lo:hi])
-        interpolate_argmax(*self._held(), *tables, _rows(self.labels, d, lo, hi))
+        interpolate_argmax(*self._held(), *tables, axis_slice(self.labels, d, slice(lo, hi)))
 
     def result(self) -> np.ndarray:
         if self._next != self.out_shape[self.axis]:

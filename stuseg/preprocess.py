@@ -142,13 +142,14 @@ def _cubic_axis(x: np.ndarray, axis: int, n_out: int, pool: ThreadPoolExecutor, 
     blocks = max(4 * workers, line_bytes * x.shape[other] // _BLOCK_BYTES)
 
     def run(part: slice) -> None:
-        src, dst = _block(x, other, part), _block(out, other, part)
+        src, dst = axis_slice(x, other, part), axis_slice(out, other, part)
         shape = list(src.shape)
         shape[axis] += 2 * _SPLINE_PAD
         coeffs = np.empty(shape, np.float64)
-        _block(coeffs, axis, slice(_SPLINE_PAD, _SPLINE_PAD + n_in))[...] = src
-        _block(coeffs, axis, slice(0, _SPLINE_PAD))[...] = _block(src, axis, slice(0, 1))
-        _block(coeffs, axis, slice(_SPLINE_PAD + n_in, None))[...] = _block(src, axis, slice(n_in - 1, n_in))
+        inner = slice(_SPLINE_PAD, _SPLINE_PAD + n_in)
+        axis_slice(coeffs, axis, inner)[...] = src
+        axis_slice(coeffs, axis, slice(0, _SPLINE_PAD))[...] = axis_slice(src, axis, slice(0, 1))
+        axis_slice(coeffs, axis, slice(inner.stop, None))[...] = axis_slice(src, axis, slice(n_in - 1, n_in))
         ndimage.spline_filter1d(coeffs, 3, axis=axis, output=coeffs, mode="nearest")
         if last:
             # Along the contiguous axis: a banded matrix product per run of output samples (BLAS).
@@ -158,8 +159,8 @@ def _cubic_axis(x: np.ndarray, axis: int, n_out: int, pool: ThreadPoolExecutor, 
                 np.matmul(rows[:, lo:hi], band, out=flat[:, o:stop])
             return
         for o in range(n_out):
-            sample = _block(dst, axis, slice(o, o + 1))
-            taps = [_block(coeffs, axis, slice(first[o] + k, first[o] + k + 1)) for k in range(4)]
+            sample = axis_slice(dst, axis, slice(o, o + 1))
+            taps = [axis_slice(coeffs, axis, slice(first[o] + k, first[o] + k + 1)) for k in range(4)]
             np.multiply(taps[0], weights[0, o], out=sample)
             for k in range(1, 4):
                 sample += taps[k] * weights[k, o]
@@ -187,7 +188,8 @@ def _parts(n: int, count: int) -> list[slice]:
     return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def _block(a: np.ndarray, axis: int, part: slice) -> np.ndarray:
+def axis_slice(a: np.ndarray, axis: int, part: slice) -> np.ndarray:
+    """The view ``a[..., part, ...]`` with ``part`` applied along ``axis``."""
     return a[(slice(None),) * axis + (part,)]
 
 
