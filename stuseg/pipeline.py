@@ -35,14 +35,14 @@ from stuseg.io import (
     write_label_map,
 )
 from stuseg.network import STUNet, build_network
+from stuseg.plan import PLAN
 from stuseg.postprocess import ProbabilityExport, resample_labels, slab_labels
 from stuseg.predict import class_probabilities, mirrored, sliding_window
 from stuseg.preprocess import preprocess, restore
 
-# The plan of the published models (shared/reference/totalseg_plans.json); identical for all sizes.
-TARGET_SPACING = (1.5, 1.5, 1.5)
-PATCH = (128, 128, 128)
-NUM_CLASSES = 105
+TARGET_SPACING = PLAN.target_spacing
+PATCH = PLAN.patch_size
+NUM_CLASSES = PLAN.num_classes
 
 Progress = Callable[[int, int], None]
 
