@@ -1,7 +1,24 @@
-"""stuseg: segment the 104 TotalSegmentator structures in CT with STU-Net.
+"""stuseg: segment the 104 TotalSegmentator structures in CT with STU-Net, in plain PyTorch.
 
-Importing this package does not import torch; ``segment`` and ``build_network`` load it on
-first use.
+The public API::
+
+    import stuseg
+
+    seg = stuseg.segment("ct.nii.gz", size="base", fast=True)  # one call, nothing written
+    segmenter = stuseg.Segmenter("base", fast=True)             # loads the model once ...
+    seg = segmenter("ct.nii.gz")                                # ... for many images
+
+- ``segment`` and ``Segmenter`` (``stuseg.pipeline``) return a ``Segmentation``: ``image`` (a
+  nibabel uint8 label map on the input's grid, values = model channel indices), ``names``
+  (``{value: structure name}``), timings and peak memory.
+- ``build_network`` (``stuseg.network``) builds an STU-Net of one size, untrained.
+- Errors: every failure caused by the user's input, files or weights is a ``StusegError``
+  (``InputError``, ``OutputError``, ``LabelError``, ``WeightsError``) with a one-line message.
+- ``stuseg.labels`` holds the label table (names, groups, TotalSegmentator v1 numbering).
+
+Importing ``stuseg`` imports neither torch nor numba: ``segment``, ``Segmenter`` and
+``build_network`` are resolved on first access (PEP 562), so the command line's ``--help``,
+``labels`` and ``export-labels`` start quickly.
 """
 
 from __future__ import annotations
@@ -16,6 +33,7 @@ __all__ = [
     "InputError",
     "LabelError",
     "OutputError",
+    "Segmenter",
     "StusegError",
     "WeightsError",
     "__version__",
@@ -25,14 +43,33 @@ __all__ = [
 
 if TYPE_CHECKING:
     from stuseg.network import build_network
-    from stuseg.pipeline import segment
+    from stuseg.pipeline import Segmenter, segment
 
-_LAZY = {"segment": "stuseg.pipeline", "build_network": "stuseg.network"}
+# Public name -> the module that defines it; imported (with torch) on first access only.
+_LAZY = {"segment": "stuseg.pipeline", "Segmenter": "stuseg.pipeline", "build_network": "stuseg.network"}
 
 
 def __getattr__(name: str) -> Any:
+    """Resolve the lazily imported public names (PEP 562).
+
+    Args:
+        name: the attribute asked for.
+
+    Returns:
+        The object ``name`` in the module that defines it (importing that module once).
+
+    Raises:
+        AttributeError: ``name`` is not part of stuseg's public API.
+    """
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later accesses skip __getattr__
+        return value
     raise AttributeError(f"module 'stuseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, including the lazily imported ones (for tab completion)."""
+    return sorted({*globals(), *__all__})

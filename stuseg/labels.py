@@ -3,7 +3,11 @@
 Channel ``i`` of the network is label value ``i`` in every segmentation stuseg writes
 (0 = background). The order is the 104 TotalSegmentator v1 names in Python ``sorted()`` order,
 as STU-Net was trained; it is *not* TotalSegmentator's own numbering, which each row carries
-as ``totalseg_v1`` so results can be renumbered for comparison.
+as ``totalseg_v1`` so results can be renumbered for comparison. Sources of these facts: the
+STU-Net repository's ``label_orders.json`` (the order) and TotalSegmentator v1's
+``class_map["total"]`` (its numbering); ``tests/data/reference/label_order.json`` records both,
+with commits, and the tests compare this table with it. The four groups follow the
+TotalSegmentator paper's organs, bones, muscles and vessels.
 
 Pure data and name lookup: this module imports nothing beyond the standard library.
 """
@@ -155,9 +159,13 @@ TABLE: tuple[Structure, ...] = (
 )
 # fmt: on
 
+#: The 105 output channels by index: "background", then the 104 structures.
 LABELS: tuple[str, ...] = ("background", *(s.name for s in TABLE))
+#: The 104 structure names; ``STRUCTURES[i - 1]`` is label value ``i``.
 STRUCTURES: tuple[str, ...] = LABELS[1:]
+#: Group name -> its structures in model order.
 GROUPS: dict[str, tuple[str, ...]] = {g.value: tuple(s.name for s in TABLE if s.group is g) for g in Group}
+#: Model index -> TotalSegmentator v1 index (0 -> 0 for the background).
 TOTALSEG_V1_INDEX: dict[int, int] = {0: 0, **{s.index: s.totalseg_v1 for s in TABLE}}
 
 _BY_LOWER: dict[str, Structure] = {s.name.lower(): s for s in TABLE}
@@ -180,7 +188,18 @@ def _suggest(word: str) -> str:
 
 
 def lookup(name: str) -> Structure:
-    """The row of structure ``name`` (case-insensitive); LabelError with suggestions if unknown."""
+    """The table row of one structure.
+
+    Args:
+        name: a structure name, compared case-insensitively; surrounding spaces are ignored.
+
+    Returns:
+        The row: model index (= label value), name, group and TotalSegmentator v1 index.
+
+    Raises:
+        LabelError: ``name`` is not one of the 104 structures (the message suggests the closest
+            names or groups), or is ``background``, which is label 0 and not a structure.
+    """
     row = _BY_LOWER.get(name.strip().lower())
     if row is None:
         if name.strip().lower() == "background":
@@ -190,17 +209,33 @@ def lookup(name: str) -> Structure:
 
 
 def index_of(name: str) -> int:
-    """Model channel index (= label value) of structure ``name``."""
+    """The model channel index (= label value) of one structure.
+
+    Args:
+        name: a structure name, case-insensitive.
+
+    Returns:
+        The index, 1 to 104.
+
+    Raises:
+        LabelError: ``name`` is not a structure (see ``lookup``).
+    """
     return lookup(name).index
 
 
-def group_of(name: str) -> str:
-    """The group ('organs', 'bones', 'muscles' or 'vessels') of structure ``name``."""
-    return lookup(name).group.value
+def describe(group: str | Group | None = None) -> list[Structure]:
+    """The rows of the label table in model order, all of them or those of one group.
 
+    Args:
+        group: ``None`` for all 104 rows, or a group: a ``Group`` or its name ('organs', 'bones',
+            'muscles', 'vessels'; case-insensitive).
 
-def describe(group: str | None = None) -> list[Structure]:
-    """The table rows, optionally only those of one group, in model order."""
+    Returns:
+        The rows, sorted by model index.
+
+    Raises:
+        LabelError: ``group`` is not one of the four groups.
+    """
     if group is None:
         return list(TABLE)
     key = str(getattr(group, "value", group)).strip().lower()
@@ -210,11 +245,19 @@ def describe(group: str | None = None) -> list[Structure]:
 
 
 def select(patterns: Iterable[str]) -> list[int]:
-    """Sorted model indices of the structures named by ``patterns``.
+    """The model indices of the structures that names, groups and shell patterns select.
 
-    Each pattern is an exact name, a group name or a shell pattern (``rib_*``), compared
-    case-insensitively; an entry may hold several, separated by commas or spaces. A name
-    that is unknown, or a pattern that matches nothing, is a LabelError.
+    Args:
+        patterns: entries, each an exact structure name, a group name or a shell pattern
+            (``rib_*``, ``kidney_?ight``), compared case-insensitively; one entry may hold
+            several, separated by commas or spaces. Overlaps count once.
+
+    Returns:
+        The selected model indices, sorted, without duplicates.
+
+    Raises:
+        LabelError: no entry names anything, a name is not a structure or group (the message
+            suggests the closest ones), or a pattern matches no structure.
     """
     words = [w for p in patterns for w in re.split(r"[,\s]+", str(p).strip()) if w]
     if not words:
@@ -234,8 +277,22 @@ def select(patterns: Iterable[str]) -> list[int]:
     return sorted(chosen)
 
 
-def renumbering(indices: Iterable[int], numbering: str = Numbering.MODEL) -> dict[int, int]:
-    """Map the model indices ``indices`` to label values under ``numbering``."""
+def renumbering(indices: Iterable[int], numbering: str | Numbering = Numbering.MODEL) -> dict[int, int]:
+    """The label value each selected structure gets in a multilabel file under a numbering.
+
+    Args:
+        indices: model indices (1 to 104) of the selected structures; order and duplicates do
+            not matter.
+        numbering: a ``Numbering`` or its value: ``model`` (value = model index), ``compact``
+            (1..k in model order of the selection) or ``totalsegmentator-v1`` (TotalSegmentator
+            v1's own index of the structure).
+
+    Returns:
+        ``{model index: label value}`` for each selected structure, in model order.
+
+    Raises:
+        LabelError: an index is not 1 to 104, or ``numbering`` is not one of the three.
+    """
     idx = sorted(set(indices))
     bad = [i for i in idx if not 1 <= i <= len(STRUCTURES)]
     if bad:

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Everything the tests read is committed here (sources and licences: data/README.md). No test skips
+# when a file is missing: a missing file is a failure.
+DATA = Path(__file__).resolve().parent / "data"
+REFERENCE = DATA / "reference"
 
 
 @pytest.fixture(autouse=True)
