@@ -1,9 +1,13 @@
 """A plain, full-volume re-statement of the original inference path, for equivalence tests.
 
-Written from ``shared/reference/nnunet_v1_inference.md`` alone, for inputs stored in RAS (where
-stuseg's reorientation is the identity): numpy/scipy preprocessing, channels-first float32
-aggregation of every tile, and the two exports computed on whole volumes. Slow and memory
-hungry on purpose; nothing is shared with stuseg's implementation.
+Written from a reading of nnU-Net 1.7.1's ``nnUNet_predict`` path for the STU-Net models
+(``preprocessing/preprocessing.py`` and ``cropping.py``, ``network_architecture/neural_network.py``
+``predict_3D``, ``inference/segmentation_export.py``; batchgenerators >= 0.25.4 for the fast
+export's label resampling), for inputs stored in RAS (where stuseg's reorientation is the
+identity): numpy/scipy preprocessing, channels-first float32 aggregation of every tile, and the
+two exports computed on whole volumes. The plan's numbers it uses are those in
+``tests/data/reference/totalseg_plans.json``. Slow and memory hungry on purpose; nothing is shared
+with stuseg's implementation.
 """
 
 from __future__ import annotations
