@@ -64,9 +64,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later accesses skip __getattr__
-        return value
+        # Not cached here: stuseg.segment stays whatever stuseg.pipeline.segment is now.
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'stuseg' has no attribute {name!r}")
 
 
