@@ -130,7 +130,7 @@ def _corrupt(path: Path, detail: object) -> WeightsError:
 
 
 _WHAT_IT_IS = (
-    (0, b"\x1f\x8b", "gzip-compressed data (e.g. a .nii.gz image)"),
+    (0, b"\x1f\x8b", "gzip-compressed data, such as a .nii.gz image"),
     (344, b"n+1\x00", "a NIfTI image"),
     (344, b"ni1\x00", "a NIfTI image"),
     (128, b"DICM", "a DICOM file"),
@@ -144,8 +144,8 @@ _WHAT_IT_IS = (
 def _not_a_checkpoint(path: Path, head: bytes) -> WeightsError:
     what = next((name for at, magic, name in _WHAT_IT_IS if head[at : at + len(magic)] == magic), None)
     return WeightsError(
-        f"{path} is not a checkpoint ({what or 'unknown content'}); stuseg reads nnU-Net v1 .model files "
-        "(PyTorch zip) and .safetensors files"
+        f"{path} is not a checkpoint: it holds {what or 'no format stuseg knows'}; stuseg reads "
+        "nnU-Net v1 .model files (PyTorch zip) and .safetensors files"
     )
 
 
@@ -419,6 +419,9 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], dest: Path, metadata:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp made it private (0600); published weights are no secret. A fixed 0644 rather than
+        # reading the umask, which can only be read by setting it (racy with other threads).
+        tmp.chmod(0o644)
         os.replace(tmp, dest)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:

@@ -296,11 +296,18 @@ def weights_cmd(
     for r in rows:
         download = f"{r.file_bytes / 1e6:,.0f} MB" if r.file_bytes else f"~{r.approx_file_bytes / 1e9:.2f} GB"
         if r.damaged:
-            status = f"damaged ({r.damaged}); repair: stuseg download --size {r.size} --force or re-import"
+            status = "damaged (see below)"
         else:
             status = f"cached, verified by {r.verified_by}" if r.present else "not downloaded"
         table.add_row(r.size, f"{r.parameters / 1e6:,.1f}M", download, status, str(r.path))
     out.print(table)
+    for r in rows:
+        if r.damaged:
+            err.print(
+                f"note: the cached weights for {r.size} are damaged ({r.damaged}); repair with "
+                f"`stuseg download --size {r.size} --force` or import them again",
+                markup=False,
+            )
 
 
 @app.command("predict")

@@ -511,7 +511,8 @@ def _repair(size: str, cached: _Cached, download: bool, manifest: Path | None) -
             f"`stuseg import-weights {meta['source']}` again"
         )
     how = f"run `stuseg download --size {size} --force` or `stuseg import-weights FILE`"
-    if not download:
+    if not download or meta.get("verified_by") not in (BY_MANIFEST, BY_HUB):
+        # Not known to be the published weights (or no download wanted): the user decides.
         raise WeightsError(f"{damaged}; {how}")
     try:
         download_weights(size, manifest=manifest, force=True)

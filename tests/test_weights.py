@@ -284,7 +284,7 @@ def test_garbage_and_foreign_files(tmp_path: Path) -> None:
                 weights.import_weights(garbage)
             assert "\n" not in str(info.value) and len(str(info.value)) < 300
         garbage.write_bytes(b"\x00" + noise)  # not a format stuseg reads at all
-        with pytest.raises(WeightsError, match=r"is not a checkpoint \(unknown content\)"):
+        with pytest.raises(WeightsError, match="is not a checkpoint: it holds no format stuseg knows"):
             weights.import_weights(garbage)
     unsafe = tmp_path / "unsafe.model"
     torch.save({"state_dict": {}, "extra": fractions.Fraction(1, 3)}, unsafe)
