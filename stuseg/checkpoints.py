@@ -11,7 +11,7 @@ Files are recognised by their first bytes, not their names, so a CT or an archiv
 is named for what it is. Every problem is a one-line ``WeightsError``.
 
 torch and the network are imported only inside the functions that need them: reading a header
-(``read_safetensors_header``) is pure Python, which keeps ``stuseg weights`` free of torch.
+(``validate_safetensors``) is pure Python, which keeps ``stuseg weights`` free of torch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,33 +38,37 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "SafetensorsHeader",
+    "DamagedFile",
     "check_architecture",
     "describe",
+    "disk_full",
     "identify_size",
     "read_checkpoint",
-    "read_safetensors_header",
     "require_space",
+    "shapes_of",
+    "sniff",
+    "validate_safetensors",
     "write_safetensors",
 ]
 
 Format = Literal["torch-zip", "torch-legacy", "safetensors"]
 
-# safetensors dtype names that map to a torch dtype, with their item size in bytes.
-ST_DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
+# The safetensors dtypes stuseg reads (those torch has), with their item size in bytes.
+ST_DTYPES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
 }
-# A header is a JSON table of names, dtypes, shapes and offsets: an STU-Net huge header is about
-# 60 kB. A length above this is damage, not a model (the safetensors library uses the same bound).
+# A header is a JSON table of names, dtypes, shapes and offsets: under 32 kB for STU-Net huge (306
+# tensors, computed from the network's state dict). 100 MB leaves room for any model; a length
+# beyond it is damage, refused before reading it into memory.
 _MAX_HEADER = 100_000_000
 
 
@@ -256,16 +259,6 @@ def _read_torch(path: Path, fmt: Format) -> dict[str, torch.Tensor]:
 # safetensors
 
 
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    """A validated safetensors header."""
-
-    shapes: dict[str, tuple[int, ...]]  # tensor name -> shape
-    dtypes: dict[str, str]  # tensor name -> safetensors dtype name (a key of ST_DTYPES)
-    metadata: dict[str, str]  # the free-form ``__metadata__`` table
-    data_bytes: int  # bytes of tensor data the header describes (= what follows the header)
-
-
 class DamagedFile(WeightsError):
     """A file that is not a valid safetensors file; ``detail`` says why, without the path."""
 
@@ -278,8 +271,8 @@ class DamagedFile(WeightsError):
         super().__init__(f"{path} {what}: {detail}")
 
 
-def read_safetensors_header(path: Path) -> SafetensorsHeader:
-    """Read and validate the whole header of a safetensors file (pure Python, no torch).
+def validate_safetensors(path: Path) -> dict[str, str]:
+    """Validate the whole header of a safetensors file against the file (pure Python, no torch).
 
     Every tensor entry must be an object with exactly ``dtype`` (one of ``ST_DTYPES``), ``shape``
     (non-negative integers) and ``data_offsets`` (``[begin, end]`` whose length is the shape's
@@ -290,7 +283,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         path: the file.
 
     Returns:
-        The header's shapes, dtypes, metadata and data length.
+        The header's ``__metadata__`` table (empty if it has none).
 
     Raises:
         DamagedFile: any violation, as one line naming the first problem found.
@@ -330,8 +323,6 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     ):
         raise bad("its __metadata__ is not a table of strings")
     metadata = recorded
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
     spans = []
     for name, info in header.items():
         if not isinstance(info, dict):
@@ -351,13 +342,12 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
             raise bad(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
         begin, end = offsets
-        nbytes = math.prod(shape) * ST_DTYPES[dtype][1]
+        nbytes = math.prod(shape) * ST_DTYPES[dtype]
         if end - begin != nbytes:
             raise bad(
                 f"tensor {name!r} has shape {shape} ({nbytes} bytes of {dtype}) "
                 f"but data_offsets {offsets} ({end - begin} bytes)"
             )
-        shapes[name], dtypes[name] = tuple(shape), dtype
         spans.append((begin, end, name))
     position = 0
     for begin, end, name in sorted(spans):
@@ -371,7 +361,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         )
     if position < available:
         raise bad(f"{available - position} bytes follow the last tensor")
-    return SafetensorsHeader(shapes, dtypes, metadata, position)
+    return metadata
 
 
 def _is_count(v: object) -> bool:
@@ -380,7 +370,7 @@ def _is_count(v: object) -> bool:
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Validate, then memory-map a safetensors file (tensors are private copy-on-write views)."""
-    header = read_safetensors_header(path)
+    metadata = validate_safetensors(path)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -388,7 +378,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise _corrupt(path, exc) from None
-    return tensors, header.metadata
+    return tensors, metadata
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], dest: Path, metadata: dict[str, str]) -> None:

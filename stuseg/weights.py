@@ -33,9 +33,9 @@ from stuseg.checkpoints import (
     check_architecture,
     disk_full,
     read_checkpoint,
-    read_safetensors_header,
     require_space,
     shapes_of,
+    validate_safetensors,
     write_safetensors,
 )
 from stuseg.errors import WeightsError
@@ -188,12 +188,11 @@ def _cached(size: str) -> _Cached:
     if not path.is_file():
         return _Cached(None, f"{path} is not a file")
     try:
-        header = read_safetensors_header(path)
+        meta = validate_safetensors(path)
     except DamagedFile as exc:
         return _Cached(exc.metadata, exc.detail)
     except WeightsError as exc:  # unreadable (permissions, I/O error)
         return _Cached(None, str(exc))
-    meta = header.metadata
     if any(k not in meta for k in _META_KEYS) or meta["stuseg_size"] != size:
         return _Cached(None, f"{path.name} was not written by stuseg for {size}")
     return _Cached(meta, None)
