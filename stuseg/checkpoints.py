@@ -107,7 +107,15 @@ def require_space(folder: Path, needed: int, what: str) -> None:
 
 
 def disk_full(exc: OSError | str, folder: Path) -> WeightsError:
-    """The error for running out of space while writing into ``folder``."""
+    """The error for running out of space while writing into ``folder``.
+
+    Args:
+        exc: the write error (or its text), whose reason ends the message.
+        folder: where the write went.
+
+    Returns:
+        The error to raise.
+    """
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return WeightsError(
         f"disk full while writing to {folder}; nothing was kept. Free some space or set STUSEG_HOME / "
@@ -460,12 +468,26 @@ def _expected_shapes(size: str) -> dict[str, tuple[int, ...]]:
 
 
 def shapes_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """name -> shape of a state dict."""
+    """The shapes of a state dict.
+
+    Args:
+        tensors: name -> tensor.
+
+    Returns:
+        name -> shape.
+    """
     return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
 def identify_size(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """The STU-Net size whose state dict has exactly these keys and shapes, or None."""
+    """The STU-Net size whose state dict has exactly these keys and shapes.
+
+    Args:
+        shapes: name -> shape of a state dict.
+
+    Returns:
+        The size, or None when no size matches exactly.
+    """
     for size in SIZE_NAMES:
         if dict(shapes) == _expected_shapes(size):
             return size
@@ -473,7 +495,14 @@ def identify_size(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
 
 
 def describe(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """What a state dict looks like, for error messages: a size, or the closest size and how close."""
+    """What a state dict looks like, for error messages.
+
+    Args:
+        shapes: name -> shape of a state dict.
+
+    Returns:
+        "STU-Net SIZE", or how many tensors and classes it has and which size it is closest to.
+    """
     size = identify_size(shapes)
     if size is not None:
         return f"STU-Net {size}"

@@ -93,7 +93,13 @@ class Manifest:
     entries: Mapping[str, WeightsEntry]
 
     def entry(self, size: str) -> WeightsEntry:
-        """The entry of ``size`` (aliases such as ``S`` accepted).
+        """The entry of one size.
+
+        Args:
+            size: small, base, large or huge (or S/B/L/H).
+
+        Returns:
+            Its entry.
 
         Raises:
             WeightsError: unknown size, or a size this manifest has no entry for.

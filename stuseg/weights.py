@@ -81,7 +81,12 @@ def _no_progress(phase: str, done: int, total: int | None) -> None:
 
 
 def stuseg_home() -> Path:
-    """stuseg's cache folder: ``$STUSEG_HOME``, else the per-user cache dir (``~/.cache/stuseg``)."""
+    """stuseg's cache folder.
+
+    Returns:
+        ``$STUSEG_HOME`` if set, else the per-user cache folder (``~/.cache/stuseg`` on Linux,
+        ``~/Library/Caches/stuseg`` on macOS, ``%LOCALAPPDATA%\\stuseg`` on Windows); it may not exist.
+    """
     env = os.environ.get("STUSEG_HOME")
     if env:
         return Path(env).expanduser()
@@ -96,6 +101,12 @@ def stuseg_home() -> Path:
 
 def cached_path(size: str) -> Path:
     """Where the converted, verified weights of ``size`` live (whether or not they exist).
+
+    Args:
+        size: small, base, large or huge (or S/B/L/H).
+
+    Returns:
+        ``<STUSEG_HOME>/weights/<size>.safetensors``.
 
     Raises:
         WeightsError: unknown size.
