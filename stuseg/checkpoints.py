@@ -192,8 +192,12 @@ def sniff(path: Path) -> Format:
         return "torch-zip"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "torch-legacy"  # a pickle stream (protocol 2-5), as torch.save wrote before 1.6
-    if head[8:9] == b"{" or path.suffix == ".safetensors":
+    if head[8:9] == b"{":
         return "safetensors"  # 8-byte header length, then a JSON object
+    if path.suffix == ".safetensors" and not any(
+        head[at : at + len(magic)] == magic for at, magic, _ in _WHAT_IT_IS
+    ):
+        return "safetensors"  # named so and nothing else: its header check says what is wrong
     raise _not_a_checkpoint(path, head)
 
 

@@ -300,6 +300,10 @@ def test_garbage_and_foreign_files(tmp_path: Path) -> None:
         weights.import_weights(notckpt)
     with pytest.raises(WeightsError, match="does not exist"):
         weights.import_weights(tmp_path / "nope.model")
+    renamed = tmp_path / "ct.safetensors"
+    renamed.write_bytes((REPO / "tests" / "data" / "abdomen_ct_3mm.nii.gz").read_bytes())
+    with pytest.raises(WeightsError, match="is not a checkpoint: it holds gzip-compressed data"):
+        weights.import_weights(renamed)
     (tmp_path / "empty.model").write_bytes(b"")
     with pytest.raises(WeightsError, match="is empty, not a checkpoint"):
         weights.import_weights(tmp_path / "empty.model")
