@@ -164,8 +164,14 @@ ManifestOption = Annotated[
 
 
 @contextmanager
-def _progress_bar() -> Iterator[Callable[[str, int, int | None], None]]:
-    """A rich progress bar on stderr, fed by the library's ``progress(phase, done, total)`` callback."""
+def _progress_bar() -> Iterator[Callable[[str, int, int | None], None] | None]:
+    """A rich progress bar on stderr, fed by the library's ``progress(phase, done, total)`` callback.
+
+    None when stderr is not a terminal: a bar there is noise, and rich ends it with an empty line.
+    """
+    if not err.is_terminal:
+        yield None
+        return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
@@ -204,11 +210,12 @@ def download_cmd(
 ) -> None:
     """Download published weights from the Hugging Face hub, check size and sha256, convert them once."""
     from stuseg import weights
+    from stuseg.manifest import load_manifest
 
     if not sizes and not all_sizes:
         raise fail("choose what to download with --size SIZE (small, base, large, huge) or --all")
     _quiet_hub()
-    chosen = list(weights.load_manifest(manifest).entries) if all_sizes else sizes or []
+    chosen = list(load_manifest(manifest).entries) if all_sizes else sizes or []
     for size in chosen:
         with _progress_bar() as report:
             result = weights.download_weights(size, manifest=manifest, force=force, progress=report)
@@ -268,6 +275,7 @@ def weights_cmd(
                         "pin": r.pin,
                         "present": r.present,
                         "verified_by": r.verified_by,
+                        "damaged": r.damaged,
                         "path": str(r.path),
                     }
                     for r in rows
@@ -287,9 +295,19 @@ def weights_cmd(
         )
     for r in rows:
         download = f"{r.file_bytes / 1e6:,.0f} MB" if r.file_bytes else f"~{r.approx_file_bytes / 1e9:.2f} GB"
-        status = f"cached, verified by {r.verified_by}" if r.present else "not downloaded"
+        if r.damaged:
+            status = "damaged (see below)"
+        else:
+            status = f"cached, verified by {r.verified_by}" if r.present else "not downloaded"
         table.add_row(r.size, f"{r.parameters / 1e6:,.1f}M", download, status, str(r.path))
     out.print(table)
+    for r in rows:
+        if r.damaged:
+            err.print(
+                f"note: the cached weights for {r.size} are damaged ({r.damaged}); repair with "
+                f"`stuseg download --size {r.size} --force` or import them again",
+                markup=False,
+            )
 
 
 @app.command("predict")

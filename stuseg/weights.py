@@ -1,63 +1,65 @@
-"""Weights: the manifest, download, verification, conversion to safetensors, and loading.
+"""stuseg's cache of verified weights: download, import, load, and report what is there.
 
-This is the only reader of ``weights_manifest.json``. The published checkpoints are nnU-Net v1
-containers (a pickled dict whose ``state_dict`` holds the network, next to SGD momentum buffers,
-loss curves as numpy scalars, ...). They are read once with ``torch.load(weights_only=True)`` and
-an explicit allow-list of numpy types, checked, reduced to the network parameters, and written
-atomically as ``<STUSEG_HOME>/weights/<size>.safetensors``. Later loads memory-map that file.
+Each size lives as ``<STUSEG_HOME>/weights/<size>.safetensors``, converted once from the original
+checkpoint (``stuseg.checkpoints``) and memory-mapped by later runs. Its metadata records where it
+came from and how it was verified. A cached file whose header does not describe exactly its bytes
+(truncated, overwritten, not written by stuseg) is *damaged*: listed as such, and repaired by a new
+download when it came from the hub, or explained when it was imported.
 
-Downloads go through huggingface_hub (so HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE behave as usual);
-the downloaded bytes are then checked here for size and sha256, which huggingface_hub does not do.
+Downloads go through huggingface_hub (so HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE behave as usual),
+pinned as the manifest (``stuseg.manifest``) says; the downloaded bytes are then checked here for
+size and sha256, which huggingface_hub does not do.
 
 Library code: raises ``WeightsError`` with a one-line message, never prints. Progress is reported
-through an optional ``progress(phase, done, total)`` callback.
+through an optional ``progress(phase, done, total)`` callback. torch is imported only by the
+functions that read or write tensors: ``weights_status`` does not need it.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
-import importlib.resources
-import json
-import mmap
 import os
-import pickle
-import re
-import shutil
-import struct
 import sys
 import tempfile
-import zipfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stuseg.checkpoints import (
+    DamagedFile,
+    check_architecture,
+    disk_full,
+    read_checkpoint,
+    require_space,
+    shapes_of,
+    validate_safetensors,
+    write_safetensors,
+)
 from stuseg.errors import WeightsError
-from stuseg.network import SIZES, Arch, build_network, canonical_size
+from stuseg.manifest import HEX64, SIZE_NAMES, WeightsEntry, canonical_size, load_manifest
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BY_ARCH",
+    "BY_HUB",
+    "BY_MANIFEST",
     "Installed",
     "LoadedWeights",
-    "Manifest",
-    "WeightsEntry",
+    "Progress",
     "WeightsStatus",
     "cached_path",
     "download_weights",
     "import_weights",
-    "load_manifest",
     "load_weights",
     "sha256_file",
     "stuseg_home",
     "weights_status",
 ]
-
-MANIFEST_SCHEMA = 1
-MANIFEST_NAME = "weights_manifest.json"
 
 # How a cached file was verified (stored in the safetensors metadata).
 BY_MANIFEST = "sha256 (manifest)"
@@ -67,9 +69,7 @@ BY_ARCH = "architecture (keys and shapes)"
 Progress = Callable[[str, int, "int | None"], None]
 """``progress(phase, done, total)``: ``phase`` is a short label, ``total`` may be None."""
 
-_HEX40 = re.compile(r"[0-9a-f]{40}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 8 << 20  # 8 MiB reads for hashing and copying
+_CHUNK = 8 << 20  # 8 MiB reads for hashing
 
 
 def _no_progress(phase: str, done: int, total: int | None) -> None:
@@ -81,7 +81,12 @@ def _no_progress(phase: str, done: int, total: int | None) -> None:
 
 
 def stuseg_home() -> Path:
-    """stuseg's cache folder: ``$STUSEG_HOME``, else the per-user cache dir (``~/.cache/stuseg``)."""
+    """stuseg's cache folder.
+
+    Returns:
+        ``$STUSEG_HOME`` if set, else the per-user cache folder (``~/.cache/stuseg`` on Linux,
+        ``~/Library/Caches/stuseg`` on macOS, ``%LOCALAPPDATA%\\stuseg`` on Windows); it may not exist.
+    """
     env = os.environ.get("STUSEG_HOME")
     if env:
         return Path(env).expanduser()
@@ -95,153 +100,64 @@ def stuseg_home() -> Path:
 
 
 def cached_path(size: str) -> Path:
-    """Where the converted, verified weights of ``size`` live (whether or not they exist)."""
-    return stuseg_home() / "weights" / f"{_canonical(size)}.safetensors"
+    """Where the converted, verified weights of ``size`` live (whether or not they exist).
+
+    Args:
+        size: small, base, large or huge (or S/B/L/H).
+
+    Returns:
+        ``<STUSEG_HOME>/weights/<size>.safetensors``.
+
+    Raises:
+        WeightsError: unknown size.
+    """
+    return stuseg_home() / "weights" / f"{canonical_size(size)}.safetensors"
+
+
+def _writable_cache() -> Path:
+    """Create the cache folder if needed and prove it takes a file, before any long work."""
+    folder = stuseg_home() / "weights"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise WeightsError(
+                f"the stuseg cache {folder} cannot be created: {blocker} is a file, not a folder; "
+                "set STUSEG_HOME to a folder"
+            ) from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise WeightsError(
+                f"the stuseg cache {folder} is not writable ({exc.strerror}); "
+                "set STUSEG_HOME to a writable folder"
+            ) from None
+        if exc.errno == errno.ENOSPC:
+            raise disk_full(exc, folder) from None
+        raise WeightsError(f"the stuseg cache {folder} cannot be written ({exc.strerror or exc})") from None
+    return folder
 
 
 # --------------------------------------------------------------------------------------------
-# Manifest
-
-
-@dataclass(frozen=True)
-class WeightsEntry:
-    """One published checkpoint and the plan facts the predictor needs."""
-
-    size: str
-    repo: str
-    filename: str
-    revision: str
-    pin: str  # "commit": revision is a full commit, sha256 known here; "branch": weaker, see note
-    size_bytes: int | None
-    approx_size_bytes: int
-    sha256: str | None
-    parameters: int
-    target_spacing: tuple[float, float, float]  # mm, array axis order (isotropic here)
-    patch_size: tuple[int, int, int]
-    normalization: str  # "zscore": per image, (x - mean) / (std + 1e-8), no clipping (plans: nonCT)
-    num_classes: int  # network outputs, background included
-    note: str
-
-    @property
-    def converted_bytes(self) -> int:
-        """Approximate size of the converted fp32 safetensors file."""
-        return 4 * self.parameters
-
-
-@dataclass(frozen=True)
-class Manifest:
-    path: Path
-    entries: Mapping[str, WeightsEntry]
-
-    def entry(self, size: str) -> WeightsEntry:
-        key = _canonical(size)
-        if key not in self.entries:
-            have = ", ".join(self.entries) or "none"
-            raise WeightsError(f"manifest {self.path} has no entry for size {key!r}; it has: {have}")
-        return self.entries[key]
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _triple(kind: type) -> Callable[[object], bool]:
-    def check(v: object) -> bool:
-        ok = _is_int if kind is int else (lambda x: _is_int(x) or isinstance(x, float))
-        return isinstance(v, list) and len(v) == 3 and all(ok(x) and x > 0 for x in v)
-
-    return check
-
-
-# field -> (description for errors, validator)
-_ENTRY_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
-    "repo": ("a 'owner/name' string", lambda v: isinstance(v, str) and v.count("/") == 1),
-    "filename": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
-    "revision": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
-    "pin": ("'commit' or 'branch'", lambda v: v in ("commit", "branch")),
-    "size_bytes": ("a positive integer or null", lambda v: v is None or (_is_int(v) and v > 0)),
-    "approx_size_bytes": ("a positive integer", lambda v: _is_int(v) and v > 0),
-    "sha256": ("64 lowercase hex digits or null", lambda v: v is None or bool(_HEX64.fullmatch(str(v)))),
-    "parameters": ("a positive integer", lambda v: _is_int(v) and v > 0),
-    "target_spacing": ("a list of 3 positive numbers", _triple(float)),
-    "patch_size": ("a list of 3 positive integers", _triple(int)),
-    "normalization": ("'zscore'", lambda v: v == "zscore"),
-    "num_classes": ("a positive integer", lambda v: _is_int(v) and v > 0),
-    "note": ("a string", lambda v: isinstance(v, str)),
-}
-
-
-def _parse_entry(size: str, raw: object, where: str) -> WeightsEntry:
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{where}: entry {size!r} must be an object")
-    unknown = sorted(set(raw) - set(_ENTRY_FIELDS))
-    missing = sorted(set(_ENTRY_FIELDS) - set(raw))
-    if unknown or missing:
-        parts = ([f"unknown keys {unknown}"] if unknown else []) + (
-            [f"missing keys {missing}"] if missing else []
-        )
-        raise WeightsError(f"{where}: entry {size!r} has {' and '.join(parts)}")
-    for key, (want, ok) in _ENTRY_FIELDS.items():
-        if not ok(raw[key]):
-            raise WeightsError(f"{where}: {size}.{key} must be {want}, got {raw[key]!r}")
-    if raw["pin"] == "commit" and not (
-        _HEX40.fullmatch(raw["revision"]) and raw["sha256"] and raw["size_bytes"]
-    ):
-        raise WeightsError(
-            f"{where}: {size} is pinned to a commit, so it needs a 40-hex revision, sha256 and size_bytes"
-        )
-    return WeightsEntry(
-        size=size,
-        target_spacing=tuple(float(x) for x in raw["target_spacing"]),  # type: ignore[arg-type]
-        patch_size=tuple(raw["patch_size"]),
-        **{k: raw[k] for k in _ENTRY_FIELDS if k not in ("target_spacing", "patch_size")},
-    )
-
-
-def default_manifest_path() -> Path:
-    return Path(str(importlib.resources.files("stuseg") / MANIFEST_NAME))
-
-
-def load_manifest(path: Path | None = None) -> Manifest:
-    """Read and validate a weights manifest (default: the one shipped with stuseg)."""
-    path = Path(path) if path is not None else default_manifest_path()
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightsError(f"weights manifest {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"weights manifest {path} cannot be read: {exc}") from None
-    where = f"weights manifest {path}"
-    if not isinstance(raw, dict) or set(raw) - {"schema", "comment", "models"} or "models" not in raw:
-        raise WeightsError(f"{where}: expected an object with keys 'schema', 'models' and optional 'comment'")
-    if raw.get("schema") != MANIFEST_SCHEMA:
-        raise WeightsError(
-            f"{where}: schema {raw.get('schema')!r} is not supported (expected {MANIFEST_SCHEMA})"
-        )
-    models = raw["models"]
-    if not isinstance(models, dict) or not models:
-        raise WeightsError(f"{where}: 'models' must be a non-empty object")
-    entries = {}
-    for size, entry in models.items():
-        if size not in SIZES:
-            raise WeightsError(f"{where}: unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
-        entries[size] = _parse_entry(size, entry, where)
-    return Manifest(path=path, entries=entries)
-
-
-def _canonical(size: str) -> str:
-    try:
-        return canonical_size(size)
-    except ValueError as exc:
-        raise WeightsError(str(exc)) from None
-
-
-# --------------------------------------------------------------------------------------------
-# Hashing and file helpers
+# Hashing
 
 
 def sha256_file(path: Path, progress: Progress | None = None, phase: str = "verify") -> str:
-    """Streaming sha256 of a file, reporting progress."""
+    """Streaming sha256 of a file.
+
+    Args:
+        path: the file.
+        progress: called with ``(phase, bytes done, total bytes)`` as it goes.
+        phase: the label passed to ``progress``.
+
+    Returns:
+        The hex digest.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     progress = progress or _no_progress
     total = path.stat().st_size
     digest = hashlib.sha256()
@@ -255,290 +171,50 @@ def sha256_file(path: Path, progress: Progress | None = None, phase: str = "veri
     return digest.hexdigest()
 
 
-def _free_bytes(folder: Path) -> int:
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
-def _require_space(folder: Path, needed: int, what: str) -> None:
-    free = _free_bytes(folder)
-    if free < needed:
-        raise WeightsError(
-            f"disk full: {what} needs about {_gb(needed)} in {folder} but only {_gb(free)} is free; "
-            "free some space or set STUSEG_HOME / HF_HOME to a larger disk"
-        )
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-def _disk_full(exc: OSError, folder: Path) -> WeightsError:
-    return WeightsError(
-        f"disk full while writing to {folder}; nothing was kept. Free some space or set STUSEG_HOME / "
-        f"HF_HOME to a larger disk ({exc.strerror or exc})"
-    )
-
-
 # --------------------------------------------------------------------------------------------
-# Reading checkpoints
+# The cache
 
 
-def _numpy_allow_list() -> list[Any]:
-    """The numpy types nnU-Net v1 checkpoints pickle in ``plot_stuff``/``best_stuff`` (and nothing else).
-
-    Scalars pickle as ``numpy.core.multiarray.scalar`` (numpy 1) or ``numpy._core.multiarray.scalar``
-    (numpy 2) with a dtype argument; both spellings map to the same function here.
-    """
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    scalar = core.multiarray.scalar
-    dtype_classes = {
-        type(np.dtype(name))
-        for name in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
-    }
-    return [
-        np.dtype,
-        *sorted(dtype_classes, key=str),
-        (scalar, "numpy.core.multiarray.scalar"),
-        (scalar, "numpy._core.multiarray.scalar"),
-    ]
-
-
-def _corrupt(path: Path, detail: object) -> WeightsError:
-    first = str(detail).strip().splitlines()[0] if str(detail).strip() else type(detail).__name__
-    return WeightsError(f"{path} is truncated or corrupted and cannot be read as a checkpoint ({first})")
-
-
-def _read_original(path: Path) -> dict[str, torch.Tensor]:
-    """Load an nnU-Net v1 ``.model`` (or a bare state dict) safely; return the network parameters."""
-    import torch
-
-    # mmap keeps the 11.7 GB huge file out of RAM; it needs the zip container (torch >= 1.6).
-    is_zip = zipfile.is_zipfile(path)
-    try:
-        with torch.serialization.safe_globals(_numpy_allow_list()):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if unsafe:
-            raise WeightsError(
-                f"{path} holds a Python object ({unsafe[1]}) that an nnU-Net checkpoint does not contain; "
-                "refusing to unpickle it"
-            ) from None
-        raise _corrupt(path, exc.__context__ or exc) from None
-    except OSError:
-        raise
-    except Exception as exc:
-        # Garbage makes the weights-only unpickler fail in arbitrary ways (IndexError, KeyError,
-        # UnicodeDecodeError, struct.error, ...); it never runs code, so any failure here means
-        # the file is damaged.
-        raise _corrupt(path, exc) from None
-    if isinstance(obj, dict) and "state_dict" in obj:
-        state = obj["state_dict"]
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state = obj
-    else:
-        raise WeightsError(f"{path} is not an nnU-Net checkpoint: it has no 'state_dict'")
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise WeightsError(
-            f"{path} is not an nnU-Net checkpoint: its 'state_dict' is not a mapping of tensors"
-        )
-    # Checkpoints saved from DataParallel carry a 'module.' prefix; nnU-Net strips it too.
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-_ST_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-
-
-def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Return (header, data start offset); raises WeightsError on a malformed file."""
-    try:
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                raise ValueError("header length is implausible")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise _corrupt(path, exc) from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not an object")
-    size = path.stat().st_size
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _ST_DTYPES or end > size - 8 - n or begin > end:
-            raise _corrupt(path, f"tensor {name} lies outside the file")
-    return header, 8 + n
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Memory-map a safetensors file: tensors are views of a private (copy-on-write) mapping."""
-    import torch
-
-    header, start = _read_safetensors_header(path)
-    metadata = header.pop("__metadata__", None) or {}
-    with path.open("rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
-    tensors = {}
-    for name, info in header.items():
-        dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
-        shape = info["shape"]
-        begin, end = info["data_offsets"]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        count = (end - begin) // itemsize
-        if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        elif (start + begin) % itemsize == 0 and mapped is not None:
-            tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + begin).view(
-                shape
-            )
-        else:  # misaligned for this dtype: copy instead of viewing
-            with path.open("rb") as f:
-                f.seek(start + begin)
-                buf = bytearray(f.read(end - begin))
-            tensors[name] = torch.frombuffer(buf, dtype=dtype).view(shape)
-    return tensors, dict(metadata)
-
-
-def _write_safetensors(tensors: Mapping[str, torch.Tensor], dest: Path, metadata: dict[str, str]) -> None:
-    """Write the safetensors format, streaming tensor by tensor, atomically (temp name + rename).
-
-    Streaming keeps memory bounded: the source tensors may be memory-mapped from a multi-GB file.
-    """
-    import torch
-
-    names = {v: k for k, v in _ST_DTYPES.items()}
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": names[str(t.dtype).removeprefix("torch.")],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned (mmap views need it)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _require_space(dest.parent, offset + len(blob) + 8, f"converting to {dest.name}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for t in tensors.values():
-                flat = t.detach().contiguous().reshape(-1)
-                if flat.numel():
-                    f.write(memoryview(flat.view(torch.uint8).numpy()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise _disk_full(exc, dest.parent) from None
-        raise WeightsError(f"cannot write {dest}: {exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    with path.open("rb") as f:
-        head = f.read(9)
-    # safetensors: 8-byte little-endian header length, then JSON starting with '{'
-    if path.suffix == ".safetensors" or head[8:9] == b"{":
-        return _read_safetensors(path)
-    return _read_original(path), {}
-
-
-# --------------------------------------------------------------------------------------------
-# Architecture checks
-
-
-@functools.cache
-def _expected_shapes(arch: str | Arch) -> dict[str, tuple[int, ...]]:
-    net = build_network(arch, device="meta")
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
-
-
-def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in tensors.items()}
-
-
-def identify_size(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """The STU-Net size whose state dict has exactly these keys and shapes, or None."""
-    for size in SIZES:
-        if dict(shapes) == _expected_shapes(size):
-            return size
-    return None
-
-
-def describe(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """What a state dict looks like, for error messages."""
-    size = identify_size(shapes)
-    if size is not None:
-        return f"STU-Net {size}"
-    scores = {}
-    for name in SIZES:
-        ref = _expected_shapes(name)
-        scores[name] = sum(1 for k, s in shapes.items() if ref.get(k) == s) / max(len(ref), len(shapes))
-    closest = max(scores, key=scores.__getitem__)
-    head = shapes.get(f"seg_outputs.{len(SIZES[closest].strides) - 1}.weight")
-    classes = f", {head[0]} output classes" if head else ""
-    return (
-        f"no STU-Net size ({len(shapes)} tensors{classes}; closest is {closest} with "
-        f"{scores[closest]:.0%} of keys and shapes matching)"
-    )
-
-
-def _check_architecture(path: Path, shapes: Mapping[str, tuple[int, ...]], size: str | None) -> str:
-    """Return the size the shapes belong to; raise if none, or if it is not ``size``."""
-    found = identify_size(shapes)
-    if found is None:
-        raise WeightsError(f"{path} is not a checkpoint stuseg can use: it looks like {describe(shapes)}")
-    if size is not None and found != size:
-        raise WeightsError(
-            f"{path} is a checkpoint of STU-Net {found}, not {size}; use --size {found} (or leave --size out)"
-        )
-    return found
-
-
-# --------------------------------------------------------------------------------------------
-# Conversion into the cache
+# Metadata keys stuseg writes into every cached file.
+_META_KEYS = ("format", "stuseg_size", "source", "source_sha256", "verified_by")
 
 
 @dataclass(frozen=True)
-class Installed:
-    """Result of ``download_weights`` / ``import_weights``: verified weights in the cache."""
+class _Cached:
+    """What the cache holds for one size: nothing, sound weights, or a damaged file."""
 
-    size: str
-    path: Path  # the converted safetensors file
-    source: str  # where the original came from
-    sha256: str  # of the original file
-    verified_by: str
-    fetched: bool  # False when the cache already held verified weights and nothing was done
-    note: str = ""
+    metadata: dict[str, str] | None  # as recorded in the header, when it could be read (even if damaged)
+    damage: str | None  # why the file cannot be used; None when absent or sound
+
+    @property
+    def sound(self) -> bool:
+        return self.metadata is not None and self.damage is None
+
+
+def _cached(size: str) -> _Cached:
+    """Check the cached file of ``size`` against its own header: exact byte size, stuseg's metadata."""
+    path = cached_path(size)
+    if not path.exists():
+        return _Cached(None, None)
+    if not path.is_file():
+        return _Cached(None, f"{path} is not a file")
+    try:
+        meta = validate_safetensors(path)
+    except DamagedFile as exc:
+        return _Cached(exc.metadata, exc.detail)
+    except WeightsError as exc:  # unreadable (permissions, I/O error)
+        return _Cached(None, str(exc))
+    if any(k not in meta for k in _META_KEYS) or meta["stuseg_size"] != size:
+        return _Cached(None, f"{path.name} was not written by stuseg for {size}")
+    return _Cached(meta, None)
+
+
+def _is_published(cached: _Cached, entry: WeightsEntry) -> bool:
+    """Were the cached weights converted from the published file of this entry?"""
+    meta = cached.metadata
+    if not cached.sound or meta is None or meta["verified_by"] not in (BY_MANIFEST, BY_HUB):
+        return False
+    return entry.sha256 is None or meta["source_sha256"] == entry.sha256
 
 
 def _install(
@@ -553,29 +229,21 @@ def _install(
         "verified_by": verified_by,
     }
     progress("convert", 0, 1)
-    _write_safetensors(tensors, dest, metadata)
+    write_safetensors(tensors, dest, metadata)
     progress("convert", 1, 1)
     return dest
 
 
-def _cached_metadata(size: str) -> dict[str, str] | None:
-    """Metadata of the cached weights of ``size`` if the file is there and readable."""
-    path = cached_path(size)
-    if not path.is_file():
-        return None
-    try:
-        header, _ = _read_safetensors_header(path)
-    except (WeightsError, OSError, KeyError, TypeError, ValueError):
-        return None
-    meta = header.get("__metadata__") or {}
-    return meta if meta.get("stuseg_size") == size else None
+@dataclass(frozen=True)
+class Installed:
+    """Result of ``download_weights`` / ``import_weights``: verified weights in the cache."""
 
-
-def _is_published(meta: dict[str, str] | None, entry: WeightsEntry) -> bool:
-    """Do the cached weights come from the published file of this entry?"""
-    if meta is None or meta.get("verified_by") not in (BY_MANIFEST, BY_HUB):
-        return False
-    return entry.sha256 is None or meta.get("source_sha256") == entry.sha256
+    size: str
+    path: Path  # the converted safetensors file
+    sha256: str  # of the original file
+    verified_by: str
+    fetched: bool  # False when the cache already held verified weights and nothing was done
+    note: str = ""
 
 
 def import_weights(
@@ -591,16 +259,29 @@ def import_weights(
     exactly those of an STU-Net size (inferred; ``size`` must agree if given). If the manifest knows
     the published sha256 for that size, a match is recorded as such; a different hash is accepted on
     the architecture check alone and said so in ``note``.
+
+    Args:
+        file: the checkpoint.
+        size: the size it must be, or None to infer it.
+        manifest: another manifest than the shipped one.
+        progress: ``progress(phase, done, total)`` for hashing and converting.
+
+    Returns:
+        Where the weights now are, and how they were verified.
+
+    Raises:
+        WeightsError: the file is missing, a folder, not a checkpoint, damaged, of another size or
+            architecture; the cache cannot be written (STUSEG_HOME a file, read-only, disk full).
+            The cache is left as it was.
     """
     progress = progress or _no_progress
     file = Path(file)
-    want = _canonical(size) if size is not None else None
-    if not file.is_file():
-        raise WeightsError(f"weights file {file} does not exist")
-    sha = sha256_file(file, progress, "verify")
-    tensors, _ = _read_any(file)
-    found = _check_architecture(file, _shapes(tensors), want)
+    want = canonical_size(size) if size is not None else None
+    tensors, _ = read_checkpoint(file)
+    found = check_architecture(file, shapes_of(tensors), want)
     entry = load_manifest(manifest).entry(found)
+    _writable_cache()
+    sha = sha256_file(file, progress, "verify")
     note = ""
     if entry.sha256 == sha:
         verified_by = BY_MANIFEST
@@ -612,7 +293,7 @@ def import_weights(
                 "it was accepted because its keys and shapes match"
             )
     dest = _install(tensors, found, str(file.resolve()), sha, verified_by, progress)
-    return Installed(found, dest, str(file), sha, verified_by, fetched=True, note=note)
+    return Installed(found, dest, sha, verified_by, fetched=True, note=note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,7 +343,7 @@ def _hub_error(exc: BaseException, entry: WeightsEntry, endpoint: str) -> Weight
             f"{entry.filename} was not found in {entry.repo} at {entry.revision} on {endpoint}"
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return _disk_full(exc, Path(os.environ.get("HF_HOME", "~/.cache/huggingface")))
+        return disk_full(exc, Path(os.environ.get("HF_HOME", "~/.cache/huggingface")))
     if isinstance(exc, hf.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
         return WeightsError(f"the hub at {endpoint} refused {what} (HTTP {status})")
@@ -696,23 +377,37 @@ def download_weights(
 ) -> Installed:
     """Make sure verified weights of ``size`` are in the cache: download, verify, convert.
 
-    Nothing touches the network when the cache already holds weights converted from the published
-    file (unless ``force``). ``endpoint``/``hf_cache_dir`` default to huggingface_hub's settings
-    (HF_ENDPOINT, HF_HOME), read by huggingface_hub when it is first imported.
+    Nothing touches the network when the cache already holds sound weights converted from the
+    published file (unless ``force``); a damaged cached file is replaced. A size pinned to a commit
+    is checked against the manifest's byte size and sha256; a weaker "branch" pin against the
+    sha256 the hub reports (its LFS ETag), or offline the sha256 huggingface_hub named the blob by.
+
+    Args:
+        size: small, base, large or huge (or S/B/L/H).
+        manifest: another manifest than the shipped one.
+        force: download and convert again even when the cache is sound.
+        endpoint: the hub URL; default huggingface_hub's (HF_ENDPOINT, read when it is imported).
+        hf_cache_dir: huggingface_hub's cache folder; default its own (HF_HOME).
+        progress: ``progress(phase, done, total)`` for download, verify and convert.
+
+    Returns:
+        Where the weights are, how they were verified, and whether anything was fetched.
+
+    Raises:
+        WeightsError: unknown size; the cache cannot be written; the hub unreachable, offline
+            without a copy, refusing, or serving other bytes than pinned (size or sha256, the bad
+            download is deleted); not enough disk space.
     """
     progress = progress or _no_progress
     entry = load_manifest(manifest).entry(size)
-    meta = _cached_metadata(entry.size)
-    if not force and _is_published(meta, entry):
-        assert meta is not None
+    cached = _cached(entry.size)
+    if not force and _is_published(cached, entry):
+        assert cached.metadata is not None
+        meta = cached.metadata
         return Installed(
-            entry.size,
-            cached_path(entry.size),
-            meta["source"],
-            meta["source_sha256"],
-            meta["verified_by"],
-            False,
+            entry.size, cached_path(entry.size), meta["source_sha256"], meta["verified_by"], False
         )
+    _writable_cache()
 
     import huggingface_hub
     from huggingface_hub import constants
@@ -738,13 +433,13 @@ def download_weights(
             raise _hub_error(exc, entry, endpoint) from None
         hub_sha = (info.etag or "").strip('"').lower()
         if expected_sha is None:
-            if not _HEX64.fullmatch(hub_sha):
+            if not HEX64.fullmatch(hub_sha):
                 raise WeightsError(
                     f"the hub did not report a sha256 for {entry.filename} (ETag {info.etag!r}), "
                     "so the download cannot be verified"
                 )
             expected_sha = hub_sha
-        elif _HEX64.fullmatch(hub_sha) and hub_sha != expected_sha:
+        elif HEX64.fullmatch(hub_sha) and hub_sha != expected_sha:
             raise WeightsError(
                 f"the hub serves a different {entry.filename} (sha256 {hub_sha}) than the pinned one "
                 f"({expected_sha}); refusing to download it"
@@ -752,8 +447,8 @@ def download_weights(
         expected_size = expected_size or info.size
         if expected_size:
             hf_dir = Path(kwargs["cache_dir"] or constants.HF_HUB_CACHE)
-            _require_space(hf_dir, expected_size, f"downloading {entry.filename}")
-        _require_space(stuseg_home(), entry.converted_bytes, f"converting {entry.filename}")
+            require_space(hf_dir, expected_size, f"downloading {entry.filename}")
+        require_space(stuseg_home(), entry.converted_bytes, f"converting {entry.filename}")
 
     try:
         local = Path(
@@ -765,7 +460,7 @@ def download_weights(
     if expected_sha is None:
         # Offline with a weak pin: huggingface_hub names LFS blobs by their sha256 (the ETag).
         blob_name = Path(os.path.realpath(local)).name
-        if not _HEX64.fullmatch(blob_name):
+        if not HEX64.fullmatch(blob_name):
             raise WeightsError(
                 f"cannot verify the cached {entry.filename}: its hub sha256 is unknown offline"
             )
@@ -784,12 +479,12 @@ def download_weights(
             f"downloaded {entry.filename} has sha256 {sha}, expected {expected_sha}; "
             "the file was deleted, run the download again"
         )
-    tensors, _ = _read_any(local)
-    _check_architecture(local, _shapes(tensors), entry.size)
+    tensors, _ = read_checkpoint(local)
+    check_architecture(local, shapes_of(tensors), entry.size)
     verified_by = BY_MANIFEST if entry.sha256 else BY_HUB
     source = f"{endpoint}/{entry.repo}/{entry.revision}/{entry.filename}"
     dest = _install(tensors, entry.size, source, sha, verified_by, progress)
-    return Installed(entry.size, dest, source, sha, verified_by, fetched=True)
+    return Installed(entry.size, dest, sha, verified_by, fetched=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,11 +493,44 @@ def download_weights(
 
 @dataclass(frozen=True)
 class LoadedWeights:
+    """A verified STU-Net state dict and where it came from."""
+
     size: str
     state_dict: dict[str, torch.Tensor]
-    source: str  # the file the tensors come from, and how it was verified
-    verified_by: str
-    path: Path
+    verified_by: str  # one of BY_MANIFEST, BY_HUB, BY_ARCH (+ ", as recorded in the file")
+    path: Path  # the file the tensors are mapped from
+
+
+def _sizes_cached_besides(size: str) -> str:
+    """A hint naming the sizes whose weights are cached (for a failed download of ``size``)."""
+    others = [s for s in SIZE_NAMES if s != size and _cached(s).sound]
+    if not others:
+        return ""
+    return f"; weights for {', '.join(others)} are in the cache: use --size {others[0]}"
+
+
+def _repair(size: str, cached: _Cached, download: bool, manifest: Path | None) -> None:
+    """Replace the damaged cached file of ``size`` by a new download, or say how to."""
+    damaged = f"the cached weights for {size} are damaged ({cached.damage})"
+    # A cut-off file keeps its header, so its record of where it came from can usually be read.
+    # Weights imported from a file of the user's are never silently swapped for the published ones.
+    meta = cached.metadata or {}
+    if meta.get("verified_by") == BY_ARCH and meta.get("source"):
+        raise WeightsError(
+            f"{damaged}; they were imported from {meta['source']}: run "
+            f"`stuseg import-weights {meta['source']}` again"
+        )
+    how = f"run `stuseg download --size {size} --force` or `stuseg import-weights FILE`"
+    if not download or meta.get("verified_by") not in (BY_MANIFEST, BY_HUB):
+        # Not known to be the published weights (or no download wanted): the user decides.
+        raise WeightsError(f"{damaged}; {how}")
+    try:
+        download_weights(size, manifest=manifest, force=True)
+    except WeightsError as exc:
+        raise WeightsError(f"{damaged}, and downloading them again failed: {exc}") from None
+    from stuseg.io import StusegWarning
+
+    warnings.warn(f"{damaged}; they were downloaded and verified again", StusegWarning, stacklevel=3)
 
 
 def load_weights(
@@ -817,38 +545,61 @@ def load_weights(
     With ``path``: an original ``.model`` checkpoint or a safetensors file, checked by the
     manifest's sha256 where it matches, otherwise by keys and shapes; the size is inferred and
     must agree with ``size`` if given. Without ``path``: the cached weights of ``size``, downloaded
-    and converted first if needed and ``download`` is true. Safetensors tensors are memory-mapped.
+    and converted first if needed and ``download`` is true; damaged cached weights of a published
+    file are downloaded again (with a ``StusegWarning`` saying so). Safetensors tensors are
+    memory-mapped.
+
+    Args:
+        size: small, base, large or huge (or S/B/L/H); required without ``path``.
+        path: a checkpoint file to use instead of the cache.
+        download: allow a download when the cache has no (sound) weights of ``size``.
+        manifest: another manifest than the shipped one.
+
+    Returns:
+        The size, the state dict, how it was verified and the file it was read from.
+
+    Raises:
+        WeightsError: no size and no path; the file is missing, a folder, not a checkpoint,
+            damaged or of another size; the cache holds no weights of ``size`` and they cannot be
+            downloaded (the message names the sizes that are cached); damaged cached weights that
+            cannot be repaired here (the message says how).
     """
-    want = _canonical(size) if size is not None else None
+    want = canonical_size(size) if size is not None else None
     if path is not None:
         path = Path(path)
-        tensors, meta = _read_any(path)
-        found = _check_architecture(path, _shapes(tensors), want)
+        tensors, meta = read_checkpoint(path)
+        found = check_architecture(path, shapes_of(tensors), want)
         if meta.get("verified_by"):
             verified_by = f"{meta['verified_by']}, as recorded in the file"
         else:
             entry = load_manifest(manifest).entry(found)
             known = entry.sha256 is not None and path.stat().st_size == entry.size_bytes
             verified_by = BY_MANIFEST if known and sha256_file(path) == entry.sha256 else BY_ARCH
-        return LoadedWeights(found, tensors, f"{path} ({verified_by})", verified_by, path)
+        return LoadedWeights(found, tensors, verified_by, path)
 
     if want is None:
         raise WeightsError("give a model size (small, base, large, huge) or a weights file")
     cache = cached_path(want)
-    meta = _cached_metadata(want)
-    if meta is None:
+    cached = _cached(want)
+    if cached.damage is not None:
+        _repair(want, cached, download, manifest)
+    elif cached.metadata is None:
         if not download:
             raise WeightsError(
                 f"weights for {want} are not in the cache ({cache}); run `stuseg download --size {want}` "
-                "or `stuseg import-weights FILE`"
+                f"or `stuseg import-weights FILE`{_sizes_cached_besides(want)}"
             )
-        download_weights(want, manifest=manifest)
-        meta = _cached_metadata(want)
-        if meta is None:
-            raise WeightsError(f"weights for {want} were downloaded but {cache} cannot be read")
-    tensors, _ = _read_safetensors(cache)
-    _check_architecture(cache, _shapes(tensors), want)
-    return LoadedWeights(want, tensors, f"{cache} ({meta['verified_by']})", meta["verified_by"], cache)
+        try:
+            download_weights(want, manifest=manifest)
+        except WeightsError as exc:
+            raise WeightsError(f"{exc}{_sizes_cached_besides(want)}") from None
+    cached = _cached(want)
+    if not cached.sound:
+        raise WeightsError(f"weights for {want} were installed but {cache} cannot be read ({cached.damage})")
+    assert cached.metadata is not None
+    tensors, _ = read_checkpoint(cache)
+    check_architecture(cache, shapes_of(tensors), want)
+    return LoadedWeights(want, tensors, cached.metadata["verified_by"], cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -857,6 +608,8 @@ def load_weights(
 
 @dataclass(frozen=True)
 class WeightsStatus:
+    """One row of ``stuseg weights``."""
+
     size: str
     parameters: int
     filename: str
@@ -864,15 +617,28 @@ class WeightsStatus:
     approx_file_bytes: int
     pin: str
     path: Path
-    present: bool
+    present: bool  # sound, verified weights are cached
     verified_by: str | None
+    damaged: str | None  # why the cached file cannot be used, if there is one that cannot
 
 
 def weights_status(manifest: Path | None = None) -> list[WeightsStatus]:
-    """One row per manifest entry: what it is and whether verified weights are cached."""
+    """One row per manifest entry: what it is and whether sound, verified weights are cached.
+
+    Reads only headers (no torch, no hashing of the cached files).
+
+    Args:
+        manifest: another manifest than the shipped one.
+
+    Returns:
+        The rows, in manifest order.
+
+    Raises:
+        WeightsError: the manifest cannot be read.
+    """
     rows = []
     for size, entry in load_manifest(manifest).entries.items():
-        meta = _cached_metadata(size)
+        cached = _cached(size)
         rows.append(
             WeightsStatus(
                 size=size,
@@ -882,8 +648,9 @@ def weights_status(manifest: Path | None = None) -> list[WeightsStatus]:
                 approx_file_bytes=entry.approx_size_bytes,
                 pin=entry.pin,
                 path=cached_path(size),
-                present=meta is not None,
-                verified_by=meta.get("verified_by") if meta else None,
+                present=cached.sound,
+                verified_by=cached.metadata["verified_by"] if cached.sound and cached.metadata else None,
+                damaged=cached.damage,
             )
         )
     return rows

@@ -19,7 +19,7 @@ import torch
 from fabricate import random_state_dict, small_checkpoint
 from hub import FakeHub, Mode
 
-from stuseg import weights
+from stuseg import checkpoints, weights
 from stuseg.errors import WeightsError
 from stuseg.network import build_network
 
@@ -177,7 +177,7 @@ def test_weak_pin_checked_against_hub_sha(hub: FakeHub, tmp_path: Path, small_ck
 
 def test_not_enough_disk_space(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = serve(hub, tmp_path, b"z" * 100_000)
-    monkeypatch.setattr(weights, "_free_bytes", lambda folder: 10)
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda folder: 10)
     with pytest.raises(WeightsError, match="disk full"):
         weights.download_weights("small", manifest=manifest, endpoint=hub.url, hf_cache_dir=tmp_path / "hf")
     assert "GET" not in [m for m, _ in hub.requests]
