@@ -13,6 +13,7 @@ import functools
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,20 +80,25 @@ def user_errors(fn: F) -> F:
     ``StusegError`` -> its message, status 1. Ctrl-C -> 130, SIGTERM -> 143 (128 + signal). A
     truncated file that a third-party reader did not catch (``EOFError``, which click would turn
     into a bare "Aborted!") and running out of memory get one line too. The command's name and
-    arguments are recorded for the ``.stuseg-run.json`` marker of any folder it writes.
+    arguments are recorded for the ``.stuseg-run.json`` marker of any folder it writes. Library
+    warnings (``StusegWarning``) the command did not render itself are printed as
+    ``stuseg: warning: ...`` lines after it succeeds (not with ``--quiet``); third-party warnings
+    are not shown, and after an error only the error line is printed.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import click
-
         from stuseg import outputs
 
-        ctx = click.get_current_context(silent=True)
-        command = ctx.info_name if ctx is not None and ctx.info_name else fn.__name__
+        command = fn.__name__.removesuffix("_cmd").replace("_", "-")  # export_labels_cmd -> export-labels
         try:
-            with _sigterm_raises(), outputs.recording(command, kwargs):
-                return fn(*args, **kwargs)
+            with (
+                _sigterm_raises(),
+                outputs.recording(command, kwargs),
+                warnings.catch_warnings(record=True) as caught,
+            ):
+                warnings.simplefilter("always")
+                result = fn(*args, **kwargs)
         except StusegError as exc:
             raise fail(str(exc)) from None
         except Terminated:
@@ -106,6 +112,13 @@ def user_errors(fn: F) -> F:
             raise fail(
                 "ran out of memory; close other programs, or for predict use --fast or a smaller --size"
             ) from None
+        if caught and not kwargs.get("quiet"):  # warnings a command did not render itself, once each
+            from stuseg.io import StusegWarning
+
+            mine = [str(w.message) for w in caught if issubclass(w.category, StusegWarning)]
+            for message in dict.fromkeys(mine):
+                say(f"stuseg: warning: {message}")
+        return result
 
     return wrapper  # type: ignore[return-value]
 
