@@ -63,7 +63,7 @@ def make_weights(path: Path, size: str) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """One measured run, in this (fresh) process."""
-    from stuseg import pipeline
+    from stuseg import labelmaps, pipeline
 
     mode = args.mode[0]
     start = time.perf_counter()
@@ -76,7 +76,7 @@ def child(args: argparse.Namespace) -> None:
         weights=args.weights,
     )
     t0 = time.perf_counter()
-    pipeline.write_masks(seg, args.output)
+    labelmaps.save_masks(args.output, seg.labels, seg.image.header, seg.names)
     seg.timings["write"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
