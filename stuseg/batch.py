@@ -37,6 +37,10 @@ Status = Literal["ok", "failed", "skipped"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LIST_SUFFIXES = (".txt", ".csv")
+WHAT_IS_FOUND = (
+    "a batch segments NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) and MetaImage (.mha, .mhd) files "
+    "and the CT series of DICOM folders"
+)
 # A case id longer than this is cut and given a hash of the whole (file systems allow 255 bytes;
 # the multilabel outputs add up to 12 characters, e.g. ".itksnap.txt").
 _MAX_ID = 100
@@ -1178,3 +1182,120 @@ def uuid4_hex() -> str:
     import uuid
 
     return uuid.uuid4().hex
+
+
+def check_batch_output(output: Path, inputs: Sequence[Path], *, overwrite: bool = False) -> None:
+    """Refuse a batch folder that cannot be written safely, before any work.
+
+    Refused: what ``stuseg.outputs.check_output`` refuses for a folder (an output equal to,
+    inside or containing an input, the current or home folder, a file, a missing or read-only
+    parent); and, unless ``overwrite``, an existing folder that holds files but no run log of an
+    earlier batch (a folder of the user's own files). Each case's own output is checked again
+    when it is written.
+
+    Args:
+        output: the batch folder.
+        inputs: every input of the batch (the cases' inputs, the weights file).
+        overwrite: allow writing into a folder of other files.
+
+    Raises:
+        OutputError: one line saying what to do instead.
+    """
+    from stuseg.outputs import check_output
+
+    check_output(output, inputs=inputs, kind="folder", overwrite=True)
+    output = Path(output)
+    if overwrite or not output.is_dir() or (output / LOG_NAME).exists():
+        return
+    others = sorted(e.name for e in output.iterdir() if not e.name.startswith(".stuseg-"))
+    if others:
+        raise OutputError(
+            f"the folder {output} holds files ({others[0]}{' ...' if len(others) > 1 else ''}) but is not "
+            f"the folder of an earlier batch (no {LOG_NAME}); give a new or empty folder, or add --overwrite"
+        )
+
+
+def run_local(
+    cases: Sequence[Case],
+    output: Path,
+    *,
+    size: str | None = None,
+    weights: Path | None = None,
+    device: str = "auto",
+    fast: bool = False,
+    tta: bool = False,
+    step_size: float = 0.5,
+    roi_subset: Sequence[str] | None = None,
+    multilabel: bool = False,
+    overwrite: bool = False,
+    ignored: Sequence[Ignored] = (),
+    progress: Callable[[Case, int, int], None] | None = None,
+) -> Iterator[CaseResult]:
+    """Load the model once (now), then return ``run``'s iterator over the cases' results.
+
+    The weights are identified by the sha256 of their file (see ``weights_sha256``), so a later
+    run with the same weights, from the cache or from the same file, resumes this one.
+
+    Raises:
+        WeightsError, InputError, LabelError: the model or an option cannot be used; raised here,
+            before any case is started.
+    """
+    from stuseg.pipeline import Segmenter
+
+    segmenter = Segmenter(
+        size, weights=weights, device=device, fast=fast, tta=tta, step_size=step_size, roi_subset=roi_subset
+    )
+    sha = weights_sha256(segmenter.size, weights)
+    return run(
+        cases,
+        segmenter,
+        output,
+        multilabel=multilabel,
+        overwrite=overwrite,
+        weights_sha256=sha,
+        weights=weights,
+        ignored=ignored,
+        progress=progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Interruptions
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a batch; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Turn the first SIGINT or SIGTERM into ``Interrupted`` in the main thread; exit at the second.
+
+    The first signal unwinds the batch cleanly (the case in flight is dropped and its staged
+    output deleted); a second one, while that happens, ends the process at once with status
+    128 + signal number (staged leftovers are then removed by the next run). For programs that
+    exist to run a batch (the command line): it replaces the handlers while the block runs.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if seen:
+            os._exit(128 + signum)
+        seen.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
