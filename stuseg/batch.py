@@ -119,15 +119,16 @@ def _resolved(path: Path) -> Path:
 def safe_id(text: str) -> str:
     """``text`` as a portable file name: ASCII letters, digits, ``.``, ``_`` and ``-`` only.
 
-    Accents are dropped (``Müller`` -> ``Muller``), every other run of characters becomes ``_``,
-    leading dots and dashes are removed (no hidden files, no option look-alikes), names Windows
+    Accents are dropped (``Müller`` -> ``Muller``), every other run of characters (and ``..``)
+    becomes ``_``, dots, dashes and underscores are stripped from both ends (no hidden files, no
+    option look-alikes), names Windows
     reserves get a trailing ``_``, and names longer than 100 characters are cut and given 8 hex
     digits of the whole name's sha256 so they stay unique. Returns ``case`` for an empty result.
     """
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_text).lstrip(".-").rstrip(".")
-    name = re.sub(r"_{2,}", "_", name)
-    if not name.strip("_"):
+    name = re.sub(r"[^A-Za-z0-9._-]+|\.{2,}", "_", ascii_text)
+    name = re.sub(r"_{2,}", "_", name).strip("._-")
+    if not name:
         name = "case"
     if len(name) > _MAX_ID:
         name = f"{name[: _MAX_ID - 9]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"

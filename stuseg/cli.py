@@ -495,7 +495,7 @@ def batch_cmd(
         if not found.cases:
             shown = ", ".join(map(str, sources))
             raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
-        inputs = [c.input for c in found.cases] + ([weights_file] if weights_file else [])
+        inputs = [*sources, *(c.input for c in found.cases), *([weights_file] if weights_file else [])]
         batch.check_batch_output(output, inputs, overwrite=overwrite)
         options = {
             "size": size,
