@@ -405,6 +405,7 @@ def _summary(seg: Any, output: Path, multilabel: bool) -> str:
 
 
 @app.command("batch")
+@user_errors
 def batch_cmd(
     sources: Annotated[
         list[Path],

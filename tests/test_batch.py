@@ -174,7 +174,7 @@ def test_folders_are_searched_recursively_and_ids_follow_the_paths(tmp_path: Pat
 
 
 def test_several_dicom_series_in_one_folder_are_one_case_each(tmp_path: Path) -> None:
-    """Slices of the real DICOM series, copied as two series (new UIDs, SeriesNumber 4 and 7) into one folder."""
+    """Slices of the real DICOM series copied as two series (new UIDs, SeriesNumber 4 and 7), one folder."""
     folder = tmp_path / "cohort" / "patient1" / "ct"
     folder.mkdir(parents=True)
     original = tmp_path / "original"
@@ -236,7 +236,8 @@ def test_list_files_txt_and_csv(tmp_path: Path) -> None:
         ("p7_s5", series.resolve(), uid),
     ]
     (lists / "named.csv").write_text(
-        f"Case,Path,site\nsubject-01,../scans/a.nii.gz,x\n,{b},y\nsubject 3,../dicom/p7,z\nmissing,nope.nii.gz,\n"
+        "Case,Path,site\nsubject-01,../scans/a.nii.gz,x\n"
+        f",{b},y\nsubject 3,../dicom/p7,z\nmissing,nope.nii.gz,\n"
     )
     found = batch.discover([lists / "named.csv"])
     assert [(c.id, c.input.name) for c in found.cases] == [
@@ -337,7 +338,9 @@ def test_a_folder_of_other_files_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    _usage_error([str(ct), "-o", str(out)], "holds files (mine.txt) but is not the folder of an earlier batch")
+    _usage_error(
+        [str(ct), "-o", str(out)], "holds files (mine.txt) but is not the folder of an earlier batch"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
 
 
@@ -370,3 +373,331 @@ def test_ray_without_the_extra_names_it(tmp_path: Path) -> None:
         'stuseg: error: --ray needs Ray, an optional extra of stuseg: pip install "stuseg[ray]"'
     ]
     assert not out.exists()
+
+
+# --- the runner, in process, with a network that is cheap to run ------------------------------
+
+
+class Threshold:
+    """A stand-in network whose labels depend on the input: liver where the z-scored CT is > 0.5.
+
+    Cheap enough to run many cases in a test, and different for every scan, so a batch that mixed
+    up its cases could not match the one-case results.
+    """
+
+    @staticmethod
+    def build():
+        import torch
+
+        class Net(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                logits = torch.zeros((x.shape[0], 105, *x.shape[2:]))
+                logits[:, 0] = 0.5
+                logits[:, 40] = x[:, 0]  # 40 = liver
+                logits[:, 3] = -x[:, 0] - 0.5  # 3 = aorta, where the image is dark
+                return logits
+
+        return Net()
+
+
+@pytest.fixture
+def segmenter():
+    from stuseg.pipeline import Segmenter
+
+    return Segmenter(model=Threshold.build(), device="cpu", step_size=1.0, fast=True)
+
+
+def _cohort(folder: Path, n: int, corrupt_at: int | None = None) -> list[Path]:
+    paths = []
+    for i in range(n):
+        path = folder / f"case{i}.nii.gz"
+        if i == corrupt_at:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"\x1f\x8b\x08\x00 this is not a whole gzip stream")
+        else:
+            write_ct(path, shape=(30 + 2 * i, 28, 26), seed=i)
+        paths.append(path)
+    return paths
+
+
+def _no_leftovers(folder: Path) -> None:
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".stuseg-")] == []
+
+
+def _masks(folder: Path) -> dict[str, tuple[bytes, np.ndarray]]:
+    """Each mask's header bytes and decoded voxels."""
+    out = {}
+    for path in sorted(folder.glob("*.nii.gz")):
+        img = nib.load(path)
+        out[path.name] = (img.header.binaryblock, np.asarray(img.dataobj))
+    return out
+
+
+def _same_masks(a: Path, b: Path) -> None:
+    left, right = _masks(a), _masks(b)
+    assert sorted(left) == sorted(right) and len(left) > 0
+    for name in left:
+        assert left[name][0] == right[name][0], name
+        np.testing.assert_array_equal(left[name][1], right[name][1], err_msg=name)
+
+
+def test_api_batch_equals_one_case_at_a_time_and_isolates_a_corrupt_case(tmp_path: Path, segmenter) -> None:
+    from stuseg import pipeline
+
+    inputs = _cohort(tmp_path / "in", 4, corrupt_at=1)
+    found = batch.discover([tmp_path / "in"])
+    out = tmp_path / "out"
+    results = list(batch.run(found.cases, segmenter, out))
+    assert [(r.case.id, r.status) for r in results] == [
+        ("case0", "ok"),
+        ("case1", "failed"),
+        ("case2", "ok"),
+        ("case3", "ok"),
+    ]
+    assert results[1].error.startswith(f"cannot read {inputs[1]}: it is damaged, truncated or not a NIfTI")
+    assert not (out / "case1").exists()
+    _no_leftovers(out)
+    for i in (0, 2, 3):
+        alone = tmp_path / f"alone{i}"
+        pipeline.write_masks(segmenter(inputs[i]), alone)
+        _same_masks(out / f"case{i}", alone)
+    records = batch.read_log(out / batch.LOG_NAME)
+    assert [(r["case"], r["status"]) for r in records] == [(r.case.id, r.status) for r in results]
+    ok = records[0]
+    assert ok["input"] == str(inputs[0].resolve()) and ok["series"] is None
+    assert ok["outputs"] == ["case0"] and ok["error"] is None
+    assert ok["shape"] == [30, 28, 26] and ok["spacing"] == [1.5, 1.5, 1.5]
+    assert {"read", "preprocess", "network", "export", "write"} <= set(ok["seconds"])
+    assert ok["peak_rss_bytes"] > 0 and ok["size"] == "custom" and len(ok["weights_sha256"]) == 64
+    assert ok["options"]["fast"] is True and ok["options"]["step_size"] == 1.0
+    assert ok["stuseg_version"] == __import__("stuseg").__version__
+    assert records[1]["error"] == results[1].error and records[1]["outputs"] == []
+
+
+def test_resume_skips_done_cases_and_redoes_them_when_options_change(tmp_path: Path, segmenter) -> None:
+    from stuseg.pipeline import Segmenter
+
+    _cohort(tmp_path / "in", 3)
+    cases = batch.discover([tmp_path / "in"]).cases
+    out = tmp_path / "out"
+    assert {r.status for r in batch.run(cases, segmenter, out)} == {"ok"}
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")}
+    again = list(batch.run(cases, segmenter, out))
+    assert [r.status for r in again] == ["skipped"] * 3
+    assert again[0].record["reason"] == "done before with the same weights and options"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")} == stamp  # untouched
+
+    # A case whose output was deleted is done again; the others stay skipped.
+    shutil.rmtree(out / "case2")
+    assert [r.status for r in batch.run(cases, segmenter, out)] == ["skipped", "skipped", "ok"]
+
+    # Other options (here: a subset of structures) redo every case, replacing each folder whole.
+    subset = Segmenter(model=Threshold.build(), device="cpu", step_size=1.0, fast=True, roi_subset=["liver"])
+    assert [r.status for r in batch.run(cases, subset, out)] == ["ok"] * 3
+    assert sorted(p.name for p in (out / "case0").iterdir()) == [".stuseg-run.json", "liver.nii.gz"]
+    assert [r.status for r in batch.run(cases, subset, out)] == ["skipped"] * 3
+    assert [r.status for r in batch.run(cases, subset, out, overwrite=True)] == ["ok"] * 3
+    statuses = [r["status"] for r in batch.read_log(out / batch.LOG_NAME)]
+    assert (
+        statuses
+        == ["ok"] * 3
+        + ["skipped"] * 3
+        + ["skipped", "skipped", "ok"]
+        + ["ok"] * 3
+        + ["skipped"] * 3
+        + ["ok"] * 3
+    )
+
+
+def test_multilabel_batch_and_its_resume(tmp_path: Path, segmenter) -> None:
+    from stuseg.labelmaps import save_multilabel
+
+    inputs = _cohort(tmp_path / "in", 2)
+    cases = batch.discover([tmp_path / "in"]).cases
+    out = tmp_path / "out"
+    assert [r.status for r in batch.run(cases, segmenter, out, multilabel=True)] == ["ok", "ok"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "case0.ctbl",
+        "case0.itksnap.txt",
+        "case0.json",
+        "case0.nii.gz",
+        "case1.ctbl",
+        "case1.itksnap.txt",
+        "case1.json",
+        "case1.nii.gz",
+        batch.LOG_NAME,
+    ]
+    seg = segmenter(inputs[1])
+    save_multilabel(seg.labels, seg.image.header, tmp_path / "alone.nii.gz", seg.names)
+    for suffix in (".nii.gz", ".json", ".itksnap.txt", ".ctbl"):
+        mine, alone = out / f"case1{suffix}", tmp_path / f"alone{suffix}"
+        if suffix == ".nii.gz":
+            a, b = nib.load(mine), nib.load(alone)
+            assert a.header.binaryblock == b.header.binaryblock
+            np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        else:
+            assert mine.read_bytes() == alone.read_bytes()
+    assert [r.status for r in batch.run(cases, segmenter, out, multilabel=True)] == ["skipped", "skipped"]
+    (out / "case0.json").unlink()  # incomplete: done again
+    assert [r.status for r in batch.run(cases, segmenter, out, multilabel=True)] == ["ok", "skipped"]
+
+
+def test_a_case_that_cannot_be_written_fails_alone_and_leaves_nothing(
+    tmp_path: Path, segmenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _cohort(tmp_path / "in", 3)
+    cases = batch.discover([tmp_path / "in"]).cases
+    real = batch._write_masks
+    calls: list[Path] = []
+
+    def disk_full_on_the_second_case(seg, folder: Path, threads: int) -> None:
+        calls.append(folder)
+        real(seg, folder, threads)  # the masks are written into the staged folder...
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")  # ...and the disk fills up before the end
+
+    monkeypatch.setattr(batch, "_write_masks", disk_full_on_the_second_case)
+    out = tmp_path / "out"
+    results = list(batch.run(cases, segmenter, out))
+    assert [(r.case.id, r.status) for r in results] == [("case0", "ok"), ("case1", "failed"), ("case2", "ok")]
+    assert (
+        results[1].error
+        == "cannot write " + str(out / "case1") + ": No space left on device; nothing was written"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["case0", "case2", batch.LOG_NAME]
+
+
+def test_stopping_the_iteration_keeps_finished_cases_and_no_partial_output(tmp_path: Path, segmenter) -> None:
+    _cohort(tmp_path / "in", 4)
+    cases = batch.discover([tmp_path / "in"]).cases
+    out = tmp_path / "out"
+    results = batch.run(cases, segmenter, out)
+    first = next(results)
+    results.close()  # as Ctrl-C in the loop does
+    assert first.status == "ok"
+    done = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert "case0" in done
+    _no_leftovers(out)
+    for name in done:  # whatever was finished is whole
+        assert len(list((out / name).glob("*.nii.gz"))) == 104
+    logged = [r["case"] for r in batch.read_log(out / batch.LOG_NAME)]
+    assert sorted(logged) == done
+    # The rest is done by the next run.
+    statuses = {r.case.id: r.status for r in batch.run(cases, segmenter, out)}
+    assert all(statuses[n] == "skipped" for n in done) and set(statuses.values()) <= {"ok", "skipped"}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [c.id for c in cases]
+
+
+def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    """The first Ctrl-C unwinds (here: a slow clean-up); a second one ends the process at once."""
+    script = (
+        "import sys, time\n"
+        "from stuseg.batch import Interrupted, signals_interrupt\n"
+        "with signals_interrupt():\n"
+        "    try:\n"
+        "        print('ready', flush=True); time.sleep(30)\n"
+        "    except Interrupted as exc:\n"
+        "        print('cleaning', exc.signum, flush=True); time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline() == f"cleaning {int(signal.SIGTERM)}\n"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 128 + signal.SIGINT
+    assert time.monotonic() - start < 5
+
+
+# --- the command, as a user runs it ------------------------------------------------------------
+
+
+def test_batch_command_matches_predict_and_goes_on_after_a_corrupt_case(
+    tmp_path: Path, small_model: Path
+) -> None:
+    src = tmp_path / "in"
+    write_ct(src / "a.nii.gz", shape=(40, 36, 32), seed=1)
+    (src / "b_corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    write_ct(src / "c.nii.gz", shape=(34, 40, 30), seed=2)
+    series = src / "d_series"
+    write_series(series, 6, offset=-1000, rows=30, cols=26)
+    out = tmp_path / "out"
+    common = ["--weights", str(small_model), "--step-size", "1.0", "--device", "cpu"]
+    done = run_cli("batch", src, "-o", out, *common)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith(
+        f"stuseg: error: b_corrupt: cannot read {src / 'b_corrupt.nii.gz'}: it is damaged"
+    )
+    assert lines[-2].startswith("batch: 3 ok, 1 failed, 0 skipped in ")
+    assert lines[-1] == f"stuseg: error: 1 of 4 cases failed, see {out / batch.LOG_NAME}"
+    assert sorted(p.name for p in out.iterdir()) == ["a", "c", "d_series_s6", batch.LOG_NAME]
+    records = batch.read_log(out / batch.LOG_NAME)
+    assert [(r["case"], r["status"]) for r in records] == [
+        ("a", "ok"),
+        ("b_corrupt", "failed"),
+        ("c", "ok"),
+        ("d_series_s6", "ok"),
+    ]
+    assert records[3]["shape"] == [26, 30, 12] and records[3]["size"] == "small"
+    assert records[0]["weights_sha256"] == hashlib.sha256(small_model.read_bytes()).hexdigest()
+    # Each case exactly as `stuseg predict` writes it.
+    for case, source in (("a", src / "a.nii.gz"), ("d_series_s6", series)):
+        alone = tmp_path / f"predict_{case}"
+        result = CliRunner().invoke(app, ["predict", str(source), str(alone), *common, "-q"])
+        assert result.exit_code == 0, result.output
+        _same_masks(out / case, alone)
+
+
+def _wait_for_log(path: Path, lines: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and len(batch.read_log(path)) >= lines:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {lines} log lines after {timeout} s")
+
+
+def _whole_cases_only(out: Path) -> list[str]:
+    _no_leftovers(out)
+    done = sorted(p.name for p in out.iterdir() if p.is_dir())
+    for name in done:
+        files = sorted(p.name for p in (out / name).iterdir())
+        assert len(files) == 105 and ".stuseg-run.json" in files, name  # 104 masks and the marker
+    return done
+
+
+def test_interrupted_by_sigint_then_sigterm_then_completed(tmp_path: Path, small_model: Path) -> None:
+    src = tmp_path / "in"
+    for i in range(4):
+        write_ct(src / f"ct{i}.nii.gz", shape=(36 + i, 34, 30), seed=i)
+    out = tmp_path / "out"
+    log = out / batch.LOG_NAME
+    cmd = [sys.executable, "-m", "stuseg", "batch", str(src), "-o", str(out), "--weights", str(small_model)]
+    cmd += ["--step-size", "1.0", "--device", "cpu", "--fast", "-q"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    finished: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        _wait_for_log(log, len(finished) + 1, proc)  # one more case is done; the next is in flight
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and re.fullmatch(
+            r"stuseg: error: interrupted; \d of 4 cases are done, run the same command again to go on",
+            lines[0],
+        ), stderr
+        done = _whole_cases_only(out)
+        ok = [r["case"] for r in batch.read_log(log) if r["status"] == "ok"]
+        assert sorted(ok) == done and len(done) > len(finished)
+        finished = done
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert _whole_cases_only(out) == ["ct0", "ct1", "ct2", "ct3"]
+    last_run = [r for r in batch.read_log(log) if r["run"] == batch.read_log(log)[-1]["run"]]
+    assert {r["case"]: r["status"] for r in last_run} == {
+        c: ("skipped" if c in finished else "ok") for c in ("ct0", "ct1", "ct2", "ct3")
+    }

@@ -1,0 +1,112 @@
+"""`stuseg batch --ray`: a batch on a local Ray cluster that the tests start, compared with the local path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fabricate import small_checkpoint
+from test_batch import _masks, _no_leftovers, write_ct
+
+from stuseg import batch
+from stuseg.errors import OutputError
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'stuseg[ray]')")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A one-node Ray cluster with 2 CPUs on this machine; yields its GCS address, stops it after."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the workers this cluster starts import this checkout of stuseg
+    try:
+        context = ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=80 * 2**20,
+            log_to_driver=False,
+            logging_level="error",
+        )
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_checkpoint(lambda: tmp_path_factory.mktemp("fabricated"))
+
+
+def test_ray_batch_matches_the_local_batch(tmp_path: Path, cluster: str, small_model: Path) -> None:
+    src = tmp_path / "in"
+    write_ct(src / "a.nii.gz", shape=(40, 36, 32), seed=3)
+    (src / "b.nii.gz").write_bytes(b"not a scan")
+    write_ct(src / "c.nii.gz", shape=(30, 40, 34), seed=4)
+    args = ["--weights", str(small_model), "--step-size", "1.0", "--device", "cpu", "--fast", "-q"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ray_out, local_out = tmp_path / "ray", tmp_path / "local"
+    cmd = [sys.executable, "-m", "stuseg", "batch", str(src), "-o", str(ray_out), "--ray", cluster, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith(f"stuseg: error: b: cannot read {src / 'b.nii.gz'}: it is damaged"), lines
+    assert lines[-1] == f"stuseg: error: 1 of 3 cases failed, see {ray_out / batch.LOG_NAME}"
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in ray_out.iterdir()) == ["a", "c", batch.LOG_NAME]  # no token left
+    _no_leftovers(ray_out)
+
+    local = subprocess.run(
+        [sys.executable, "-m", "stuseg", "batch", str(src), "-o", str(local_out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert local.returncode == 1, local.stderr
+    for case in ("a", "c"):
+        left, right = _masks(ray_out / case), _masks(local_out / case)
+        assert sorted(left) == sorted(right) and len(left) == 104
+        for name in left:
+            assert left[name][0] == right[name][0]
+            np.testing.assert_array_equal(left[name][1], right[name][1], err_msg=f"{case}/{name}")
+
+    ray_log, local_log = batch.read_log(ray_out / batch.LOG_NAME), batch.read_log(local_out / batch.LOG_NAME)
+    assert [(r["case"], r["status"]) for r in ray_log] == [(r["case"], r["status"]) for r in local_log]
+    assert {r["fingerprint"]["weights_sha256"] for r in ray_log} == {local_log[0]["weights_sha256"]}
+    assert all(":" in r["host"] for r in ray_log)  # host:pid of the worker that ran the case
+
+    # Resumed on the cluster: the done cases are skipped, the broken one fails again.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert again.returncode == 1, again.stderr
+    last = [r for r in batch.read_log(ray_out / batch.LOG_NAME) if r["run"] == ray_log[-1]["run"]]
+    assert last == ray_log  # the first run's lines are untouched
+    statuses = [(r["case"], r["status"]) for r in batch.read_log(ray_out / batch.LOG_NAME)[3:]]
+    assert statuses == [("a", "skipped"), ("b", "failed"), ("c", "skipped")]
+
+
+def test_a_worker_that_does_not_see_the_folder_says_so(tmp_path: Path) -> None:
+    from stuseg.batch_ray import check_shared_folder
+
+    (tmp_path / ".stuseg-batch-token-x").write_text("x")
+    check_shared_folder(tmp_path, (".stuseg-batch-token-x", "x"), "node1")  # seen: no error
+    elsewhere = tmp_path / "not-shared"
+    elsewhere.mkdir()
+    with pytest.raises(OutputError) as info:
+        check_shared_folder(elsewhere, (".stuseg-batch-token-x", "x"), "node7")
+    assert str(info.value) == (
+        f"the Ray worker on node7 does not see the batch folder {elsewhere} as the driver wrote it; "
+        "--output must be on storage shared by every node of the cluster (the same path on each)"
+    )
