@@ -348,6 +348,7 @@ def predict_cmd(
         except ValueError as exc:
             raise fail(str(exc)) from None
     pipeline.check_output(output, multilabel)
+    pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _tile_bar(quiet) as progress:
@@ -630,4 +631,7 @@ def _batch_bars(quiet: bool, total: int) -> Iterator[_BatchBars]:
 
 
 def main() -> None:
+    from stuseg.threads import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning
     app()
