@@ -525,7 +525,6 @@ class Settings:
     step_size: float = 0.5
     labels: tuple[int, ...] = ()
     multilabel: bool = False
-    roi_subset: tuple[str, ...] | None = None
     weights: str | None = None
     device: str = ""
 
@@ -542,14 +541,17 @@ class Settings:
         }
 
     def options(self) -> dict[str, Any]:
-        """Everything, for the log."""
+        """Everything, for the log (``roi_subset``: the names kept, None for all 104)."""
+        from stuseg.labels import LABELS
+
+        subset = [LABELS[i] for i in self.labels] if 0 < len(self.labels) < len(LABELS) - 1 else None
         return {
             "size": self.size,
             "weights": self.weights,
             "fast": self.fast,
             "tta": self.tta,
             "step_size": self.step_size,
-            "roi_subset": list(self.roi_subset) if self.roi_subset else None,
+            "roi_subset": subset,
             "multilabel": self.multilabel,
             "device": self.device,
         }
@@ -567,7 +569,6 @@ def settings_of(
         step_size=float(segmenter.step_size),
         labels=tuple(int(v) for v in segmenter.keep),
         multilabel=multilabel,
-        roi_subset=tuple(segmenter.roi_subset) if getattr(segmenter, "roi_subset", None) else None,
         weights=str(weights) if weights is not None else None,
         device=str(segmenter.device),
     )

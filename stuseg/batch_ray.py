@@ -95,8 +95,9 @@ class CaseWorker:
         self.output = Path(output)
         self.weights = options.get("weights")
         check_shared_folder(self.output, token, self.host)
-        from stuseg.pipeline import Segmenter
+        from stuseg.pipeline import Segmenter, keep_freed_memory
 
+        keep_freed_memory(options.get("device", "auto"))  # a worker process only runs stuseg
         self.threads = threads
         self.segmenter = Segmenter(**options, threads=threads)
         self.network = threading.Lock()
@@ -363,7 +364,6 @@ def _results(
             step_size=float(options["step_size"]),
             labels=tuple(first["labels"]),
             multilabel=multilabel,
-            roi_subset=tuple(options["roi_subset"]) if options["roi_subset"] else None,
             weights=str(options["weights"]) if options["weights"] else None,
             device=first["device"],
         )

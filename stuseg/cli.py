@@ -528,6 +528,9 @@ def batch_cmd(
                 **options,
             )
         else:
+            from stuseg.pipeline import keep_freed_memory
+
+            keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
             results = batch.run_local(
                 found.cases,
                 output,
