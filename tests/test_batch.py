@@ -624,14 +624,15 @@ def test_batch_command_matches_predict_and_goes_on_after_a_corrupt_case(
         _same_masks(out / case, alone)
 
 
-def _wait_for_log(path: Path, lines: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for_ok(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the run log has ``count`` cases done (``ok`` records)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if path.exists() and len(batch.read_log(path)) >= lines:
+        if sum(r["status"] == "ok" for r in batch.read_log(path)) >= count:
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    raise AssertionError(f"no {lines} log lines after {timeout} s")
+    raise AssertionError(f"not {count} cases done after {timeout} s")
 
 
 def _whole_cases_only(out: Path) -> list[str]:
@@ -655,7 +656,7 @@ def test_interrupted_by_sigint_then_sigterm_then_completed(tmp_path: Path, small
     finished: list[str] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-        _wait_for_log(log, len(finished) + 1, proc)  # one more case is done; the next is in flight
+        _wait_for_ok(log, len(finished) + 1, proc)  # one more case is done; the next is in flight
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 128 + sig, stderr
