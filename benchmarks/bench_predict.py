@@ -66,6 +66,7 @@ def child(args: argparse.Namespace) -> None:
     from stuseg import pipeline
 
     mode = args.mode[0]
+    pipeline.keep_freed_memory(args.device)  # as the stuseg command does
     start = time.perf_counter()
     seg = pipeline.segment(
         args.input,

@@ -25,6 +25,7 @@ import torch
 
 from stuseg import labels as label_table
 from stuseg.errors import InputError, OutputError, StusegError
+from stuseg.head import ClassProbabilities
 from stuseg.io import (
     StusegWarning,
     Volume,
@@ -36,8 +37,8 @@ from stuseg.io import (
 )
 from stuseg.network import STUNet, build_network
 from stuseg.plan import PLAN
-from stuseg.postprocess import ProbabilityExport, resample_labels, slab_labels
-from stuseg.predict import class_probabilities, mirrored, sliding_window
+from stuseg.postprocess import export_labels
+from stuseg.predict import Autocast, Mirrored, PatchPredictor, Timed, sliding_window
 from stuseg.preprocess import Geometry, preprocess, restore
 from stuseg.threads import limit_threads, thread_count
 
@@ -138,38 +139,13 @@ def check_ct(volume: Volume) -> None:
         )
 
 
-def _patch_fn(net: torch.nn.Module, device: torch.device, tta: bool, stages: _Stages) -> Callable:
-    """The per-batch function the sliding window calls: network (+ mirror TTA) -> softmax."""
-    fn = class_probabilities(net, on_time=stages.add)
+def _predictor(net: torch.nn.Module, device: torch.device, tta: bool) -> PatchPredictor:
+    """What predicts a batch of tiles: network -> softmax (float16 convolutions on CUDA, as the
+    original's autocast; softmax in float32), averaged over the mirrorings with ``tta``."""
+    predictor: PatchPredictor = ClassProbabilities(net)
     if device.type == "cuda":
-        # Convolutions in float16 as the original (nnU-Net's autocast); softmax in float32.
-        probabilities = fn
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cuda", dtype=torch.float16):
-                return probabilities(x)
-
-    fn = mirrored(fn) if tta else fn
-
-    def measure(call: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        before = {k: stages.seconds.get(k, 0.0) for k in ("softmax", "accumulate")}
-        result = call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        # "network" is the forward passes alone: the CPU softmax and the accumulation into the
-        # sliding-window buffers are reported apart (the latter as part of "export").
-        inside = sum(stages.seconds.get(k, 0.0) - v for k, v in before.items())
-        stages.add("network", time.perf_counter() - start - inside)
-        return result
-
-    def timed(x: torch.Tensor) -> torch.Tensor:
-        return measure(lambda: fn(x))
-
-    accumulate = getattr(fn, "accumulate", None)
-    if accumulate is not None:
-        timed.accumulate = lambda x, targets, weight: measure(lambda: accumulate(x, targets, weight))  # type: ignore[attr-defined]
-    return timed
+        predictor = Autocast(predictor, "cuda")
+    return Mirrored(predictor) if tta else predictor
 
 
 def _run_network(
@@ -186,37 +162,31 @@ def _run_network(
     progress: Progress | None,
     stages: _Stages,
 ) -> np.ndarray:
-    """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams."""
+    """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams.
+
+    Timings: ``network`` is the forward passes alone; the softmax is reported apart, and the
+    accumulation into the sliding-window buffers counts as ``export`` with the rest.
+    """
     start = time.perf_counter()
-    before = stages.seconds.get("network", 0.0)
-    softmax_before = stages.seconds.get("softmax", 0.0)
-    fn = _patch_fn(net, device, tta, stages)
-    xt = torch.from_numpy(x)[None].to(device)
-    normal = None
-    net_labels = None
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    timed = Timed(_predictor(net, device, tta), sync)
     with torch.inference_mode():
-        for slab in sliding_window(xt, fn, NUM_CLASSES, PATCH, step_size, batch_size, on_tile=progress):
-            if fast:
-                if net_labels is None:
-                    net_labels = np.empty(x.shape, np.uint8)
-                index = [slice(None)] * 3
-                index[slab.axis] = slice(slab.start, slab.stop)
-                slab_labels(slab, net_labels[tuple(index)])
-            else:
-                if normal is None:
-                    normal = ProbabilityExport(x.shape, out_shape, separate_axis, slab.axis, NUM_CLASSES)
-                normal.add(slab)
-            del slab
-        del xt
-        if fast:
-            assert net_labels is not None
-            labels = resample_labels(net_labels, out_shape, separate_axis)
-        else:
-            assert normal is not None
-            labels = normal.result()
-    network = stages.seconds.get("network", 0.0) - before
-    softmax = stages.seconds.get("softmax", 0.0) - softmax_before
-    stages.seconds.pop("accumulate", None)  # part of "export"
+        slabs = sliding_window(
+            torch.from_numpy(x)[None].to(device),
+            timed,
+            NUM_CLASSES,
+            PATCH,
+            step_size,
+            batch_size,
+            on_tile=progress,
+        )
+        labels = export_labels(slabs, x.shape, out_shape, separate_axis, NUM_CLASSES, fast=fast)
+    inside = timed.breakdown
+    softmax = inside.get("softmax", 0.0)
+    network = timed.seconds - softmax - inside.get("accumulate", 0.0)
+    stages.add("network", network)
+    if softmax:  # only the CPU path times its softmax apart
+        stages.add("softmax", softmax)
     stages.add("export", time.perf_counter() - start - network - softmax)
     return labels
 
