@@ -617,10 +617,9 @@ def output_paths(output: Path, case_id: str, multilabel: bool) -> list[Path]:
     """Where a case's result goes: ``OUTPUT/<id>/`` or ``OUTPUT/<id>.nii.gz`` and its sidecars."""
     if not multilabel:
         return [Path(output) / case_id]
-    from stuseg.labelmaps import companion_paths
+    from stuseg.labelmaps import multilabel_paths
 
-    main = Path(output) / f"{case_id}.nii.gz"
-    return [main, *companion_paths(main).values()]
+    return multilabel_paths(Path(output) / f"{case_id}.nii.gz")
 
 
 def latest_ok(history: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -780,17 +779,17 @@ def _geometry(header: Any) -> dict[str, Any]:
 
 
 def _write_masks(seg: Any, folder: Path, threads: int) -> None:
-    """One mask per structure into ``folder`` (the staged folder of a case)."""
-    from stuseg import pipeline
+    """One mask per structure into ``folder`` (the staged folder of a case), as predict writes them."""
+    from stuseg import labelmaps
 
-    pipeline.write_masks(seg, folder, threads=threads)
+    labelmaps.write_masks(folder, seg.labels, seg.image.header, seg.names, threads=threads)
 
 
-def _write_multilabel(seg: Any, path: Path) -> None:
-    """The multilabel file and its sidecars (named after ``path``)."""
-    from stuseg.labelmaps import save_multilabel
+def _write_multilabel(seg: Any, targets: Sequence[Path]) -> None:
+    """The multilabel file and its sidecars into ``targets`` (staged files), as predict --ml writes them."""
+    from stuseg import labelmaps
 
-    save_multilabel(seg.labels, seg.image.header, path, seg.names)
+    labelmaps.write_multilabel(targets, seg.labels, seg.image.header, seg.names, numbering="model")
 
 
 def write_case(
@@ -816,18 +815,13 @@ def write_case(
         OutputError: the case's output is unsafe (e.g. a folder of the user's own files, without
             ``overwrite``) or cannot be written (disk full); nothing of it was written then.
     """
-    from stuseg import outputs
+    from stuseg import labelmaps, outputs
 
     paths = output_paths(output, case.id, settings.multilabel)
     if settings.multilabel:
-        for path in paths:
-            outputs.check_output(path, inputs=[case.input], kind="file", overwrite=overwrite)
+        labelmaps.check_multilabel_output(paths[0], inputs=[case.input], overwrite=overwrite)
         with outputs.staged_files(paths) as temps:
-            from stuseg.labelmaps import companion_paths
-
-            # The sidecars are named after the main file, so the staged names line up.
-            assert list(companion_paths(temps[0]).values()) == temps[1:]
-            _write_multilabel(seg, temps[0])
+            _write_multilabel(seg, temps)
         return paths
     outputs.check_output(paths[0], inputs=[case.input], kind="folder", overwrite=overwrite)
     run = {

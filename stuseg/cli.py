@@ -1,13 +1,19 @@
 """The ``stuseg`` command line: parse arguments, call the library, render the result.
 
 No logic of its own. Heavy imports (torch) happen inside the commands so ``--help`` is fast.
-Diagnostics go to stderr, data to stdout. A ``StusegError`` becomes one line on stderr and
-exit status 1; nothing else is printed.
+Diagnostics go to stderr, data to stdout. Every command is wrapped by :func:`user_errors`: a
+``StusegError`` becomes one line ``stuseg: error: ...`` on stderr and exit status 1; Ctrl-C and
+SIGTERM end it with one line and status 130 / 143 after the library has removed unfinished
+outputs. Progress bars are drawn only on a terminal, so logs and pipes get exactly those lines.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
+import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,30 +35,99 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 out = Console()
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def say(line: str) -> None:
+    """Write one line to stderr as is (no markup, no wrapping, never split across lines)."""
+    text = " ".join(str(line).splitlines())
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one error line on stderr; return the Exit to raise."""
-    err.print(f"stuseg: error: {message}", markup=False)
+    say(f"stuseg: error: {message}")
     return typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and staged output cleans up."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the duration (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def user_errors(fn: F) -> F:
-    """Turn StusegError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Run a command so that whatever goes wrong ends in one line on stderr and a non-zero exit.
+
+    ``StusegError`` -> its message, status 1. Ctrl-C -> 130, SIGTERM -> 143 (128 + signal). A
+    truncated file that a third-party reader did not catch (``EOFError``, which click would turn
+    into a bare "Aborted!") and running out of memory get one line too. The command's name and
+    arguments are recorded for the ``.stuseg-run.json`` marker of any folder it writes. Library
+    warnings (``StusegWarning``) the command did not render itself are printed as
+    ``stuseg: warning: ...`` lines after it succeeds (not with ``--quiet``); third-party warnings
+    are not shown, and after an error only the error line is printed.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from stuseg import outputs
+
+        command = fn.__name__.removesuffix("_cmd").replace("_", "-")  # export_labels_cmd -> export-labels
         try:
-            return fn(*args, **kwargs)
+            with (
+                _sigterm_raises(),
+                outputs.recording(command, kwargs),
+                warnings.catch_warnings(record=True) as caught,
+            ):
+                warnings.simplefilter("always")
+                result = fn(*args, **kwargs)
         except StusegError as exc:
             raise fail(str(exc)) from None
+        except Terminated:
+            raise fail("terminated by SIGTERM; no partial output was left", code=143) from None
         except KeyboardInterrupt:
-            raise fail("interrupted", code=130) from None
+            raise fail("interrupted by Ctrl-C; no partial output was left", code=130) from None
+        except EOFError as exc:
+            detail = f" ({exc})" if str(exc) else ""
+            raise fail(f"a file ended unexpectedly{detail}; it may be truncated, so copy it again") from None
+        except MemoryError:
+            raise fail(
+                "ran out of memory; close other programs, or for predict use --fast or a smaller --size"
+            ) from None
+        if caught and not kwargs.get("quiet"):  # warnings a command did not render itself, once each
+            from stuseg.io import StusegWarning
+
+            mine = [str(w.message) for w in caught if issubclass(w.category, StusegWarning)]
+            for message in dict.fromkeys(mine):
+                say(f"stuseg: warning: {message}")
+        return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _given(raw: str, what: str) -> Path:
+    """``raw`` as a Path; an empty argument is refused (``Path("")`` would be the current folder)."""
+    if not raw.strip():
+        raise fail(f"the {what} path is empty; give a file or folder name")
+    return Path(raw)
 
 
 def _version(value: bool) -> None:
@@ -102,13 +177,18 @@ def labels_cmd(
     out.print(table)
 
 
+OVERWRITE_HELP = "Replace an existing OUTPUT even if stuseg did not write it (a folder as a whole)."
+
+
 @app.command("export-labels")
 @user_errors
 def export_labels_cmd(
     segmentation: Annotated[
         Path, typer.Argument(help="Multilabel file from 'predict --ml', or folder of masks from 'predict'.")
     ],
-    output: Annotated[Path, typer.Argument(help="Folder for the masks, or the file to write with --ml.")],
+    output: Annotated[
+        str, typer.Argument(metavar="OUTPUT", help="Folder for the masks, or the file to write with --ml.")
+    ],
     names: Annotated[
         list[str] | None,
         typer.Option(
@@ -132,6 +212,7 @@ def export_labels_cmd(
         str | None,
         typer.Option("--combine", metavar="NAME", help="Write the union of the selection as NAME.nii.gz."),
     ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export some structures of a segmentation: masks, one multilabel file, or their union."""
     from stuseg import labelmaps, labels
@@ -140,7 +221,13 @@ def export_labels_cmd(
     if not patterns:
         raise fail("name the structures to export with --labels or --group (see 'stuseg labels')")
     result = labelmaps.export_labels(
-        segmentation, output, labels.select(patterns), ml=ml, numbering=numbering, combine=combine
+        segmentation,
+        output,
+        labels.select(patterns),
+        ml=ml,
+        numbering=numbering,
+        combine=combine,
+        overwrite=overwrite,
     )
 
     def some(names: list[str]) -> str:  # keep the note one readable line
@@ -149,12 +236,12 @@ def export_labels_cmd(
         return f"{len(names)} structures ({', '.join(names[:3])}, ...)"
 
     if result.missing:
-        err.print(f"note: {segmentation} has no mask for {some(result.missing)}", markup=False)
+        say(f"note: {segmentation} has no mask for {some(result.missing)}")
     if result.empty:
-        err.print(f"note: no voxels for {some(result.empty)}", markup=False)
+        say(f"note: no voxels for {some(result.empty)}")
     for path in result.written:
         typer.echo(str(path))
-    err.print(f"wrote {len(result.written)} files", markup=False)
+    say(f"wrote {len(result.written)} files")
 
 
 ManifestOption = Annotated[
@@ -169,7 +256,7 @@ def _progress_bar() -> Iterator[Callable[[str, int, int | None], None]]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         tasks: dict[str, Any] = {}
 
         def report(phase: str, done: int, total: int | None) -> None:
@@ -296,11 +383,11 @@ def weights_cmd(
 @user_errors
 def predict_cmd(
     input_path: Annotated[
-        Path,
+        str,
         typer.Argument(metavar="INPUT", help="CT image (.nii, .nii.gz, .nrrd, .mha, .mhd) or DICOM folder."),
     ],
     output: Annotated[
-        Path, typer.Argument(metavar="OUTPUT", help="Folder for one mask per structure (a file with --ml).")
+        str, typer.Argument(metavar="OUTPUT", help="Folder for one mask per structure (a file with --ml).")
     ],
     size: Annotated[
         str | None,
@@ -334,26 +421,37 @@ def predict_cmd(
         typer.Option("--series", metavar="UID", help="DICOM series to use when a folder holds several."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Segment the 104 structures of a CT scan."""
     import time
     import warnings
 
-    from stuseg import pipeline
-    from stuseg.network import canonical_size
+    from stuseg import labelmaps, outputs
 
+    image = _given(input_path, "INPUT")
+    target = Path(output)
     if size is not None:
+        from stuseg.network import canonical_size
+
         try:
             size = canonical_size(size)
         except ValueError as exc:
             raise fail(str(exc)) from None
-    pipeline.check_output(output, multilabel)
+    # Every output check comes before any work, so a bad OUTPUT costs no prediction.
+    inputs = [image, *([weights_file] if weights_file is not None else [])]
+    if multilabel:
+        labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite)
+    else:
+        labelmaps.check_mask_folder_output(output, inputs=inputs, overwrite=overwrite)
+    from stuseg import pipeline
+
     pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _tile_bar(quiet) as progress:
             seg = pipeline.segment(
-                input_path,
+                image,
                 size=size,
                 fast=fast,
                 tta=tta,
@@ -365,21 +463,24 @@ def predict_cmd(
                 progress=progress,
             )
         start = time.perf_counter()
+        labels, header = seg.labels, seg.image.header
         if multilabel:
-            pipeline.write_multilabel(seg, output)
+            with outputs.staged_files(labelmaps.multilabel_paths(target)) as temps:
+                labelmaps.write_multilabel(temps, labels, header, seg.names, numbering="model")
         else:
-            pipeline.write_masks(seg, output)
+            with outputs.staged_folder(target) as stage:
+                labelmaps.write_masks(stage, labels, header, seg.names)
         seg.timings["write"] = time.perf_counter() - start
     if not quiet:
         for w in caught:
-            err.print(f"stuseg: warning: {w.message}", markup=False)
-        err.print(_summary(seg, output, multilabel), markup=False)
+            say(f"stuseg: warning: {w.message}")
+        say(_summary(seg, target, multilabel))
 
 
 @contextmanager
 def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar over sliding-window tiles, with ETA, on stderr."""
-    if quiet:
+    """A rich progress bar over sliding-window tiles, with ETA, on stderr (on a terminal only)."""
+    if quiet or not err.is_terminal:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -563,21 +664,22 @@ def batch_cmd(
                         bars.print(f"stuseg: warning: {name}: {warning}")
                 bars.case_done(counts)
     except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", 2)
+        import signal
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        how = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted by Ctrl-C"
         done = counts["ok"] + counts["skipped"]
         raise fail(
-            f"interrupted; {done} of {len(found.cases)} cases are done, run the same command again to go on",
+            f"{how}; {done} of {len(found.cases)} cases are done and no partial output was left; "
+            "run the same command again to go on",
             code=128 + signum,
         ) from None
-    except StusegError as exc:
-        raise fail(str(exc)) from None
     seconds = time.perf_counter() - start
     if not quiet:
         per_minute = counts["ok"] / (seconds / 60) if seconds > 0 else 0.0
-        err.print(
+        say(
             f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
-            f"in {_duration(seconds)} ({per_minute:.2f} scans per minute); log: {log}",
-            markup=False,
+            f"in {_duration(seconds)} ({per_minute:.2f} scans per minute); log: {log}"
         )
     if counts["failed"]:
         raise fail(f"{counts['failed']} of {len(found.cases)} cases failed, see {log}")
@@ -604,7 +706,10 @@ class _BatchBars:
         self.tiles = None
 
     def print(self, line: str) -> None:
-        (self.progress.console if self.progress else err).print(line, markup=False)
+        if self.progress is None:
+            say(line)
+        else:
+            self.progress.console.print(" ".join(line.splitlines()), markup=False, soft_wrap=True)
 
     def case_done(self, counts: dict[str, int]) -> None:
         if self.progress is None:
@@ -622,8 +727,8 @@ class _BatchBars:
 
 @contextmanager
 def _batch_bars(quiet: bool, total: int) -> Iterator[_BatchBars]:
-    """Rich bars on stderr (none with --quiet)."""
-    if quiet:
+    """Rich bars on stderr (only on a terminal, and not with --quiet)."""
+    if quiet or not err.is_terminal:
         yield _BatchBars(None, total)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

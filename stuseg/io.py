@@ -8,21 +8,22 @@ qform/sform (and their codes) every output copies, so a mask lies exactly on the
 from __future__ import annotations
 
 import contextlib
-import io
+import logging
 import os
 import struct
-import uuid
+import sys
+import tempfile
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
 
-from stuseg.errors import InputError, OutputError
+from stuseg.errors import InputError
 
 # SimpleITK is imported inside the functions that need it: NIfTI input and `stuseg --help` do not
 # pay for its import.
@@ -39,12 +40,6 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along i, j, k (column norms of the affine)."""
-        sp = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return (float(sp[0]), float(sp[1]), float(sp[2]))
 
 
 def nifti_header_for(affine: np.ndarray, shape: tuple[int, ...], code: int = 1) -> nib.Nifti1Header:
@@ -94,80 +89,6 @@ def label_image(data: np.ndarray, like: nib.Nifti1Header) -> nib.Nifti1Image:
     hdr.set_slope_inter(1.0, 0.0)
     img = nib.Nifti1Image(data, None, header=hdr)
     return img
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it to ``path`` only if the block succeeds.
-
-    The temporary name keeps the final suffixes (``.nii.gz``) so writers pick the same format.
-    An interrupted or failed write never leaves a truncated file under the final name.
-    """
-    path = Path(path)
-    suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(
-        f".{path.name[: len(path.name) - len(suffixes)]}.{uuid.uuid4().hex[:8]}.partial{suffixes}"
-    )
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _gzip_open(target: Path | BinaryIO) -> BinaryIO:
-    """A gzip writer to a path or file object: ISA-L's when installed (about 10x faster than zlib at
-    level 1, smaller files).
-
-    Label masks are mostly zeros; with zlib, compressing them took most of the time spent writing
-    104 masks (benchmarks/RESULTS.md). Any gzip reader reads the result.
-    """
-    try:
-        from isal import igzip
-    except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
-        import gzip
-
-        return gzip.open(target, "wb", compresslevel=1)
-    return igzip.open(target, "wb", compresslevel=1)
-
-
-def save_image(img: nib.Nifti1Image, path: Path) -> None:
-    """Write a NIfTI image atomically; disk-full and permission problems become OutputError."""
-    try:
-        with atomic_path(Path(path)) as tmp:
-            if tmp.name.endswith(".gz"):
-                with _gzip_open(tmp) as fh:
-                    img.to_file_map(img.make_file_map({"image": fh}))
-            else:
-                nib.save(img, tmp)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise OutputError(f"cannot write {path}: {reason}") from None
-
-
-def nifti_gz_bytes(img: nib.Nifti1Image) -> bytes:
-    """The bytes of ``img`` as a .nii.gz file, made in memory (to write one encoding many times)."""
-    buf = io.BytesIO()
-    with _gzip_open(buf) as fh:
-        img.to_file_map(img.make_file_map({"image": fh}))
-    return buf.getvalue()
-
-
-def write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` atomically; disk-full and permission problems become OutputError."""
-    try:
-        with atomic_path(Path(path)) as tmp:
-            tmp.write_bytes(data)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise OutputError(f"cannot write {path}: {reason}") from None
-
-
-def write_label_map(data: np.ndarray, like: nib.Nifti1Header, path: Path) -> None:
-    """Write a uint8 label map or mask on the grid of ``like``, atomically."""
-    save_image(label_image(data, like), path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,28 +172,71 @@ def read_image(path: Path, series: str | None = None) -> Volume:
     raise InputError(f"{path} has an unsupported file type; use {SUPPORTED_INPUTS}")
 
 
-def _check_pixel_kind(path: Path, dtype: np.dtype | None, components: int = 1) -> None:
+def check_pixel_kind(
+    path: Path, dtype: np.dtype | None, components: int = 1, *, what: str = "CT image"
+) -> None:
+    """Refuse complex, RGB and vector pixels with a one-line :class:`InputError`.
+
+    Args:
+        path: the file, for the message.
+        dtype: its voxel type (None where the reader does not say).
+        components: values per voxel as the reader reports them.
+        what: what the command needs, e.g. "CT image" or "label map".
+
+    Raises:
+        InputError: the pixels are complex or have several components.
+    """
+    gray = " (grayscale)" if what == "CT image" else ""
     if dtype is not None and dtype.kind == "c":  # before the vector test: ITK counts 2 components
-        raise InputError(f"{path} holds complex values; stuseg needs a real-valued (grayscale) CT image")
+        raise InputError(f"{path} holds complex values; stuseg needs a real-valued{gray} {what}")
     if components > 1 or (dtype is not None and dtype.fields is not None):
-        raise InputError(
-            f"{path} holds RGB or vector pixels; stuseg needs a single-channel (grayscale) CT image"
-        )
+        raise InputError(f"{path} holds RGB or vector pixels; stuseg needs a single-channel{gray} {what}")
 
 
-def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """The 3D shape of an image, accepting trailing singleton dimensions (x, y, z, 1[, 1])."""
+def spatial_shape(path: Path, shape: tuple[int, ...], *, what: str = "CT volume") -> tuple[int, int, int]:
+    """The 3D shape of an image, accepting trailing singleton dimensions (x, y, z, 1[, 1]).
+
+    Args:
+        path: the file, for the message.
+        shape: its full shape.
+        what: what the command needs, e.g. "CT volume" or "label map".
+
+    Returns:
+        The first three dimensions.
+
+    Raises:
+        InputError: fewer than 3 dimensions, no voxels, or several volumes.
+    """
     if len(shape) < 3:
-        raise InputError(f"{path} is a {len(shape)}D image of shape {shape}; stuseg needs a 3D CT volume")
+        raise InputError(f"{path} is a {len(shape)}D image of shape {shape}; stuseg needs a 3D {what}")
     if 0 in shape:
         raise InputError(f"{path} contains no voxels (shape {shape}); check the file or export it again")
     extra = int(np.prod(shape[3:]))
     if extra != 1:
         raise InputError(
-            f"{path} holds {extra} volumes (shape {shape}); stuseg segments one 3D volume, "
+            f"{path} holds {extra} volumes (shape {shape}); stuseg needs one 3D {what}, "
             "so extract the one you want first"
         )
     return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def _check_finite(path: Path, data: np.ndarray) -> None:
+    """Refuse infinite voxels (``InputError``, with their count).
+
+    NaN has a convention the models were trained with (nnU-Net sets it to 0, and so does the
+    preprocessing here); Inf has none. Any value put in its place would silently change the scan,
+    and a conversion that produced Inf may have damaged more, so the user decides.
+    """
+    if data.dtype.kind != "f":
+        return
+    # Counted per slab along the last (slowest in Fortran order) axis: no full-volume temporary.
+    infinite = sum(int(np.count_nonzero(np.isinf(data[..., k]))) for k in range(data.shape[-1]))
+    if infinite:
+        raise InputError(
+            f"{path} holds {infinite} infinite voxel{'s' if infinite > 1 else ''} (Inf); stuseg cannot "
+            "tell what they stand for, so replace them with finite values (e.g. clip to -1024..3071 HU) "
+            "and run again"
+        )
 
 
 def _check_affine(path: Path, affine: np.ndarray) -> None:
@@ -282,42 +246,96 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         )
 
 
-def _load_nifti(path: Path) -> nib.spatialimages.SpatialImage:
-    """``nib.load``, except that a .nii.gz is inflated with ISA-L first (a third of zlib's time).
+_NIBABEL_LOG = threading.Lock()
 
-    The file's header size tells NIfTI-1 (348 bytes) from NIfTI-2 (540), in either byte order.
+
+@contextlib.contextmanager
+def _nibabel_messages() -> Iterator[list[str]]:
+    """Collect what nibabel logs (header repairs such as 'pixdim[1,2,3] should be positive')
+    instead of letting its handler print it on stderr; library code must not print."""
+    logger = logging.getLogger("nibabel.global")
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    with _NIBABEL_LOG:
+        saved = logger.handlers[:], logger.propagate
+        logger.handlers, logger.propagate = [Collect()], False
+        try:
+            yield said
+        finally:
+            logger.handlers, logger.propagate = saved
+
+
+def load_nifti(path: Path) -> nib.Nifti1Image:
+    """Read a NIfTI-1 or NIfTI-2 file: the one NIfTI reader of stuseg (CT images, label maps, masks).
+
+    A ``.nii.gz`` is inflated whole with ISA-L (a third of zlib's time); the header size tells
+    NIfTI-1 (348 bytes) from NIfTI-2 (540) in either byte order. The file's length is checked
+    against its header, so a truncated file fails here, not later when its voxels are used.
+    nibabel's log messages about repaired headers are not printed: they become one
+    :class:`StusegWarning`.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        The image (``Nifti2Image`` is a subclass of ``Nifti1Image``).
+
+    Raises:
+        InputError: the file cannot be read, is truncated, or is not a NIfTI image.
     """
-    try:
-        from isal import igzip
-    except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
-        return nib.load(path)
-    if not path.name.lower().endswith(".gz"):
-        return nib.load(path)
+    from isal import igzip
     from isal.igzip_lib import IsalError
 
-    try:
-        with igzip.open(path, "rb") as fh:
-            raw = fh.read()
-    except IsalError as exc:  # a damaged deflate stream: as zlib.error would be
-        raise OSError(str(exc)) from None
-    nifti2 = raw[:4] in (struct.pack("<i", 540), struct.pack(">i", 540))
-    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
-
-
-def _read_nifti(path: Path) -> Volume:
+    path = Path(path)
     damaged = (
         f"cannot read {path}: it is damaged, truncated or not a NIfTI image; "
         "check the file or export it again"
     )
-    try:
-        img = _load_nifti(path)
-    except _NIBABEL_READ_ERRORS:
-        raise InputError(damaged) from None
-    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
-        raise InputError(damaged)
+    with _nibabel_messages() as said:
+        try:
+            if path.name.lower().endswith(".gz"):
+                with igzip.open(path, "rb") as fh:
+                    raw = fh.read()
+                nifti2 = raw[:4] in (struct.pack("<i", 540), struct.pack(">i", 540))
+                img = (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+                available = len(raw)
+            else:
+                img = nib.load(path)
+                available = path.stat().st_size
+        except (*_NIBABEL_READ_ERRORS, IsalError):
+            raise InputError(damaged) from None
+        if not isinstance(img, nib.Nifti1Image):
+            raise InputError(damaged)
+        hdr = img.header
+        try:
+            offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))  # where voxels start
+            needed = offset + int(np.prod(img.shape)) * hdr.get_data_dtype().itemsize
+        except (*_NIBABEL_READ_ERRORS, TypeError):
+            raise InputError(damaged) from None
+        if available < needed:
+            raise InputError(
+                f"cannot read {path}: it is truncated ({available} of {needed} bytes); "
+                "copy or export the file again"
+            )
+    if said:
+        warnings.warn(
+            f"{path} has an inconsistent header that nibabel repaired ({'; '.join(said)}); "
+            "check that the result lies where you expect",
+            StusegWarning,
+            stacklevel=2,
+        )
+    return img
+
+
+def _read_nifti(path: Path) -> Volume:
+    img = load_nifti(path)
     hdr = img.header
-    _check_pixel_kind(path, hdr.get_data_dtype())
-    shape3 = _spatial_shape(path, img.shape)
+    check_pixel_kind(path, hdr.get_data_dtype())
+    shape3 = spatial_shape(path, img.shape)
     if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
         warnings.warn(
             f"{path} has neither a qform nor an sform; its orientation is unknown, so the image is "
@@ -331,28 +349,61 @@ def _read_nifti(path: Path) -> Volume:
         # get_fdata applies scl_slope / scl_inter; NaNs stay NaN (the preprocessor handles them).
         data = img.get_fdata(dtype=np.float32, caching="unchanged")
     except _NIBABEL_READ_ERRORS:
-        raise InputError(damaged) from None
+        raise InputError(
+            f"cannot read {path}: it is damaged, truncated or not a NIfTI image; "
+            "check the file or export it again"
+        ) from None
     header = hdr.copy()
     if data.ndim > 3:
         # (x, y, z, 1[, 1]) -> (x, y, z). Only dim changes: qform, sform, codes and pixdim[1:4]
         # are the input's, so the outputs describe the same 3D grid.
         data = data.reshape(shape3, order="A")
         header.set_data_shape(shape3)
+    _check_finite(path, data)
     return Volume(data=data, affine=affine, header=header)
 
 
 @contextlib.contextmanager
-def _itk_warnings_off() -> Iterator[None]:
-    """ITK writes its warnings straight to stderr; library code must not print, so mute them
-    while reading (the checks that matter are done here and raised or warned properly)."""
+def _quiet_itk() -> Iterator[list[str]]:
+    """Keep ITK, MetaIO and GDCM off the terminal; yield a list that receives what they printed.
+
+    ITK's warnings are switched off; MetaIO and GDCM write their complaints to the C-level stderr,
+    so file descriptor 2 is pointed at a temporary file for the duration (this process-wide
+    redirection also hides what other threads print meanwhile). Library code must not print:
+    the checks that matter are raised or warned properly, and a reader's complaint can be quoted.
+    """
     import SimpleITK as sitk
 
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    said: list[str] = []
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all
+            saved = None
+        else:
+            os.dup2(sink.fileno(), 2)
+        try:
+            yield said
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+            said.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _quote(said: list[str], who: str) -> str:
+    """`` (ITK: first line)``, short, or nothing."""
+    if not said:
+        return ""
+    first = said[0].rstrip(".")
+    return f" ({who}: {first[:120]})"
 
 
 def _check_detached_data_file(path: Path) -> None:
@@ -392,14 +443,15 @@ def _sitk_read_file(path: Path):  # -> sitk.Image
     kind = "NRRD" if _suffix(path) in (".nrrd", ".nhdr") else "MetaImage"
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    try:
-        with _itk_warnings_off():
+    with _quiet_itk() as said:
+        try:
             return reader.Execute()
-    except RuntimeError:
-        raise InputError(
-            f"cannot read {path}: it is damaged, truncated or not a {kind} image, or its data file is "
-            "missing; check the file or export it again"
-        ) from None
+        except RuntimeError:
+            pass
+    raise InputError(
+        f"cannot read {path}: it is damaged, truncated or not a {kind} image, or its data file is "
+        f"missing{_quote(said, 'ITK')}; check the file or export it again"
+    )
 
 
 def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
@@ -409,9 +461,9 @@ def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
     dtype = None
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         dtype = np.dtype(np.complex64)
-    _check_pixel_kind(path, dtype, img.GetNumberOfComponentsPerPixel())
+    check_pixel_kind(path, dtype, img.GetNumberOfComponentsPerPixel())
     dim = img.GetDimension()
-    shape3 = _spatial_shape(path, tuple(int(s) for s in img.GetSize()))
+    shape3 = spatial_shape(path, tuple(int(s) for s in img.GetSize()))
     # ITK's geometry: physical point (LPS mm) = origin + direction @ diag(spacing) @ (i, j, k),
     # where i runs along x (fastest in memory). For 4D+ images with singleton trailing axes keep
     # the spatial 3x3 block.
@@ -427,12 +479,8 @@ def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
     # in Fortran order, the same layout nibabel gives. astype copies, so nothing refers to `img`.
     view = sitk.GetArrayViewFromImage(img)
     data = view.reshape(view.shape[-3:]).T.astype(np.float32)
+    _check_finite(path, data)
     return Volume(data=data, affine=affine, header=nifti_header_for(affine, shape3))
-
-
-def list_dicom_series(folder: Path) -> list[SeriesInfo]:
-    """The DICOM series directly in ``folder`` (subfolders are not searched), in GDCM's order."""
-    return [info for info, _ in _scan_dicom_folder(Path(folder))]
 
 
 def _scan_dicom_folder(folder: Path) -> list[tuple[SeriesInfo, tuple[str, ...]]]:
@@ -440,7 +488,7 @@ def _scan_dicom_folder(folder: Path) -> list[tuple[SeriesInfo, tuple[str, ...]]]
     import SimpleITK as sitk
 
     found = []
-    with _itk_warnings_off():
+    with _quiet_itk():
         for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
             files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
             info = SeriesInfo(uid=uid, description=_series_description(files[0]), n_files=len(files))
@@ -493,14 +541,15 @@ def _read_dicom_folder(folder: Path, series: str | None) -> Volume:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
-    try:
-        with _itk_warnings_off():
-            img = reader.Execute()
-    except RuntimeError:
+    img = None
+    with _quiet_itk() as said, contextlib.suppress(RuntimeError):
+        img = reader.Execute()
+    if img is None:
         raise InputError(
             f"cannot read the DICOM series in {folder}: its files are damaged, use an unsupported "
-            "encoding or do not form one volume; check the files or export the series again"
-        ) from None
+            f"encoding or do not form one volume{_quote(said, 'ITK')}; check the files or export the "
+            "series again"
+        )
     positions = _slice_positions(reader, len(files))
     if positions is not None and len(positions) > 2 and img.GetDimension() == 3:
         direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -552,15 +601,3 @@ def _check_slice_positions(folder: Path, positions: np.ndarray, normal: np.ndarr
             f"to {gaps.max():.4g} mm: missing or duplicate slices?); export the complete series or "
             "resample it to a regular grid first"
         )
-
-
-def describe(volume: Volume) -> str:
-    """One line for people: shape, spacing and orientation, e.g. '512x512x20 voxels, 0.977 x ...'."""
-    shape = "x".join(str(s) for s in volume.data.shape)
-    spacing = " x ".join(f"{s:.3g}" for s in volume.spacing)
-    codes = "".join(nib.aff2axcodes(volume.affine))
-    text = f"{shape} voxels, spacing {spacing} mm, orientation {codes}"
-    tilt = float(np.degrees(np.max(nib.affines.obliquity(volume.affine))))
-    if tilt > 0.01:
-        text += f" (oblique by {tilt:.1f} degrees)"
-    return text

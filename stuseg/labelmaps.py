@@ -8,16 +8,23 @@ output copies verbatim.
 A multilabel file written here names its values three ways, so no one has to guess the
 numbering: a JSON NIfTI header extension, the same JSON as a sidecar file, and viewer label
 files (an ITK-SNAP label description and a 3D Slicer color table).
+
+This is the one module that reads and writes label maps, for every command: ``write_masks``
+(one mask per structure, into a staged folder), ``write_multilabel`` (a multilabel file and its
+sidecars, into staged files), ``load_segmentation`` (through ``stuseg.io.load_nifti``, the one
+NIfTI reader). Writers write where they are told; ``stuseg.outputs`` makes the result appear
+whole or not at all.
 """
 
 from __future__ import annotations
 
 import colorsys
-import contextlib
+import io
 import json
+import os
 import re
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +32,9 @@ import nibabel as nib
 import numpy as np
 
 from stuseg import labels as lbl
+from stuseg import outputs
 from stuseg.errors import InputError, LabelError, OutputError
-from stuseg.io import atomic_path, label_image
+from stuseg.io import check_pixel_kind, label_image, load_nifti, spatial_shape
 
 FORMAT = "stuseg-labels/1"  # marks the JSON label table in header extensions and sidecars
 # NIfTI extension code 6 is "comment": free text that header dump tools show as is.
@@ -35,6 +43,10 @@ _COMMENT_CODE = 6
 _AFFINE_ATOL_MM = 1e-4
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# gzip level 1: label masks are mostly zeros, so higher levels gain little size for much time.
+_GZIP_LEVEL = 1
+# Mask writers run at most this many threads: each holds one full-volume mask while it encodes.
+_MAX_WRITER_THREADS = 8
 
 
 @dataclass
@@ -71,30 +83,19 @@ def companion_paths(path: Path) -> dict[str, Path]:
     }
 
 
-def _write_all(jobs: Iterable[tuple[Path, Callable[[Path], None]]]) -> list[Path]:
-    """Run each ``write(tmp)`` into a temporary sibling; rename them all only if every one succeeds.
-
-    ``jobs`` may be a generator, so only one output is in memory at a time.
-    """
-    written: list[Path] = []
-    current: Path | None = None
-    try:
-        with contextlib.ExitStack() as stack:
-            for path, write in jobs:
-                current = path
-                write(stack.enter_context(atomic_path(path)))
-                written.append(path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {current}: {exc.strerror or exc}") from None
-    return written
-
-
 def value_counts(arr: np.ndarray, minlength: int = 0) -> np.ndarray:
     """Voxels per label value of a non-negative integer array, like ``np.bincount(arr.ravel())``.
 
     Counted in chunks: bincount casts its input to int64, 8x the memory of a uint8 volume.
+
+    Args:
+        arr: non-negative integers, any shape.
+        minlength: the least length of the result.
+
+    Returns:
+        int64 counts, index = value.
     """
-    flat = arr.reshape(-1)
+    flat = arr.reshape(-1, order="A")  # memory order: a view for C and Fortran arrays alike
     counts = np.zeros(max(minlength, int(flat.max()) + 1 if flat.size else 0), np.int64)
     step = 1 << 22  # 4 Mi voxels = 32 MiB of int64 per chunk
     for start in range(0, flat.size, step):
@@ -103,12 +104,98 @@ def value_counts(arr: np.ndarray, minlength: int = 0) -> np.ndarray:
     return counts
 
 
-def _nifti_writer(img: nib.Nifti1Image) -> Callable[[Path], None]:
-    return lambda tmp: nib.save(img, tmp)
+def write_nifti(img: nib.Nifti1Image, path: Path) -> None:
+    """Write ``img`` to ``path`` as it is named: ``.nii.gz`` with ISA-L's gzip, else plain ``.nii``.
+
+    ISA-L compresses mostly-zero masks about 10x faster than zlib at level 1, into smaller files
+    that any gzip reader reads. The file is written in place: call this inside
+    ``outputs.staged_folder`` or ``outputs.staged_files``.
+
+    Args:
+        img: the image.
+        path: where to write it.
+
+    Raises:
+        OSError: the file cannot be written (disk full, permission).
+    """
+    path = Path(path)
+    if path.name.lower().endswith(".gz"):
+        from isal import igzip
+
+        with igzip.open(path, "wb", compresslevel=_GZIP_LEVEL) as fh:
+            img.to_file_map(img.make_file_map({"image": fh}))
+    else:
+        with open(path, "wb") as fh:
+            img.to_file_map(img.make_file_map({"image": fh}))
 
 
-def _text_writer(text: str) -> Callable[[Path], None]:
-    return lambda tmp: tmp.write_text(text, encoding="utf-8")
+def nifti_gz_bytes(img: nib.Nifti1Image) -> bytes:
+    """The bytes of ``img`` as a ``.nii.gz`` file, made in memory (to write one encoding many times)."""
+    from isal import igzip
+
+    buf = io.BytesIO()
+    with igzip.open(buf, "wb", compresslevel=_GZIP_LEVEL) as fh:
+        img.to_file_map(img.make_file_map({"image": fh}))
+    return buf.getvalue()
+
+
+def writer_threads() -> int:
+    """Threads for writing masks: the CPUs this process may use (affinity, cpusets), at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # respects taskset and container CPU sets
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(1, min(_MAX_WRITER_THREADS, cpus))
+
+
+def write_masks(
+    folder: Path,
+    labels: np.ndarray,
+    like: nib.Nifti1Header,
+    names: Mapping[int, str],
+    *,
+    threads: int | None = None,
+) -> list[Path]:
+    """One uint8 0/1 ``<name>.nii.gz`` per entry of ``names``, on the grid of ``like``, in parallel.
+
+    Write into a staged folder (``outputs.staged_folder``): on a failure the files written so far
+    are left for the staging to discard. Voxels are counted in chunks; the masks of structures
+    absent from ``labels`` are all the same file, encoded once and its bytes written for each.
+
+    Args:
+        folder: an existing folder (normally the staged one).
+        labels: the label map (any integer type; values as the keys of ``names``).
+        like: the header whose geometry every mask copies.
+        names: label value -> structure name, one mask each.
+        threads: writer threads; default :func:`writer_threads`.
+
+    Returns:
+        The paths written, in the order of the sorted values.
+
+    Raises:
+        OSError: a file cannot be written (disk full, permission); writing stops at the first.
+    """
+    folder = Path(folder)
+    present = value_counts(labels, 256) > 0
+    empty = b""
+    if not all(present[v] for v in names):
+        empty = nifti_gz_bytes(label_image(np.zeros(labels.shape, np.uint8, order="F"), like))
+
+    def write_one(item: tuple[int, str]) -> Path:
+        value, name = item
+        path = folder / f"{name}.nii.gz"
+        if present[value]:
+            write_nifti(label_image((labels == value).view(np.uint8), like), path)
+        else:
+            path.write_bytes(empty)
+        return path
+
+    # ISA-L releases the GIL while it compresses, so threads encode masks in parallel.
+    pool = ThreadPoolExecutor(threads or writer_threads())
+    try:
+        return list(pool.map(write_one, sorted(names.items())))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure, start no further mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,21 +265,46 @@ def _as_uint8_labels(data: np.ndarray) -> np.ndarray:
     return data.astype(np.uint8)
 
 
-def save_multilabel(
+def multilabel_paths(path: Path) -> list[Path]:
+    """The four files of multilabel file ``path``: itself, its JSON sidecar and viewer label files.
+
+    Args:
+        path: the ``.nii.gz`` (or ``.nii``) file.
+
+    Returns:
+        ``[path, seg.json, seg.itksnap.txt, seg.ctbl]`` for ``seg.nii.gz``.
+
+    Raises:
+        OutputError: ``path`` is not named as a NIfTI file.
+    """
+    return [Path(path), *companion_paths(path).values()]
+
+
+def write_multilabel(
+    targets: Sequence[Path],
     data: np.ndarray,
     like: nib.Nifti1Header,
-    path: Path,
     names: Mapping[int, str],
     *,
     numbering: str | None = None,
 ) -> None:
     """Write a uint8 multilabel NIfTI on the grid of ``like`` that carries ``names`` (value -> name).
 
-    Next to ``path`` (``seg.nii.gz``) come ``seg.json``, ``seg.itksnap.txt`` and ``seg.ctbl``.
-    All four files appear together or not at all. ``numbering`` is recorded for readers.
+    The names go into a JSON header extension, a JSON sidecar, an ITK-SNAP label description and
+    a 3D Slicer color table. Write into staged files (``outputs.staged_files`` of
+    :func:`multilabel_paths`), or use :func:`save_multilabel`, which does that.
+
+    Args:
+        targets: where to write the NIfTI, the JSON, the ITK-SNAP and the Slicer file.
+        data: integer label values in 0..255.
+        like: the header whose geometry the file copies.
+        names: label value -> name for every non-zero value in ``data`` (more are allowed).
+        numbering: recorded in the JSON for readers (e.g. ``model``, ``compact``).
+
+    Raises:
+        ValueError: a value without a name, a value outside 1..255 or an unusable name.
+        OSError: a file cannot be written.
     """
-    path = Path(path)
-    paths = companion_paths(path)
     data = _as_uint8_labels(np.asarray(data))
     names = {int(v): str(n) for v, n in names.items()}
     for v, n in names.items():
@@ -202,42 +314,68 @@ def save_multilabel(
     unnamed = [int(v) for v in present if v and v not in names]
     if unnamed:
         raise ValueError(f"label values {unnamed} in the data have no name")
-
     table = names_json(names, numbering)
     img = label_image(data, like)
     img.header.extensions.append(nib.nifti1.Nifti1Extension(_COMMENT_CODE, table.encode("utf-8")))
-    _write_all(
-        [
-            (path, _nifti_writer(img)),
-            (paths["json"], _text_writer(table)),
-            (paths["itksnap"], _text_writer(itksnap_text(names))),
-            (paths["slicer"], _text_writer(slicer_ctbl(names))),
-        ]
-    )
+    nifti, sidecar, itksnap, slicer = (Path(t) for t in targets)
+    write_nifti(img, nifti)
+    sidecar.write_text(table, encoding="utf-8")
+    itksnap.write_text(itksnap_text(names), encoding="utf-8")
+    slicer.write_text(slicer_ctbl(names), encoding="utf-8")
+
+
+def save_multilabel(
+    data: np.ndarray,
+    like: nib.Nifti1Header,
+    path: Path,
+    names: Mapping[int, str],
+    *,
+    numbering: str | None = None,
+) -> list[Path]:
+    """:func:`write_multilabel` to ``path`` and its companions, which appear together or not at all.
+
+    Next to ``path`` (``seg.nii.gz``) come ``seg.json``, ``seg.itksnap.txt`` and ``seg.ctbl``.
+    Existing files are replaced: check them first with :func:`check_multilabel_output`.
+
+    Args:
+        data, like, names, numbering: as for :func:`write_multilabel`.
+        path: the multilabel file.
+
+    Returns:
+        The four paths written.
+
+    Raises:
+        OutputError: ``path`` is not named as NIfTI, or a file cannot be written.
+        ValueError: as for :func:`write_multilabel`.
+    """
+    paths = multilabel_paths(path)
+    with outputs.staged_files(paths) as temps:
+        write_multilabel(temps, data, like, names, numbering=numbering)
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
-    try:
-        img = nib.load(path)
-    except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
-        raise InputError(f"cannot read {path} as NIfTI ({exc}); give a .nii.gz segmentation") from None
-    if not isinstance(img, nib.Nifti1Image):
-        raise InputError(f"{path} is not a NIfTI image; give a .nii.gz segmentation")
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = img.slicer[..., 0]
-    elif len(shape) != 3:
-        raise InputError(f"{path} has shape {shape}; a segmentation must be a 3D volume")
-    return img
-
-
-def _integer_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """The voxel values as a non-negative integer array; LabelError if they are not."""
+def _load_label_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray, nib.Nifti1Header]:
+    """A label map or mask file: the image, its voxels as a 3D array, and its (3D) header."""
+    img = load_nifti(path)
+    check_pixel_kind(path, img.header.get_data_dtype(), what="label map")
+    shape3 = spatial_shape(path, img.shape, what="label map")
     arr = np.asanyarray(img.dataobj)
+    header = img.header
+    if arr.ndim > 3:  # (x, y, z, 1[, 1])
+        arr = arr.reshape(shape3, order="A")
+        header = header.copy()
+        header.set_data_shape(shape3)
+    return img, arr, header
+
+
+def _integer_data(arr: np.ndarray, path: Path) -> np.ndarray:
+    """The voxel values as a non-negative integer array; LabelError if they are not."""
+    if arr.dtype == np.bool_:
+        return arr.view(np.uint8)
     if not np.issubdtype(arr.dtype, np.integer):
         finite = np.isfinite(arr)
         whole = finite & (arr == np.rint(arr))
@@ -282,8 +420,8 @@ def read_names(img: nib.Nifti1Image, path: Path) -> dict[int, str] | None:
 
 
 def _load_multilabel(path: Path) -> tuple[np.ndarray, nib.Nifti1Header, dict[int, str]]:
-    img = _load_nifti(path)
-    arr = _integer_data(img, path)
+    img, arr, header = _load_label_nifti(path)
+    arr = _integer_data(arr, path)
     top = int(arr.max()) if arr.size else 0
     table = read_names(img, path)
     if table is None:
@@ -294,7 +432,7 @@ def _load_multilabel(path: Path) -> tuple[np.ndarray, nib.Nifti1Header, dict[int
                 "structures; give a segmentation written by 'stuseg predict --ml'"
             )
         names = dict(enumerate(lbl.STRUCTURES, start=1))
-        return arr.astype(np.uint8, copy=False), img.header, names
+        return arr.astype(np.uint8, copy=False), header, names
 
     # Names carried: translate each value to its structure's model index, whatever the numbering.
     if any(not 1 <= v <= 255 for v in table):
@@ -318,7 +456,7 @@ def _load_multilabel(path: Path) -> tuple[np.ndarray, nib.Nifti1Header, dict[int
             f"{path} holds label value {unnamed[0]}, which its label table does not name; "
             "give a segmentation written by 'stuseg predict --ml'"
         )
-    return lut[arr], img.header, names
+    return lut[arr], header, names
 
 
 def _mask_files(folder: Path) -> dict[int, Path]:
@@ -348,20 +486,21 @@ def _load_folder(
                 f"folder {folder} holds no mask of the requested structures; "
                 "run 'ls' on it to see which structures it has"
             )
-    first_index, first = next(iter(files.items()))
-    ref = _load_nifti(first)
+    first = next(iter(files.values()))
+    ref, _, ref_header = _load_label_nifti(first)
+    shape = tuple(int(n) for n in ref_header.get_data_shape())
     # Fortran order, like the arrays nibabel reads from NIfTI.
-    labels = np.zeros(ref.shape, np.uint8, order="F")
+    labels = np.zeros(shape, np.uint8, order="F")
     flat = labels.ravel(order="F")  # a view: boolean indexing walks C order, slow on F arrays
     for index, path in files.items():
-        img = ref if index == first_index else _load_nifti(path)
-        if img.shape != ref.shape or not np.allclose(img.affine, ref.affine, atol=_AFFINE_ATOL_MM):
-            what = "shape" if img.shape != ref.shape else "affine"
+        img, arr, _ = _load_label_nifti(path)
+        if arr.shape != shape or not np.allclose(img.affine, ref.affine, atol=_AFFINE_ATOL_MM):
+            what = "shape" if arr.shape != shape else "affine"
             raise InputError(
                 f"masks {first.name} and {path.name} in {folder} differ in {what}; "
                 "give a folder whose masks come from one segmentation"
             )
-        mask = np.asfortranarray(_integer_data(img, path) != 0)  # any non-zero value marks it
+        mask = np.asfortranarray(_integer_data(arr, path) != 0)  # any non-zero value marks it
         where = np.flatnonzero(mask.ravel(order="F"))  # views, both in memory order
         clash = flat[where]
         if clash.any():
@@ -371,7 +510,7 @@ def _load_folder(
                 "one label map cannot hold both, so export them from separate folders"
             )
         flat[where] = index
-    return labels, ref.header, {i: lbl.STRUCTURES[i - 1] for i in files}
+    return labels, ref_header, {i: lbl.STRUCTURES[i - 1] for i in files}
 
 
 def load_segmentation(
@@ -379,8 +518,18 @@ def load_segmentation(
 ) -> tuple[np.ndarray, nib.Nifti1Header, dict[int, str]]:
     """Read a multilabel file or a folder of masks as a uint8 label map numbered by model index.
 
-    Returns ``(labels, header, names)`` where ``names`` maps the model indices the segmentation
-    knows about to structure names. For a folder, ``only`` limits reading to those structures.
+    Args:
+        path: a multilabel ``.nii.gz`` (values named by its label table, else model indices) or a
+            folder of ``<structure>.nii.gz`` masks.
+        only: for a folder, read only the masks of these model indices.
+
+    Returns:
+        ``(labels, header, names)``: the label map, the header whose geometry outputs copy, and
+        model index -> structure name for every structure the segmentation knows about.
+
+    Raises:
+        InputError: missing, unreadable, empty or inconsistent input.
+        LabelError: values that are not whole, negative, unnamed or unknown; overlapping masks.
     """
     path = Path(path)
     if path.is_dir():
@@ -396,25 +545,53 @@ def load_segmentation(
 # Export
 
 
-def _check_output(output: Path, *, one_file: bool) -> None:
-    if one_file:
-        if output.is_dir():
-            raise OutputError(
-                f"{output} is a folder but --ml writes one file; give a file name such as seg.nii.gz"
-            )
-        if _nifti_stem(output) is None:
-            raise OutputError(f"{output} is not a NIfTI file name; end it in .nii.gz")
-    else:
-        if output.exists() and not output.is_dir():
-            raise OutputError(
-                f"{output} is a file but masks are written into a folder; "
-                "give a folder name, or add --ml for one multilabel file"
-            )
-        if not output.exists() and _nifti_stem(output) is not None:
-            raise OutputError(
-                f"{output} looks like a file name but masks are written into a folder; "
-                "give a folder name, or add --ml for one multilabel file"
-            )
+def segmentation_inputs(path: Path) -> list[Path]:
+    """What reading segmentation ``path`` reads: the file and its JSON sidecar, or the folder."""
+    path = Path(path)
+    stem = _nifti_stem(path)
+    sidecar = path.with_name(f"{stem}.json") if stem and not path.is_dir() else None
+    return [path, sidecar] if sidecar is not None and sidecar.exists() else [path]
+
+
+def check_multilabel_output(output: Path, *, inputs: Sequence[Path], overwrite: bool = False) -> None:
+    """Refuse, before any work, a multilabel OUTPUT that is badly named or unsafe to write.
+
+    The file and its three companions are each checked with ``outputs.check_output``.
+
+    Args:
+        output: the ``.nii.gz`` file to write.
+        inputs: everything the command reads.
+        overwrite: allow replacing files stuseg did not write.
+
+    Raises:
+        OutputError: the one-line reason.
+    """
+    hint = " such as seg.nii.gz, or leave out --ml for a folder of masks"
+    outputs.check_output(output, inputs=inputs, kind="file", overwrite=overwrite, hint=hint)
+    if _nifti_stem(Path(output)) is None:
+        raise OutputError(f"{output} is not a NIfTI file name; end it in .nii.gz")
+    for companion in companion_paths(Path(output)).values():
+        outputs.check_output(companion, inputs=inputs, kind="file", overwrite=overwrite)
+
+
+def check_mask_folder_output(output: Path, *, inputs: Sequence[Path], overwrite: bool = False) -> None:
+    """Refuse, before any work, a mask-folder OUTPUT that is badly named or unsafe to write.
+
+    Args:
+        output: the folder to write.
+        inputs: everything the command reads.
+        overwrite: allow replacing a folder of files stuseg did not write.
+
+    Raises:
+        OutputError: the one-line reason.
+    """
+    hint = ", or add --ml for one multilabel file"
+    outputs.check_output(output, inputs=inputs, kind="folder", overwrite=overwrite, hint=hint)
+    if not os.path.lexists(output) and _nifti_stem(Path(output)) is not None:
+        raise OutputError(
+            f"{output} looks like a file name but masks are written into a folder; "
+            "give a folder name, or add --ml for one multilabel file"
+        )
 
 
 def export_labels(
@@ -425,13 +602,31 @@ def export_labels(
     ml: bool = False,
     numbering: str | None = None,
     combine: str | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export the structures ``indices`` (model indices) of a segmentation.
 
     Default: one ``<name>.nii.gz`` 0/1 mask per structure in folder ``output``. ``ml``: one
     multilabel file ``output`` numbered by ``numbering`` (default model). ``combine``: their
     union as one mask ``<combine>.nii.gz`` in folder ``output``. Output geometry is the input's.
-    Everything is checked before the first file is written, and outputs appear all together.
+    Everything is checked before the first file is written; outputs appear all together, and a
+    folder ``output`` holds exactly this export (a previous stuseg folder there is replaced).
+
+    Args:
+        segmentation: a multilabel file or a folder of masks (see :func:`load_segmentation`).
+        output: the folder (masks, ``combine``) or file (``ml``) to write.
+        indices: model indices of the structures to export.
+        ml: write one multilabel file.
+        numbering: label values in the ``ml`` file (``model``, ``compact``, ``totalsegmentator-v1``).
+        combine: write the union of the structures as this one mask.
+        overwrite: allow replacing files or a folder that stuseg did not write.
+
+    Returns:
+        What was written, which structures the input lacks, and which exported ones are empty.
+
+    Raises:
+        OutputError: conflicting options, or an output that is unsafe or cannot be written.
+        InputError, LabelError: as for :func:`load_segmentation`.
     """
     segmentation, output = Path(segmentation), Path(output)
     if ml and combine is not None:
@@ -450,7 +645,11 @@ def export_labels(
     if not wanted:
         raise LabelError("no structures selected; name them with --labels or --group")
     lbl.renumbering(wanted, numbering or lbl.Numbering.MODEL)  # an unknown numbering fails here
-    _check_output(output, one_file=ml)
+    inputs = segmentation_inputs(segmentation)
+    if ml:
+        check_multilabel_output(output, inputs=inputs, overwrite=overwrite)
+    else:
+        check_mask_folder_output(output, inputs=inputs, overwrite=overwrite)
 
     labels, header, known = load_segmentation(segmentation, only=wanted)
     chosen = [i for i in wanted if i in known]
@@ -462,47 +661,19 @@ def export_labels(
     counts = value_counts(labels, len(lbl.LABELS))
     result = ExportResult(missing=missing, empty=[lbl.STRUCTURES[i - 1] for i in chosen if counts[i] == 0])
 
-    folder = output.parent if ml else output
-    created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create folder {folder}: {exc.strerror or exc}") from None
-    try:
-        result.written = _write_outputs(labels, header, output, chosen, values, ml, numbering, combine)
-    except BaseException:
-        if created:  # leave no empty folder behind either
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    return result
-
-
-def _write_outputs(
-    labels: np.ndarray,
-    header: nib.Nifti1Header,
-    output: Path,
-    chosen: list[int],
-    values: dict[int, int],
-    ml: bool,
-    numbering: str | None,
-    combine: str | None,
-) -> list[Path]:
-    """Write the export; ``values`` maps each chosen model index to its value in an --ml file."""
     if ml:
-        lut = np.zeros(len(lbl.LABELS), np.uint8)
+        lut = np.zeros(256, np.uint8)
         for i in chosen:
             lut[i] = values[i]
         names = {values[i]: lbl.STRUCTURES[i - 1] for i in chosen}
-        save_multilabel(lut[labels], header, output, names, numbering=numbering or lbl.Numbering.MODEL)
-        return [output, *companion_paths(output).values()]
-    if combine is not None:
-        union = np.isin(labels, chosen).astype(np.uint8)
-        return _write_all([(output / f"{combine}.nii.gz", _nifti_writer(label_image(union, header)))])
-
-    def masks() -> Iterator[tuple[Path, Callable[[Path], None]]]:
-        for i in chosen:
-            mask = (labels == i).astype(np.uint8)
-            yield output / f"{lbl.STRUCTURES[i - 1]}.nii.gz", _nifti_writer(label_image(mask, header))
-
-    return _write_all(masks())
+        numbering = numbering or lbl.Numbering.MODEL
+        result.written = save_multilabel(lut[labels], header, output, names, numbering=numbering)
+        return result
+    with outputs.staged_folder(output) as stage:
+        if combine is not None:
+            union = np.isin(labels, chosen).view(np.uint8)
+            written = write_masks(stage, union, header, {1: combine})
+        else:
+            written = write_masks(stage, labels, header, {i: lbl.STRUCTURES[i - 1] for i in chosen})
+    result.written = [output / p.name for p in written]
+    return result

@@ -102,6 +102,7 @@ def check_output(
     inputs: Sequence[str | os.PathLike[str]],
     kind: Literal["folder", "file"],
     overwrite: bool = False,
+    hint: str = "",
 ) -> None:
     """Refuse an output that cannot be written safely, before any work is done.
 
@@ -117,6 +118,7 @@ def check_output(
         inputs: every file or folder the command reads (image, segmentation, weights file...).
         kind: ``"folder"`` for a folder of results, ``"file"`` for one file.
         overwrite: allow replacing an existing folder or file that stuseg did not write.
+        hint: appended to the message for a path of the wrong kind, e.g. ", or add --ml ...".
 
     Raises:
         OutputError: the output is unsafe or impossible; the message says what to do instead.
@@ -148,9 +150,9 @@ def check_output(
                 f"so give a new {noun} name"
             )
     if kind == "folder":
-        _check_folder(raw, out, overwrite)
+        _check_folder(raw, out, overwrite, hint)
     else:
-        _check_file(raw, out, overwrite)
+        _check_file(raw, out, overwrite, hint)
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(f"the folder {parent} does not exist; create it first (mkdir -p '{parent}')")
@@ -160,7 +162,7 @@ def check_output(
         )
 
 
-def _check_folder(raw: str, out: Path, overwrite: bool) -> None:
+def _check_folder(raw: str, out: Path, overwrite: bool, hint: str) -> None:
     cwd = _real(Path.cwd())
     if out == cwd or _within(cwd, out):
         raise OutputError(
@@ -173,7 +175,9 @@ def _check_folder(raw: str, out: Path, overwrite: bool) -> None:
     if not os.path.lexists(out):
         return
     if not out.is_dir():
-        raise OutputError(f"the output {raw} is a file, but a folder is written here; give a folder name")
+        raise OutputError(
+            f"the output {raw} is a file, but a folder is written here; give a folder name{hint}"
+        )
     foreign = [] if overwrite else foreign_entries(out, limit=1000)
     if foreign:
         more = len(foreign) - 1
@@ -184,9 +188,9 @@ def _check_folder(raw: str, out: Path, overwrite: bool) -> None:
         )
 
 
-def _check_file(raw: str, out: Path, overwrite: bool) -> None:
+def _check_file(raw: str, out: Path, overwrite: bool, hint: str) -> None:
     if out.is_dir():
-        raise OutputError(f"the output {raw} is a folder, but a file is written here; give a file name")
+        raise OutputError(f"the output {raw} is a folder, but a file is written here; give a file name{hint}")
     if os.path.lexists(out) and not overwrite and not written_by_stuseg(out):
         raise OutputError(
             f"the file {raw} exists and was not written by stuseg; give a new file name, "

@@ -9,12 +9,10 @@ output rows at input resolution (``stuseg.postprocess``).
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,9 @@ import numpy as np
 import torch
 
 from stuseg import labels as label_table
-from stuseg.errors import InputError, OutputError, StusegError
+from stuseg.errors import InputError, StusegError
 from stuseg.head import ClassProbabilities
-from stuseg.io import (
-    StusegWarning,
-    Volume,
-    label_image,
-    nifti_gz_bytes,
-    read_image,
-    write_bytes,
-    write_label_map,
-)
+from stuseg.io import StusegWarning, Volume, label_image, read_image
 from stuseg.network import STUNet, build_network
 from stuseg.plan import PLAN
 from stuseg.postprocess import export_labels
@@ -498,61 +488,3 @@ def segment(
     )
     prepared.timings["load"] = segmenter.load_seconds
     return segmenter.finish(segmenter.infer(prepared, progress=progress))
-
-
-def check_output(output: Path, multilabel: bool) -> None:
-    """Refuse an OUTPUT of the wrong kind before any work is done."""
-    output = Path(output)
-    if multilabel:
-        if output.is_dir():
-            raise OutputError(f"{output} is a folder; with --ml, OUTPUT is a file such as seg.nii.gz")
-        if not output.name.endswith((".nii.gz", ".nii")):
-            raise OutputError(f"{output}: with --ml, OUTPUT must end in .nii.gz or .nii")
-        if not output.parent.is_dir():
-            raise OutputError(f"the folder {output.parent} does not exist; create it first")
-    elif output.exists() and not output.is_dir():
-        raise OutputError(
-            f"{output} is a file; OUTPUT must be a folder for one mask per structure (or use --ml)"
-        )
-
-
-def write_masks(seg: Segmentation, output: Path, threads: int | None = None) -> list[Path]:
-    """One uint8 0/1 ``<name>.nii.gz`` per selected structure, written atomically, in parallel.
-
-    The masks of structures absent from the scan are all the same file: it is encoded once and
-    its bytes written for each of them.
-    """
-    output = Path(output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {output}: {exc.strerror or exc}") from None
-    labels = seg.labels
-    header = seg.image.header
-    present = np.bincount(labels.ravel(order="K"), minlength=256) > 0
-    empty = nifti_gz_bytes(label_image(np.zeros_like(labels), header)) if not present.all() else b""
-    # ISA-L and zlib release the GIL, so threads compress masks in parallel.
-    workers = threads or min(8, os.cpu_count() or 1)
-
-    def write_one(item: tuple[int, str]) -> Path:
-        value, name = item
-        path = output / f"{name}.nii.gz"
-        if present[value]:
-            write_label_map((labels == value).view(np.uint8), header, path)
-        else:
-            write_bytes(empty, path)
-        return path
-
-    pool = ThreadPoolExecutor(workers)
-    try:
-        return list(pool.map(write_one, sorted(seg.names.items())))
-    finally:
-        # On a failure (disk full), stop: masks not yet started are not written.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def write_multilabel(seg: Segmentation, output: Path) -> None:
-    """One uint8 file, values = model channel index, carrying the structure names."""
-    from stuseg.labelmaps import save_multilabel
-
-    save_multilabel(seg.labels, seg.image.header, Path(output), seg.names)

@@ -442,7 +442,7 @@ def _same_masks(a: Path, b: Path) -> None:
 
 
 def test_api_batch_equals_one_case_at_a_time_and_isolates_a_corrupt_case(tmp_path: Path, segmenter) -> None:
-    from stuseg import pipeline
+    from stuseg import labelmaps
 
     inputs = _cohort(tmp_path / "in", 3, corrupt_at=1)
     found = batch.discover([tmp_path / "in"])
@@ -454,7 +454,9 @@ def test_api_batch_equals_one_case_at_a_time_and_isolates_a_corrupt_case(tmp_pat
     _no_leftovers(out)
     for i in (0, 2):
         alone = tmp_path / f"alone{i}"
-        pipeline.write_masks(segmenter(inputs[i]), alone)
+        alone.mkdir()
+        seg = segmenter(inputs[i])
+        labelmaps.write_masks(alone, seg.labels, seg.image.header, seg.names)
         _same_masks(out / f"case{i}", alone)
     records = batch.read_log(out / batch.LOG_NAME)
     assert [(r["case"], r["status"]) for r in records] == [(r.case.id, r.status) for r in results]
@@ -509,7 +511,7 @@ def test_multilabel_batch_and_its_resume(tmp_path: Path, segmenter) -> None:
     names = ["case0.ctbl", "case0.itksnap.txt", "case0.json", "case0.nii.gz", batch.LOG_NAME]
     assert sorted(p.name for p in out.iterdir()) == names
     seg = segmenter(inputs[0])
-    save_multilabel(seg.labels, seg.image.header, tmp_path / "alone.nii.gz", seg.names)
+    save_multilabel(seg.labels, seg.image.header, tmp_path / "alone.nii.gz", seg.names, numbering="model")
     a, b = nib.load(out / "case0.nii.gz"), nib.load(tmp_path / "alone.nii.gz")
     assert a.header.binaryblock == b.header.binaryblock
     np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
@@ -661,8 +663,10 @@ def test_interrupted_by_sigint_then_sigterm_then_completed(tmp_path: Path, small
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 128 + sig, stderr
         lines = stderr.strip().splitlines()
+        how = "terminated by SIGTERM" if sig == signal.SIGTERM else "interrupted by Ctrl-C"
         assert len(lines) == 1 and re.fullmatch(
-            r"stuseg: error: interrupted; \d of 4 cases are done, run the same command again to go on",
+            f"stuseg: error: {how}; \\d of 4 cases are done and no partial output was left; "
+            "run the same command again to go on",
             lines[0],
         ), stderr
         done = _whole_cases_only(out)

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from stuseg import labelmaps, labels
 from stuseg.cli import app
 from stuseg.errors import InputError, LabelError, OutputError
-from stuseg.io import write_label_map
+from stuseg.io import label_image
+from stuseg.outputs import MARKER
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "label_order.json"
+REFERENCE = Path(__file__).parent / "data" / "reference" / "label_order.json"
 
 SHAPE = (7, 9, 5)  # odd and anisotropic, so an axis swap cannot go unnoticed
 PRESENT = ("aorta", "liver", "rib_left_1", "rib_left_10", "spleen", "vertebrae_L1")
@@ -78,6 +79,10 @@ def mask_dir(tmp_path: Path, seg: np.ndarray, header: nib.Nifti1Header) -> Path:
         mask = (seg == labels.index_of(name)).astype(np.uint8)
         write_label_map(mask, header, folder / f"{name}.nii.gz")
     return folder
+
+
+def write_label_map(data: np.ndarray, header: nib.Nifti1Header, path: Path) -> None:
+    labelmaps.write_nifti(label_image(data, header), path)
 
 
 def invoke(*args: object) -> object:
@@ -163,7 +168,7 @@ def test_multilabel_to_masks_and_back(tmp_path: Path, ml_file: Path, seg: np.nda
     assert result.exit_code == 0, result.stderr
     expected = ["aorta", *labels.GROUPS["vessels"][1:], "liver", "rib_left_1", "rib_left_10", "rib_left_11",
                 "rib_left_12"]  # fmt: skip
-    assert files_in(out) == sorted(f"{n}.nii.gz" for n in expected)
+    assert files_in(out) == [MARKER, *sorted(f"{n}.nii.gz" for n in expected)]
     assert result.stdout.splitlines() == [
         str(out / f"{n}.nii.gz") for n in sorted(expected, key=labels.index_of)
     ]
@@ -188,6 +193,7 @@ def test_multilabel_to_masks_and_back(tmp_path: Path, ml_file: Path, seg: np.nda
 
 def test_masks_to_multilabel_round_trip(tmp_path: Path, mask_dir: Path, seg: np.ndarray, header) -> None:
     out = tmp_path / "sub" / "all.nii.gz"
+    out.parent.mkdir()
     result = invoke("export-labels", mask_dir, out, "--labels", "*", "--ml")
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines() == [  # the folder has 7 of the 104 masks, stomach empty
@@ -204,7 +210,7 @@ def test_masks_to_multilabel_round_trip(tmp_path: Path, mask_dir: Path, seg: np.
 
     again = tmp_path / "again"
     assert invoke("export-labels", out, again, "-g", "bones").exit_code == 0
-    assert files_in(again) == ["rib_left_1.nii.gz", "rib_left_10.nii.gz", "vertebrae_L1.nii.gz"]
+    assert files_in(again) == [MARKER, "rib_left_1.nii.gz", "rib_left_10.nii.gz", "vertebrae_L1.nii.gz"]
 
 
 @pytest.mark.parametrize("numbering", ["compact", "totalsegmentator-v1"])
@@ -230,31 +236,36 @@ def test_ml_numbering(tmp_path: Path, ml_file: Path, seg: np.ndarray, numbering:
 
 
 def test_combine_writes_the_union(tmp_path: Path, mask_dir: Path, seg: np.ndarray, header) -> None:
-    result = invoke("export-labels", mask_dir, mask_dir, "-l", "rib_*", "--combine", "ribs")
+    out = tmp_path / "union"
+    result = invoke("export-labels", mask_dir, out, "-l", "rib_*", "--combine", "ribs")
     assert result.exit_code == 0, result.stderr
-    img = nib.load(mask_dir / "ribs.nii.gz")
+    img = nib.load(out / "ribs.nii.gz")
     assert np.array_equal(np.asanyarray(img.dataobj), np.isin(seg, [49, 50]).astype(np.uint8))
-    assert_same_geometry(mask_dir / "ribs.nii.gz", header)
-    assert result.stdout.splitlines() == [str(mask_dir / "ribs.nii.gz")]
+    assert_same_geometry(out / "ribs.nii.gz", header)
+    assert result.stdout.splitlines() == [str(out / "ribs.nii.gz")]
+    assert files_in(out) == [MARKER, "ribs.nii.gz"]
 
 
 def test_nothing_is_left_when_a_write_fails(tmp_path: Path, ml_file: Path, monkeypatch) -> None:
     calls = []
+    real_write = labelmaps.write_nifti
 
-    def flaky_save(img: nib.Nifti1Image, path: Path) -> None:
+    def flaky_write(img: nib.Nifti1Image, path: Path) -> None:
         calls.append(path)
         if len(calls) == 3:
+            path.write_bytes(b"\x1f\x8b half")
             raise OSError(28, "No space left on device")
-        real_save(img, path)
+        real_write(img, path)
 
-    real_save = nib.save
-    monkeypatch.setattr(nib, "save", flaky_save)
+    monkeypatch.setattr(labelmaps, "write_nifti", flaky_write)
+    before = files_in(tmp_path)
     out = tmp_path / "out"
     result = invoke("export-labels", ml_file, out, "--group", "bones")
     assert result.exit_code == 1
-    failed = out / "femur_left.nii.gz"  # third bone in model order, after the claviculae
-    assert result.stderr == f"stuseg: error: cannot write {failed}: No space left on device\n"
-    assert not out.exists()  # the two masks already written were never renamed into place
+    assert (
+        result.stderr == f"stuseg: error: cannot write {out}: No space left on device; nothing was written\n"
+    )
+    assert files_in(tmp_path) == before  # no output folder, no hidden staging folder
 
 
 # --- export-labels: every error, one line, nothing written ---------------------------------------
@@ -343,7 +354,7 @@ def test_error_output_is_a_file_for_masks(tmp_path: Path, ml_file: Path) -> None
     result = invoke("export-labels", ml_file, target, "-l", "liver")
     assert result.exit_code == 1
     assert result.stderr == (
-        f"stuseg: error: {target} is a file but masks are written into a folder; "
+        f"stuseg: error: the output {target} is a file, but a folder is written here; "
         "give a folder name, or add --ml for one multilabel file\n"
     )
     assert target.read_text() == "keep me"
@@ -359,7 +370,8 @@ def test_error_output_is_a_folder_for_ml(tmp_path: Path, ml_file: Path) -> None:
     result = invoke("export-labels", ml_file, target, "-l", "liver", "--ml")
     assert result.exit_code == 1
     assert result.stderr == (
-        f"stuseg: error: {target} is a folder but --ml writes one file; give a file name such as seg.nii.gz\n"
+        f"stuseg: error: the output {target} is a folder, but a file is written here; give a file name "
+        "such as seg.nii.gz, or leave out --ml for a folder of masks\n"
     )
     assert files_in(target) == []
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -18,12 +17,9 @@ from typer.testing import CliRunner
 from stuseg import labels
 from stuseg.cli import app
 from stuseg.io import read_image
+from stuseg.outputs import MARKER
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason="shared/data (the real CT scans) is not beside the repo"
-)
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +42,6 @@ def assert_same_grid(out: nib.Nifti1Image, ref_header: nib.Nifti1Header) -> None
     assert int(out.header["sform_code"]) == int(ref_header["sform_code"])
 
 
-@needs_data
 def test_real_lps_chest_gives_104_masks_on_the_input_grid(tmp_path: Path, small_model: Path) -> None:
     ct = DATA / "chest_ct_1p5mm_lps.nii.gz"
     out = tmp_path / "masks"
@@ -56,7 +51,7 @@ def test_real_lps_chest_gives_104_masks_on_the_input_grid(tmp_path: Path, small_
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(f"{n}.nii.gz" for n in labels.STRUCTURES)
+    assert files == [MARKER, *sorted(f"{n}.nii.gz" for n in labels.STRUCTURES)]
     ref = nib.load(ct)
     total = np.zeros(ref.shape, np.uint16)
     for name in labels.STRUCTURES:
@@ -72,7 +67,6 @@ def test_real_lps_chest_gives_104_masks_on_the_input_grid(tmp_path: Path, small_
     assert "network" in summary and "peak RAM" in summary
 
 
-@needs_data
 def test_real_dicom_series_to_one_multilabel_file(tmp_path: Path, small_model: Path) -> None:
     series = DATA / "abdomen_ct_dicom"
     out = tmp_path / "seg.nii.gz"
@@ -108,9 +102,9 @@ def test_tta_fast_and_roi_subset_through_a_subprocess(tmp_path: Path, small_mode
         "liver,SPLEEN",
     )
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["liver.nii.gz", "spleen.nii.gz"]
-    for p in out.iterdir():
-        assert_same_grid(nib.load(p), nib.load(ct).header)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "liver.nii.gz", "spleen.nii.gz"]
+    for name in ("liver.nii.gz", "spleen.nii.gz"):
+        assert_same_grid(nib.load(out / name), nib.load(ct).header)
 
 
 def test_typer_runner_normal_mode_matches_the_python_api(
@@ -173,12 +167,16 @@ def test_output_is_an_existing_file(tmp_path: Path, make_nifti) -> None:
     ct = make_nifti()
     target = tmp_path / "taken"
     target.write_text("x")
-    _fails([str(ct), str(target)], "is a file; OUTPUT must be a folder")
+    _fails([str(ct), str(target)], f"the output {target} is a file, but a folder is written here")
     assert target.read_text() == "x"
 
 
 def test_multilabel_output_must_be_a_nifti_file(tmp_path: Path, make_nifti) -> None:
-    _fails([str(make_nifti()), str(tmp_path), "--ml"], "is a folder; with --ml")
+    _fails([str(make_nifti()), str(tmp_path / "masks"), "--ml"], "not a NIfTI file name; end it in .nii.gz")
+    (tmp_path / "seg.nii.gz").mkdir()
+    _fails(
+        [str(make_nifti()), str(tmp_path / "seg.nii.gz"), "--ml"], "is a folder, but a file is written here"
+    )
 
 
 def test_unknown_structure_suggests_the_closest(tmp_path: Path, make_nifti) -> None:
@@ -222,40 +220,45 @@ def test_non_ct_warning_is_printed(tmp_path: Path, small_model: Path, make_nifti
     assert "stuseg: warning: the image has no values below -500" in result.stderr
 
 
-def test_an_interrupted_write_leaves_no_truncated_mask(tmp_path: Path, make_nifti, monkeypatch) -> None:
-    from stuseg import io, pipeline
+def test_a_failed_write_leaves_no_output_folder(tmp_path: Path, make_nifti, monkeypatch) -> None:
+    """Disk full after 4 masks: no output folder, no staging folder, exit 1 with one line."""
+    from stuseg import labelmaps, pipeline
 
-    seg = pipeline.segment(make_nifti(), model=_uniform_model(), device="cpu")
     calls = {"n": 0}
-    real_atomic_path = io.atomic_path
+    real_write = labelmaps.write_nifti
 
-    @contextlib.contextmanager
-    def flaky_atomic_path(path):
+    def flaky_write(img, path):
         calls["n"] += 1
-        with real_atomic_path(path) as tmp:
-            if calls["n"] == 5:
-                tmp.write_bytes(b"\x1f\x8b partial")  # a half-written file under the temp name
-                raise OSError(28, "No space left on device")
-            yield tmp
+        if calls["n"] == 5:
+            path.write_bytes(b"\x1f\x8b partial")  # a half-written mask
+            raise OSError(28, "No space left on device")
+        real_write(img, path)
 
-    monkeypatch.setattr(io, "atomic_path", flaky_atomic_path)
-    with pytest.raises(pipeline.OutputError, match="No space left on device"):
-        pipeline.write_masks(seg, tmp_path / "out", threads=1)
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert 4 <= len(names) < 104  # stopped early, and no temporary file left behind
-    assert all(n.endswith(".nii.gz") and not n.startswith(".") for n in names)
-    for n in names:
-        assert nib.load(tmp_path / "out" / n).shape == seg.image.shape  # complete files only
+    ct = make_nifti()
+    seg = pipeline.segment(ct, model=_varied_model(), device="cpu", step_size=1.0)
+    assert len(np.unique(seg.labels)) > 5  # several masks are encoded, not only the shared empty one
+    monkeypatch.setattr(labelmaps, "write_nifti", flaky_write)
+    monkeypatch.setattr(pipeline, "segment", lambda *args, **kwargs: seg)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(ct), str(out)])
+    assert result.exit_code == 1, result.output
+    assert (
+        result.stderr == f"stuseg: error: cannot write {out}: No space left on device; nothing was written\n"
+    )
+    assert calls["n"] >= 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ct.nii.gz"])
 
 
 def test_masks_of_absent_structures_share_one_encoding(make_nifti, tmp_path: Path) -> None:
-    from stuseg import pipeline
+    from stuseg import labelmaps, pipeline
 
     src = make_nifti()
     seg = pipeline.segment(src, model=_uniform_model(), device="cpu")
-    paths = pipeline.write_masks(seg, tmp_path / "out")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    paths = labelmaps.write_masks(folder, seg.labels, seg.image.header, seg.names)
     assert len(paths) == 104
-    liver = tmp_path / "out" / "liver.nii.gz"
+    liver = folder / "liver.nii.gz"
     absent = [p for p in paths if p != liver]
     assert len({p.read_bytes() for p in absent}) == 1  # one encoding, written 103 times
     ref = nib.load(src)
@@ -265,6 +268,18 @@ def test_masks_of_absent_structures_share_one_encoding(make_nifti, tmp_path: Pat
         np.testing.assert_array_equal(img.affine, ref.affine)
         assert int(img.header["sform_code"]) == int(ref.header["sform_code"])
         assert np.all(np.asanyarray(img.dataobj) == value)
+
+
+def _varied_model():
+    """Logits that vary with the intensity, so several structures are present."""
+    import torch
+
+    class Varied(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = torch.arange(105, dtype=x.dtype).view(1, 105, 1, 1, 1) / 50.0
+            return -((x - scale + 1.0) ** 2)
+
+    return Varied()
 
 
 def _uniform_model():
