@@ -111,3 +111,59 @@ def test_a_worker_that_does_not_see_the_folder_says_so(tmp_path: Path) -> None:
         f"the Ray worker on node7 does not see the batch folder {elsewhere} as the driver wrote it; "
         "--output must be on storage shared by every node of the cluster (the same path on each)"
     )
+
+
+def _process_titled(prefix: str) -> int | None:
+    """The pid of a process whose title (Ray sets ``ray::Class.method`` while a task runs) starts so."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(prefix):
+            return int(entry.name)
+    return None
+
+
+def test_a_worker_killed_mid_case_costs_a_retry_not_a_broken_output(
+    tmp_path: Path, cluster: str, small_model: Path
+) -> None:
+    import signal
+    import threading
+    import time
+
+    from stuseg import batch_ray
+
+    src = tmp_path / "in"
+    for i in range(2):
+        write_ct(src / f"ct{i}.nii.gz", shape=(36, 34, 30 + i), seed=i)
+    cases = batch.discover([src]).cases
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_the_first_busy_worker() -> None:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not killed:
+            pid = _process_titled("ray::CaseWorker.process")
+            if pid is not None:
+                time.sleep(0.5)  # well inside the case
+                os.kill(pid, signal.SIGKILL)  # a worker of the cluster this test started
+                killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_first_busy_worker)
+    killer.start()
+    results = batch_ray.run(
+        cases, out, address=cluster, weights=small_model, device="cpu", step_size=1.0, fast=True
+    )
+    statuses = {r.case.id: r.status for r in results}
+    killer.join()
+    assert killed, "no worker was seen running a case"
+    assert statuses == {"ct0": "ok", "ct1": "ok"}
+    _no_leftovers(out)
+    records = batch.read_log(out / batch.LOG_NAME)
+    assert sorted(r["case"] for r in records) == ["ct0", "ct1"]  # one line per case, none lost
+    for case in ("ct0", "ct1"):
+        assert len(_masks(out / case)) == 104
