@@ -208,10 +208,16 @@ def check_shared_folder(output: Path, token: tuple[str, str], host: str) -> None
         ) from None
 
 
-def _connect(ray: Any, address: str) -> None:
-    """Join the cluster at ``address`` (``auto``, ``ray://host:port`` or a GCS ``host:port``)."""
+def _connect(ray: Any, address: str) -> bool:
+    """Join the cluster at ``address`` (``auto``, ``ray://host:port`` or a GCS ``host:port``).
+
+    Returns False when this process is already connected to a cluster (a Python caller that
+    called ``ray.init`` itself): that connection is used, and left open afterwards.
+    """
     import logging
 
+    if ray.is_initialized():
+        return False
     try:
         ray.init(
             address=address,
@@ -225,6 +231,7 @@ def _connect(ray: Any, address: str) -> None:
             f"cannot connect to the Ray cluster at {address}: {detail}; start one with 'ray start --head' "
             "or check the address"
         ) from None
+    return True
 
 
 def _pool_shape(ray: Any, workers: int | None, device: str) -> tuple[int, dict[str, float], int]:
@@ -282,10 +289,9 @@ def run(
     token = (f"{TOKEN_PREFIX}{run_id}", run_id)
     token_path = output / token[0]
     token_path.write_text(token[1], encoding="utf-8")
-    started_ray = False
+    connected = False
     try:
-        _connect(ray, address)
-        started_ray = True
+        connected = _connect(ray, address)
         count, resources, threads = _pool_shape(ray, workers, device)
         options = {
             "size": size,
@@ -310,11 +316,22 @@ def run(
     except BaseException:
         with contextlib.suppress(OSError):
             token_path.unlink()
-        if started_ray:
+        if connected:
             ray.shutdown()
         raise
     return _results(
-        ray, actors, identities, cases, output, token_path, options, multilabel, overwrite, ignored, run_id
+        ray,
+        actors,
+        identities,
+        cases,
+        output,
+        token_path,
+        options,
+        multilabel,
+        overwrite,
+        ignored,
+        run_id,
+        connected,
     )
 
 
@@ -349,6 +366,7 @@ def _results(
     overwrite: bool,
     ignored: Sequence[Ignored],
     run_id: str,
+    connected: bool,
 ) -> Iterator[CaseResult]:
     try:
         shas = {i["weights_sha256"] for i in identities}
@@ -384,7 +402,7 @@ def _results(
                 yield CaseResult(case, "skipped", paths, None, rec)
             yield from _dispatch(ray, actors, todo, settings, overwrite, run_id, recorder, log, output)
     finally:
-        _stop(ray, actors, identities, output)
+        _stop(ray, actors, identities, output, disconnect=connected)
         with contextlib.suppress(OSError):
             token_path.unlink()
 
@@ -436,8 +454,10 @@ def _dispatch(
             yield CaseResult(case, status, [Path(p) for p in paths], error, rec)
 
 
-def _stop(ray: Any, actors: list[Any], identities: list[dict[str, Any]], output: Path) -> None:
-    """End the actors; remove what killed ones left staged in ``output``; leave the cluster."""
+def _stop(
+    ray: Any, actors: list[Any], identities: list[dict[str, Any]], output: Path, disconnect: bool
+) -> None:
+    """End the actors; remove what killed ones left staged in ``output``; leave a cluster we joined."""
     for actor in actors:
         with contextlib.suppress(Exception):
             ray.kill(actor, no_restart=True)
@@ -455,8 +475,9 @@ def _stop(ray: Any, actors: list[Any], identities: list[dict[str, Any]], output:
                 else:
                     with contextlib.suppress(OSError):
                         entry.unlink()
-    with contextlib.suppress(Exception):
-        ray.shutdown()
+    if disconnect:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
 
 
 def _host_tag(host: str) -> str:

@@ -165,5 +165,6 @@ def test_a_worker_killed_mid_case_costs_a_retry_not_a_broken_output(
     _no_leftovers(out)
     records = batch.read_log(out / batch.LOG_NAME)
     assert sorted(r["case"] for r in records) == ["ct0", "ct1"]  # one line per case, none lost
+    assert all(not r["host"].endswith(f":{killed[0]}") for r in records)  # finished by a new worker
     for case in ("ct0", "ct1"):
         assert len(_masks(out / case)) == 104
