@@ -284,6 +284,7 @@ def run(
     """
     ray = require_ray()
     output = Path(output).absolute()
+    created = not output.exists()
     output.mkdir(exist_ok=True)
     run_id = uuid4_hex()
     token = (f"{TOKEN_PREFIX}{run_id}", run_id)
@@ -316,6 +317,8 @@ def run(
     except BaseException:
         with contextlib.suppress(OSError):
             token_path.unlink()
+            if created:
+                output.rmdir()  # nothing was done: leave no trace
         if connected:
             ray.shutdown()
         raise
