@@ -168,3 +168,20 @@ def test_a_worker_killed_mid_case_costs_a_retry_not_a_broken_output(
     assert all(not r["host"].endswith(f":{killed[0]}") for r in records)  # finished by a new worker
     for case in ("ct0", "ct1"):
         assert len(_masks(out / case)) == 104
+
+
+def test_workers_that_cannot_start_are_a_usage_error_and_leave_nothing(tmp_path: Path, cluster: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    ct = write_ct(tmp_path / "a.nii.gz")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stuseg", "batch", str(ct), "-o", str(out), "--ray", cluster]
+    cmd += ["--device", "cuda", "--size", "small"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "stuseg: error: --device cuda was asked for but no CUDA GPU is available; use --device cpu"
+    ]
+    assert not out.exists()
