@@ -512,7 +512,7 @@ def batch_cmd(
     sources: Annotated[
         list[Path],
         typer.Argument(
-            metavar="SOURCE...",
+            metavar="SOURCE",
             help="CT files, folders (searched recursively; every DICOM CT series is a case) "
             "or list files (.txt: a path a line; .csv: 'path' and optional 'case' columns).",
         ),
@@ -567,7 +567,9 @@ def batch_cmd(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", min=1, help="Ray workers. [default: one per GPU, else one per node]"),
+        typer.Option(
+            "--workers", min=1, metavar="N", help="Ray workers. [default: one per GPU, else one per node]"
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
