@@ -1,6 +1,6 @@
 """A plain, full-volume re-statement of the original inference path, for equivalence tests.
 
-Written from ``shared/reference/nnunet_v1_inference.md`` alone, for inputs stored in RAS (where
+Written from a description of nnU-Net v1's inference steps alone, for inputs stored in RAS (where
 stuseg's reorientation is the identity): numpy/scipy preprocessing, channels-first float32
 aggregation of every tile, and the two exports computed on whole volumes. Slow and memory
 hungry on purpose; nothing is shared with stuseg's implementation.
