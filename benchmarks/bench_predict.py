@@ -63,6 +63,9 @@ def make_weights(path: Path, size: str) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """One measured run, in this (fresh) process."""
+    from stuseg.threads import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before torch loads, as the stuseg command does
     from stuseg import pipeline
 
     mode = args.mode[0]

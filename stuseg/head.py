@@ -60,7 +60,7 @@ class ClassProbabilities(PatchPredictor):
     is called as it is and its (B, K, *patch) logits moved last.
 
     The CPU path computes the softmax with ``exp2`` on logits in base-2 units (``exp2`` is
-    about twice as fast as ``exp`` there) and adds ``exp * (weight / sum)`` with one fused
+    faster than ``exp`` there) and adds ``exp * (weight / sum)`` with one fused
     multiply-add: each probability and each sum is within a few float32 ulps of softmax,
     multiply, add (the reference's order).
 

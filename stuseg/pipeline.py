@@ -190,7 +190,7 @@ def keep_freed_memory(device: str = "cpu") -> bool:
 
     Every tile allocates and frees gigabytes of activations. By default glibc serves blocks
     this large with fresh mmap()s, so each one is page-faulted and zeroed by the kernel again;
-    on a few CPU cores that doubles the time per tile (benchmarks/RESULTS.md). Serving them from
+    on a few CPU cores that makes every tile far slower (benchmarks/RESULTS.md). Serving them from
     the heap and never trimming it keeps the pages; the cost is that RSS stays at its peak
     until the process ends (``release_free_memory`` trims between stages).
 

@@ -1,6 +1,6 @@
 """Network-resolution results back to the cropped input resolution, streaming.
 
-Two exports, as nnU-Net v1's ``normal`` and ``fast`` modes (reference sections 5 and 9):
+Two exports, as nnU-Net v1's ``normal`` and ``fast`` modes:
 
 - ``ProbabilityExport`` (normal): class probabilities are linearly interpolated to the input
   spacing, then argmax. Slabs arrive from the sliding window and are reduced to labels at

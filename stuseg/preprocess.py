@@ -1,7 +1,8 @@
 """From the input grid to what the network sees, and the geometry to undo it.
 
-The steps follow nnU-Net v1's test-time preprocessing for these models (see
-``shared/reference/nnunet_v1_inference.md``), with one deliberate change first:
+The steps follow nnU-Net v1's test-time preprocessing for these models ("the reference" in
+this package: nnU-Net v1's inference path as the STU-Net models were published with it),
+with one deliberate change first:
 
 1. reorient to the closest canonical RAS orientation, then present the array as SimpleITK
    would for that RAS file: (z, y, x) order (the training images were stored in RAS);

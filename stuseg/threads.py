@@ -175,20 +175,26 @@ def limit_threads(threads: int) -> Iterator[None]:
 def prefer_passive_waiting(environ: dict[str, str] | None = None) -> None:
     """Let idle OpenMP threads sleep at once instead of spinning (call before torch/numba load).
 
-    A stuseg process runs up to three OpenMP thread pools: torch's (its own libgomp), numba's
-    kernels (the system libgomp) and OpenBLAS's. GNU OpenMP's default is to keep an idle thread
-    spinning on its CPU for a while (``GOMP_SPINCOUNT`` 300000 pause loops) after every parallel
-    region, in case the next one starts soon. Alone on a machine that is harmless; but each of
-    the network's thousands of small parallel regions per tile ends in a barrier, and when
-    another process (or the other pool of the same process) needs that CPU, the spinning thread
-    holds it until the scheduler preempts it, so every barrier waits a scheduler time slice.
-    That turns a fair 2x slowdown beside a second busy process into several times more.
-    ``OMP_WAIT_POLICY=PASSIVE`` makes idle threads block on a futex at once.
+    A stuseg process runs two OpenMP runtimes: torch's own libgomp (network, softmax) and the
+    system's libgomp under numba's kernels (exports). GNU OpenMP's default keeps an idle thread
+    spinning on its CPU for a while after every parallel region (``GOMP_SPINCOUNT`` 300000
+    pause loops), in case the next region starts soon. Alone on a machine that is harmless. But
+    a tile runs thousands of small parallel regions, each ending in a barrier, and when another
+    process (or the other runtime's pool in the same process) needs the CPU, the spinning thread
+    keeps it until the scheduler preempts it: the CPU time is burnt and every barrier waits for
+    a time slice. That is how two processes on two cores each took several times as long as
+    alone instead of about twice. ``OMP_WAIT_POLICY=PASSIVE`` makes idle threads block on a
+    futex at once (a measurement under load is in benchmarks/RESULTS.md).
 
-    The GNU runtime reads the variable once, when it is loaded, so this must run before torch
-    is imported (and before numba's first parallel kernel). It only fills in variables the user
-    has not set. Meant for processes that exist to run stuseg (the command line calls it); a
-    library call does not change its host's environment.
+    Both runtimes read the variable once, when they are loaded, so this must run before torch
+    is imported (and before numba's first parallel kernel). It sets nothing the user has
+    chosen: neither when ``OMP_WAIT_POLICY`` nor when ``GOMP_SPINCOUNT`` is set. Meant for
+    processes that exist to run stuseg (the command line calls it first); a library call
+    never changes its host's environment.
+
+    Args:
+        environ: the mapping to fill in (default ``os.environ``).
     """
     env = os.environ if environ is None else environ
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"

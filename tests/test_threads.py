@@ -138,9 +138,24 @@ def test_passive_waiting_fills_in_only_what_the_user_left_unset() -> None:
     env: dict[str, str] = {}
     threads.prefer_passive_waiting(env)
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    threads.prefer_passive_waiting(env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}):
+        env = dict(chosen)
+        threads.prefer_passive_waiting(env)
+        assert env == chosen
+
+
+def test_the_command_line_process_waits_passively() -> None:
+    """``python -m stuseg`` sets the policy before torch loads; a user's own choice is kept."""
+    code = "import os, sys; from stuseg import cli; sys.argv = ['stuseg', '--version']\n"
+    code += "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint(os.environ.get('OMP_WAIT_POLICY'))"
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for extra, expect in (({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")):
+        env = {**base, **extra, "PYTHONPATH": str(REPO)}
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == expect
 
 
 def test_pipeline_works_where_the_resource_module_does_not_exist(tmp_path: Path) -> None:
