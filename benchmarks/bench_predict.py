@@ -66,7 +66,7 @@ def child(args: argparse.Namespace) -> None:
     from stuseg.threads import prefer_passive_waiting
 
     prefer_passive_waiting()  # before torch loads, as the stuseg command does
-    from stuseg import pipeline
+    from stuseg import labelmaps, pipeline
 
     mode = args.mode[0]
     pipeline.keep_freed_memory(args.device)  # as the stuseg command does
@@ -80,7 +80,7 @@ def child(args: argparse.Namespace) -> None:
         weights=args.weights,
     )
     t0 = time.perf_counter()
-    pipeline.write_masks(seg, args.output)
+    labelmaps.save_masks(args.output, seg.labels, seg.image.header, seg.names)
     seg.timings["write"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

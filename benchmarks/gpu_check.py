@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_predict import make_ct
 
-from stuseg import pipeline
+from stuseg import labelmaps, pipeline
 from stuseg.head import ClassProbabilities
 from stuseg.network import build_network
 
@@ -108,7 +108,7 @@ def timings(out: Path, work: Path, sizes: list[str]) -> None:
             torch.cuda.empty_cache()
             continue
         t0 = time.perf_counter()
-        pipeline.write_masks(seg, work / f"out-{size}-{fast}-{tta}")
+        labelmaps.save_masks(work / f"out-{size}-{fast}-{tta}", seg.labels, seg.image.header, seg.names)
         seg.timings["write"] = time.perf_counter() - t0
         wall = time.perf_counter() - start
         emit(

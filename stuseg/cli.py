@@ -102,9 +102,9 @@ def user_errors(fn: F) -> F:
         except StusegError as exc:
             raise fail(str(exc)) from None
         except Terminated:
-            raise fail("terminated by SIGTERM; no partial output was left", code=143) from None
+            raise fail("terminated by SIGTERM", code=143) from None
         except KeyboardInterrupt:
-            raise fail("interrupted by Ctrl-C; no partial output was left", code=130) from None
+            raise fail("interrupted by Ctrl-C", code=130) from None
         except EOFError as exc:
             detail = f" ({exc})" if str(exc) else ""
             raise fail(f"a file ended unexpectedly{detail}; it may be truncated, so copy it again") from None

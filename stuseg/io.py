@@ -220,12 +220,19 @@ def spatial_shape(path: Path, shape: tuple[int, ...], *, what: str = "CT volume"
     return (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
-def _check_finite(path: Path, data: np.ndarray) -> None:
-    """Refuse infinite voxels (``InputError``, with their count).
+def check_finite(path: Path, data: np.ndarray) -> None:
+    """Refuse infinite voxels (``InputError``, with their count); ``read_image`` calls it.
 
     NaN has a convention the models were trained with (nnU-Net sets it to 0, and so does the
     preprocessing here); Inf has none. Any value put in its place would silently change the scan,
     and a conversion that produced Inf may have damaged more, so the user decides.
+
+    Args:
+        path: where the voxels come from, for the message.
+        data: the voxels; only floating-point arrays can hold Inf.
+
+    Raises:
+        InputError: the count of infinite voxels and what to do.
     """
     if data.dtype.kind != "f":
         return
@@ -359,7 +366,7 @@ def _read_nifti(path: Path) -> Volume:
         # are the input's, so the outputs describe the same 3D grid.
         data = data.reshape(shape3, order="A")
         header.set_data_shape(shape3)
-    _check_finite(path, data)
+    check_finite(path, data)
     return Volume(data=data, affine=affine, header=header)
 
 
@@ -479,7 +486,7 @@ def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
     # in Fortran order, the same layout nibabel gives. astype copies, so nothing refers to `img`.
     view = sitk.GetArrayViewFromImage(img)
     data = view.reshape(view.shape[-3:]).T.astype(np.float32)
-    _check_finite(path, data)
+    check_finite(path, data)
     return Volume(data=data, affine=affine, header=nifti_header_for(affine, shape3))
 
 

@@ -198,6 +198,34 @@ def write_masks(
         pool.shutdown(wait=True, cancel_futures=True)  # after a failure, start no further mask
 
 
+def save_masks(
+    output: Path,
+    labels: np.ndarray,
+    like: nib.Nifti1Header,
+    names: Mapping[int, str],
+    *,
+    threads: int | None = None,
+) -> list[Path]:
+    """:func:`write_masks` into folder ``output``, which appears complete or not at all.
+
+    A previous ``output`` is replaced as a whole (see ``outputs.staged_folder``); check it first
+    with :func:`check_mask_folder_output`, which refuses a folder of files stuseg did not write.
+
+    Args:
+        output: the folder to create or replace.
+        labels, like, names, threads: as for :func:`write_masks`.
+
+    Returns:
+        The final paths of the masks.
+
+    Raises:
+        OutputError: the folder cannot be written; nothing was written then.
+    """
+    with outputs.staged_folder(output) as stage:
+        written = write_masks(stage, labels, like, names, threads=threads)
+    return [Path(output) / p.name for p in written]
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing multilabel files with names
 

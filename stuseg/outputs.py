@@ -178,7 +178,13 @@ def _check_folder(raw: str, out: Path, overwrite: bool, hint: str) -> None:
         raise OutputError(
             f"the output {raw} is a file, but a folder is written here; give a folder name{hint}"
         )
-    foreign = [] if overwrite else foreign_entries(out, limit=1000)
+    try:
+        foreign = [] if overwrite else foreign_entries(out, limit=1000)
+    except OSError as exc:  # what cannot be looked at cannot be known to be stuseg's
+        raise OutputError(
+            f"cannot look into the folder {raw} ({_reason(exc)}); give a new folder, or add --overwrite "
+            "to replace the folder and everything in it"
+        ) from None
     if foreign:
         more = len(foreign) - 1
         shown = foreign[0] + (f" and {more}{'+' if len(foreign) == 1000 else ''} more" if more else "")
@@ -209,10 +215,17 @@ def foreign_entries(folder: Path, limit: int | None = None) -> list[str]:
 
     Returns:
         Relative paths (``/``-separated) of files, links and empty folders not in the marker.
+
+    Raises:
+        OSError: a folder inside cannot be listed.
     """
     owned = _owned(folder)
     found = []
-    for root, dirs, files in os.walk(folder):
+
+    def unreadable(exc: OSError) -> None:
+        raise exc
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         rel_root = Path(root).relative_to(folder)
         for name in files:
             rel = (rel_root / name).as_posix()

@@ -441,3 +441,27 @@ def test_error_value_missing_from_sidecar_table(tmp_path: Path, header) -> None:
         f"stuseg: error: {path} holds label value 3, which its label table does not name; "
         "give a segmentation written by 'stuseg predict --ml'\n"
     )
+
+
+def test_export_into_a_folder_of_the_users_files(tmp_path: Path, ml_file: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "liver.nii.gz").write_bytes(b"my own mask")
+    result = invoke("export-labels", ml_file, mine, "-l", "liver")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"stuseg: error: the folder {mine} holds files stuseg did not write (liver.nii.gz); give a new "
+        "folder, or add --overwrite to replace the folder and everything in it\n"
+    )
+    assert (mine / "liver.nii.gz").read_bytes() == b"my own mask"
+    result = invoke("export-labels", ml_file, mine, "-l", "liver", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert files_in(mine) == [MARKER, "liver.nii.gz"]
+    marker = json.loads((mine / MARKER).read_text())
+    assert marker["command"] == "export-labels" and marker["inputs"] == [
+        str(ml_file),
+        str(ml_file.with_name("seg.json")),
+    ]
+    # the next export into the folder stuseg now owns replaces it without --overwrite
+    assert invoke("export-labels", ml_file, mine, "-l", "aorta").exit_code == 0
+    assert files_in(mine) == [MARKER, "aorta.nii.gz"]

@@ -202,3 +202,26 @@ def test_leftovers_of_dead_processes_are_removed_by_the_next_run(tmp_path: Path)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["out", alive.name, elsewhere.name, users.name])
     assert clean_leftovers(tmp_path) == []
+
+
+def test_a_folder_that_cannot_be_looked_into_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Unreadable contents cannot be known to be stuseg's (EACCES simulated: root reads everything)."""
+    out = tmp_path / "out"
+    with staged_folder(out) as stage:
+        (stage / "sub").mkdir()
+        (stage / "sub" / "a.nii.gz").write_bytes(b"a")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == out / "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    _refused(
+        f"cannot look into the folder {out} (Permission denied); give a new folder, or add --overwrite "
+        "to replace the folder and everything in it",
+        out,
+        inputs=[],
+        kind="folder",
+    )

@@ -42,6 +42,7 @@ def assert_same_grid(out: nib.Nifti1Image, ref_header: nib.Nifti1Header) -> None
     assert int(out.header["sform_code"]) == int(ref_header["sform_code"])
 
 
+@pytest.mark.slow  # a real scan (many tiles) or 8 mirrored passes: minutes on 2 cores
 def test_real_lps_chest_gives_104_masks_on_the_input_grid(tmp_path: Path, small_model: Path) -> None:
     ct = DATA / "chest_ct_1p5mm_lps.nii.gz"
     out = tmp_path / "masks"
@@ -67,6 +68,7 @@ def test_real_lps_chest_gives_104_masks_on_the_input_grid(tmp_path: Path, small_
     assert "network" in summary and "peak RAM" in summary
 
 
+@pytest.mark.slow  # a real scan (many tiles) or 8 mirrored passes: minutes on 2 cores
 def test_real_dicom_series_to_one_multilabel_file(tmp_path: Path, small_model: Path) -> None:
     series = DATA / "abdomen_ct_dicom"
     out = tmp_path / "seg.nii.gz"
@@ -85,6 +87,7 @@ def test_real_dicom_series_to_one_multilabel_file(tmp_path: Path, small_model: P
     assert "liver" in text and "vertebrae_L1" in text
 
 
+@pytest.mark.slow  # a real scan (many tiles) or 8 mirrored passes: minutes on 2 cores
 def test_tta_fast_and_roi_subset_through_a_subprocess(tmp_path: Path, small_model: Path, make_nifti) -> None:
     ct = make_nifti(shape=(48, 40, 36))
     out = tmp_path / "organs"
