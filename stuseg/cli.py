@@ -672,8 +672,7 @@ def batch_cmd(
         how = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted by Ctrl-C"
         done = counts["ok"] + counts["skipped"]
         raise fail(
-            f"{how}; {done} of {len(found.cases)} cases are done and no partial output was left; "
-            "run the same command again to go on",
+            f"{how}; {done} of {len(found.cases)} cases are done; run the same command again to go on",
             code=128 + signum,
         ) from None
     seconds = time.perf_counter() - start

@@ -665,8 +665,7 @@ def test_interrupted_by_sigint_then_sigterm_then_completed(tmp_path: Path, small
         lines = stderr.strip().splitlines()
         how = "terminated by SIGTERM" if sig == signal.SIGTERM else "interrupted by Ctrl-C"
         assert len(lines) == 1 and re.fullmatch(
-            f"stuseg: error: {how}; \\d of 4 cases are done and no partial output was left; "
-            "run the same command again to go on",
+            f"stuseg: error: {how}; \\d of 4 cases are done; run the same command again to go on",
             lines[0],
         ), stderr
         done = _whole_cases_only(out)
