@@ -218,6 +218,7 @@ def _connect(ray: Any, address: str) -> bool:
 
     if ray.is_initialized():
         return False
+    _check_reachable(address)
     try:
         ray.init(
             address=address,
@@ -232,6 +233,31 @@ def _connect(ray: Any, address: str) -> bool:
             "or check the address"
         ) from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a ``host:port`` (or ``ray://host:port``) nothing listens on.
+
+    Ray itself retries an unreachable cluster for minutes, printing its own log lines meanwhile.
+
+    Raises:
+        InputError: the address is malformed, or no server answers there within 5 seconds.
+    """
+    target = address.removeprefix("ray://")
+    if address.strip().lower() == "auto" or not target:
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InputError(
+            f"--ray {address}: give auto, ray://HOST:PORT or HOST:PORT (the head node's address)"
+        )
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as exc:
+        raise InputError(
+            f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc}; "
+            "start one with 'ray start --head' or check the address"
+        ) from None
 
 
 def _pool_shape(ray: Any, workers: int | None, device: str) -> tuple[int, dict[str, float], int]:

@@ -185,3 +185,23 @@ def test_workers_that_cannot_start_are_a_usage_error_and_leave_nothing(tmp_path:
         "stuseg: error: --device cuda was asked for but no CUDA GPU is available; use --device cpu"
     ]
     assert not out.exists()
+
+
+def test_an_address_nothing_listens_on_fails_fast_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ct = write_ct(tmp_path / "a.nii.gz")
+    out = tmp_path / "out"
+    for address, message in (
+        (f"127.0.0.1:{port}", f"cannot connect to the Ray cluster at 127.0.0.1:{port}: Connection refused; "),
+        ("nonsense", "--ray nonsense: give auto, ray://HOST:PORT or HOST:PORT"),
+    ):
+        cmd = [sys.executable, "-m", "stuseg", "batch", str(ct), "-o", str(out), "--ray", address]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"stuseg: error: {message}"), done.stderr
+        assert not out.exists()
