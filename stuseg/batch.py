@@ -622,6 +622,29 @@ def output_paths(output: Path, case_id: str, multilabel: bool) -> list[Path]:
     return multilabel_paths(Path(output) / f"{case_id}.nii.gz")
 
 
+def cases_done(output: Path, cases: Sequence[Case], since: int = 0) -> int:
+    """How many of ``cases`` the run log in ``output`` records as done (``ok`` or ``skipped``)
+    after byte ``since`` (the log's size when the run began).
+
+    For the line printed after an interruption: the log, not the results the caller received,
+    also counts a case whose writing was completed while the batch was being stopped.
+    """
+    try:
+        with open(Path(output) / LOG_NAME, "rb") as fh:
+            fh.seek(since)
+            tail = fh.read()
+    except OSError:
+        return 0
+    ids = {c.id for c in cases}
+    done = set()
+    for line in tail.split(b"\n"):
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("case") in ids and record.get("status") != "failed":
+                done.add(record["case"])
+    return len(done)
+
+
 def latest_ok(history: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """Per case id, its latest ``ok`` record in a run log's ``history``."""
     latest: dict[str, Mapping[str, Any]] = {}

@@ -647,6 +647,7 @@ def batch_cmd(
         raise usage(exc) from None
 
     log = output / batch.LOG_NAME
+    log_size = log.stat().st_size if log.is_file() else 0  # what the log held before this run
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     start = time.perf_counter()
     try:
@@ -670,7 +671,7 @@ def batch_cmd(
 
         signum = getattr(exc, "signum", signal.SIGINT)
         how = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted by Ctrl-C"
-        done = counts["ok"] + counts["skipped"]
+        done = batch.cases_done(output, found.cases, since=log_size)
         raise fail(
             f"{how}; {done} of {len(found.cases)} cases are done; run the same command again to go on",
             code=128 + signum,
@@ -680,7 +681,9 @@ def batch_cmd(
         per_minute = counts["ok"] / (seconds / 60) if seconds > 0 else 0.0
         say(
             f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
-            f"in {_duration(seconds)} ({per_minute:.2f} scans per minute); log: {log}"
+            f"in {_duration(seconds)} ({per_minute:.2f} scans per minute); "
+            + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
+            + f"log: {log}"
         )
     if counts["failed"]:
         raise fail(f"{counts['failed']} of {len(found.cases)} cases failed, see {log}")

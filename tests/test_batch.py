@@ -669,6 +669,7 @@ def test_interrupted_by_sigint_then_sigterm_then_completed(tmp_path: Path, small
             lines[0],
         ), stderr
         done = _whole_cases_only(out)
+        assert lines[0].split("; ")[1] == f"{len(done)} of 4 cases are done"  # counted from the log
         ok = [r["case"] for r in batch.read_log(log) if r["status"] == "ok"]
         assert sorted(ok) == done and len(done) > len(finished)
         finished = done
