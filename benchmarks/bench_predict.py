@@ -63,9 +63,13 @@ def make_weights(path: Path, size: str) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """One measured run, in this (fresh) process."""
+    from stuseg.threads import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before torch loads, as the stuseg command does
     from stuseg import labelmaps, pipeline
 
     mode = args.mode[0]
+    pipeline.keep_freed_memory(args.device)  # as the stuseg command does
     start = time.perf_counter()
     seg = pipeline.segment(
         args.input,

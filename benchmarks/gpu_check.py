@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import make_ct
 
 from stuseg import labelmaps, pipeline
+from stuseg.head import ClassProbabilities
 from stuseg.network import build_network
-from stuseg.predict import class_probabilities
 
 
 def random_net(size: str, device: str, seed: int = 0) -> torch.nn.Module:
@@ -57,9 +57,9 @@ def tile_agreement(out: Path) -> None:
     gpu.load_state_dict(cpu.state_dict())
     x = torch.randn(1, 1, 128, 128, 128)
     with torch.inference_mode():
-        p_cpu = class_probabilities(cpu)(x)
+        p_cpu = ClassProbabilities(cpu)(x)
         with torch.autocast("cuda", dtype=torch.float16):
-            p_gpu = class_probabilities(gpu)(x.cuda())
+            p_gpu = ClassProbabilities(gpu)(x.cuda())
     p_gpu = p_gpu.float().cpu()
     emit(
         out,

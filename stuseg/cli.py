@@ -464,6 +464,7 @@ def predict_cmd(
         labelmaps.check_mask_folder_output(output, inputs=inputs, overwrite=overwrite)
     from stuseg import pipeline
 
+    pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _tile_bar(quiet) as progress:
@@ -523,5 +524,244 @@ def _summary(seg: Any, output: Path, multilabel: bool) -> str:
     return f"wrote {what} ({seg.size} on {seg.device}); {times}; {memory}"
 
 
+@app.command("batch")
+@user_errors
+def batch_cmd(
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="SOURCE",
+            help="CT files, folders (searched recursively; every DICOM CT series is a case) "
+            "or list files (.txt: a path a line; .csv: 'path' and optional 'case' columns).",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="DIR",
+            help="Batch folder: DIR/<case>/ masks and DIR/stuseg-batch.jsonl.",
+        ),
+    ],
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size",
+            "-s",
+            help="small, base, large or huge (S/B/L/H). [default: base, or the size of --weights]",
+        ),
+    ] = None,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
+    ] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")] = False,
+    step_size: Annotated[
+        float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
+    ] = 0.5,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    weights_file: Annotated[
+        Path | None,
+        typer.Option("--weights", metavar="FILE", help="Local checkpoint (.model or .safetensors)."),
+    ] = None,
+    roi_subset: Annotated[
+        list[str] | None,
+        typer.Option("--roi-subset", metavar="NAME", help="Keep only these structures, groups or patterns."),
+    ] = None,
+    multilabel: Annotated[
+        bool, typer.Option("--ml", help="Write DIR/<case>.nii.gz multilabel files (values = model index).")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Redo cases already done, and write into a folder of other files."),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Run on a Ray cluster: auto, ray://host:port or host:port (needs stuseg[ray]).",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, metavar="N", help="Ray workers. [default: one per GPU, else one per node]"
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Segment many CT scans with one model load: stages overlapped, resumable, one log line per case."""
+    import contextlib
+    import time
+
+    from stuseg import batch
+
+    def usage(exc: StusegError) -> typer.Exit:
+        return fail(str(exc), code=2)
+
+    if workers is not None and ray_address is None:
+        raise fail("--workers applies only with --ray ADDRESS", code=2)
+    try:
+        if size is not None:
+            from stuseg.network import canonical_size
+
+            try:
+                size = canonical_size(size)
+            except ValueError as exc:
+                raise StusegError(str(exc)) from None
+        if roi_subset:
+            from stuseg import labels
+
+            labels.select(roi_subset)
+        found = batch.discover(sources)
+        if not found.cases:
+            shown = ", ".join(map(str, sources))
+            raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
+        inputs = [*sources, *(c.input for c in found.cases), *([weights_file] if weights_file else [])]
+        batch.check_batch_output(output, inputs, overwrite=overwrite)
+        options = {
+            "size": size,
+            "weights": weights_file,
+            "device": device,
+            "fast": fast,
+            "tta": tta,
+            "step_size": step_size,
+            "roi_subset": roi_subset,
+        }
+        tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
+
+        def progress(case: batch.Case, done: int, total: int) -> None:
+            if tiles:
+                tiles[0].tile(case, done, total)
+
+        if ray_address is not None:
+            from stuseg import batch_ray
+
+            results = batch_ray.run(
+                found.cases,
+                output,
+                address=ray_address,
+                workers=workers,
+                multilabel=multilabel,
+                overwrite=overwrite,
+                ignored=found.ignored,
+                **options,
+            )
+        else:
+            from stuseg.pipeline import keep_freed_memory
+
+            keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
+            results = batch.run_local(
+                found.cases,
+                output,
+                multilabel=multilabel,
+                overwrite=overwrite,
+                ignored=found.ignored,
+                progress=progress,
+                **options,
+            )
+    except StusegError as exc:
+        raise usage(exc) from None
+
+    log = output / batch.LOG_NAME
+    log_size = log.stat().st_size if log.is_file() else 0  # what the log held before this run
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    start = time.perf_counter()
+    try:
+        with (
+            batch.signals_interrupt(),
+            contextlib.closing(results),
+            _batch_bars(quiet, len(found.cases)) as bars,
+        ):
+            tiles.append(bars)
+            for result in results:
+                counts[result.status] += 1
+                name = result.case.id if result.case else "?"
+                if result.status == "failed":
+                    bars.print(f"stuseg: error: {name}: {result.error}")
+                elif not quiet:
+                    for warning in result.warnings:
+                        bars.print(f"stuseg: warning: {name}: {warning}")
+                bars.case_done(counts)
+    except KeyboardInterrupt as exc:
+        import signal
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        how = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted by Ctrl-C"
+        done = batch.cases_done(output, found.cases, since=log_size)
+        raise fail(
+            f"{how}; {done} of {len(found.cases)} cases are done; run the same command again to go on",
+            code=128 + signum,
+        ) from None
+    seconds = time.perf_counter() - start
+    if not quiet:
+        per_minute = counts["ok"] / (seconds / 60) if seconds > 0 else 0.0
+        say(
+            f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
+            f"in {_duration(seconds)} ({per_minute:.2f} scans per minute); "
+            + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
+            + f"log: {log}"
+        )
+    if counts["failed"]:
+        raise fail(f"{counts['failed']} of {len(found.cases)} cases failed, see {log}")
+
+
+def _duration(seconds: float) -> str:
+    """``42.0s``, ``3m 12s`` or ``2h 05m``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+class _BatchBars:
+    """The batch's progress on stderr: a bar over cases (ok / failed / skipped, ETA) and the tiles
+    of the case in the network. Lines printed through it appear above the bars."""
+
+    def __init__(self, progress: Any, total: int) -> None:
+        self.progress = progress
+        self.cases = progress.add_task("0 ok, 0 failed, 0 skipped", total=total) if progress else None
+        self.tiles = None
+
+    def print(self, line: str) -> None:
+        if self.progress is None:
+            say(line)
+        else:
+            self.progress.console.print(" ".join(line.splitlines()), markup=False, soft_wrap=True)
+
+    def case_done(self, counts: dict[str, int]) -> None:
+        if self.progress is None:
+            return
+        text = f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped"
+        self.progress.update(self.cases, completed=sum(counts.values()), description=text)
+
+    def tile(self, case: Any, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if self.tiles is None:
+            self.tiles = self.progress.add_task(case.id, total=total)
+        self.progress.update(self.tiles, completed=done, total=total, description=f"  {case.id}")
+
+
+@contextmanager
+def _batch_bars(quiet: bool, total: int) -> Iterator[_BatchBars]:
+    """Rich bars on stderr (only on a terminal, and not with --quiet)."""
+    if quiet or not err.is_terminal:
+        yield _BatchBars(None, total)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        yield _BatchBars(progress, total)
+
+
 def main() -> None:
+    from stuseg.threads import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning
     app()

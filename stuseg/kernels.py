@@ -2,9 +2,8 @@
 
 Each of these visits a voxel's 105 class scores or its 8 interpolation corners once, with
 early exits (most output voxels lie where all corners agree). As whole-array operations the
-same work takes one memory pass per step and is several times slower (export-only benchmark
-with a random label per voxel, 200 x 273 x 273 -> 300 x 512 x 512: fast 52.3 s as torch array
-operations, 2.2 s here; normal 101.7 s and 11.3 s; benchmarks/RESULTS.md).
+same work takes one memory pass per step and is several times slower (the export-only
+benchmark in benchmarks/RESULTS.md).
 
 Conventions shared by the interpolating kernels: along each of the three output axes, a
 (2, n) index table gives the low and high source index per output position and a (2, n)

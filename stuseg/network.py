@@ -104,7 +104,11 @@ class Upsample(nn.Module):
 
 
 class STUNet(nn.Module):
-    """Residual U-Net. ``eval()`` forward returns full-resolution logits only."""
+    """Residual U-Net; the forward pass returns the full-resolution logits (N, K, *spatial).
+
+    The four lower-resolution heads of ``seg_outputs`` (deep supervision, a training aid) exist
+    only so that the published checkpoints load with ``strict=True``; inference never runs them.
+    """
 
     def __init__(self, arch: Arch):
         super().__init__()
@@ -121,11 +125,14 @@ class STUNet(nn.Module):
         self.conv_blocks_localization = nn.ModuleList(
             _stage(2 * dims[-2 - u], dims[-2 - u], depths[-2 - u]) for u in range(n_up)
         )
-        # All five heads exist so the checkpoints load strictly; only the last one runs in eval.
         self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], arch.num_classes, 1) for u in range(n_up))
 
-    def _decode(self, x: torch.Tensor, heads: list[torch.Tensor] | None) -> torch.Tensor:
-        """Encoder and decoder: the full-resolution features; ``heads`` collects deep-supervision outputs."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder and decoder: full-resolution features (N, dims[0], *spatial), before the last head.
+
+        Raises:
+            ValueError: the spatial shape is not divisible by ``arch.divisor``.
+        """
         shape = tuple(x.shape[2:])
         div = self.arch.divisor
         if len(shape) != 3 or any(s % d for s, d in zip(shape, div)):
@@ -135,24 +142,12 @@ class STUNet(nn.Module):
             x = stage(x)
             skips.append(x)
         x = self.conv_blocks_context[-1](x)
-        last = len(self.upsample_layers) - 1
-        for u, (up, block) in enumerate(zip(self.upsample_layers, self.conv_blocks_localization)):
+        for up, block in zip(self.upsample_layers, self.conv_blocks_localization):
             x = block(torch.cat((up(x), skips.pop()), dim=1))
-            if heads is not None and u < last:
-                heads.append(self.seg_outputs[u](x))
         return x
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-resolution decoder features (N, dims[0], *spatial), before the last 1x1 head."""
-        return self._decode(x, None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if not self.training:
-            return self.seg_outputs[-1](self._decode(x, None))
-        heads: list[torch.Tensor] = []
-        x = self._decode(x, heads)
-        heads.append(self.seg_outputs[-1](x))
-        return tuple(reversed(heads))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seg_outputs[-1](self.features(x))
 
 
 def build_network(size: str | Arch, device: str | torch.device | None = None) -> STUNet:
@@ -168,4 +163,5 @@ def build_network(size: str | Arch, device: str | torch.device | None = None) ->
 
 
 def count_parameters(net: nn.Module) -> int:
+    """The number of parameters (weights and biases) of ``net``."""
     return sum(p.numel() for p in net.parameters())

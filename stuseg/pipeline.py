@@ -1,14 +1,14 @@
-"""segment(): read -> preprocess -> sliding-window predict -> back to the input grid -> write.
+"""Segment CT images: read -> preprocess -> sliding-window network -> back to the input grid.
 
-Everything runs in one process and hands arrays from stage to stage; the K-channel class
-probabilities are only ever held for one row of tiles at network resolution (see predict.py)
-and a few output rows at input resolution (see postprocess.py).
+``Segmenter`` holds a loaded network and the options; ``segment()`` is a one-shot wrapper.
+Each stage hands arrays to the next within one process. The K-channel class probabilities
+are only ever held for one row of tiles at network resolution (``stuseg.predict``) and a few
+output rows at input resolution (``stuseg.postprocess``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import resource
 import sys
 import time
 import warnings
@@ -23,12 +23,14 @@ import torch
 
 from stuseg import labels as label_table
 from stuseg.errors import InputError, StusegError
+from stuseg.head import ClassProbabilities
 from stuseg.io import StusegWarning, Volume, label_image, read_image
 from stuseg.network import STUNet, build_network
 from stuseg.plan import PLAN
-from stuseg.postprocess import ProbabilityExport, resample_labels, slab_labels
-from stuseg.predict import class_probabilities, mirrored, sliding_window
-from stuseg.preprocess import preprocess, restore
+from stuseg.postprocess import export_labels
+from stuseg.predict import Autocast, Mirrored, PatchPredictor, Timed, sliding_window
+from stuseg.preprocess import Geometry, preprocess, restore
+from stuseg.threads import limit_threads, thread_count
 
 TARGET_SPACING = PLAN.target_spacing
 PATCH = PLAN.patch_size
@@ -41,13 +43,16 @@ Progress = Callable[[int, int], None]
 class Segmentation:
     """A label map on the input grid (values = model channel index) and how it was made."""
 
-    image: nib.Nifti1Image  # uint8; 0 = background
+    image: nib.Nifti1Image  # uint8; 0 = background; its header is the input's grid
     names: dict[int, str]  # label value -> structure name, for every selected structure
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    peak_rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # the process's peak so far; None where unknown
     peak_gpu_bytes: int | None = None
     device: str = "cpu"
     size: str = ""
+    # The Volume the caller passed (its intensities, e.g. for statistics), or None when the
+    # input was a path: stuseg does not keep a copy of the input voxels.
+    source: Volume | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -55,10 +60,10 @@ class Segmentation:
 
 
 class _Stages:
-    """Wall time per named stage."""
+    """Wall time per named stage, added to ``seconds`` (a new dict, or a copy of ``start``)."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    def __init__(self, start: dict[str, float] | None = None) -> None:
+        self.seconds: dict[str, float] = dict(start or {})
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -112,9 +117,9 @@ def load_model(size: str | None, weights: Path | None, device: torch.device) -> 
 
 def check_ct(volume: Volume) -> None:
     """Warn about inputs the models were not trained for; never refuse them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN input: nanmin warns, we decide below
-        lowest = float(np.nanmin(volume.data)) if volume.data.size else np.nan
+    # fmin skips NaNs (NaN only if all are), without nanmin's warning: no warnings filter to
+    # change, which would not be thread-safe.
+    lowest = float(np.fmin.reduce(volume.data, axis=None)) if volume.data.size else np.nan
     if np.isfinite(lowest) and lowest > -500:
         warnings.warn(
             "the image has no values below -500, so it may not be a CT in Hounsfield units; "
@@ -124,38 +129,13 @@ def check_ct(volume: Volume) -> None:
         )
 
 
-def _patch_fn(net: torch.nn.Module, device: torch.device, tta: bool, stages: _Stages) -> Callable:
-    """The per-batch function the sliding window calls: network (+ mirror TTA) -> softmax."""
-    fn = class_probabilities(net, on_time=stages.add)
+def _predictor(net: torch.nn.Module, device: torch.device, tta: bool) -> PatchPredictor:
+    """What predicts a batch of tiles: network -> softmax (float16 convolutions on CUDA, as the
+    original's autocast; softmax in float32), averaged over the mirrorings with ``tta``."""
+    predictor: PatchPredictor = ClassProbabilities(net)
     if device.type == "cuda":
-        # Convolutions in float16 as the original (nnU-Net's autocast); softmax in float32.
-        probabilities = fn
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cuda", dtype=torch.float16):
-                return probabilities(x)
-
-    fn = mirrored(fn) if tta else fn
-
-    def measure(call: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        before = {k: stages.seconds.get(k, 0.0) for k in ("softmax", "accumulate")}
-        result = call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        # "network" is the forward passes alone: the CPU softmax and the accumulation into the
-        # sliding-window buffers are reported apart (the latter as part of "export").
-        inside = sum(stages.seconds.get(k, 0.0) - v for k, v in before.items())
-        stages.add("network", time.perf_counter() - start - inside)
-        return result
-
-    def timed(x: torch.Tensor) -> torch.Tensor:
-        return measure(lambda: fn(x))
-
-    accumulate = getattr(fn, "accumulate", None)
-    if accumulate is not None:
-        timed.accumulate = lambda x, targets, weight: measure(lambda: accumulate(x, targets, weight))  # type: ignore[attr-defined]
-    return timed
+        predictor = Autocast(predictor, "cuda")
+    return Mirrored(predictor) if tta else predictor
 
 
 def _run_network(
@@ -172,53 +152,62 @@ def _run_network(
     progress: Progress | None,
     stages: _Stages,
 ) -> np.ndarray:
-    """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams."""
+    """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams.
+
+    Timings: ``network`` is the forward passes alone; the softmax is reported apart, and the
+    accumulation into the sliding-window buffers counts as ``export`` with the rest.
+    """
     start = time.perf_counter()
-    before = stages.seconds.get("network", 0.0)
-    softmax_before = stages.seconds.get("softmax", 0.0)
-    fn = _patch_fn(net, device, tta, stages)
-    xt = torch.from_numpy(x)[None].to(device)
-    normal = None
-    net_labels = None
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    timed = Timed(_predictor(net, device, tta), sync)
     with torch.inference_mode():
-        for slab in sliding_window(xt, fn, NUM_CLASSES, PATCH, step_size, batch_size, on_tile=progress):
-            if fast:
-                if net_labels is None:
-                    net_labels = np.empty(x.shape, np.uint8)
-                index = [slice(None)] * 3
-                index[slab.axis] = slice(slab.start, slab.stop)
-                slab_labels(slab, net_labels[tuple(index)])
-            else:
-                if normal is None:
-                    normal = ProbabilityExport(x.shape, out_shape, separate_axis, slab.axis, NUM_CLASSES)
-                normal.add(slab)
-            del slab
-        del xt
-        if fast:
-            assert net_labels is not None
-            labels = resample_labels(net_labels, out_shape, separate_axis)
-        else:
-            assert normal is not None
-            labels = normal.result()
-    network = stages.seconds.get("network", 0.0) - before
-    softmax = stages.seconds.get("softmax", 0.0) - softmax_before
-    stages.seconds.pop("accumulate", None)  # part of "export"
+        slabs = sliding_window(
+            torch.from_numpy(x)[None].to(device),
+            timed,
+            NUM_CLASSES,
+            PATCH,
+            step_size,
+            batch_size,
+            on_tile=progress,
+        )
+        labels = export_labels(slabs, x.shape, out_shape, separate_axis, NUM_CLASSES, fast=fast)
+    inside = timed.breakdown
+    softmax = inside.get("softmax", 0.0)
+    network = timed.seconds - softmax - inside.get("accumulate", 0.0)
+    stages.add("network", network)
+    if softmax:  # only the CPU path times its softmax apart
+        stages.add("softmax", softmax)
     stages.add("export", time.perf_counter() - start - network - softmax)
     return labels
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to reuse freed memory instead of returning it to the kernel.
+def keep_freed_memory(device: str = "cpu") -> bool:
+    """Ask glibc's malloc to reuse freed memory instead of returning it to the kernel, for good.
+
+    For a process that exists to run stuseg on the CPU (the command line and batch call this
+    first); ``segment()`` and ``Segmenter`` never do, since glibc has no way to read these
+    settings back, so a library call could not restore its host's allocator afterwards.
 
     Every tile allocates and frees gigabytes of activations. By default glibc serves blocks
-    this large with fresh mmap()s, so each one is page-faulted and zeroed by the kernel again:
-    on 2 CPU cores that doubled the time per tile (7.2 s -> 3.1 s for the small model on
-    128^3, benchmarks/RESULTS.md). Serving them from the heap and never trimming it keeps the
-    pages; the cost is that RSS stays at its peak until the process ends. Returns whether the
-    setting took effect (glibc on Linux only).
+    this large with fresh mmap()s, so each one is page-faulted and zeroed by the kernel again;
+    on a few CPU cores that makes every tile far slower (benchmarks/RESULTS.md). Serving them from
+    the heap and never trimming it keeps the pages; the cost is that RSS stays at its peak
+    until the process ends (``release_free_memory`` trims between stages).
+
+    Args:
+        device: the device the process will use (as ``Segmenter``'s ``device``); only the CPU
+            needs this, so for any other device nothing is changed.
+
+    Returns:
+        Whether the setting took effect (glibc on Linux, CPU device).
+
+    Raises:
+        InputError: ``device`` is not a valid device name or not present.
     """
+    if resolve_device(device).type != "cpu":
+        return False
     libc = _glibc()
-    if libc is None:
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
@@ -249,12 +238,209 @@ def _glibc() -> Any:
         return None
 
 
-def _peak_rss() -> int | None:
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory so far in bytes; None where the OS does not say.
+
+    ``resource`` is Unix-only (imported here, not at module level, so that stuseg imports
+    everywhere); Linux reports kilobytes, macOS bytes.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if sys.platform.startswith("linux"):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak * 1024
     if sys.platform == "darwin":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak
     return None
+
+
+@dataclass
+class Prepared:
+    """One image ready for the network: the output of ``Segmenter.prepare``.
+
+    Holds the normalized (z, y, x) float32 array at the target spacing, the geometry to undo
+    the preprocessing, the input's NIfTI header (its grid) and the caller's ``Volume`` if one
+    was passed (``source``; None for a path: the input voxels are not kept).
+    """
+
+    x: np.ndarray
+    geometry: Geometry
+    header: nib.Nifti1Header
+    source: Volume | None
+    timings: dict[str, float]
+
+
+@dataclass
+class Inferred:
+    """One image's label map on the cropped input grid: the output of ``Segmenter.infer``."""
+
+    labels: np.ndarray  # (z, y, x) uint8 on geometry.cropped_shape, values = model channel index
+    geometry: Geometry
+    header: nib.Nifti1Header
+    source: Volume | None
+    timings: dict[str, float]
+    peak_gpu_bytes: int | None
+
+
+class Segmenter:
+    """A loaded model and a set of options, to segment any number of images.
+
+    The network is built and its weights loaded once, here. ``segmenter(image)`` does the whole
+    work for one image; ``prepare``, ``infer`` and ``finish`` are the same work in three stages
+    (CPU only, the network, CPU only) that a batch can overlap across images, each stage in any
+    thread. Calling the three in turn gives exactly what ``segmenter(image)`` gives.
+
+    Args:
+        size: ``small``, ``base``, ``large`` or ``huge`` (or S/B/L/H); default ``base``, or the
+            size of ``weights``.
+        weights: a local ``.model`` or ``.safetensors`` file instead of stuseg's cache.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        fast: argmax at the network resolution, then resample the label map (less memory).
+        tta: average over the 8 mirrorings.
+        step_size: tile step as a fraction of the patch, in (0, 1].
+        roi_subset: keep only these structures (names, groups, shell patterns).
+        model: a network to use instead of the published one (tests, fine-tuned weights).
+        batch_size: tiles per forward pass (default 2 on CUDA, else 1).
+        threads: CPU threads for this work (default ``stuseg.threads.available_cpus()``).
+
+    Raises:
+        InputError: a bad option (step size, device, thread count).
+        LabelError: an unknown name in ``roi_subset``.
+        WeightsError: the weights cannot be found, downloaded, verified or loaded.
+    """
+
+    def __init__(
+        self,
+        size: str | None = None,
+        *,
+        weights: Path | None = None,
+        device: str = "auto",
+        fast: bool = False,
+        tta: bool = False,
+        step_size: float = 0.5,
+        roi_subset: Sequence[str] | None = None,
+        model: torch.nn.Module | None = None,
+        batch_size: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.keep, self.device, self.threads = _check_options(step_size, roi_subset, device, threads)
+        self.fast, self.tta, self.step_size = fast, tta, step_size
+        self.batch_size = batch_size or (2 if self.device.type == "cuda" else 1)
+        start = time.perf_counter()
+        if model is None:
+            self.net, self.size = load_model(size, weights, self.device)
+        else:
+            self.net, self.size = model.to(self.device).eval(), size or "custom"
+        self.load_seconds = time.perf_counter() - start
+
+    def __call__(
+        self, image: str | Path | Volume, *, series: str | None = None, progress: Progress | None = None
+    ) -> Segmentation:
+        """Segment one image (see ``segment``); the same as ``finish(infer(prepare(image)))``."""
+        return self.finish(self.infer(self.prepare(image, series=series), progress=progress))
+
+    segment = __call__
+
+    def prepare(self, image: str | Path | Volume, *, series: str | None = None) -> Prepared:
+        """Read (unless given a ``Volume``), check and preprocess one image. CPU only, no model.
+
+        Raises:
+            InputError: the image cannot be read or is empty.
+        """
+        return prepare(image, series=series, threads=self.threads)
+
+    def infer(self, prepared: Prepared, *, progress: Progress | None = None) -> Inferred:
+        """Sliding window over the prepared image, reduced to labels on the cropped input grid.
+
+        ``progress(done, total)`` is told about every tile.
+
+        Raises:
+            StusegError: the GPU ran out of memory.
+        """
+        stages = _Stages(prepared.timings)
+        dev = self.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            with limit_threads(self.threads):
+                labels = _run_network(
+                    prepared.x,
+                    self.net,
+                    dev,
+                    fast=self.fast,
+                    tta=self.tta,
+                    step_size=self.step_size,
+                    out_shape=prepared.geometry.cropped_shape,
+                    separate_axis=prepared.geometry.separate_axis,
+                    batch_size=self.batch_size,
+                    progress=progress,
+                    stages=stages,
+                )
+        except torch.cuda.OutOfMemoryError:
+            raise StusegError(
+                f"the GPU ran out of memory for the {self.size} model; close other GPU programs, "
+                "use a smaller --size, or run on the CPU with --device cpu"
+            ) from None
+        release_free_memory()
+        peak_gpu = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        g, h, s = prepared.geometry, prepared.header, prepared.source
+        return Inferred(labels, g, h, s, stages.seconds, peak_gpu)
+
+    def finish(self, inferred: Inferred) -> Segmentation:
+        """Put the label map back on the input grid and keep only the selected structures."""
+        stages = _Stages(inferred.timings)
+        with stages("export"):
+            full = restore(inferred.labels, inferred.geometry)
+            if len(self.keep) < NUM_CLASSES - 1:
+                lut = np.zeros(256, np.uint8)
+                lut[self.keep] = self.keep
+                full = np.asfortranarray(lut[full])
+            img = label_image(full, inferred.header)
+        return Segmentation(
+            image=img,
+            names={i: label_table.LABELS[i] for i in self.keep},
+            timings=stages.seconds,
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_gpu_bytes=inferred.peak_gpu_bytes,
+            device=str(self.device),
+            size=self.size,
+            source=inferred.source,
+        )
+
+
+def _check_options(
+    step_size: float, roi_subset: Sequence[str] | None, device: str, threads: int | None
+) -> tuple[list[int], torch.device, int]:
+    """The selected label values, the device and the thread count; raise on a bad option."""
+    if not 0 < step_size <= 1:
+        raise InputError(f"--step-size must be in (0, 1], got {step_size}")
+    keep = label_table.select(roi_subset) if roi_subset else list(range(1, NUM_CLASSES))
+    return keep, resolve_device(device), thread_count(threads)
+
+
+def prepare(image: str | Path | Volume, *, series: str | None = None, threads: int | None = None) -> Prepared:
+    """Read (unless given a ``Volume``), check and preprocess one image: ``Segmenter.prepare``.
+
+    Raises:
+        InputError: the image cannot be read or is empty.
+    """
+    stages = _Stages()
+    with stages("read"):
+        volume = image if isinstance(image, Volume) else read_image(Path(image), series=series)
+        check_ct(volume)
+    with stages("preprocess"):
+        x, geometry, had_nan = preprocess(volume.data, volume.affine, TARGET_SPACING, thread_count(threads))
+        header = volume.header
+        del volume  # a volume we read ourselves is no longer needed
+        release_free_memory()
+    if had_nan:
+        warnings.warn(
+            "the image contains NaN voxels; they were set to 0 as nnU-Net does", StusegWarning, stacklevel=3
+        )
+    source = image if isinstance(image, Volume) else None
+    return Prepared(x, geometry, header, source, stages.seconds)
 
 
 def segment(
@@ -270,78 +456,35 @@ def segment(
     series: str | None = None,
     model: torch.nn.Module | None = None,
     batch_size: int | None = None,
+    threads: int | None = None,
     progress: Progress | None = None,
 ) -> Segmentation:
     """Segment a CT: a path (NIfTI, NRRD, MHA/MHD, DICOM folder) or a ``Volume``.
 
-    Returns the label map on the input grid (values = model channel index, see
-    ``stuseg.labels.LABELS``). ``size`` defaults to ``base``, or to the size of ``weights``.
-    ``roi_subset`` keeps only those structures (names, groups or patterns). ``model`` replaces
-    the published network, e.g. for tests or fine-tuned weights. On the CPU this sets glibc's
-    malloc to keep freed memory (see ``keep_freed_memory``).
+    A one-shot ``Segmenter`` (see it for the options); the image is read and checked before the
+    model is loaded, so a bad input fails before any download. To segment several images, make
+    one ``Segmenter`` and call it for each.
+
+    Returns:
+        The label map on the input grid (values = model channel index, see
+        ``stuseg.labels.LABELS``) with timings (``load`` included) and peak memory.
+
+    Raises:
+        InputError, LabelError, WeightsError, StusegError: see ``Segmenter``.
     """
-    if not 0 < step_size <= 1:
-        raise InputError(f"--step-size must be in (0, 1], got {step_size}")
-    keep = label_table.select(roi_subset) if roi_subset else list(range(1, NUM_CLASSES))
-    dev = resolve_device(device)
-    if dev.type == "cpu":
-        keep_freed_memory()
-    stages = _Stages()
-    with stages("read"):
-        volume = image if isinstance(image, Volume) else read_image(Path(image), series=series)
-        check_ct(volume)
-    with stages("load"):
-        if model is None:
-            net, size = load_model(size, weights, dev)
-        else:
-            net, size = model.to(dev).eval(), size or "custom"
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    with stages("preprocess"):
-        x, geometry, had_nan = preprocess(volume.data, volume.affine, TARGET_SPACING)
-        header = volume.header
-        if not isinstance(image, Volume):
-            del volume  # our own copy of the input voxels is no longer needed
-        release_free_memory()
-    if had_nan:
-        warnings.warn(
-            "the image contains NaN voxels; they were set to 0 as nnU-Net does", StusegWarning, stacklevel=2
-        )
-    try:
-        labels = _run_network(
-            x,
-            net,
-            dev,
-            fast=fast,
-            tta=tta,
-            step_size=step_size,
-            out_shape=geometry.cropped_shape,
-            separate_axis=geometry.separate_axis,
-            batch_size=batch_size or (2 if dev.type == "cuda" else 1),
-            progress=progress,
-            stages=stages,
-        )
-    except torch.cuda.OutOfMemoryError:
-        raise StusegError(
-            f"the GPU ran out of memory for the {size} model; close other GPU programs, "
-            "use a smaller --size, or run on the CPU with --device cpu"
-        ) from None
-    del x
-    release_free_memory()
-    with stages("export"):
-        full = restore(labels, geometry)
-        del labels
-        if len(keep) < NUM_CLASSES - 1:
-            lut = np.zeros(256, np.uint8)
-            lut[keep] = keep
-            full = np.asfortranarray(lut[full])
-        img = label_image(full, header)
-    return Segmentation(
-        image=img,
-        names={i: label_table.LABELS[i] for i in keep},
-        timings=stages.seconds,
-        peak_rss_bytes=_peak_rss(),
-        peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-        device=str(dev),
-        size=size,
+    _check_options(step_size, roi_subset, device, threads)
+    prepared = prepare(image, series=series, threads=threads)
+    segmenter = Segmenter(
+        size,
+        weights=weights,
+        device=device,
+        fast=fast,
+        tta=tta,
+        step_size=step_size,
+        roi_subset=roi_subset,
+        model=model,
+        batch_size=batch_size,
+        threads=threads,
     )
+    prepared.timings["load"] = segmenter.load_seconds
+    return segmenter.finish(segmenter.infer(prepared, progress=progress))

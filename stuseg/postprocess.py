@@ -1,6 +1,6 @@
 """Network-resolution results back to the cropped input resolution, streaming.
 
-Two exports, as nnU-Net v1's ``normal`` and ``fast`` modes (reference sections 5 and 9):
+Two exports, as nnU-Net v1's ``normal`` and ``fast`` modes:
 
 - ``ProbabilityExport`` (normal): class probabilities are linearly interpolated to the input
   spacing, then argmax. Slabs arrive from the sliding window and are reduced to labels at
@@ -22,6 +22,7 @@ low-resolution axis of strongly anisotropic images.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,3 +207,45 @@ def resample_labels(
     out = np.empty(out_shape, np.uint8)
     vote_labels(np.ascontiguousarray(labels, dtype=np.uint8), *corner_tables(maps), *near, out)
     return out
+
+
+def export_labels(
+    slabs: Iterable[Slab],
+    in_shape: tuple[int, int, int],
+    out_shape: tuple[int, int, int],
+    separate_axis: int | None,
+    num_classes: int,
+    *,
+    fast: bool,
+) -> np.ndarray:
+    """Consume the sliding window's slabs (in order) and return the uint8 label map at ``out_shape``.
+
+    Args:
+        slabs: the score slabs of a (z, y, x) volume of ``in_shape``, as ``sliding_window`` yields
+            them (each used before the next is asked for).
+        in_shape: the network-resolution shape the slabs cover.
+        out_shape: the shape to export to (the cropped input grid).
+        separate_axis: the axis resampled by nearest neighbour, or None.
+        num_classes: K, the number of class scores per voxel.
+        fast: argmax at ``in_shape`` then ``resample_labels``; else ``ProbabilityExport``.
+
+    Returns:
+        The label map, values = class index.
+    """
+    if fast:
+        net_labels = np.empty(in_shape, np.uint8)
+        for slab in slabs:
+            index = [slice(None)] * 3
+            index[slab.axis] = slice(slab.start, slab.stop)
+            slab_labels(slab, net_labels[tuple(index)])
+            del slab
+        return resample_labels(net_labels, out_shape, separate_axis)
+    normal = None
+    for slab in slabs:
+        if normal is None:
+            normal = ProbabilityExport(in_shape, out_shape, separate_axis, slab.axis, num_classes)
+        normal.add(slab)
+        del slab
+    if normal is None:
+        raise ValueError("no slabs to export")
+    return normal.result()

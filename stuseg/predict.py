@@ -1,14 +1,14 @@
-"""Sliding-window prediction as pure functions of a tensor and a callable.
+"""Sliding-window prediction, generic over what predicts a patch.
 
-``sliding_window`` takes any ``fn`` mapping a batch of patches (B, C_in, *patch) to per-class
-scores with the classes last, (B, *patch, K) - the network followed by softmax, a mirror-TTA
-wrapper around it, or ``lambda t: (t + 1)[..., None]`` in a test - and returns the
-Gaussian-weighted average of the overlapping patches, as nnU-Net v1 does (tile positions,
-Gaussian, padding; see ``shared/reference/nnunet_v1_inference.md`` section 4).
+``sliding_window`` takes a ``PatchPredictor`` - an object mapping a batch of patches
+(B, C_in, *patch) to per-class scores with the classes last, (B, *patch, K), that may also add
+its weighted scores into the window's buffers in place - and yields the Gaussian-weighted
+average of the overlapping patches, as nnU-Net v1 does (tile positions, Gaussian, padding).
+What predicts is up to the caller: the STU-Net head (``stuseg.head``), a mirror-TTA wrapper
+around it, or a plain function in a test. Nothing here knows about networks.
 
 Classes last: a voxel's K scores are contiguous, which makes the softmax, the weighted sums
-and the argmax run at memory speed on the CPU (the 1x1 head and softmax of a 105 x 128^3 tile:
-1.82 s channels-first, 0.45 s channels-last; benchmarks/RESULTS.md).
+and the argmax run at memory speed on the CPU.
 
 The average is streamed: tiles are visited row by row along the largest axis, and every slab
 that no later tile can touch is normalized and handed out at once. Only one row of tiles
@@ -23,13 +23,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import numpy as np
 import torch
-
-PatchFn = Callable[[torch.Tensor], torch.Tensor]
-
-_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 # nnU-Net v1 flips these tensor dims for mirror TTA, in this order (dims 2, 3, 4 = z, y, x).
 MIRROR_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (4, 3), (2,), (4, 2), (3, 2), (4, 3, 2))
@@ -69,132 +66,133 @@ def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1 / 8) -> np.
     return out
 
 
-def _softmax_last_(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim in float32; in place on the CPU (same kernel as torch.softmax)."""
-    logits = logits.float()
-    if logits.device.type == "cpu" and logits.is_contiguous():
-        return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-    return torch.softmax(logits, dim=-1)
+class PatchPredictor:
+    """What ``sliding_window`` calls for each batch of patches: the per-patch contract.
 
+    ``predictor(x)`` maps patches (B, C_in, *patch) to per-class scores with the classes last,
+    (B, *patch, K), float32. ``predictor.accumulate(x, targets, weight)`` adds
+    ``predictor(x)[b] * weight`` into ``targets[b]`` (one (*patch, K) view of the sliding
+    window's buffer per batch item); the default computes the scores and adds them, a
+    subclass may override it to add in place without materialising a whole tile. ``breakdown``
+    names the seconds a predictor spent in parts of its own work so far (e.g. ``softmax``),
+    for the timing reports; the default is empty.
 
-def class_probabilities(
-    net: torch.nn.Module, chunk: int = 32768, on_time: Callable[[str, float], None] | None = None
-) -> PatchFn:
-    """(B, C_in, *patch) -> softmax class probabilities (B, *patch, K), float32.
-
-    For an STU-Net the last 1x1 convolution is applied as a matrix product on channels-last
-    features, on the CPU in cache-sized chunks of voxels, each followed by its softmax in place
-    (0.45 s per 128^3 tile instead of 1.3 s for the 1x1 conv plus 0.49 s for a channels-first
-    softmax). Any other module is called as it is and its (B, K, *patch) logits moved last.
-
-    On the CPU the returned function also has ``accumulate(x, targets, weight)``, which adds
-    ``probabilities * weight`` into ``targets`` (one (*patch, K) view per batch item) chunk by
-    chunk, so a tile's K x patch probabilities (880 MB) never exist at once. ``on_time(kind,
-    seconds)`` is told the time spent in the softmax and in accumulating, if given.
-
-    The CPU path computes the softmax with ``exp2`` on logits in base-2 units and adds
-    ``exp * (weight / sum)`` with one fused multiply-add: each probability and each sum is
-    within a few float32 ulps of ``softmax``, multiply, add (the reference's order), and the
-    whole costs 0.06 s less per tile on the benchmark machine.
+    Subclass it and implement ``__call__``; a plain function is wrapped by ``as_predictor``.
     """
-    features = getattr(net, "features", None)
-    head = net.seg_outputs[-1] if features is not None else None  # type: ignore[index]
 
-    def report(kind: str, seconds: float) -> None:
-        if on_time is not None:
-            on_time(kind, seconds)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    def head_chunks(f: torch.Tensor) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor]]:
-        """(item, row start, row stop, unnormalized softmax (rows, *patch[1:], K), its sum (..., 1)).
+    def accumulate(self, x: torch.Tensor, targets: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
+        for target, tile in zip(targets, self(x)):
+            # Product rounded to float32, then summed: the reference's two roundings.
+            target.add_(tile.mul_(weight))
 
-        For CPU float32 features. The logits are formed in base-2 units (log2(e) folded into the
-        head) so that the softmax can use ``exp2``, twice as fast as ``exp`` here; the division
-        by the sum is left to the caller, who folds it into the tile weight.
-        """
-        assert head is not None
-        k, c = head.weight.shape[:2]
-        weight = head.weight.view(k, c).t() * _LOG2E
-        bias = head.bias * _LOG2E
-        plane = f.shape[3] * f.shape[4]
-        rows = max(1, chunk // plane)
-        buf = torch.empty((rows * plane, k), dtype=torch.float32)
-        flat = f.movedim(1, -1)  # (B, *patch, C), a view
-        in_softmax = 0.0
-        for item in range(f.shape[0]):
-            for lo in range(0, f.shape[2], rows):
-                hi = min(lo + rows, f.shape[2])
-                part = buf[: (hi - lo) * plane]
-                torch.addmm(bias, flat[item, lo:hi].reshape(-1, c), weight, out=part)
-                start = time.perf_counter()
-                part.sub_(part.amax(-1, keepdim=True)).exp2_()
-                total = part.sum(-1, keepdim=True)
-                in_softmax += time.perf_counter() - start
-                yield item, lo, hi, part.view(hi - lo, *f.shape[3:], k), total.view(hi - lo, *f.shape[3:], 1)
-        report("softmax", in_softmax)
+    @property
+    def accumulates_in_place(self) -> bool:
+        """Whether ``accumulate`` is more than the default (scores, then add)."""
+        return type(self).accumulate is not PatchPredictor.accumulate
 
-    def cpu_path(f: torch.Tensor) -> bool:
-        return f.device.type == "cpu" and f.dtype == torch.float32
-
-    def whole(f: torch.Tensor) -> torch.Tensor:
-        """All of a batch's probabilities at once (GPU, reduced precision)."""
-        assert head is not None
-        k, c = head.weight.shape[:2]
-        flat = f.movedim(1, -1).reshape(-1, c)
-        logits = torch.addmm(head.bias.to(flat.dtype), flat, head.weight.view(k, c).t().to(flat.dtype))
-        return _softmax_last_(logits.view(*f.shape[:1], *f.shape[2:], k))
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        if features is None or head is None:
-            return _softmax_last_(net(x).movedim(1, -1).contiguous())
-        f = features(x)
-        if not cpu_path(f):
-            return whole(f)
-        out = torch.empty((*f.shape[:1], *f.shape[2:], head.weight.shape[0]), dtype=torch.float32)
-        for item, lo, hi, exps, total in head_chunks(f):
-            torch.div(exps, total, out=out[item, lo:hi])
-        return out
-
-    def accumulate(x: torch.Tensor, targets: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
-        assert features is not None
-        f = features(x)
-        if not cpu_path(f):
-            for target, tile in zip(targets, whole(f)):
-                target.add_(tile.mul_(weight))
-            return
-        adding = 0.0
-        for item, lo, hi, exps, total in head_chunks(f):
-            start = time.perf_counter()
-            # probabilities * tile weight = exps * (weight / total), added in one fused pass.
-            targets[item][lo:hi].addcmul_(exps, weight[lo:hi] / total)
-            adding += time.perf_counter() - start
-        report("accumulate", adding)
-
-    if features is not None and head is not None:
-        fn.accumulate = accumulate  # type: ignore[attr-defined]
-    return fn
+    @property
+    def breakdown(self) -> dict[str, float]:
+        return {}
 
 
-def mirrored(fn: PatchFn, flips: Sequence[tuple[int, ...]] = MIRROR_FLIPS) -> PatchFn:
-    """Test-time augmentation: average ``fn`` over mirrored inputs, each result flipped back.
+class FunctionPredictor(PatchPredictor):
+    """A plain function ``(B, C_in, *patch) -> (B, *patch, K)`` as a ``PatchPredictor``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def as_predictor(fn: PatchPredictor | Callable[[torch.Tensor], torch.Tensor]) -> PatchPredictor:
+    """``fn`` itself if it is a ``PatchPredictor``, else ``fn`` wrapped in one."""
+    return fn if isinstance(fn, PatchPredictor) else FunctionPredictor(fn)
+
+
+class Mirrored(PatchPredictor):
+    """Test-time augmentation: the mean of ``inner`` over mirrored inputs, each result flipped back.
 
     ``flips`` name dims of the (B, C, z, y, x) input; results are classes-last (B, z, y, x, K).
-
     Accumulated in float32 with weight 1/len(flips) per pass, in nnU-Net's order, so that
     the sum rounds as the reference's does.
     """
-    weight = 1.0 / len(flips)
 
-    def tta(x: torch.Tensor) -> torch.Tensor:
+    def __init__(
+        self,
+        inner: PatchPredictor | Callable[[torch.Tensor], torch.Tensor],
+        flips: Sequence[tuple[int, ...]] = MIRROR_FLIPS,
+    ) -> None:
+        self.inner = as_predictor(inner)
+        self.flips = tuple(flips)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = 1.0 / len(self.flips)
         total: torch.Tensor | None = None
-        for dims in flips:
-            y = fn(torch.flip(x, dims) if dims else x)
+        for dims in self.flips:
+            y = self.inner(torch.flip(x, dims) if dims else x)
             # Input dims (B, C, z, y, x) -> output dims (B, z, y, x, K): one less.
             y = torch.flip(y, [d - 1 for d in dims]) if dims else y
             total = weight * y if total is None else total.add_(weight * y)
         assert total is not None
         return total
 
-    return tta
+    @property
+    def breakdown(self) -> dict[str, float]:
+        return self.inner.breakdown
+
+
+class Autocast(PatchPredictor):
+    """``inner`` run under ``torch.autocast`` (e.g. float16 convolutions on CUDA, as nnU-Net).
+
+    The accumulation into the buffers stays outside autocast, in float32.
+    """
+
+    def __init__(self, inner: PatchPredictor, device_type: str, dtype: torch.dtype = torch.float16) -> None:
+        self.inner, self.device_type, self.dtype = inner, device_type, dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.inner(x)
+
+    @property
+    def breakdown(self) -> dict[str, float]:
+        return self.inner.breakdown
+
+
+class Timed(PatchPredictor):
+    """``inner`` with the wall time of every call into it added to ``seconds``.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock stop, so that
+    asynchronous devices are timed for their work, not for queueing it. When ``inner`` has no
+    in-place ``accumulate``, only its scores are timed and the adding is not.
+    """
+
+    def __init__(self, inner: PatchPredictor, sync: Callable[[], None] | None = None) -> None:
+        self.inner, self.sync, self.seconds = inner, sync, 0.0
+
+    def _timed(self, call: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = call()
+        if self.sync is not None:
+            self.sync()
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timed(lambda: self.inner(x))
+
+    def accumulate(self, x: torch.Tensor, targets: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
+        if not self.inner.accumulates_in_place:
+            return super().accumulate(x, targets, weight)
+        return self._timed(lambda: self.inner.accumulate(x, targets, weight))
+
+    @property
+    def breakdown(self) -> dict[str, float]:
+        return self.inner.breakdown
 
 
 @dataclass(frozen=True)
@@ -233,7 +231,7 @@ def stream_axis(shape: Sequence[int]) -> int:
 
 def sliding_window(
     x: torch.Tensor,
-    fn: PatchFn,
+    fn: PatchPredictor | Callable[[torch.Tensor], torch.Tensor],
     num_classes: int,
     patch: Sequence[int] = (128, 128, 128),
     step_size: float = 0.5,
@@ -244,7 +242,8 @@ def sliding_window(
 ) -> Iterator[Slab]:
     """Gaussian-weighted sliding-window average of ``fn`` over ``x`` (C_in, *spatial).
 
-    ``fn`` maps (B, C_in, *patch) to (B, *patch, K).
+    ``fn`` is a ``PatchPredictor`` (or a plain function, see ``as_predictor``): (B, C_in, *patch)
+    -> (B, *patch, K). Each batch goes through its ``accumulate``.
 
     Yields ``Slab``s in order along ``axis`` (default: the largest padded axis) covering the
     whole unpadded volume. The input is padded with 0 up to the patch where it is smaller.
@@ -279,8 +278,7 @@ def sliding_window(
     plane = math.prod(spatial[d] for d in other)
     rows_per_slab = max(1, slab_bytes // (4 * num_classes * max(plane, 1)))
 
-    # A function that can add its weighted scores in place saves materialising each tile.
-    accumulate = getattr(fn, "accumulate", None)
+    predictor = as_predictor(fn)
     done = 0
     row_starts = starts[a]
     for r, row in enumerate(row_starts):
@@ -301,12 +299,7 @@ def sliding_window(
                 )
                 for pos in chunk
             ]
-            if accumulate is not None:
-                accumulate(batch, [acc[region] for region in regions], weight_k)
-            else:
-                for region, tile in zip(regions, fn(batch)):
-                    # Product rounded to float32, then summed: the reference's two roundings.
-                    acc[region].add_(tile.mul_(weight_k))
+            predictor.accumulate(batch, [acc[region] for region in regions], weight_k)
             del batch
             for region in regions:
                 norm[region].add_(weight)
@@ -353,16 +346,3 @@ def _shift(buf: torch.Tensor, dim: int, n: int) -> None:
         size = min(n, depth - n - lo)
         buf.narrow(dim, lo, size).copy_(buf.narrow(dim, lo + n, size))
     buf.narrow(dim, max(depth - n, 0), min(n, depth)).zero_()
-
-
-def predict_scores(
-    x: torch.Tensor,
-    fn: PatchFn,
-    num_classes: int,
-    patch: Sequence[int] = (128, 128, 128),
-    step_size: float = 0.5,
-    batch_size: int = 1,
-) -> torch.Tensor:
-    """The whole (*spatial, K) averaged score volume at once (for tests and small volumes)."""
-    slabs = [(s.axis, s.scores()) for s in sliding_window(x, fn, num_classes, patch, step_size, batch_size)]
-    return torch.cat([scores for _, scores in slabs], dim=slabs[0][0])

@@ -1,7 +1,8 @@
 """From the input grid to what the network sees, and the geometry to undo it.
 
-The steps follow nnU-Net v1's test-time preprocessing for these models (see
-``shared/reference/nnunet_v1_inference.md``), with one deliberate change first:
+The steps follow nnU-Net v1's test-time preprocessing for these models ("the reference" in
+this package: nnU-Net v1's inference path as the STU-Net models were published with it),
+with one deliberate change first:
 
 1. reorient to the closest canonical RAS orientation, then present the array as SimpleITK
    would for that RAS file: (z, y, x) order (the training images were stored in RAS);
@@ -17,7 +18,6 @@ resolution back on the input grid exactly.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from stuseg.errors import InputError
+from stuseg.threads import available_cpus
 
 # nnU-Net's RESAMPLING_SEPARATE_Z_ANISO_THRESHOLD: above this max/min spacing ratio the
 # low-resolution axis is resampled on its own (nearest neighbour) instead of with the others.
@@ -92,7 +93,7 @@ def _cubic(x: np.ndarray, new_shape: tuple[int, ...], workers: int | None = None
     associated differently). Writing float32 and then clipping with the (float32) bounds
     equals clipping in float64 and casting, since rounding is monotonic.
     """
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or min(available_cpus(), 8)  # the cap of 8 is the earlier default's
     lo, hi = x.min(), x.max()
     y = x
     with ThreadPoolExecutor(workers) as pool:
@@ -203,16 +204,21 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     return np.clip(np.floor(coord + 0.5), 0, n_in - 1).astype(np.int64)
 
 
-def resample_image(x: np.ndarray, new_shape: tuple[int, int, int], axis: int | None) -> np.ndarray:
-    """Resample a float32 volume to ``new_shape``: cubic, or cubic in-plane + nearest along ``axis``."""
+def resample_image(
+    x: np.ndarray, new_shape: tuple[int, int, int], axis: int | None, workers: int | None = None
+) -> np.ndarray:
+    """Resample a float32 volume to ``new_shape``: cubic, or cubic in-plane + nearest along ``axis``.
+
+    ``workers`` threads share the work (default ``stuseg.threads.available_cpus()``).
+    """
     if tuple(x.shape) == tuple(new_shape):
         return x
     if axis is None:
-        return _cubic(x, new_shape)
+        return _cubic(x, new_shape, workers)
     plane = tuple(n for a, n in enumerate(new_shape) if a != axis)
     slices = np.moveaxis(x, axis, 0)
     # Each slice is resized (and clipped) on its own, as the reference does.
-    stack = np.stack([_cubic(s, plane) for s in slices])
+    stack = np.stack([_cubic(s, plane, workers) for s in slices])
     if stack.shape[0] != new_shape[axis]:
         stack = stack[nearest_indices(stack.shape[0], new_shape[axis])]
     return np.ascontiguousarray(np.moveaxis(stack, 0, axis))
@@ -259,11 +265,24 @@ def zscore(x: np.ndarray) -> np.ndarray:
 
 
 def preprocess(
-    data: np.ndarray, affine: np.ndarray, target_spacing: tuple[float, float, float]
+    data: np.ndarray,
+    affine: np.ndarray,
+    target_spacing: tuple[float, float, float],
+    workers: int | None = None,
 ) -> tuple[np.ndarray, Geometry, bool]:
     """Input voxels (i, j, k) -> normalized float32 (z, y, x) array at the target spacing.
 
-    Returns the array, the geometry to undo it, and whether NaNs were replaced by 0.
+    Args:
+        data: the input voxels (i, j, k), any real dtype; never modified.
+        affine: the input's voxel-to-world matrix.
+        target_spacing: the network's (z, y, x) voxel size in mm.
+        workers: threads for the cubic resampling (default ``stuseg.threads.available_cpus()``).
+
+    Returns:
+        The array, the geometry to undo it, and whether NaNs were replaced by 0.
+
+    Raises:
+        InputError: every voxel is 0.
     """
     zyx, ornt, spacing = to_model_order(data, affine)
     box = nonzero_bbox(zyx)
@@ -274,7 +293,7 @@ def preprocess(
         x[np.isnan(x)] = 0
     axis = separate_axis(spacing, target_spacing)
     new_shape = resampled_shape(x.shape, spacing, target_spacing)
-    x = resample_image(x, new_shape, axis)
+    x = resample_image(x, new_shape, axis, workers)
     if np.may_share_memory(x, data):  # not resampled: z-score a copy, never the caller's array
         x = np.array(x, dtype=np.float32, order="C")
     x = zscore(x)

@@ -1,13 +1,9 @@
 """A plain, full-volume re-statement of the original inference path, for equivalence tests.
 
-Written from a reading of nnU-Net 1.7.1's ``nnUNet_predict`` path for the STU-Net models
-(``preprocessing/preprocessing.py`` and ``cropping.py``, ``network_architecture/neural_network.py``
-``predict_3D``, ``inference/segmentation_export.py``; batchgenerators >= 0.25.4 for the fast
-export's label resampling), for inputs stored in RAS (where stuseg's reorientation is the
-identity): numpy/scipy preprocessing, channels-first float32 aggregation of every tile, and the
-two exports computed on whole volumes. The plan's numbers it uses are those in
-``tests/data/reference/totalseg_plans.json``. Slow and memory hungry on purpose; nothing is shared
-with stuseg's implementation.
+Written from a description of nnU-Net v1's inference steps alone, for inputs stored in RAS (where
+stuseg's reorientation is the identity): numpy/scipy preprocessing, channels-first float32
+aggregation of every tile, and the two exports computed on whole volumes. The plan's numbers are
+those of ``tests/data/reference/totalseg_plans.json``. Slow and memory hungry on purpose; nothing is shared with stuseg's implementation.
 """
 
 from __future__ import annotations
@@ -50,7 +46,8 @@ def _resample(x: np.ndarray, shape: tuple[int, ...], axis: int | None, order: in
     return np.moveaxis(stack, 0, axis)
 
 
-def preprocess(data_xyz: np.ndarray, zooms_xyz: tuple[float, ...]):
+def crop_and_resample(data_xyz: np.ndarray, zooms_xyz: tuple[float, ...]):
+    """Everything before the z-score: the (z, y, x) crop at 1.5 mm, its box, the separate axis, the shape."""
     zyx = data_xyz.transpose(2, 1, 0).astype(np.float32)
     spacing = np.array(zooms_xyz[::-1], float)
     nz = np.nonzero(zyx != 0)
@@ -59,9 +56,13 @@ def preprocess(data_xyz: np.ndarray, zooms_xyz: tuple[float, ...]):
     x[np.isnan(x)] = 0
     shape = tuple(int(v) for v in np.round(spacing / 1.5 * np.array(x.shape)).astype(int))
     axis = _lowres_axis(spacing)
-    x = _resample(x, shape, axis, 3, clip=True)
+    return _resample(x, shape, axis, 3, clip=True), box, axis, zyx.shape
+
+
+def preprocess(data_xyz: np.ndarray, zooms_xyz: tuple[float, ...]):
+    x, box, axis, full = crop_and_resample(data_xyz, zooms_xyz)
     x = (x - x.mean()) / (x.std() + 1e-8)
-    return x.astype(np.float32), box, axis, zyx.shape
+    return x.astype(np.float32), box, axis, full
 
 
 def tile_starts_formula(size: int, patch: int, step: float) -> list[int]:
@@ -80,9 +81,10 @@ def predict_softmax(x: np.ndarray, net: torch.nn.Module, tta: bool, step: float 
     starts = [tile_starts_formula(s, patch, step) for s in xp.shape]
     n_tiles = len(starts[0]) * len(starts[1]) * len(starts[2])
     if n_tiles > 1:
-        d = np.arange(patch) - patch // 2
-        g1 = np.exp(-(d**2) / (2 * (patch / 8) ** 2))
-        g = np.multiply.outer(np.multiply.outer(g1, g1), g1)
+        # A centred unit impulse through a Gaussian filter (sigma = patch / 8), over its maximum.
+        impulse = np.zeros((patch,) * 3)
+        impulse[(patch // 2,) * 3] = 1
+        g = ndi.gaussian_filter(impulse, patch / 8, 0, mode="constant", cval=0)
         g = (g / g.max()).astype(np.float32)
     else:
         g = np.ones((patch,) * 3, np.float32)

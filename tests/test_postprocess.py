@@ -7,7 +7,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from stuseg.postprocess import ProbabilityExport, linear_map, resample_labels, slab_labels
+from stuseg.postprocess import ProbabilityExport, linear_map, nearest_map, resample_labels, slab_labels
 from stuseg.predict import Slab
 
 CASES = [
@@ -148,11 +148,25 @@ def test_fast_export_on_smooth_structures_and_round_trip() -> None:
     np.testing.assert_array_equal(down, lab)
 
 
-def test_linear_map_weights_sum_to_one_and_clamp_at_edges() -> None:
-    m = linear_map(5, 13)
-    np.testing.assert_allclose(m.w_lo + m.w_hi, 1.0)
-    assert m.lo.min() == 0 and m.hi.max() == 4
-    assert m.lo[0] == 0 and m.hi[0] == 0  # before the first centre: the edge value
+@pytest.mark.parametrize(("n_in", "n_out"), [(5, 13), (13, 5), (7, 7), (1, 4), (6, 12), (12, 6), (9, 14)])
+def test_axis_maps_interpolate_as_scipy(n_in: int, n_out: int) -> None:
+    """Applied to a line of values, the maps give scipy's order-1 and order-0 zoom on the
+    pixel-area grid with edge values repeated."""
+    x = np.random.default_rng(n_in * 31 + n_out).normal(size=n_in)
+    m = linear_map(n_in, n_out)
+    linear = m.w_lo * x[m.lo] + m.w_hi * x[m.hi]
+    np.testing.assert_allclose(linear, _zoom(x, (n_out,), 1), rtol=0, atol=1e-12)
+    n = nearest_map(n_in, n_out)
+    np.testing.assert_array_equal(n.w_lo * x[n.lo] + n.w_hi * x[n.hi], _zoom(x, (n_out,), 0))
+
+
+def test_linear_map_of_a_ramp_is_the_ramp_at_the_sample_centres() -> None:
+    """Closed form: a ramp x[i] = i, sampled at (o + 0.5) * n_in / n_out - 0.5, clamped to [0, n_in - 1]."""
+    n_in, n_out = 6, 15
+    m = linear_map(n_in, n_out)
+    got = m.w_lo * m.lo + m.w_hi * m.hi
+    centres = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    np.testing.assert_allclose(got, np.clip(centres, 0, n_in - 1), rtol=0, atol=1e-12)
 
 
 def test_kernels_work_where_no_cache_folder_is_writable() -> None:

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import scipy.stats
 
 from stuseg.errors import InputError
 from stuseg.preprocess import (
@@ -113,12 +114,23 @@ def test_bbox_counts_nan_as_nonzero_and_needs_no_hole_filling() -> None:
         nonzero_bbox(np.zeros((3, 3, 3)))
 
 
-def test_zscore_uses_float32_statistics_without_clipping() -> None:
+def test_zscore_matches_scipy_in_float64_without_clipping() -> None:
     x = np.random.default_rng(3).normal(40, 300, (20, 21, 22)).astype(np.float32)
-    expect = (x - x.mean()) / (x.std() + np.float32(1e-8))
     got = zscore(x.copy())
-    np.testing.assert_array_equal(got, expect)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, scipy.stats.zscore(x.astype(np.float64), axis=None), rtol=0, atol=2e-6)
     assert got.max() > 3  # nothing clipped
+
+
+def test_zscore_closed_forms() -> None:
+    """Two values, half the voxels each: mean halfway, std half the gap, so -1 and +1; a constant
+    image has std 0 and becomes 0 (the 1e-8 guard keeps it finite)."""
+    x = np.full((6, 5, 4), 40.0 - 300.0, np.float32)
+    x[:3] = 40.0 + 300.0
+    got = zscore(x)
+    np.testing.assert_allclose(got[:3], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(got[3:], -1.0, rtol=1e-6)
+    np.testing.assert_array_equal(zscore(np.full((3, 3, 3), -1000.0, np.float32)), 0.0)
 
 
 def test_preprocess_reference_case_from_the_document() -> None:

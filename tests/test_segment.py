@@ -14,9 +14,6 @@ import torch
 from stuseg.io import read_image
 from stuseg.network import Arch, build_network
 from stuseg.pipeline import segment
-from stuseg.preprocess import nonzero_bbox, resample_image, resampled_shape, separate_axis, to_model_order
-
-TARGET = (1.5, 1.5, 1.5)
 
 
 def label_phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -36,8 +33,9 @@ def label_phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 class IntensityOracle(torch.nn.Module):
     """Stand-in network: class = the label encoded in the intensity (HU = 100 * label + 30).
 
-    It undoes the pipeline's z-score with the statistics the test computed independently,
-    so a correct pipeline returns the phantom's labels wherever resampling kept intensities.
+    It undoes the pipeline's z-score with statistics computed by the whole-volume restatement
+    of the original (tests/reference_pipeline.py) on nibabel's canonical image, so a correct
+    pipeline returns the phantom's labels wherever resampling kept intensities.
     """
 
     def __init__(self, mean: float, std: float):
@@ -51,10 +49,9 @@ class IntensityOracle(torch.nn.Module):
 
 
 def oracle_for(data: np.ndarray, affine: np.ndarray) -> IntensityOracle:
-    zyx, _, spacing = to_model_order(data, affine)
-    box = nonzero_bbox(zyx)
-    x = np.array(zyx[tuple(slice(a, b) for a, b in box)], np.float32)
-    x = resample_image(x, resampled_shape(x.shape, spacing, TARGET), separate_axis(spacing, TARGET))
+    canon = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    zooms = tuple(float(z) for z in np.linalg.norm(canon.affine[:3, :3], axis=0))
+    x, *_ = reference_pipeline.crop_and_resample(np.asarray(canon.dataobj, np.float32), zooms)
     return IntensityOracle(float(x.mean()), float(x.std()))
 
 

@@ -1,7 +1,8 @@
-"""Sliding window and mirror TTA as pure functions, against the reference description."""
+"""Sliding window and mirror TTA, against scipy and whole-volume restatements of nnU-Net's rules."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -10,16 +11,31 @@ import scipy.ndimage as ndi
 import torch
 from reference_pipeline import tile_starts_formula as reference_starts
 
+from stuseg.head import ClassProbabilities, softmax_last_
 from stuseg.predict import (
     MIRROR_FLIPS,
-    class_probabilities,
+    Mirrored,
+    PatchPredictor,
     gaussian_importance,
-    mirrored,
     pad_amounts,
-    predict_scores,
     sliding_window,
     tile_starts,
 )
+
+
+def predict_scores(x: torch.Tensor, fn, num_classes: int, patch=(128, 128, 128), step=0.5, batch_size=1):
+    """The whole (*spatial, K) averaged score volume: the streamed slabs put together."""
+    slabs = [(s.axis, s.scores()) for s in sliding_window(x, fn, num_classes, patch, step, batch_size)]
+    return torch.cat([scores for _, scores in slabs], dim=slabs[0][0])
+
+
+def filtered_impulse(patch: tuple[int, ...]) -> np.ndarray:
+    """nnU-Net's recipe for the tile weight: a centred unit impulse through scipy's Gaussian filter
+    (sigma = patch / 8), divided by its maximum, as float32."""
+    impulse = np.zeros(patch)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    ref = ndi.gaussian_filter(impulse, [p / 8 for p in patch], 0, mode="constant", cval=0)
+    return (ref / ref.max()).astype(np.float32)
 
 
 @pytest.mark.parametrize("size", [128, 129, 137, 191, 192, 193, 200, 256, 300, 511])
@@ -100,7 +116,7 @@ def reference_aggregate(x: np.ndarray, fn, k: int, patch: tuple[int, ...], step:
     xp = np.pad(x, pads)
     starts = [reference_starts(s, p, step) for s, p in zip(xp.shape, patch)]
     tiles = math.prod(len(s) for s in starts)
-    g = gaussian_importance(patch) if tiles > 1 else np.ones(patch, np.float32)
+    g = filtered_impulse(patch) if tiles > 1 else np.ones(patch, np.float32)
     acc = np.zeros((k, *xp.shape), np.float32)
     nb = np.zeros((k, *xp.shape), np.float32)
     for i in starts[0]:
@@ -145,14 +161,48 @@ def test_single_tile_uses_uniform_weights() -> None:
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
 
 
-def test_mirror_flips_are_the_reference_order() -> None:
-    assert MIRROR_FLIPS == ((), (4,), (3,), (4, 3), (2,), (4, 2), (3, 2), (4, 3, 2))
+def all_flips() -> list[tuple[int, ...]]:
+    """Every subset of the spatial dims (2, 3, 4) of a (B, C, z, y, x) tensor."""
+    return [dims for r in range(4) for dims in itertools.combinations((2, 3, 4), r)]
+
+
+def test_mirror_flips_are_the_eight_mirrorings_each_once() -> None:
+    assert len(MIRROR_FLIPS) == 8 and MIRROR_FLIPS[0] == ()
+    assert sorted(tuple(sorted(d)) for d in MIRROR_FLIPS) == sorted(all_flips())
 
 
 def test_mirrored_is_identity_for_flip_equivariant_functions() -> None:
     x = torch.rand(2, 1, 8, 10, 12)
     fn = lambda t: torch.stack([t[:, 0] * 3, t[:, 0].square()], dim=-1)  # noqa: E731  pointwise
-    torch.testing.assert_close(mirrored(fn)(x), fn(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(Mirrored(fn)(x), fn(x), rtol=0, atol=1e-6)
+
+
+def test_mirrored_a_mirror_equivariant_network_is_the_network() -> None:
+    """A convolution with a kernel symmetric along every axis commutes with every flip."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+    with torch.no_grad():
+        w = conv.weight
+        w.copy_(
+            (
+                w
+                + w.flip(2)
+                + w.flip(3)
+                + w.flip(4)
+                + w.flip(2, 3)
+                + w.flip(2, 4)
+                + w.flip(3, 4)
+                + w.flip(2, 3, 4)
+            )
+            / 8
+        )
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.softmax(conv(t), dim=1).movedim(1, -1)
+
+    x = torch.rand(1, 1, 9, 10, 11)
+    torch.testing.assert_close(Mirrored(fn)(x), fn(x), rtol=0, atol=1e-6)
 
 
 def test_mirrored_averages_the_eight_flipped_back_passes() -> None:
@@ -162,17 +212,17 @@ def test_mirrored_averages_the_eight_flipped_back_passes() -> None:
     def fn(t: torch.Tensor) -> torch.Tensor:  # not flip-equivariant along x; classes last
         return (t + ramp).movedim(1, -1)
 
-    got = mirrored(fn)(x)
+    got = Mirrored(fn)(x)
     # Half the passes flip x: ramp flipped back becomes 7 - ramp; the average is 3.5.
     torch.testing.assert_close(got, (x + 3.5).movedim(1, -1), rtol=0, atol=1e-6)
-    passes = [fn(torch.flip(x, d)).flip([i - 1 for i in d]) if d else fn(x) for d in MIRROR_FLIPS]
+    passes = [fn(torch.flip(x, d)).flip([i - 1 for i in d]) if d else fn(x) for d in all_flips()]
     expect = sum(passes) / 8
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
 
 
 def test_class_probabilities_of_a_plain_module_is_the_softmax_classes_last() -> None:
     logits = torch.randn(1, 105, 8, 8, 8)
-    got = class_probabilities(torch.nn.Identity())(logits)
+    got = ClassProbabilities(torch.nn.Identity())(logits)
     torch.testing.assert_close(got, torch.softmax(logits, dim=1).movedim(1, -1), rtol=0, atol=1e-7)
 
 
@@ -185,7 +235,7 @@ def test_class_probabilities_of_stunet_match_its_forward() -> None:
     x = torch.randn(2, 1, 32, 32, 32)
     with torch.inference_mode():
         expect = torch.softmax(net(x), dim=1).movedim(1, -1)
-        got = class_probabilities(net)(x)
+        got = ClassProbabilities(net)(x)
     assert got.shape == (2, 32, 32, 32, 7)
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
 
@@ -198,11 +248,54 @@ def test_accumulating_in_place_equals_materialising_each_tile() -> None:
 
     torch.manual_seed(1)
     net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6, num_classes=9))
-    fused = class_probabilities(net, chunk=700)
-    assert hasattr(fused, "accumulate")
+    fused = ClassProbabilities(net, chunk=700)
+    assert fused.accumulates_in_place
     x = torch.randn(1, 40, 70, 50)
     with torch.inference_mode():
         a = predict_scores(x, fused, 9, (32, 32, 32), 0.5, batch_size=2)
         b = predict_scores(x, lambda t: fused(t), 9, (32, 32, 32), 0.5, batch_size=2)
+    assert fused.breakdown["softmax"] > 0 and fused.breakdown["accumulate"] > 0
     torch.testing.assert_close(a, b, rtol=0, atol=2e-7)
     assert a.argmax(-1).eq(b.argmax(-1)).float().mean() > 0.9999
+
+
+class Recording(PatchPredictor):
+    """A pointwise predictor that counts how it is called and adds in place itself."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.accumulated = 0
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return _three(t)
+
+    def accumulate(self, x, targets, weight) -> None:
+        self.accumulated += len(targets)
+        for target, tile in zip(targets, _three(x)):
+            target.add_(tile * weight)
+
+
+def test_a_predictor_that_accumulates_is_asked_to_for_every_tile() -> None:
+    x = torch.rand(1, 20, 40, 30)
+    predictor = Recording()
+    assert predictor.accumulates_in_place
+    got = predict_scores(x, predictor, 3, (16, 16, 16), 0.5, batch_size=2).movedim(-1, 0)
+    tiles = math.prod(len(tile_starts(s, 16, 0.5)) for s in (20, 40, 30))
+    assert predictor.accumulated == tiles and predictor.calls == 0
+    torch.testing.assert_close(got[1], x[0] + 1, rtol=0, atol=3e-6)
+
+
+def test_softmax_without_the_private_kernel_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The public fallback (where torch lacks aten._softmax.out) equals the in-place kernel bit for
+    bit, and both equal a float64 softmax computed by hand to float32 precision."""
+    import stuseg.head
+
+    logits = torch.randn(3, 5, 7, 105) * 8
+    private = softmax_last_(logits.clone())
+    monkeypatch.setattr(stuseg.head, "_private_softmax_out", lambda: None)
+    public = softmax_last_(logits.clone())
+    torch.testing.assert_close(public, private, rtol=0, atol=0)
+    z = logits.double() - logits.double().amax(-1, keepdim=True)
+    by_hand = (z.exp() / z.exp().sum(-1, keepdim=True)).float()
+    torch.testing.assert_close(public, by_hand, rtol=1e-6, atol=1e-7)

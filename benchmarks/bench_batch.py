@@ -1,0 +1,144 @@
+"""`stuseg batch` against one `stuseg predict` process per scan: wall time and peak memory.
+
+    python3 benchmarks/bench_batch.py --cohort small [--cohort big] [--size small] [--fast]
+
+For each cohort, the same synthetic CTs are segmented twice, on the CPU with the same options:
+
+* separately: one ``python -m stuseg predict CT OUT`` process per scan, one after the other
+  (what a shell loop over a cohort does), and
+* together: one ``python -m stuseg batch COHORT -o OUT`` process.
+
+It prints (and appends to benchmarks/results.jsonl) one JSON line per cohort: the summed wall
+time of the separate processes, the batch's wall time and their ratio, the largest peak RSS of
+the separate processes (= the largest single-case peak) and the batch process's peak RSS and
+their ratio. Peak RSS is each child's ``ru_maxrss`` from ``wait4`` (the batch is one process:
+its stages are threads). Before timing, one untimed ``predict`` fills the numba kernel cache so
+that neither side pays the kernels' first-use compilation.
+
+Cohorts: ``small`` is 8 CTs of 96 to 160 voxels a side at 1.5 to 2 mm; ``big`` is 4 CTs of
+512 x 512 x 300 at 0.8 x 0.8 x 1.0 mm (the size of bench_predict.py's CT). The CTs are synthetic
+and the weights random with the real architecture: time and memory do not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_predict import _machine, make_ct, make_weights  # noqa: E402
+
+# (shape, spacing) per scan: sizes spread over 96..160 voxels a side so that cases need from one
+# to several 128^3 tiles, as the scans of a real cohort do.
+SMALL = [
+    ((96, 96, 96), (2.0, 2.0, 2.0)),
+    ((128, 112, 104), (1.5, 1.5, 1.5)),
+    ((160, 128, 96), (1.5, 1.5, 2.0)),
+    ((112, 144, 120), (1.6, 1.6, 1.6)),
+    ((96, 128, 160), (1.8, 1.8, 1.5)),
+    ((144, 96, 112), (1.5, 1.5, 1.8)),
+    ((120, 120, 120), (1.7, 1.7, 1.7)),
+    ((160, 160, 128), (1.5, 1.5, 1.5)),
+]
+BIG = [((512, 512, 300), (0.8, 0.8, 1.0))] * 4
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Run ``cmd``; return its wall time (s) and peak RSS (bytes, ru_maxrss of the child tree)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.decode()}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> dict:
+    scans = SMALL if cohort == "small" else BIG
+    folder = work / cohort
+    folder.mkdir()
+    for n, (shape, spacing) in enumerate(scans):
+        make_ct(folder / f"ct{n}.nii.gz", shape, spacing)
+    env = {**os.environ, "STUSEG_HOME": str(work / "home")}
+    options = ["--weights", str(weights), "--device", args.device, "--step-size", str(args.step_size), "-q"]
+    options += ["--fast"] if args.fast else []
+    stuseg = [sys.executable, "-m", "stuseg"]
+
+    _run([*stuseg, "predict", str(folder / "ct0.nii.gz"), str(work / f"warm-{cohort}"), *options], env)
+    separate = []
+    for n in range(len(scans)):
+        out = work / f"separate-{cohort}" / f"ct{n}"
+        out.parent.mkdir(exist_ok=True)
+        separate.append(_run([*stuseg, "predict", str(folder / f"ct{n}.nii.gz"), str(out), *options], env))
+        print(f"  predict ct{n}: {separate[-1][0]:.1f} s, {separate[-1][1] / 2**30:.2f} GB", flush=True)
+    batch_wall, batch_rss = _run(
+        [*stuseg, "batch", str(folder), "-o", str(work / f"batch-{cohort}"), *options], env
+    )
+    print(f"  batch: {batch_wall:.1f} s, {batch_rss / 2**30:.2f} GB", flush=True)
+    separate_wall = sum(w for w, _ in separate)
+    single_peak = max(r for _, r in separate)
+    return {
+        "benchmark": "batch",
+        "cohort": cohort,
+        "cases": len(scans),
+        "inputs": [{"shape": list(s), "spacing_mm": list(sp)} for s, sp in scans],
+        "size": args.size,
+        "device": args.device,
+        "fast": args.fast,
+        "step_size": args.step_size,
+        "separate_wall_s": round(separate_wall, 2),
+        "separate_per_case_s": [round(w, 2) for w, _ in separate],
+        "batch_wall_s": round(batch_wall, 2),
+        "batch_over_separate": round(batch_wall / separate_wall, 3),
+        "single_case_peak_rss_gb": round(single_peak / 2**30, 3),
+        "batch_peak_rss_gb": round(batch_rss / 2**30, 3),
+        "batch_over_single_peak_rss": round(batch_rss / single_peak, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cohort", action="append", choices=["small", "big"], help="repeatable; default small"
+    )
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--step-size", type=float, default=0.5)
+    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        weights = work / f"{args.size}.safetensors"
+        make_weights(weights, args.size)
+        for cohort in args.cohort or ["small"]:
+            record = bench(cohort, args, work, weights)
+            record.update(
+                {
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": _machine(),
+                    "command": " ".join(["python3", "benchmarks/bench_batch.py", *sys.argv[1:]]),
+                }
+            )
+            line = json.dumps(record)
+            print(line, flush=True)
+            with args.results.open("a") as fh:
+                fh.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Segmenter: one loaded model for many images, the same result as segment(), stage by stage."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from stuseg import pipeline
+from stuseg.io import read_image
+from stuseg.network import Arch, build_network
+from stuseg.pipeline import Segmenter, segment
+
+# Anisotropic voxels, so that the image is resampled on the way in and back out.
+ZOOMS = (1.1, 0.9, 2.0)
+
+
+def _tiny_net(seed: int = 0) -> torch.nn.Module:
+    """A random STU-Net with few channels: real architecture, fast on the CPU."""
+    torch.manual_seed(seed)
+    net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net.eval()
+
+
+def _ct(tmp_path: Path, seed: int, name: str = "ct.nii.gz") -> Path:
+    rng = np.random.default_rng(seed)
+    data = rng.normal(0, 300, (34, 40, 18)).astype(np.float32) - 200
+    data[:2] = 0  # a zero border to crop
+    affine = np.diag([*ZOOMS, 1.0])
+    affine[:3, 3] = [4.0, -7.5, 30.0]
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=2)
+    path = tmp_path / name
+    nib.save(img, path)
+    return path
+
+
+def _same(a: pipeline.Segmentation, b: pipeline.Segmentation) -> None:
+    assert a.labels.dtype == b.labels.dtype == np.uint8
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.image.header.binaryblock == b.image.header.binaryblock
+    assert (a.names, a.device, a.size) == (b.names, b.device, b.size)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_segmenter_equals_segment_bit_for_bit(tmp_path: Path, fast: bool) -> None:
+    path = _ct(tmp_path, 0)
+    net = _tiny_net()
+    expect = segment(path, model=net, fast=fast, device="cpu", roi_subset=["organs"])
+    assert len(np.unique(expect.labels)) > 2  # a labelling, not one class
+    got = Segmenter(model=net, fast=fast, device="cpu", roi_subset=["organs"])(path)
+    _same(got, expect)
+    assert expect.image.shape == nib.load(path).shape
+    assert set(expect.timings) >= {"read", "load", "preprocess", "network", "export"}
+    assert "load" not in got.timings  # a Segmenter loads once, in __init__: see load_seconds
+
+
+def test_stages_in_different_threads_equal_a_call(tmp_path: Path) -> None:
+    path = _ct(tmp_path, 1)
+    segmenter = Segmenter(model=_tiny_net(), device="cpu")
+    whole = segmenter(path)
+    with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b, ThreadPoolExecutor(1) as c:
+        prepared = a.submit(segmenter.prepare, path).result()
+        inferred = b.submit(segmenter.infer, prepared).result()
+        staged = c.submit(segmenter.finish, inferred).result()
+    _same(staged, whole)
+
+
+def test_one_load_for_several_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loads = []
+
+    def counting_load(size, weights, device):
+        loads.append((size, weights, device))
+        return _tiny_net().to(device), "small"
+
+    monkeypatch.setattr(pipeline, "load_model", counting_load)
+    segmenter = Segmenter("small", device="cpu", fast=True)
+    assert len(loads) == 1
+    first, second = segmenter(_ct(tmp_path, 2, "a.nii.gz")), segmenter(_ct(tmp_path, 3, "b.nii.gz"))
+    assert len(loads) == 1
+    assert first.size == second.size == "small"
+    assert not np.array_equal(first.labels, second.labels)  # two different images were segmented
+    # And each equals a fresh one-shot run of the same network.
+    _same(second, segment(tmp_path / "b.nii.gz", model=_tiny_net(), size="small", device="cpu", fast=True))
+
+
+def test_source_is_the_callers_volume_or_none(tmp_path: Path) -> None:
+    path = _ct(tmp_path, 4)
+    segmenter = Segmenter(model=_tiny_net(), device="cpu", fast=True)
+    volume = read_image(path)
+    assert segmenter(volume).source is volume
+    assert segmenter(path).source is None
+
+
+class FakeLibc:
+    """Records what would have been asked of glibc."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_a_library_call_leaves_the_allocator_settings_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    libc = FakeLibc()
+    monkeypatch.setattr(pipeline, "_glibc", lambda: libc)
+    segment(_ct(tmp_path, 5), model=_tiny_net(), device="cpu", fast=True)
+    Segmenter(model=_tiny_net(), device="cpu")(_ct(tmp_path, 6, "b.nii.gz"))
+    assert [c for c in libc.calls if c[0] == "mallopt"] == []
+    assert ("malloc_trim", 0) in libc.calls  # returning free pages changes no setting
+    # Only the explicit opt-in of a whole process changes them: M_MMAP_MAX (-4) and
+    # M_TRIM_THRESHOLD (-1) from glibc's malloc.h.
+    assert pipeline.keep_freed_memory("cpu") is True
+    assert libc.calls[-2:] == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
+
+
+def test_keep_freed_memory_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "_glibc", lambda: None)
+    assert pipeline.keep_freed_memory("cpu") is False
+    pipeline.release_free_memory()  # a no-op, not an error
