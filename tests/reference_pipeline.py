@@ -3,7 +3,8 @@
 Written from a description of nnU-Net v1's inference steps alone, for inputs stored in RAS (where
 stuseg's reorientation is the identity): numpy/scipy preprocessing, channels-first float32
 aggregation of every tile, and the two exports computed on whole volumes. The plan's numbers are
-those of ``tests/data/reference/totalseg_plans.json``. Slow and memory hungry on purpose; nothing is shared with stuseg's implementation.
+those of ``tests/data/reference/totalseg_plans.json``. Slow and memory hungry on purpose; nothing
+is shared with stuseg's implementation.
 """
 
 from __future__ import annotations
