@@ -334,6 +334,17 @@ def predict_cmd(
         typer.Option("--series", metavar="UID", help="DICOM series to use when a folder holds several."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    # --- --statistics / --preview (stats helper) ---
+    with_statistics: Annotated[
+        bool,
+        typer.Option(
+            "--statistics", help="Also write statistics.json/.csv: volume, HU, centroid per structure."
+        ),
+    ] = False,
+    with_preview: Annotated[
+        bool, typer.Option("--preview", help="Also write preview.png: slices, front view and legend.")
+    ] = False,
+    # --- end --statistics / --preview ---
 ) -> None:
     """Segment the 104 structures of a CT scan."""
     import time
@@ -350,9 +361,18 @@ def predict_cmd(
     pipeline.check_output(output, multilabel)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # --- --statistics / --preview (stats helper): read the CT here, keep it for them ---
+        volume = None
+        if with_statistics or with_preview:
+            from stuseg.io import read_image
+
+            start = time.perf_counter()
+            volume = read_image(input_path, series=series)
+            read_s = time.perf_counter() - start
+        # --- end ---
         with _tile_bar(quiet) as progress:
             seg = pipeline.segment(
-                input_path,
+                volume if volume is not None else input_path,
                 size=size,
                 fast=fast,
                 tta=tta,
@@ -369,6 +389,12 @@ def predict_cmd(
         else:
             pipeline.write_masks(seg, output)
         seg.timings["write"] = time.perf_counter() - start
+        # --- --statistics / --preview (stats helper) ---
+        if volume is not None:
+            seg.timings["read"] = seg.timings.get("read", 0.0) + read_s
+            mode = ("fast" if fast else "normal") + ("+tta" if tta else "")
+            _write_extras(seg, volume, output, multilabel, with_statistics, with_preview, mode)
+        # --- end ---
     if not quiet:
         for w in caught:
             err.print(f"stuseg: warning: {w.message}", markup=False)
@@ -395,13 +421,160 @@ def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
 
 def _summary(seg: Any, output: Path, multilabel: bool) -> str:
     """One line: what was written, time per stage and peak memory."""
-    order = ("read", "load", "preprocess", "network", "softmax", "export", "write")
+    order = ("read", "load", "preprocess", "network", "softmax", "export", "write", "statistics", "preview")
     times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
     memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
     if seg.peak_gpu_bytes is not None:
         memory += f", peak GPU {seg.peak_gpu_bytes / 2**30:.2f} GB"
     what = output if multilabel else f"{len(seg.names)} masks in {output}"
     return f"wrote {what} ({seg.size} on {seg.device}); {times}; {memory}"
+
+
+# --- statistics and preview (stats helper) ---
+
+
+def _write_extras(
+    seg: Any, volume: Any, output: Path, multilabel: bool, statistics: bool, preview: bool, mode: str
+) -> None:
+    """``predict --statistics/--preview``: the files beside (--ml) or inside (folder) the result."""
+    import time
+
+    from stuseg import statistics as stats_mod
+    from stuseg.io import atomic_path
+
+    paths = stats_mod.sidecar_paths(output, multilabel)
+    labels, affine = seg.labels, volume.affine
+    try:
+        if statistics:
+            start = time.perf_counter()
+            result = stats_mod.compute(labels, affine, volume.data, seg.names, size=seg.size, mode=mode)
+            with atomic_path(paths["json"]) as tmp_json, atomic_path(paths["csv"]) as tmp_csv:
+                stats_mod.write_statistics(result, tmp_json, tmp_csv)
+            seg.timings["statistics"] = time.perf_counter() - start
+        if preview:
+            from stuseg.preview import write_preview
+
+            start = time.perf_counter()
+            with atomic_path(paths["png"]) as tmp:
+                write_preview(labels, affine, volume.data, seg.names, tmp)
+            seg.timings["preview"] = time.perf_counter() - start
+    except OSError as exc:
+        raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+SegmentationArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="SEGMENTATION",
+        help="Folder of <structure>.nii.gz masks (stuseg's or TotalSegmentator's) or a multilabel file.",
+    ),
+]
+CtArg = Annotated[
+    Path,
+    typer.Argument(metavar="CT", help="The CT it was made from: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
+]
+NamesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--names",
+        metavar="FILE.json",
+        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
+    ),
+]
+SeriesOption = Annotated[
+    str | None,
+    typer.Option("--series", metavar="UID", help="DICOM series to use when a folder holds several."),
+]
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _check_file_output(path: Path, suffix: str, inputs: list[Path]) -> None:
+    """Refuse an output file path before any work."""
+    if not path.name.lower().endswith(suffix):
+        raise fail(f"{path} must end in {suffix}")
+    if path.is_dir():
+        raise fail(f"{path} is a folder; give a file name ending in {suffix}")
+    if not path.parent.is_dir():
+        raise fail(f"the folder {path.parent} does not exist; create it first")
+    for source in inputs:
+        if _same_path(path, source) or (source.is_dir() and path.resolve().is_relative_to(source.resolve())):
+            raise fail(f"{path} would overwrite or go inside the input {source}; write it elsewhere")
+
+
+@app.command("statistics")
+@user_errors
+def statistics_cmd(
+    segmentation: SegmentationArg,
+    ct: CtArg,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE.json",
+            help="Write FILE.json and FILE.csv (default: CSV to stdout).",
+        ),
+    ] = None,
+    names: NamesOption = None,
+    series: SeriesOption = None,
+) -> None:
+    """Volume, intensity (HU) statistics, centroid and bounding box of each structure of a segmentation."""
+    from stuseg import statistics as stats_mod
+    from stuseg.io import atomic_path
+
+    if output is not None:
+        _check_file_output(output, ".json", [segmentation, ct])
+        json_path, csv_path = stats_mod.output_paths(output)
+        _check_file_output(csv_path, ".csv", [segmentation, ct])
+    scan = stats_mod.load_scan(segmentation, ct, names=names, series=series)
+    if scan.reordered:
+        note = "is stored in another axis order than the CT; matched voxel for voxel"
+        err.print(f"note: {segmentation} {note}", markup=False)
+    result = stats_mod.compute(scan.labels, scan.affine, scan.ct, scan.names)
+    if output is None:
+        typer.echo(stats_mod.csv_text([(None, result)]), nl=False)
+        return
+    try:
+        with atomic_path(json_path) as tmp_json, atomic_path(csv_path) as tmp_csv:
+            stats_mod.write_statistics(result, tmp_json, tmp_csv)
+    except OSError as exc:
+        raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
+    present = sum(1 for r in result.structures if r["voxels"])
+    counted = f"{present} of {len(result.structures)} structures present"
+    err.print(f"wrote {json_path} and {csv_path} ({counted})", markup=False)
+
+
+@app.command("preview")
+@user_errors
+def preview_cmd(
+    segmentation: SegmentationArg,
+    ct: CtArg,
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT.png", help="The picture to write.")],
+    names: NamesOption = None,
+    series: SeriesOption = None,
+) -> None:
+    """Draw a preview picture: three slices with the structures, a front view and a legend."""
+    from stuseg import statistics as stats_mod
+    from stuseg.io import atomic_path
+    from stuseg.preview import write_preview
+
+    _check_file_output(output, ".png", [segmentation, ct])
+    scan = stats_mod.load_scan(segmentation, ct, names=names, series=series)
+    if scan.reordered:
+        note = "is stored in another axis order than the CT; matched voxel for voxel"
+        err.print(f"note: {segmentation} {note}", markup=False)
+    try:
+        with atomic_path(output) as tmp:
+            write_preview(scan.labels, scan.affine, scan.ct, scan.names, tmp)
+    except OSError as exc:
+        raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
+    err.print(f"wrote {output}", markup=False)
+
+
+# --- end statistics and preview ---
 
 
 def main() -> None:

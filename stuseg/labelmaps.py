@@ -506,3 +506,145 @@ def _write_outputs(
             yield output / f"{lbl.STRUCTURES[i - 1]}.nii.gz", _nifti_writer(label_image(mask, header))
 
     return _write_all(masks())
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentations named by another tool (e.g. TotalSegmentator's 117 "total" classes): the names
+# come from the mask file names or from a label table, not from stuseg's 104 structures.
+
+
+def _named_mask_files(folder: Path) -> dict[str, Path]:
+    """Structure name -> file for every visible ``<name>.nii.gz`` / ``<name>.nii`` in ``folder``."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        stem = _nifti_stem(path)
+        if stem is None or path.name.startswith(".") or not path.is_file():
+            continue
+        if stem in found:
+            raise InputError(f"{folder} holds both {found[stem].name} and {path.name}; keep one of them")
+        found[stem] = path
+    return found
+
+
+def load_named_masks(folder: Path) -> tuple[list[np.ndarray], nib.Nifti1Header, dict[int, str]]:
+    """Read a folder of 0/1 masks named ``<structure>.nii.gz``, whatever the structure names.
+
+    Each mask gets a label value (1, 2, ... in file name order). Masks may overlap (tools that
+    write one mask per class can produce that): the result is a list of label maps ("layers"),
+    each mask in the first layer where it overlaps no other, so every voxel of every mask is
+    kept; without overlaps there is exactly one layer.
+
+    Args:
+        folder: the folder; every visible ``*.nii.gz`` / ``*.nii`` in it is read as a mask.
+
+    Returns:
+        ``(layers, header, names)``: uint8 (uint16 beyond 255 masks) label maps in Fortran
+        order, the first mask's NIfTI header, and label value -> name (the file name stem).
+
+    Raises:
+        InputError: no masks, a file that cannot be read, or masks on different grids.
+        LabelError: a file that is not a mask (more than one non-zero value, or non-integers).
+    """
+    from stuseg.io import _NIBABEL_READ_ERRORS
+    from stuseg.io import _load_nifti as read_nifti  # the ISA-L reader of CT inputs
+
+    folder = Path(folder)
+    files = _named_mask_files(folder)
+    if not files:
+        raise InputError(f"folder {folder} holds no <structure>.nii.gz masks; give a folder of masks")
+    dtype = np.uint8 if len(files) <= 255 else np.uint16
+    layers: list[np.ndarray] = []
+    names: dict[int, str] = {}
+    ref: nib.Nifti1Image | None = None
+    first = ""
+    for value, (name, path) in enumerate(files.items(), start=1):
+        try:
+            img = read_nifti(path)
+        except _NIBABEL_READ_ERRORS:
+            raise InputError(f"cannot read {path}: it is damaged or not a NIfTI image") from None
+        if not isinstance(img, nib.Nifti1Image):
+            raise InputError(f"cannot read {path}: it is not a NIfTI image")
+        if len(img.shape) == 4 and img.shape[3] == 1:
+            img = img.slicer[..., 0]
+        if ref is None:
+            ref, first = img, path.name
+            if len(img.shape) != 3:
+                raise InputError(f"{path} has shape {img.shape}; a mask must be a 3D volume")
+        elif img.shape != ref.shape or not np.allclose(img.affine, ref.affine, atol=_AFFINE_ATOL_MM):
+            what = "shape" if img.shape != ref.shape else "affine"
+            raise InputError(
+                f"masks {first} and {path.name} in {folder} differ in {what}; "
+                "give a folder whose masks come from one segmentation"
+            )
+        arr = np.asfortranarray(_integer_data(img, path))  # nibabel's order already: no copy
+        flat_arr = arr.reshape(-1, order="F")
+        where = np.flatnonzero(flat_arr)
+        if where.size:
+            inside = flat_arr[where]
+            if inside.min() != inside.max():
+                raise LabelError(
+                    f"{path} holds several non-zero values ({inside.min()}..{inside.max()}), so it is a "
+                    "label map, not a mask; give it as a multilabel file with its names instead"
+                )
+        for layer in layers:
+            flat = layer.reshape(-1, order="F")
+            if not flat[where].any():
+                break
+        else:
+            layer = np.zeros(ref.shape, dtype, order="F")
+            layers.append(layer)
+            flat = layer.reshape(-1, order="F")
+        flat[where] = value
+        names[value] = name
+    if not layers:  # every mask empty
+        layers.append(np.zeros(ref.shape, dtype, order="F"))  # type: ignore[union-attr]
+    return layers, ref.header, names  # type: ignore[union-attr]
+
+
+def _plain_table(text: str | bytes) -> dict[int, str] | None:
+    """A label table: stuseg's document, or a plain JSON object ``{"1": "spleen", ...}``."""
+    table = _parse_table(text)
+    if table is not None:
+        return table
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and doc and all(isinstance(n, str) for n in doc.values()):
+            return {int(v): n for v, n in doc.items()}
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def load_named_labels(path: Path, names_file: Path) -> tuple[np.ndarray, nib.Nifti1Header, dict[int, str]]:
+    """Read a multilabel file whose values are named by a JSON label table of any naming.
+
+    Args:
+        path: the multilabel NIfTI file.
+        names_file: JSON, either stuseg's label table (the sidecar of ``predict --ml``) or a plain
+            object ``{"1": "spleen", "2": "kidney_right", ...}`` (value -> name).
+
+    Returns:
+        ``(labels, header, names)``: the label values as stored (uint8, or uint16 above 255).
+
+    Raises:
+        InputError: a file cannot be read.
+        LabelError: the table is not a label table, or a value in the data has no name.
+    """
+    path, names_file = Path(path), Path(names_file)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; give a multilabel .nii.gz file")
+    try:
+        table = _plain_table(names_file.read_bytes())
+    except OSError as exc:
+        raise InputError(f"cannot read {names_file}: {exc.strerror or exc}") from None
+    if table is None:
+        raise LabelError(f'{names_file} is not a label table; give JSON such as {{"1": "spleen", ...}}')
+    img = _load_nifti(path)
+    arr = _integer_data(img, path)
+    top = int(arr.max()) if arr.size else 0
+    present = np.flatnonzero(value_counts(arr, top + 1))
+    unnamed = [int(v) for v in present if v and v not in table]
+    if unnamed:
+        raise LabelError(f"{path} holds label value {unnamed[0]}, which {names_file} does not name")
+    dtype = np.uint8 if top <= 255 else np.uint16
+    return np.asfortranarray(arr, dtype=dtype), img.header, {v: table[v] for v in sorted(table) if v > 0}
