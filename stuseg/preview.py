@@ -20,6 +20,7 @@ the views share one scale.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from stuseg.errors import InputError
 from stuseg.labelmaps import label_colors
+from stuseg.statistics import jit, label_counts
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -148,12 +150,26 @@ def _slice_view(
     return _overlay(gray, _nearest(lab_plane, shape), lut)
 
 
+@jit
+def _first_from_front(lab, depth, seen):  # pragma: no cover - compiled
+    """For each (x, z) of a RAS-ordered label map, the front-most labelled voxel: its depth in
+    voxels from the anterior face (y = n1 - 1) and its label; ``depth`` starts at -1."""
+    n0, n1, n2 = lab.shape
+    for k in range(n2):
+        for d in range(n1):
+            j = n1 - 1 - d
+            for i in range(n0):
+                if depth[i, k] < 0 and lab[i, j, k] != 0:
+                    depth[i, k] = d
+                    seen[i, k] = lab[i, j, k]
+
+
 def _front_view(lab: np.ndarray, spacing: np.ndarray, pixel_mm: float, lut: np.ndarray) -> np.ndarray:
     """The structures seen from the patient's front: RGB, shaded by depth and surface slope."""
-    front = lab[:, ::-1, :] != 0  # y from anterior to posterior
-    depth = front.argmax(axis=1)  # (x, z): index of the first labelled voxel from the front
-    hit = np.take_along_axis(front, depth[:, None, :], axis=1)[:, 0, :]
-    seen = np.where(hit, np.take_along_axis(lab[:, ::-1, :], depth[:, None, :], axis=1)[:, 0, :], 0)
+    depth = np.full((lab.shape[0], lab.shape[2]), -1, np.int64)
+    seen = np.zeros(depth.shape, lab.dtype)
+    _first_from_front(lab, depth, seen)
+    hit = depth >= 0
     shape = _pixels((lab.shape[2] * spacing[2], lab.shape[0] * spacing[0]), pixel_mm)
     seen_px = _nearest(_screen(seen), shape)
     if not hit.any():
@@ -176,13 +192,93 @@ def _front_view(lab: np.ndarray, spacing: np.ndarray, pixel_mm: float, lut: np.n
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
+@dataclass
+class Views:
+    """The four pictures of a preview, before layout.
+
+    ``images``: title -> RGB uint8 array (rows, cols, 3), square pixels of ``pixel_mm``;
+    ``edges``: title -> the side of the patient at the image's (left, right) edge;
+    ``present``: the label values with at least one voxel; ``colors``: value -> RGB;
+    ``centre``: the (x, y, z) indices of the slices in the RAS-reoriented volume.
+    """
+
+    images: dict[str, np.ndarray]
+    edges: dict[str, tuple[str, str]]
+    present: list[int]
+    colors: dict[int, tuple[int, int, int]]
+    pixel_mm: float
+    centre: tuple[int, int, int]
+
+
+def draw_views(
+    labels: np.ndarray | Sequence[np.ndarray],
+    affine: np.ndarray,
+    ct: np.ndarray,
+    names: Mapping[int, str],
+) -> Views:
+    """The coronal, sagittal and axial slices through the structures' centroid and the front view.
+
+    Args:
+        labels: integer label map on the CT's grid, or layers of overlapping masks (last on top).
+        affine: the voxel-to-RAS affine shared by ``labels`` and ``ct``.
+        ct: intensities in HU, same shape as ``labels``.
+        names: label value -> structure name (for the colours).
+
+    Returns:
+        The pictures and what they show (see ``Views``).
+
+    Raises:
+        InputError: ``labels`` and ``ct`` differ in shape.
+    """
+    lab = _merge(labels)
+    ct = np.asanyarray(ct)
+    if lab.shape != ct.shape or lab.ndim != 3:
+        raise InputError(f"segmentation shape {lab.shape} and CT shape {ct.shape} differ")
+    affine = np.asarray(affine, np.float64)
+    colors = label_colors(names)
+    counts, per_axis_storage = label_counts(lab)
+    top = int(max(max(names, default=0), len(counts) - 1))
+    lut = np.zeros((top + 1, 3), np.uint8)
+    for value, rgb in colors.items():
+        lut[value] = rgb
+    lut[0] = 0
+    present = [int(v) for v in np.flatnonzero(counts) if v]
+
+    lab_r, ct_r = _to_ras(lab, affine), _to_ras(ct, affine)
+    sp = _ras_spacing(affine)
+    # Labelled voxels per index along each RAS axis: the storage axes' counts, reordered and flipped.
+    ornt = nib.io_orientation(affine)
+    per_axis = [np.empty(0)] * 3
+    for axis, (ras_axis, flip) in enumerate(ornt.astype(int)):
+        per_axis[ras_axis] = per_axis_storage[axis][::-1] if flip < 0 else per_axis_storage[axis]
+    total = per_axis[0].sum()
+    if total:
+        cx, cy, cz = (round(float((np.arange(len(c)) * c).sum() / total)) for c in per_axis)
+    else:
+        cx, cy, cz = (n // 2 for n in lab_r.shape)
+    pixel_mm = float(max(n * s for n, s in zip(lab_r.shape, sp))) / VIEW_PIXELS
+
+    planes = {  # title: (CT plane, label plane, pixel size (rows, cols))
+        "coronal": (ct_r[:, cy, :], lab_r[:, cy, :], (sp[2], sp[0])),
+        "sagittal": (ct_r[cx, :, :], lab_r[cx, :, :], (sp[2], sp[1])),
+        "axial": (ct_r[:, :, cz], lab_r[:, :, cz], (sp[1], sp[0])),
+    }
+    images = {
+        t: _slice_view(_screen(c), _screen(lb), size, pixel_mm, lut) for t, (c, lb, size) in planes.items()
+    }
+    images["front view"] = _front_view(lab_r, sp, pixel_mm, lut)
+    edges = {"coronal": ("R", "L"), "sagittal": ("A", "P"), "axial": ("R", "L"), "front view": ("R", "L")}
+    return Views(images, edges, present, colors, pixel_mm, (cx, cy, cz))
+
+
 def render(
     labels: np.ndarray | Sequence[np.ndarray],
     affine: np.ndarray,
     ct: np.ndarray,
     names: Mapping[int, str],
 ) -> Image.Image:
-    """The preview picture of a segmentation on its CT.
+    """The preview picture of a segmentation on its CT: ``draw_views`` laid out in a 2 x 2 grid
+    (coronal, sagittal / axial, front view) with titles, edge letters and a legend.
 
     Args:
         labels: integer label map on the CT's grid, or layers of overlapping masks (last on top).
@@ -198,40 +294,9 @@ def render(
     """
     from PIL import Image, ImageDraw
 
-    lab = _merge(labels)
-    if lab.shape != ct.shape or lab.ndim != 3:
-        raise InputError(f"segmentation shape {lab.shape} and CT shape {ct.shape} differ")
-    affine = np.asarray(affine, np.float64)
-    colors = label_colors(names)
-    top = int(max(max(names, default=0), lab.max(initial=0)))
-    lut = np.zeros((top + 1, 3), np.uint8)
-    for value, rgb in colors.items():
-        lut[value] = rgb
-    lut[0] = 0
-
-    lab_r, ct_r = _to_ras(lab, affine), _to_ras(np.asanyarray(ct), affine)
-    sp = _ras_spacing(affine)
-    mask = lab_r != 0
-    counts = [np.count_nonzero(mask, axis=tuple(b for b in range(3) if b != a)) for a in range(3)]
-    total = counts[0].sum()
-    if total:
-        centre = [round(float((np.arange(len(c)) * c).sum() / total)) for c in counts]
-    else:
-        centre = [n // 2 for n in lab_r.shape]
-    present = sorted(int(v) for v in np.flatnonzero(np.bincount(lab_r[mask].ravel(), minlength=top + 1)) if v)
-    pixel_mm = float(max(n * s for n, s in zip(lab_r.shape, sp))) / VIEW_PIXELS
-    cx, cy, cz = centre
-
-    planes = {  # title: (CT plane, label plane, pixel size (rows, cols), (left, right) edge)
-        "coronal": (ct_r[:, cy, :], lab_r[:, cy, :], (sp[2], sp[0]), ("R", "L")),
-        "sagittal": (ct_r[cx, :, :], lab_r[cx, :, :], (sp[2], sp[1]), ("A", "P")),
-        "axial": (ct_r[:, :, cz], lab_r[:, :, cz], (sp[1], sp[0]), ("R", "L")),
-    }
-    views = [
-        (title, _slice_view(_screen(c), _screen(lb), size, pixel_mm, lut), edges)
-        for title, (c, lb, size, edges) in planes.items()
-    ]
-    views.append(("front view", _front_view(lab_r, sp, pixel_mm, lut), ("R", "L")))
+    drawn = draw_views(labels, affine, ct, names)
+    present = drawn.present
+    views = [(t, drawn.images[t], drawn.edges[t]) for t in ("coronal", "sagittal", "axial", "front view")]
 
     font = _font()
     title_h = _FONT_PX + 6
@@ -269,7 +334,7 @@ def render(
         c, r = divmod(n, per_col)
         x = x_leg + _GAP + c * legend_col_w
         y = _GAP + line_h * (r + 1)
-        draw.rectangle((x, y + 2, x + 11, y + 13), fill=tuple(int(v) for v in lut[value]))
+        draw.rectangle((x, y + 2, x + 11, y + 13), fill=drawn.colors[value])
         draw.text((x + 18, y), names[value], fill=_TEXT, font=font)
     return canvas
 
@@ -289,4 +354,6 @@ def write_preview(
         InputError: ``labels`` and ``ct`` differ in shape.
         OSError: the file cannot be written.
     """
-    render(labels, affine, ct, names).save(Path(png_path), format="PNG", compress_level=6)
+    render(labels, affine, ct, names).save(
+        Path(png_path), format="PNG", compress_level=3
+    )  # level 3: near level 6 in size, in half the time

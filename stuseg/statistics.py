@@ -29,6 +29,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from numba import njit
 
 from stuseg import __version__
 from stuseg.errors import InputError, LabelError
@@ -113,49 +114,74 @@ def _inline(match: re.Match) -> str:
 # The one pass over the voxels
 
 
-def _jit(fn: Callable) -> Callable:
-    """numba's ``njit``, cached on disk where a cache folder is writable (as in stuseg.kernels)."""
-    from numba import njit
-
+def jit(fn: Callable) -> Callable:
+    """numba's ``njit`` (serial), cached on disk where a cache folder is writable (as in
+    stuseg.kernels); compiled on first call."""
     try:
         return njit(cache=True, nogil=True)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
         return njit(cache=False, nogil=True)(fn)
 
 
-_KERNEL: Callable | None = None
+@jit
+def _gather(labels, ct, next_pos, values, coord_sum, lo, hi):  # pragma: no cover - compiled
+    """Counting sort of the labelled voxels' intensities by label, plus per-label index sums and
+    bounding boxes. Loops the first index fastest: the arrays are in Fortran order."""
+    n0, n1, n2 = labels.shape
+    for k in range(n2):
+        for j in range(n1):
+            for i in range(n0):
+                lab = labels[i, j, k]
+                if lab == 0:
+                    continue
+                p = next_pos[lab]
+                values[p] = ct[i, j, k]
+                next_pos[lab] = p + 1
+                coord_sum[lab, 0] += i
+                coord_sum[lab, 1] += j
+                coord_sum[lab, 2] += k
+                lo[lab, 0] = min(lo[lab, 0], i)
+                lo[lab, 1] = min(lo[lab, 1], j)
+                lo[lab, 2] = min(lo[lab, 2], k)
+                hi[lab, 0] = max(hi[lab, 0], i)
+                hi[lab, 1] = max(hi[lab, 1], j)
+                hi[lab, 2] = max(hi[lab, 2], k)
 
 
-def _kernel() -> Callable:
-    """The compiled gather loop (compiled on first use, so importing this module stays cheap)."""
-    global _KERNEL
-    if _KERNEL is None:
+@jit
+def _count(labels, counts, along0, along1, along2):  # pragma: no cover - compiled
+    """Voxels per label value, and labelled voxels per index along each axis (any layout; the
+    loops follow Fortran order)."""
+    n0, n1, n2 = labels.shape
+    for k in range(n2):
+        for j in range(n1):
+            for i in range(n0):
+                lab = labels[i, j, k]
+                counts[lab] += 1
+                if lab != 0:
+                    along0[i] += 1
+                    along1[j] += 1
+                    along2[k] += 1
 
-        def gather(labels, ct, next_pos, values, coord_sum, lo, hi):  # pragma: no cover - compiled
-            """Counting sort of the labelled voxels' intensities by label, plus per-label index
-            sums and bounding boxes. Loops i fastest: the arrays are in Fortran order."""
-            n0, n1, n2 = labels.shape
-            for k in range(n2):
-                for j in range(n1):
-                    for i in range(n0):
-                        lab = labels[i, j, k]
-                        if lab == 0:
-                            continue
-                        p = next_pos[lab]
-                        values[p] = ct[i, j, k]
-                        next_pos[lab] = p + 1
-                        coord_sum[lab, 0] += i
-                        coord_sum[lab, 1] += j
-                        coord_sum[lab, 2] += k
-                        lo[lab, 0] = min(lo[lab, 0], i)
-                        lo[lab, 1] = min(lo[lab, 1], j)
-                        lo[lab, 2] = min(lo[lab, 2], k)
-                        hi[lab, 0] = max(hi[lab, 0], i)
-                        hi[lab, 1] = max(hi[lab, 1], j)
-                        hi[lab, 2] = max(hi[lab, 2], k)
 
-        _KERNEL = _jit(gather)
-    return _KERNEL
+def label_counts(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Voxels per label value (like ``np.bincount``) and, per axis, labelled voxels per index.
+
+    One compiled pass, without the int64 copy that ``np.bincount`` makes of its input.
+
+    Args:
+        labels: a 3D uint8 or uint16 label map (any memory layout; Fortran order is fastest).
+
+    Returns:
+        ``(counts, [along0, along1, along2])``: int64 arrays; ``counts`` has one entry per value
+        up to the largest present (at least 2).
+    """
+    labels = _label_dtype(labels)
+    top = int(labels.max(initial=0))
+    counts = np.zeros(max(top + 1, 2), np.int64)
+    along = [np.zeros(n, np.int64) for n in labels.shape]
+    _count(labels, counts, *along)
+    return counts, along
 
 
 def warm_up() -> None:
@@ -196,7 +222,7 @@ def _measure_layer(labels: np.ndarray, ct: np.ndarray) -> dict[int, dict[str, ob
     if ct.dtype != vdtype:
         ct = np.asfortranarray(ct, dtype=vdtype)
 
-    counts = np.bincount(labels.ravel(order="K"), minlength=2)
+    counts, _ = label_counts(labels)
     n_labels = len(counts)
     starts = np.zeros(n_labels + 1, np.int64)
     np.cumsum(counts, out=starts[1:])
@@ -208,7 +234,7 @@ def _measure_layer(labels: np.ndarray, ct: np.ndarray) -> dict[int, dict[str, ob
     big = np.iinfo(np.int64).max
     lo = np.full((n_labels, 3), big, np.int64)
     hi = np.full((n_labels, 3), -1, np.int64)
-    _kernel()(labels, ct, next_pos, values, coord_sum, lo, hi)
+    _gather(labels, ct, next_pos, values, coord_sum, lo, hi)
 
     shape = np.array(labels.shape)
     order = [2, 1, 0] if swap else [0, 1, 2]  # axis of the caller's array -> axis looped here
