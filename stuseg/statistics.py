@@ -48,11 +48,11 @@ COLUMNS: dict[str, str] = {
     "volume_ml": "volume in millilitres (voxels x voxel volume in mm^3 / 1000)",
     "mean_hu": "mean intensity inside the structure, in the input's units (HU for CT)",
     "std_hu": "standard deviation of the intensity (population, ddof=0)",
-    "median_hu": "median intensity",
+    "median_hu": "median intensity (numpy's default linear interpolation, in float64)",
     "min_hu": "lowest intensity",
     "max_hu": "highest intensity",
-    "p05_hu": "5th percentile of the intensity (numpy's default linear interpolation)",
-    "p95_hu": "95th percentile of the intensity (numpy's default linear interpolation)",
+    "p05_hu": "5th percentile of the intensity (numpy's default linear interpolation, in float64)",
+    "p95_hu": "95th percentile of the intensity (numpy's default linear interpolation, in float64)",
     "centroid_x_ras_mm": "centroid, world x in mm, RAS+ (towards the patient's right; LPS x = -x)",
     "centroid_y_ras_mm": "centroid, world y in mm, RAS+ (towards anterior; LPS y = -y)",
     "centroid_z_ras_mm": "centroid, world z in mm, RAS+ (towards superior; same in LPS)",
@@ -189,14 +189,6 @@ def warm_up() -> None:
     compute(np.ones((2, 2, 2), np.uint8), np.eye(4), np.zeros((2, 2, 2), np.float32), {1: "x"})
 
 
-def _value_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype intensities are gathered in: exact for the input's values, float32 when that is."""
-    dtype = np.dtype(dtype)
-    if dtype == np.float32 or (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2):
-        return np.dtype(np.float32)  # integers of up to 16 bits are exact in float32
-    return np.dtype(np.float64)
-
-
 def _label_dtype(labels: np.ndarray) -> np.ndarray:
     if labels.dtype in (np.uint8, np.uint16):
         return labels
@@ -218,7 +210,10 @@ def _measure_layer(labels: np.ndarray, ct: np.ndarray) -> dict[int, dict[str, ob
         swap = False
         labels = np.asfortranarray(labels)
         ct = np.asfortranarray(ct)
-    vdtype = _value_dtype(ct.dtype)
+    # Values are gathered in the CT's own dtype (exact), then taken to float64 per structure.
+    vdtype = ct.dtype.newbyteorder("=")
+    if not np.issubdtype(vdtype, np.number) or np.issubdtype(vdtype, np.complexfloating):
+        raise InputError(f"CT intensities must be real numbers, not {ct.dtype}")
     if ct.dtype != vdtype:
         ct = np.asfortranarray(ct, dtype=vdtype)
 
@@ -243,13 +238,16 @@ def _measure_layer(labels: np.ndarray, ct: np.ndarray) -> dict[int, dict[str, ob
         n = int(counts[value])
         run = values[starts[value] : starts[value] + n]
         fields: dict[str, object] = {"voxels": n}
-        # Intensities: numpy's own functions on exactly the voxels of this structure.
-        fields["mean_hu"] = float(np.mean(run, dtype=np.float64))
-        fields["std_hu"] = float(np.std(run, dtype=np.float64))
+        # Intensities: numpy's own functions on exactly the voxels of this structure, in float64
+        # (numpy would interpolate float32 percentiles in float32 or float64 depending on how q
+        # is passed; float64 is the exact one for every input type).
         fields["min_hu"] = float(run.min())
         fields["max_hu"] = float(run.max())
-        # Our own buffer: percentile may partition it in place instead of copying.
-        p05, median, p95 = np.percentile(run, (PERCENTILES[0], 50, PERCENTILES[1]), overwrite_input=True)
+        run64 = run.astype(np.float64)
+        fields["mean_hu"] = float(np.mean(run64))
+        fields["std_hu"] = float(np.std(run64))
+        # run64 is our own copy: let numpy partition it in place instead of copying it again.
+        p05, median, p95 = np.percentile(run64, (PERCENTILES[0], 50, PERCENTILES[1]), overwrite_input=True)
         fields["median_hu"], fields["p05_hu"], fields["p95_hu"] = float(median), float(p05), float(p95)
         fields["_centroid_ijk"] = [float(coord_sum[value, a]) / n for a in order]
         fields["_lo"] = [int(lo[value, a]) for a in order]
@@ -558,7 +556,10 @@ def load_scan(
         data, header, table = labelmaps.load_named_labels(segmentation, names)
         layers = [data]
     else:
-        data, header, table = labelmaps.load_segmentation(segmentation)
+        try:
+            data, header, table = labelmaps.load_segmentation(segmentation)
+        except LabelError as exc:  # e.g. another tool's numbering: say how to name the values
+            raise LabelError(f"{exc}, or name its values with --names FILE.json") from None
         layers = [np.asfortranarray(data)]
     volume = read_image(Path(ct), series=series)
     seg_affine = affine_of(header)
