@@ -48,7 +48,7 @@ COLUMNS: dict[str, str] = {
     "volume_ml": "volume in millilitres (voxels x voxel volume in mm^3 / 1000)",
     "mean_hu": "mean intensity inside the structure, in the input's units (HU for CT)",
     "std_hu": "standard deviation of the intensity (population, ddof=0)",
-    "median_hu": "median intensity (numpy's default linear interpolation, in float64)",
+    "median_hu": "median intensity (as np.median: mean of the two middle values for an even count)",
     "min_hu": "lowest intensity",
     "max_hu": "highest intensity",
     "p05_hu": "5th percentile of the intensity (numpy's default linear interpolation, in float64)",
@@ -199,6 +199,23 @@ def _label_dtype(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint16)
 
 
+def _percentiles_of_sorted(values: np.ndarray, percents: Sequence[float]) -> list[float]:
+    """Percentiles of an ascending float64 array by numpy's default ("linear") method, formed as
+    ``np.percentile`` forms them: virtual index (n - 1) * q, then its two-sided interpolation
+    (from the lower neighbour below a fraction of 0.5, from the upper one from 0.5 on)."""
+    n = len(values)
+    out = []
+    for percent in percents:
+        virtual = (n - 1) * (percent / 100)
+        below = int(np.floor(virtual))
+        above = min(below + 1, n - 1)
+        t = virtual - below
+        a, b = values[below], values[above]
+        diff = b - a
+        out.append(float(b - diff * (1 - t)) if t >= 0.5 else float(a + diff * t))
+    return out
+
+
 def _measure_layer(labels: np.ndarray, ct: np.ndarray) -> dict[int, dict[str, object]]:
     """Raw per-label measurements of one label map: {value: fields} for every value present."""
     labels = _label_dtype(labels)
@@ -238,17 +255,20 @@ def _measure_layer(labels: np.ndarray, ct: np.ndarray) -> dict[int, dict[str, ob
         n = int(counts[value])
         run = values[starts[value] : starts[value] + n]
         fields: dict[str, object] = {"voxels": n}
-        # Intensities: numpy's own functions on exactly the voxels of this structure, in float64
-        # (numpy would interpolate float32 percentiles in float32 or float64 depending on how q
-        # is passed; float64 is the exact one for every input type).
+        # Intensities of exactly the voxels of this structure, in float64 (numpy would interpolate
+        # float32 percentiles in float32 or float64 depending on how q is passed; float64 is exact
+        # for every input type). Percentiles: np.percentile's default (see above).
         fields["min_hu"] = float(run.min())
         fields["max_hu"] = float(run.max())
         run64 = run.astype(np.float64)
         fields["mean_hu"] = float(np.mean(run64))
         fields["std_hu"] = float(np.std(run64))
-        # run64 is our own copy: let numpy partition it in place instead of copying it again.
-        p05, median, p95 = np.percentile(run64, (PERCENTILES[0], 50, PERCENTILES[1]), overwrite_input=True)
-        fields["median_hu"], fields["p05_hu"], fields["p95_hu"] = float(median), float(p05), float(p95)
+        run64.sort()  # numpy's SIMD sort: several times faster than np.percentile's partitions
+        p05, p95 = _percentiles_of_sorted(run64, PERCENTILES)
+        # The median as np.median forms it: the middle value, or the mean of the two middle ones.
+        half = n // 2
+        median = run64[half] if n % 2 else (run64[half - 1] + run64[half]) / 2
+        fields["median_hu"], fields["p05_hu"], fields["p95_hu"] = float(median), p05, p95
         fields["_centroid_ijk"] = [float(coord_sum[value, a]) / n for a in order]
         fields["_lo"] = [int(lo[value, a]) for a in order]
         fields["_hi"] = [int(hi[value, a]) for a in order]

@@ -129,6 +129,19 @@ def test_every_field_equals_a_per_mask_numpy_computation(
     assert by_name["structure_4"]["voxels"] == 0 and by_name["structure_12"]["voxels"] == 0
 
 
+def test_percentiles_equal_numpy_bit_for_bit_for_every_run_length() -> None:
+    rng = np.random.default_rng(5)
+    for n in [*range(1, 60), 1000, 4097]:
+        values = np.sort(rng.normal(0, 300, n))
+        got = statistics._percentiles_of_sorted(values, (5, 50, 95))
+        assert got == [np.percentile(values, 5), np.percentile(values, 50), np.percentile(values, 95)], n
+        stats = statistics.compute(
+            np.ones((n, 1, 1), np.uint8), np.eye(4), rng.permutation(values)[:, None, None], {1: "x"}
+        )
+        rec = stats.structures[0]
+        assert (rec["p05_hu"], rec["median_hu"], rec["p95_hu"]) == (got[0], np.median(values), got[2]), n
+
+
 def test_image_fields() -> None:
     affine = np.diag([-0.8, -0.8, 2.0, 1.0])
     stats = statistics.compute(
