@@ -449,3 +449,29 @@ def test_predict_ml_with_statistics_in_a_subprocess(tmp_path: Path, small_model:
         name: int(counts[rec["label"]]) for name, rec in doc["structures"].items()
     }
     assert not (tmp_path / "seg.preview.png").exists()
+
+
+def test_stusegs_own_results_keep_model_indices(tmp_path: Path, make_nifti) -> None:
+    """A stuseg multilabel file and a stuseg mask folder give records labelled by model index."""
+    from stuseg import labels as lbl
+    from stuseg.io import label_image
+
+    ct = make_nifti(shape=(20, 18, 16))
+    header = nib.load(ct).header
+    data = np.zeros((20, 18, 16), np.uint8)
+    liver, spleen = lbl.index_of("liver"), lbl.index_of("spleen")
+    data[2:9, 3:10, 4:12] = liver
+    data[11:17, 5:9, 2:7] = spleen
+    labelmaps.save_multilabel(data, header, tmp_path / "seg.nii.gz", {liver: "liver", spleen: "spleen"})
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    for value, name in ((liver, "liver"), (spleen, "spleen"), (lbl.index_of("aorta"), "aorta")):
+        nib.save(label_image((data == value).astype(np.uint8), header), folder / f"{name}.nii.gz")
+    ct_data = nib.load(ct).get_fdata(dtype=np.float32)
+    for seg in (tmp_path / "seg.nii.gz", folder):
+        scan = statistics.load_scan(seg, ct)
+        result = statistics.compute(scan.labels, scan.affine, scan.ct, scan.names).by_name()
+        assert result["liver"]["label"] == liver and result["spleen"]["label"] == spleen
+        for name, value in (("liver", liver), ("spleen", spleen)):
+            assert_record_matches(result[name], oracle(data == value, ct_data, nib.load(ct).affine))
+    assert result["aorta"]["voxels"] == 0 and result["aorta"]["label"] == lbl.index_of("aorta")
