@@ -12,6 +12,8 @@ Coordinates: voxel indices (i, j, k) are 0-based indices into the arrays as stor
 file; world coordinates are the NIfTI/nibabel RAS+ frame in millimetres (x grows towards the
 patient's Right, y Anterior, z Superior; negate x and y for DICOM's LPS).
 
+A structure holding NaN voxels gets empty intensity fields (no statistic of them is defined).
+
 ``write_statistics`` writes ``statistics.json`` (image-level fields and one record per
 structure) and ``statistics.csv`` (tidy: one row per structure, columns in ``COLUMNS``);
 ``write_csv`` writes the same rows for many cases into one cohort table with a ``case`` column.
@@ -269,6 +271,10 @@ def _measure_layer(labels: np.ndarray, ct: np.ndarray) -> dict[int, dict[str, ob
         half = n // 2
         median = run64[half] if n % 2 else (run64[half - 1] + run64[half]) / 2
         fields["median_hu"], fields["p05_hu"], fields["p95_hu"] = float(median), p05, p95
+        if np.isnan(run64[-1]):  # NaN voxels (sorted last): no intensity statistic is defined
+            fields.update(
+                dict.fromkeys(("min_hu", "max_hu", "mean_hu", "std_hu", "median_hu", "p05_hu", "p95_hu"))
+            )
         fields["_centroid_ijk"] = [float(coord_sum[value, a]) / n for a in order]
         fields["_lo"] = [int(lo[value, a]) for a in order]
         fields["_hi"] = [int(hi[value, a]) for a in order]
@@ -431,6 +437,39 @@ def compute(
         "mode": mode,
     }
     return Statistics(image=image, structures=records)
+
+
+def of_segmentation(
+    seg: object, ct: str | Path | np.ndarray | object, *, mode: str | None = None
+) -> Statistics:
+    """``compute`` for a ``stuseg.pipeline.Segmentation`` (``seg.statistics(ct)`` delegates here).
+
+    Args:
+        seg: a Segmentation (``image``: its uint8 label map as a NIfTI image, ``names``, ``size``).
+        ct: the CT it was made from: a path (anything ``stuseg.io.read_image`` reads), a
+            ``stuseg.io.Volume``, or an array of intensities on the segmentation's grid.
+        mode: ``"fast"`` or ``"normal"``, recorded in the image fields.
+
+    Returns:
+        The statistics of every structure of ``seg``.
+
+    Raises:
+        InputError: the CT cannot be read, or it is not on the segmentation's grid.
+    """
+    from stuseg.io import Volume, read_image
+
+    image = seg.image  # type: ignore[attr-defined]
+    labels = np.asanyarray(image.dataobj)
+    affine = affine_of(image.header)
+    if isinstance(ct, (str, Path)):
+        ct = read_image(Path(ct))
+    if isinstance(ct, Volume):
+        if not same_grid(labels.shape, affine, ct.data.shape, ct.affine):
+            raise InputError(
+                "the CT is not on the segmentation's grid; give the CT the segmentation was made from"
+            )
+        ct = ct.data
+    return compute(labels, affine, np.asanyarray(ct), seg.names, size=seg.size or None, mode=mode)  # type: ignore[attr-defined]
 
 
 def _cell(value: object) -> object:

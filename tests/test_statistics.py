@@ -475,3 +475,25 @@ def test_stusegs_own_results_keep_model_indices(tmp_path: Path, make_nifti) -> N
         for name, value in (("liver", liver), ("spleen", spleen)):
             assert_record_matches(result[name], oracle(data == value, ct_data, nib.load(ct).affine))
     assert result["aorta"]["voxels"] == 0 and result["aorta"]["label"] == lbl.index_of("aorta")
+
+
+def test_of_segmentation_for_seg_statistics(make_nifti) -> None:
+    """What ``Segmentation.statistics(ct)`` delegates to: a path, a Volume or an array."""
+    from stuseg import pipeline
+    from stuseg.io import label_image, read_image
+
+    ct = make_nifti(shape=(16, 14, 12), affine=np.diag([-1.5, -1.5, 2.5, 1.0]))
+    volume = read_image(ct)
+    data = blobby_labels((16, 14, 12), 3, seed=6)
+    seg = pipeline.Segmentation(
+        image=label_image(data, volume.header), names={1: "liver", 2: "spleen", 3: "aorta"}
+    )
+    seg.size = "base"
+    for source in (ct, volume, volume.data):
+        result = statistics.of_segmentation(seg, source, mode="fast")
+        assert result.image["model_size"] == "base" and result.image["mode"] == "fast"
+        for rec in result.structures:
+            assert_record_matches(rec, oracle(data == rec["label"], volume.data, volume.affine))
+    other = read_image(make_nifti(shape=(16, 14, 12), name="other.nii.gz"))  # 1.5 mm RAS
+    with pytest.raises(InputError, match=r"^the CT is not on the segmentation's grid"):
+        statistics.of_segmentation(seg, other)
