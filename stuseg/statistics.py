@@ -402,7 +402,8 @@ def compute(
             f"label value {unnamed[0]} in the segmentation has no name; give its label table (--names)"
         )
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    voxel_mm3 = float(np.prod(spacing))
+    # |det| is the voxel volume for any affine; the product of the spacings only without shear.
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     records = []
     for value in sorted(names):
         rec: dict[str, object] = {"structure": str(names[value]), "label": int(value)}
