@@ -440,6 +440,15 @@ def predict_cmd(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+    with_statistics: Annotated[
+        bool,
+        typer.Option(
+            "--statistics", help="Also write statistics.json/.csv: volume, HU, centroid per structure."
+        ),
+    ] = False,
+    with_preview: Annotated[
+        bool, typer.Option("--preview", help="Also write preview.png: slices, front view and legend.")
+    ] = False,
 ) -> None:
     """Segment the 104 structures of a CT scan."""
     import time
@@ -458,8 +467,9 @@ def predict_cmd(
             raise fail(str(exc)) from None
     # Every output check comes before any work, so a bad OUTPUT costs no prediction.
     inputs = [image, *([weights_file] if weights_file is not None else [])]
+    extras = _extra_outputs(target, multilabel, statistics=with_statistics, preview=with_preview)
     if multilabel:
-        labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite)
+        labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite, extra=extras.values())
     else:
         labelmaps.check_mask_folder_output(output, inputs=inputs, overwrite=overwrite)
     from stuseg import pipeline
@@ -467,9 +477,17 @@ def predict_cmd(
     pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # --statistics / --preview need the CT's intensities: read it here and keep it.
+        volume = None
+        if with_statistics or with_preview:
+            from stuseg.io import read_image
+
+            start = time.perf_counter()
+            volume = read_image(image, series=series)
+            read_s = time.perf_counter() - start
         with _tile_bar(quiet) as progress:
             seg = pipeline.segment(
-                image,
+                volume if volume is not None else input_path,
                 size=size,
                 fast=fast,
                 tta=tta,
@@ -480,15 +498,25 @@ def predict_cmd(
                 series=series,
                 progress=progress,
             )
+        if volume is not None:
+            seg.timings["read"] = seg.timings.get("read", 0.0) + read_s
+        mode = ("fast" if fast else "normal") + ("+tta" if tta else "")
         start = time.perf_counter()
         labels, header = seg.labels, seg.image.header
+        # One result, written whole or not at all: the masks (or the --ml file group) and the
+        # extra files appear together.
         if multilabel:
-            with outputs.staged_files(labelmaps.multilabel_paths(target)) as temps:
-                labelmaps.write_multilabel(temps, labels, header, seg.names, numbering="model")
+            finals = [*labelmaps.multilabel_paths(target), *extras.values()]
+            with outputs.staged_files(finals) as temps:
+                labelmaps.write_multilabel(temps[:4], labels, header, seg.names, numbering="model")
+                _write_extras(seg, volume, dict(zip(extras, temps[4:])), mode)
         else:
             with outputs.staged_folder(target) as stage:
                 labelmaps.write_masks(stage, labels, header, seg.names)
-        seg.timings["write"] = time.perf_counter() - start
+                staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
+                _write_extras(seg, volume, staged, mode)
+        extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview"))
+        seg.timings["write"] = time.perf_counter() - start - extra_seconds
     if not quiet:
         for w in caught:
             say(f"stuseg: warning: {w.message}")
@@ -515,7 +543,7 @@ def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
 
 def _summary(seg: Any, output: Path, multilabel: bool) -> str:
     """One line: what was written, time per stage and peak memory."""
-    order = ("read", "load", "preprocess", "network", "softmax", "export", "write")
+    order = ("read", "load", "preprocess", "network", "softmax", "export", "write", "statistics", "preview")
     times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
     memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
     if seg.peak_gpu_bytes is not None:
@@ -758,6 +786,142 @@ def _batch_bars(quiet: bool, total: int) -> Iterator[_BatchBars]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         yield _BatchBars(progress, total)
+
+
+# Statistics and preview
+
+
+def _extra_outputs(result: Path, multilabel: bool, *, statistics: bool, preview: bool) -> dict[str, Path]:
+    """The files ``--statistics`` / ``--preview`` add to a result, by kind (json, csv, png)."""
+    from stuseg.statistics import sidecar_paths
+
+    wanted = {"json": statistics, "csv": statistics, "png": preview}
+    if not any(wanted.values()):
+        return {}
+    return {k: v for k, v in sidecar_paths(result, multilabel).items() if wanted[k]}
+
+
+def _write_extras(seg: Any, volume: Any, paths: dict[str, Path], mode: str) -> None:
+    """Write the statistics and preview files named in ``paths`` (staged paths of the result)."""
+    import time
+
+    from stuseg import statistics as stats_mod
+
+    labels, affine = seg.labels, seg.image.affine if seg.image.affine is not None else volume.affine
+    if "json" in paths:
+        start = time.perf_counter()
+        result = stats_mod.compute(labels, affine, volume.data, seg.names, size=seg.size, mode=mode)
+        stats_mod.write_statistics(result, paths["json"], paths["csv"])
+        seg.timings["statistics"] = time.perf_counter() - start
+    if "png" in paths:
+        from stuseg.preview import write_preview
+
+        start = time.perf_counter()
+        write_preview(labels, affine, volume.data, seg.names, paths["png"])
+        seg.timings["preview"] = time.perf_counter() - start
+
+
+SegmentationArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="SEGMENTATION",
+        help="Folder of <structure>.nii.gz masks (stuseg's or TotalSegmentator's) or a multilabel file.",
+    ),
+]
+CtArg = Annotated[
+    Path,
+    typer.Argument(metavar="CT", help="The CT it was made from: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
+]
+NamesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--names",
+        metavar="FILE.json",
+        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
+    ),
+]
+SeriesOption = Annotated[
+    str | None,
+    typer.Option("--series", metavar="UID", help="DICOM series to use when a folder holds several."),
+]
+
+
+def _check_file_output(path: Path, suffix: str, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output file path before any work: wrong suffix, or unsafe (``outputs.check_output``)."""
+    from stuseg import outputs
+
+    if not path.name.lower().endswith(suffix):
+        raise fail(f"{path} must end in {suffix}")
+    outputs.check_output(path, inputs=inputs, kind="file", overwrite=overwrite)
+
+
+@app.command("statistics")
+@user_errors
+def statistics_cmd(
+    segmentation: SegmentationArg,
+    ct: CtArg,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE.json",
+            help="Write FILE.json and FILE.csv (default: CSV to stdout).",
+        ),
+    ] = None,
+    names: NamesOption = None,
+    series: SeriesOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+) -> None:
+    """Volume, intensity (HU) statistics, centroid and bounding box of each structure of a segmentation."""
+    from stuseg import outputs
+    from stuseg import statistics as stats_mod
+
+    inputs = [segmentation, ct, *([names] if names is not None else [])]
+    if output is not None:
+        _check_file_output(output, ".json", inputs, overwrite)
+        json_path, csv_path = stats_mod.output_paths(output)
+        # The CSV carries no signature of its own: it is stuseg's when its JSON twin is.
+        ours = json_path.is_file() and outputs.written_by_stuseg(json_path)
+        _check_file_output(csv_path, ".csv", inputs, overwrite or ours)
+    scan = stats_mod.load_scan(segmentation, ct, names=names, series=series)
+    if scan.reordered:
+        note = "is stored in another axis order than the CT; matched voxel for voxel"
+        err.print(f"note: {segmentation} {note}", markup=False)
+    result = stats_mod.compute(scan.labels, scan.affine, scan.ct, scan.names)
+    if output is None:
+        typer.echo(stats_mod.csv_text([(None, result)]), nl=False)
+        return
+    with outputs.staged_files([json_path, csv_path]) as (tmp_json, tmp_csv):
+        stats_mod.write_statistics(result, tmp_json, tmp_csv)
+    present = sum(1 for r in result.structures if r["voxels"])
+    counted = f"{present} of {len(result.structures)} structures present"
+    err.print(f"wrote {json_path} and {csv_path} ({counted})", markup=False)
+
+
+@app.command("preview")
+@user_errors
+def preview_cmd(
+    segmentation: SegmentationArg,
+    ct: CtArg,
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT.png", help="The picture to write.")],
+    names: NamesOption = None,
+    series: SeriesOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+) -> None:
+    """Draw a preview picture: three slices with the structures, a front view and a legend."""
+    from stuseg import outputs
+    from stuseg import statistics as stats_mod
+    from stuseg.preview import write_preview
+
+    _check_file_output(output, ".png", [segmentation, ct, *([names] if names is not None else [])], overwrite)
+    scan = stats_mod.load_scan(segmentation, ct, names=names, series=series)
+    if scan.reordered:
+        note = "is stored in another axis order than the CT; matched voxel for voxel"
+        err.print(f"note: {segmentation} {note}", markup=False)
+    with outputs.staged_files([output]) as (tmp,):
+        write_preview(scan.labels, scan.affine, scan.ct, scan.names, tmp)
+    err.print(f"wrote {output}", markup=False)
 
 
 def main() -> None:

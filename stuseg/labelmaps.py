@@ -581,15 +581,21 @@ def segmentation_inputs(path: Path) -> list[Path]:
     return [path, sidecar] if sidecar is not None and sidecar.exists() else [path]
 
 
-def check_multilabel_output(output: Path, *, inputs: Sequence[Path], overwrite: bool = False) -> None:
+def check_multilabel_output(
+    output: Path, *, inputs: Sequence[Path], overwrite: bool = False, extra: Sequence[Path] = ()
+) -> None:
     """Refuse, before any work, a multilabel OUTPUT that is badly named or unsafe to write.
 
-    The file and its three companions are each checked with ``outputs.check_output``.
+    The file and its three companions are each checked with ``outputs.check_output``, and so are
+    ``extra`` files written beside it (statistics, preview, DICOM-SEG). Those formats carry no
+    stuseg signature of their own: they count as stuseg's when the multilabel file they belong to
+    is stuseg's (its label table says so), since a run writes them together.
 
     Args:
         output: the ``.nii.gz`` file to write.
         inputs: everything the command reads.
         overwrite: allow replacing files stuseg did not write.
+        extra: further files of the same result, beside ``output``.
 
     Raises:
         OutputError: the one-line reason.
@@ -600,6 +606,9 @@ def check_multilabel_output(output: Path, *, inputs: Sequence[Path], overwrite: 
         raise OutputError(f"{output} is not a NIfTI file name; end it in .nii.gz")
     for companion in companion_paths(Path(output)).values():
         outputs.check_output(companion, inputs=inputs, kind="file", overwrite=overwrite)
+    ours = Path(output).is_file() and outputs.written_by_stuseg(Path(output))
+    for path in extra:
+        outputs.check_output(path, inputs=inputs, kind="file", overwrite=overwrite or ours)
 
 
 def check_mask_folder_output(output: Path, *, inputs: Sequence[Path], overwrite: bool = False) -> None:
@@ -705,3 +714,136 @@ def export_labels(
             written = write_masks(stage, labels, header, {i: lbl.STRUCTURES[i - 1] for i in chosen})
     result.written = [output / p.name for p in written]
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentations named by another tool (e.g. TotalSegmentator's 117 "total" classes): the names
+# come from the mask file names or from a label table, not from stuseg's 104 structures.
+
+
+def _named_mask_files(folder: Path) -> dict[str, Path]:
+    """Structure name -> file for every visible ``<name>.nii.gz`` / ``<name>.nii`` in ``folder``."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        stem = _nifti_stem(path)
+        if stem is None or path.name.startswith(".") or not path.is_file():
+            continue
+        if stem in found:
+            raise InputError(f"{folder} holds both {found[stem].name} and {path.name}; keep one of them")
+        found[stem] = path
+    return found
+
+
+def load_named_masks(folder: Path) -> tuple[list[np.ndarray], nib.Nifti1Header, dict[int, str]]:
+    """Read a folder of 0/1 masks named ``<structure>.nii.gz``, whatever the structure names.
+
+    Each mask gets a label value (1, 2, ... in file name order). Masks may overlap (tools that
+    write one mask per class can produce that): the result is a list of label maps ("layers"),
+    each mask in the first layer where it overlaps no other, so every voxel of every mask is
+    kept; without overlaps there is exactly one layer.
+
+    Args:
+        folder: the folder; every visible ``*.nii.gz`` / ``*.nii`` in it is read as a mask.
+
+    Returns:
+        ``(layers, header, names)``: uint8 (uint16 beyond 255 masks) label maps in Fortran
+        order, the first mask's NIfTI header, and label value -> name (the file name stem).
+
+    Raises:
+        InputError: no masks, a file that cannot be read, or masks on different grids.
+        LabelError: a file that is not a mask (more than one non-zero value, or non-integers).
+    """
+    folder = Path(folder)
+    files = _named_mask_files(folder)
+    if not files:
+        raise InputError(f"folder {folder} holds no <structure>.nii.gz masks; give a folder of masks")
+    dtype = np.uint8 if len(files) <= 255 else np.uint16
+    layers: list[np.ndarray] = []
+    names: dict[int, str] = {}
+    ref: nib.Nifti1Image | None = None
+    ref_header: nib.Nifti1Header | None = None
+    first = ""
+    for value, (name, path) in enumerate(files.items(), start=1):
+        img, raw, header = _load_label_nifti(path)  # one reader for every NIfTI stuseg reads
+        if ref is None:
+            ref, ref_header, first = img, header, path.name
+        elif raw.shape != ref_header.get_data_shape()[:3] or not np.allclose(
+            img.affine, ref.affine, atol=_AFFINE_ATOL_MM
+        ):
+            what = "shape" if raw.shape != ref_header.get_data_shape()[:3] else "affine"
+            raise InputError(
+                f"masks {first} and {path.name} in {folder} differ in {what}; "
+                "give a folder whose masks come from one segmentation"
+            )
+        arr = np.asfortranarray(_integer_data(raw, path))  # nibabel's order already: no copy
+        flat_arr = arr.reshape(-1, order="F")
+        where = np.flatnonzero(flat_arr)
+        if where.size:
+            inside = flat_arr[where]
+            if inside.min() != inside.max():
+                raise LabelError(
+                    f"{path} holds several non-zero values ({inside.min()}..{inside.max()}), so it is a "
+                    "label map, not a mask; give it as a multilabel file with its names instead"
+                )
+        for layer in layers:
+            flat = layer.reshape(-1, order="F")
+            if not flat[where].any():
+                break
+        else:
+            layer = np.zeros(raw.shape, dtype, order="F")
+            layers.append(layer)
+            flat = layer.reshape(-1, order="F")
+        flat[where] = value
+        names[value] = name
+    if not layers:  # every mask empty
+        layers.append(np.zeros(ref_header.get_data_shape()[:3], dtype, order="F"))
+    return layers, ref_header, names
+
+
+def _plain_table(text: str | bytes) -> dict[int, str] | None:
+    """A label table: stuseg's document, or a plain JSON object ``{"1": "spleen", ...}``."""
+    table = _parse_table(text)
+    if table is not None:
+        return table
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and doc and all(isinstance(n, str) for n in doc.values()):
+            return {int(v): n for v, n in doc.items()}
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def load_named_labels(path: Path, names_file: Path) -> tuple[np.ndarray, nib.Nifti1Header, dict[int, str]]:
+    """Read a multilabel file whose values are named by a JSON label table of any naming.
+
+    Args:
+        path: the multilabel NIfTI file.
+        names_file: JSON, either stuseg's label table (the sidecar of ``predict --ml``) or a plain
+            object ``{"1": "spleen", "2": "kidney_right", ...}`` (value -> name).
+
+    Returns:
+        ``(labels, header, names)``: the label values as stored (uint8, or uint16 above 255).
+
+    Raises:
+        InputError: a file cannot be read.
+        LabelError: the table is not a label table, or a value in the data has no name.
+    """
+    path, names_file = Path(path), Path(names_file)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; give a multilabel .nii.gz file")
+    try:
+        table = _plain_table(names_file.read_bytes())
+    except OSError as exc:
+        raise InputError(f"cannot read {names_file}: {exc.strerror or exc}") from None
+    if table is None:
+        raise LabelError(f'{names_file} is not a label table; give JSON such as {{"1": "spleen", ...}}')
+    _, raw, header = _load_label_nifti(path)
+    arr = _integer_data(raw, path)
+    top = int(arr.max()) if arr.size else 0
+    present = np.flatnonzero(value_counts(arr, top + 1))
+    unnamed = [int(v) for v in present if v and v not in table]
+    if unnamed:
+        raise LabelError(f"{path} holds label value {unnamed[0]}, which {names_file} does not name")
+    dtype = np.uint8 if top <= 255 else np.uint16
+    return np.asfortranarray(arr, dtype=dtype), header, {v: table[v] for v in sorted(table) if v > 0}

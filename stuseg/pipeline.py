@@ -56,7 +56,30 @@ class Segmentation:
 
     @property
     def labels(self) -> np.ndarray:
+        """The label map as an array (values = model channel index, 0 = background)."""
         return np.asanyarray(self.image.dataobj)
+
+    def statistics(self, ct: str | Path | Volume | np.ndarray | None = None, *, mode: str | None = None) -> Any:
+        """Per-structure statistics (volume, HU, centroid, bounding box) on the intensities of ``ct``.
+
+        Args:
+            ct: the CT this was made from (a path, Volume or array on the same grid); default: the
+                ``source`` Volume, when the segmentation was made from one.
+            mode: recorded in the result (e.g. ``fast``).
+
+        Returns:
+            A ``stuseg.statistics.Statistics`` (records per structure, image-level fields).
+
+        Raises:
+            InputError: no CT given and no source kept, or a CT on another grid.
+        """
+        from stuseg.statistics import of_segmentation
+
+        if ct is None:
+            if self.source is None:
+                raise InputError("give the CT: this segmentation was made from a path, so no copy was kept")
+            ct = self.source
+        return of_segmentation(self, ct, mode=mode)
 
 
 class _Stages:
