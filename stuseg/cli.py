@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -19,6 +20,14 @@ from rich.console import Console
 from stuseg import __version__
 from stuseg.errors import StusegError
 from stuseg.labels import Group, Numbering
+
+
+class OutputType(str, Enum):
+    """What ``stuseg predict`` writes; ``--output-type`` is repeatable."""
+
+    NIFTI = "nifti"  # masks (or the --ml file) as NIfTI
+    DICOM_SEG = "dicom-seg"  # one DICOM Segmentation instance referencing the DICOM series INPUT
+
 
 app = typer.Typer(
     name="stuseg",
@@ -334,6 +343,14 @@ def predict_cmd(
         typer.Option("--series", metavar="UID", help="DICOM series to use when a folder holds several."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    output_types: Annotated[
+        list[OutputType] | None,
+        typer.Option(
+            "--output-type",
+            help="nifti (default) and/or dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz; "
+            "needs a DICOM series INPUT); repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Segment the 104 structures of a CT scan."""
     import time
@@ -348,6 +365,14 @@ def predict_cmd(
         except ValueError as exc:
             raise fail(str(exc)) from None
     pipeline.check_output(output, multilabel)
+    # --- DICOM-SEG output (dicomseg helper): refuse a non-DICOM or unusable INPUT before any work.
+    types = set(output_types or [OutputType.NIFTI])
+    dicom_source = None
+    if OutputType.DICOM_SEG in types:
+        from stuseg import dicomseg
+
+        dicom_source = dicomseg.read_dicom_source(input_path, series)
+    # --- end DICOM-SEG
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _tile_bar(quiet) as progress:
@@ -364,15 +389,26 @@ def predict_cmd(
                 progress=progress,
             )
         start = time.perf_counter()
-        if multilabel:
-            pipeline.write_multilabel(seg, output)
-        else:
-            pipeline.write_masks(seg, output)
+        written = []
+        if OutputType.NIFTI in types:
+            if multilabel:
+                pipeline.write_multilabel(seg, output)
+            else:
+                pipeline.write_masks(seg, output)
+            written.append(str(output) if multilabel else f"{len(seg.names)} masks in {output}")
+        # --- DICOM-SEG output (dicomseg helper)
+        if dicom_source is not None:
+            seg_path = dicomseg.seg_path_for(output, multilabel)
+            if dicomseg.write_dicom_seg(
+                seg.image, seg.names, dicom_source, seg_path, algorithm=f"STU-Net {seg.size}"
+            ):
+                written.append(str(seg_path))
+        # --- end DICOM-SEG
         seg.timings["write"] = time.perf_counter() - start
     if not quiet:
         for w in caught:
             err.print(f"stuseg: warning: {w.message}", markup=False)
-        err.print(_summary(seg, output, multilabel), markup=False)
+        err.print(_summary(seg, " and ".join(written) or "nothing"), markup=False)
 
 
 @contextmanager
@@ -393,14 +429,13 @@ def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
         yield report
 
 
-def _summary(seg: Any, output: Path, multilabel: bool) -> str:
+def _summary(seg: Any, what: str) -> str:
     """One line: what was written, time per stage and peak memory."""
     order = ("read", "load", "preprocess", "network", "softmax", "export", "write")
     times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
     memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
     if seg.peak_gpu_bytes is not None:
         memory += f", peak GPU {seg.peak_gpu_bytes / 2**30:.2f} GB"
-    what = output if multilabel else f"{len(seg.names)} masks in {output}"
     return f"wrote {what} ({seg.size} on {seg.device}); {times}; {memory}"
 
 
