@@ -347,6 +347,7 @@ def predict_cmd(
         list[OutputType] | None,
         typer.Option(
             "--output-type",
+            metavar="TYPE",
             help="nifti (default) and/or dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz; "
             "needs a DICOM series INPUT); repeatable.",
         ),
