@@ -243,10 +243,18 @@ def test_real_result_read_by_highdicom_per_source_instance(ts_seg: Path, ts_labe
         np.testing.assert_array_equal(pixels[k, :, :, 0], (ts_labels[:, :, k] == labels.index_of("liver")).T)
 
 
-def test_real_result_references_codes_and_validity(ts_seg: Path) -> None:
+def test_real_result_references_and_codes(ts_seg: Path) -> None:
     check_references(ts_seg)
     check_snomed(ts_seg)
+
+
+def test_real_result_passes_dciodvfy(ts_seg: Path, tmp_path: Path) -> None:
     assert dciodvfy_errors(ts_seg) == []
+    # and the check can fail: the same file without a Type 1 attribute
+    broken = pydicom.dcmread(ts_seg)
+    del broken.SegmentSequence[0].SegmentLabel
+    broken.save_as(tmp_path / "broken.dcm")
+    assert any("SegmentLabel" in line for line in dciodvfy_errors(tmp_path / "broken.dcm"))
 
 
 # --- geometry: a flip or transpose cannot pass -------------------------------------------------
@@ -507,4 +515,4 @@ def test_real_run_seg_references_and_validity(real_run) -> None:
     assert done.returncode == 0, done.stderr
     check_references(out / "seg.dcm")
     check_snomed(out / "seg.dcm")
-    assert dciodvfy_errors(out / "seg.dcm") == []
+    assert dciodvfy_errors(out / "seg.dcm") == []  # last: it skips where dciodvfy is missing
