@@ -16,6 +16,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -25,6 +26,14 @@ from rich.console import Console
 from stuseg import __version__
 from stuseg.errors import StusegError
 from stuseg.labels import Group, Numbering
+
+
+class OutputType(str, Enum):
+    """What ``stuseg predict`` writes; ``--output-type`` is repeatable."""
+
+    NIFTI = "nifti"  # masks (or the --ml file) as NIfTI
+    DICOM_SEG = "dicom-seg"  # one DICOM Segmentation instance referencing the DICOM series INPUT
+
 
 app = typer.Typer(
     name="stuseg",
@@ -449,12 +458,22 @@ def predict_cmd(
     with_preview: Annotated[
         bool, typer.Option("--preview", help="Also write preview.png: slices, front view and legend.")
     ] = False,
+    output_types: Annotated[
+        list[OutputType] | None,
+        typer.Option(
+            "--output-type",
+            metavar="TYPE",
+            help="nifti (default) and/or dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz; "
+            "needs a DICOM series INPUT); repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Segment the 104 structures of a CT scan."""
     import time
     import warnings
 
     from stuseg import labelmaps, outputs
+    from stuseg.io import StusegWarning
 
     image = _given(input_path, "INPUT")
     target = Path(output)
@@ -467,7 +486,15 @@ def predict_cmd(
             raise fail(str(exc)) from None
     # Every output check comes before any work, so a bad OUTPUT costs no prediction.
     inputs = [image, *([weights_file] if weights_file is not None else [])]
+    types = set(output_types or [OutputType.NIFTI])
     extras = _extra_outputs(target, multilabel, statistics=with_statistics, preview=with_preview)
+    dicom_source = None
+    if OutputType.DICOM_SEG in types:
+        from stuseg import dicomseg
+
+        # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
+        dicom_source = dicomseg.read_dicom_source(image, series)
+        extras["dcm"] = dicomseg.seg_path_for(target, multilabel)
     if multilabel:
         labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite, extra=extras.values())
     else:
@@ -503,24 +530,40 @@ def predict_cmd(
         mode = ("fast" if fast else "normal") + ("+tta" if tta else "")
         start = time.perf_counter()
         labels, header = seg.labels, seg.image.header
+        if dicom_source is not None and not labels.any():
+            warnings.warn(
+                "no structure was found, so no DICOM-SEG was written (it needs at least one segment)",
+                StusegWarning,
+                stacklevel=1,
+            )
+            extras.pop("dcm")
+        nifti = OutputType.NIFTI in types
         # One result, written whole or not at all: the masks (or the --ml file group) and the
         # extra files appear together.
         if multilabel:
-            finals = [*labelmaps.multilabel_paths(target), *extras.values()]
-            with outputs.staged_files(finals) as temps:
-                labelmaps.write_multilabel(temps[:4], labels, header, seg.names, numbering="model")
-                _write_extras(seg, volume, dict(zip(extras, temps[4:])), mode)
+            group = labelmaps.multilabel_paths(target) if nifti else []
+            with outputs.staged_files([*group, *extras.values()]) as temps:
+                if nifti:
+                    labelmaps.write_multilabel(temps[:4], labels, header, seg.names, numbering="model")
+                _write_extras(seg, volume, dict(zip(extras, temps[len(group) :])), mode, dicom_source)
+            written = [str(target)] if nifti else []
+            written += [str(extras[k]) for k in extras if k != "csv"]
         else:
             with outputs.staged_folder(target) as stage:
-                labelmaps.write_masks(stage, labels, header, seg.names)
+                if nifti:
+                    labelmaps.write_masks(stage, labels, header, seg.names)
                 staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
-                _write_extras(seg, volume, staged, mode)
-        extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview"))
+                if "dcm" in extras:
+                    staged["dcm"] = dicomseg.seg_path_for(stage, False)
+                _write_extras(seg, volume, staged, mode, dicom_source)
+            written = [f"{len(seg.names)} masks in {target}"] if nifti else []
+            written += [str(target / extras[k].name) for k in extras if k != "csv"]
+        extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg"))
         seg.timings["write"] = time.perf_counter() - start - extra_seconds
     if not quiet:
         for w in caught:
             say(f"stuseg: warning: {w.message}")
-        say(_summary(seg, target, multilabel))
+        say(_summary(seg, " and ".join(written) or "nothing"))
 
 
 @contextmanager
@@ -541,14 +584,14 @@ def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
         yield report
 
 
-def _summary(seg: Any, output: Path, multilabel: bool) -> str:
+def _summary(seg: Any, what: str) -> str:
     """One line: what was written, time per stage and peak memory."""
-    order = ("read", "load", "preprocess", "network", "softmax", "export", "write", "statistics", "preview")
+    order = ("read", "load", "preprocess", "network", "softmax", "export", "write", "statistics", "preview",
+             "dicom-seg")  # fmt: skip
     times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
     memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
     if seg.peak_gpu_bytes is not None:
         memory += f", peak GPU {seg.peak_gpu_bytes / 2**30:.2f} GB"
-    what = output if multilabel else f"{len(seg.names)} masks in {output}"
     return f"wrote {what} ({seg.size} on {seg.device}); {times}; {memory}"
 
 
@@ -801,8 +844,8 @@ def _extra_outputs(result: Path, multilabel: bool, *, statistics: bool, preview:
     return {k: v for k, v in sidecar_paths(result, multilabel).items() if wanted[k]}
 
 
-def _write_extras(seg: Any, volume: Any, paths: dict[str, Path], mode: str) -> None:
-    """Write the statistics and preview files named in ``paths`` (staged paths of the result)."""
+def _write_extras(seg: Any, volume: Any, paths: dict[str, Path], mode: str, dicom_source: Any = None) -> None:
+    """Write the statistics, preview and DICOM-SEG files named in ``paths`` (staged paths of the result)."""
     import time
 
     from stuseg import statistics as stats_mod
@@ -819,6 +862,12 @@ def _write_extras(seg: Any, volume: Any, paths: dict[str, Path], mode: str) -> N
         start = time.perf_counter()
         write_preview(labels, affine, volume.data, seg.names, paths["png"])
         seg.timings["preview"] = time.perf_counter() - start
+    if "dcm" in paths:
+        from stuseg.dicomseg import write_dicom_seg
+
+        start = time.perf_counter()
+        write_dicom_seg(seg.image, seg.names, dicom_source, paths["dcm"], algorithm=f"STU-Net {seg.size}")
+        seg.timings["dicom-seg"] = time.perf_counter() - start
 
 
 SegmentationArg = Annotated[

@@ -490,6 +490,23 @@ def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
     return Volume(data=data, affine=affine, header=nifti_header_for(affine, shape3))
 
 
+def dicom_series_files(folder: Path, series: str | None = None) -> list[Path]:
+    """The files of the DICOM series in ``folder`` that ``read_image(folder, series)`` reads, in
+    GDCM's slice order.
+
+    Raises:
+        InputError: the folder holds no DICOM series (with UID ``series``), or several and no ``series``.
+    """
+    scanned = _scan_dicom_folder(Path(folder))
+    chosen = [f for info, f in scanned if series is None or info.uid == series.strip()]
+    if not chosen:
+        which = f" with UID {series!r}" if series is not None else ""
+        raise InputError(f"{folder} holds no DICOM series{which}; check INPUT (subfolders are not searched)")
+    if len(chosen) > 1:
+        raise InputError(f"{folder} holds {len(chosen)} DICOM series; pick one with --series UID")
+    return [Path(f) for f in chosen[0]]
+
+
 def _scan_dicom_folder(folder: Path) -> list[tuple[SeriesInfo, tuple[str, ...]]]:
     """Each series in ``folder`` with its files, sorted by GDCM along the slice normal."""
     import SimpleITK as sitk

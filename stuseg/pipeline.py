@@ -59,7 +59,9 @@ class Segmentation:
         """The label map as an array (values = model channel index, 0 = background)."""
         return np.asanyarray(self.image.dataobj)
 
-    def statistics(self, ct: str | Path | Volume | np.ndarray | None = None, *, mode: str | None = None) -> Any:
+    def statistics(
+        self, ct: str | Path | Volume | np.ndarray | None = None, *, mode: str | None = None
+    ) -> Any:
         """Per-structure statistics (volume, HU, centroid, bounding box) on the intensities of ``ct``.
 
         Args:

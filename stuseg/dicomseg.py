@@ -1,0 +1,352 @@
+"""DICOM Segmentation (DICOM-SEG) output for results on a DICOM series, written with highdicom.
+
+One Segmentation instance per run: one BINARY segment per structure present, labelled with the
+structure's name and coded with SNOMED CT (``stuseg/data/snomed_ct.csv``), frames on the source
+slices, referencing the source series and copying its patient and study attributes.
+
+The label map stuseg produces is indexed (i, j, k) on the RAS grid built by SimpleITK from the
+series. Each source image's rows and columns are found in that grid through its own
+ImagePositionPatient, ImageOrientationPatient and PixelSpacing, so the frames do not depend on the
+order of the files or on how the reader sorted the slices.
+
+highdicom and pydicom are the optional extra ``stuseg[dicom]``; they are imported only here, on use.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from stuseg.errors import InputError, OutputError, StusegError
+
+INSTALL_HINT = 'pip install "stuseg[dicom]"'
+
+# A source pixel centre may sit this far (in voxels, on each axis) from a voxel centre of the label
+# map. read_image already refuses slices more than 0.1 slice off the regular grid; anything below
+# 0.5 still names one voxel unambiguously.
+_GRID_TOLERANCE = 0.25
+
+# The attributes a SEG must reference or copy from every source image, and that a badly anonymised
+# series may have emptied. (FrameOfReferenceUID is required by the SEG's Frame of Reference module.)
+_REQUIRED_UIDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "FrameOfReferenceUID",
+)
+_REQUIRED_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+
+# (x, y, z) LPS (DICOM patient coordinates) <-> RAS (the label map's affine): its own inverse.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+class SnomedCodes(NamedTuple):
+    """SNOMED CT codes (scheme SCT) of one structure: (code value, code meaning) pairs."""
+
+    category: tuple[str, str]
+    type: tuple[str, str]
+    modifier: tuple[str, str] | None  # laterality (Left / Right), None for unpaired structures
+
+
+def snomed_table() -> dict[str, SnomedCodes]:
+    """The SNOMED CT codes of every structure, from the package's ``data/snomed_ct.csv``.
+
+    Returns:
+        Structure name -> its category, type and (optional) type modifier codes.
+    """
+    text = resources.files("stuseg").joinpath("data/snomed_ct.csv").read_text(encoding="utf-8")
+    rows = csv.DictReader(line for line in _io.StringIO(text) if not line.startswith("#"))
+    table = {}
+    for r in rows:
+        modifier = (r["modifier_code"], r["modifier_meaning"]) if r["modifier_code"] else None
+        table[r["structure"]] = SnomedCodes(
+            (r["category_code"], r["category_meaning"]), (r["type_code"], r["type_meaning"]), modifier
+        )
+    return table
+
+
+def _require_highdicom() -> Any:
+    """Import highdicom (and pydicom with it), or explain in one line how to install them."""
+    try:
+        import highdicom
+        import pydicom  # noqa: F401
+    except ImportError:
+        raise StusegError(
+            f"--output-type dicom-seg needs the optional DICOM support; install it with: {INSTALL_HINT}"
+        ) from None
+    return highdicom
+
+
+@dataclass(frozen=True)
+class DicomSource:
+    """The source series of a DICOM-SEG: its files (GDCM's slice order) and their headers."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    datasets: tuple[Any, ...]  # pydicom Datasets without pixel data, one per file
+
+
+def read_dicom_source(input_path: Path, series: str | None = None) -> DicomSource:
+    """Read and check the headers of the series a DICOM-SEG will reference, before any other work.
+
+    Args:
+        input_path: the INPUT of ``stuseg predict``; must be a folder holding a DICOM series.
+        series: the SeriesInstanceUID that picks a series in a folder holding several.
+
+    Returns:
+        The series' files and headers, to pass to :func:`write_dicom_seg`.
+
+    Raises:
+        StusegError: highdicom/pydicom (the ``stuseg[dicom]`` extra) are not installed.
+        InputError: INPUT is not a DICOM series folder; the files cannot be read; they lack UIDs or
+            geometry that a SEG must reference (a badly anonymised series); or they disagree on
+            the study, series or frame of reference.
+    """
+    _require_highdicom()
+    import pydicom
+
+    path = Path(input_path)
+    if not path.is_dir():
+        raise InputError(
+            f"--output-type dicom-seg needs a folder holding a DICOM series as INPUT, but {path} is "
+            "not one; use --output-type nifti for this input"
+        )
+    from stuseg.io import dicom_series_files
+
+    files = tuple(dicom_series_files(path, series))
+    datasets = []
+    for f in files:
+        try:
+            datasets.append(pydicom.dcmread(f, stop_before_pixels=True))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise InputError(f"cannot read the DICOM header of {f}: {exc}") from None
+    missing = [
+        name
+        for name in (*_REQUIRED_UIDS, *_REQUIRED_GEOMETRY)
+        if any(not str(ds.get(name, "") or "").strip() for ds in datasets)
+    ]
+    if missing:
+        raise InputError(
+            f"cannot write a DICOM-SEG for {path}: its files have no (or an empty) {', '.join(missing)}, "
+            "which the SEG must reference (a badly anonymised series?); fill them in with a DICOM "
+            "tool, or leave out --output-type dicom-seg"
+        )
+    for name in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if len({str(ds.get(name)) for ds in datasets}) > 1:
+            raise InputError(f"the DICOM files in {path} do not share one {name}; pass one series only")
+    if len({str(ds.SOPInstanceUID) for ds in datasets}) < len(datasets):
+        raise InputError(f"the DICOM files in {path} repeat SOPInstanceUIDs; remove the duplicate files")
+    return DicomSource(folder=path, files=files, datasets=tuple(datasets))
+
+
+def seg_path_for(output: Path, multilabel: bool) -> Path:
+    """Where ``stuseg predict`` writes the DICOM-SEG: ``seg.dcm`` in the output folder, or, with
+    ``--ml OUT.nii.gz``, ``OUT.dcm`` beside the multilabel file.
+
+    Args:
+        output: the OUTPUT of ``stuseg predict``.
+        multilabel: whether ``--ml`` was given (OUTPUT is then a file).
+
+    Returns:
+        The path of the SEG file.
+    """
+    output = Path(output)
+    if not multilabel:
+        return output / "seg.dcm"
+    name = output.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+    return output.with_name(stem + ".dcm")
+
+
+def _frame_indices(
+    ds: Any, inverse_affine: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, ...]:
+    """Label-map indices (i, j, k) of every pixel of source image ``ds``, each of shape (Rows, Columns).
+
+    DICOM: pixel (row m, column n) lies at IPP + n * PixelSpacing[1] * IOP[:3] + m * PixelSpacing[0] *
+    IOP[3:] in LPS millimetres. The label map's affine maps (i, j, k) to RAS millimetres.
+    """
+    position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+    cosines = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    to_index = inverse_affine[:3, :3] @ _LPS_TO_RAS
+    origin = to_index @ position + inverse_affine[:3, 3]
+    along_col = to_index @ (cosines[:3] * col_spacing)  # index step per column (n + 1)
+    along_row = to_index @ (cosines[3:] * row_spacing)  # index step per row (m + 1)
+    m = np.arange(rows, dtype=np.float64)[:, None]
+    n = np.arange(cols, dtype=np.float64)[None, :]
+    indices = []
+    for axis in range(3):
+        exact = origin[axis] + m * along_row[axis] + n * along_col[axis]
+        nearest = np.rint(exact)
+        if np.max(np.abs(exact - nearest)) > _GRID_TOLERANCE:
+            raise OutputError(
+                f"the DICOM image {ds.SOPInstanceUID} does not lie on the grid of the label map; "
+                "a DICOM-SEG can only be written for the series that was segmented"
+            )
+        if nearest.min() < 0 or nearest.max() > shape[axis] - 1:
+            raise OutputError(
+                f"the DICOM image {ds.SOPInstanceUID} reaches outside the label map; "
+                "a DICOM-SEG can only be written for the series that was segmented"
+            )
+        indices.append(np.broadcast_to(nearest.astype(np.intp), (rows, cols)))
+    return tuple(indices)
+
+
+def label_frames(labels: np.ndarray, affine: np.ndarray, datasets: Sequence[Any]) -> np.ndarray:
+    """The label map resampled (exactly, by index) onto the pixels of each source image.
+
+    Args:
+        labels: label map indexed (i, j, k), shape (X, Y, Z).
+        affine: its voxel-to-RAS affine (4 x 4).
+        datasets: the source images' headers (ImagePositionPatient, ImageOrientationPatient,
+            PixelSpacing, Rows, Columns).
+
+    Returns:
+        Array (len(datasets), Rows, Columns): frame ``f`` holds the labels of ``datasets[f]``'s pixels.
+
+    Raises:
+        OutputError: a source image does not lie on the label map's grid, or the images do not
+            cover every labelled voxel exactly once.
+    """
+    labels = np.asarray(labels)
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    shape = (int(labels.shape[0]), int(labels.shape[1]), int(labels.shape[2]))
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    frames = np.zeros((len(datasets), rows, cols), dtype=labels.dtype)
+    covered = np.zeros(shape, dtype=bool)
+    for f, ds in enumerate(datasets):
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+            raise OutputError(
+                "the images of the DICOM series differ in size; a DICOM-SEG needs one frame size"
+            )
+        idx = _frame_indices(ds, inverse, shape)
+        frames[f] = labels[idx]
+        covered[idx] = True
+    if not covered.all():
+        raise OutputError(
+            "the DICOM images do not cover the whole label map; "
+            "a DICOM-SEG can only be written for the series that was segmented"
+        )
+    return frames
+
+
+def _segment_descriptions(hd: Any, names: Sequence[str], algorithm: str, version: str) -> list[Any]:
+    from highdicom.sr import CodedConcept
+    from pydicom.sr.codedict import codes
+
+    table = snomed_table()
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise OutputError(f"no SNOMED CT codes for {', '.join(unknown)}; cannot write them to a DICOM-SEG")
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm, family=codes.DCM.ArtificialIntelligence, version=version, source="stuseg"
+    )
+    descriptions = []
+    for number, name in enumerate(names, start=1):
+        sct = table[name]
+        desc = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=name,
+            segmented_property_category=CodedConcept(sct.category[0], "SCT", sct.category[1]),
+            segmented_property_type=CodedConcept(sct.type[0], "SCT", sct.type[1]),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+        )
+        if sct.modifier is not None:
+            # highdicom has no argument for the laterality; DICOM nests it in the type code item
+            # (Segmented Property Type Modifier Code Sequence, 0062,0011).
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                CodedConcept(sct.modifier[0], "SCT", sct.modifier[1])
+            ]
+        descriptions.append(desc)
+    return descriptions
+
+
+def write_dicom_seg(
+    labels: Any,
+    names: Mapping[int, str],
+    source: DicomSource,
+    path: Path,
+    *,
+    algorithm: str = "STU-Net",
+) -> Path | None:
+    """Write one DICOM Segmentation instance (BINARY, one segment per structure present).
+
+    Args:
+        labels: the label map as a nibabel image (uint8, values = label values of ``names``) on the
+            grid read from ``source``'s series, e.g. ``Segmentation.image``.
+        names: label value -> structure name; values absent from the label map get no segment.
+        source: the series the labels were computed on, from :func:`read_dicom_source`.
+        path: the file to write (a plain write: callers write into a staged folder or file).
+        algorithm: the algorithm name recorded in the SEG (e.g. ``"STU-Net base"``).
+
+    Returns:
+        ``path``, or None (with a warning) when no structure is present: a SEG needs a segment.
+
+    Raises:
+        StusegError: highdicom is not installed (``stuseg[dicom]``).
+        OutputError: the labels do not lie on the source images, a structure has no SNOMED CT code,
+            or the file cannot be written.
+    """
+    hd = _require_highdicom()
+    from stuseg import __version__
+    from stuseg.io import StusegWarning
+
+    data = np.asanyarray(labels.dataobj)
+    # Segmentation.image keeps its geometry in the header only (its .affine is None).
+    affine = labels.affine if labels.affine is not None else labels.header.get_best_affine()
+    frames = label_frames(data, affine, source.datasets)
+    present = np.bincount(frames.ravel(), minlength=256) > 0
+    values = [v for v in sorted(names) if 0 < v < present.size and present[v]]
+    if not values:
+        warnings.warn(
+            f"no structure was found, so {path} was not written (a DICOM-SEG needs at least one segment)",
+            StusegWarning,
+            stacklevel=2,
+        )
+        return None
+    # Segment numbers are 1..n in label order; everything else (absent, unselected) is background.
+    lut = np.zeros(256, np.uint8)
+    lut[values] = np.arange(1, len(values) + 1, dtype=np.uint8)
+    segment_map = lut[frames]
+    descriptions = _segment_descriptions(hd, [names[v] for v in values], algorithm, __version__)
+    first = source.datasets[0]
+    # A derived series is numbered apart from its source (1000 + the source's SeriesNumber).
+    series_number = 1000 + int(first.get("SeriesNumber") or 0)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=list(source.datasets),
+            pixel_array=segment_map,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="stuseg",
+            manufacturer_model_name=algorithm,
+            software_versions=__version__,
+            # Type 1 in the Enhanced General Equipment module; stuseg, software, has no serial number.
+            device_serial_number="1",
+            content_label="STUSEG",
+            content_description=f"{algorithm} segmentation by stuseg {__version__}",
+            series_description=f"stuseg {algorithm}",
+        )
+    except (KeyError, ValueError) as exc:
+        raise OutputError(f"highdicom cannot build a DICOM-SEG from {source.folder}: {exc}") from None
+    try:
+        seg.save_as(Path(path))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return Path(path)
