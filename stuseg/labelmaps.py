@@ -140,12 +140,11 @@ def nifti_gz_bytes(img: nib.Nifti1Image) -> bytes:
 
 
 def writer_threads() -> int:
-    """Threads for writing masks: the CPUs this process may use (affinity, cpusets), at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))  # respects taskset and container CPU sets
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return max(1, min(_MAX_WRITER_THREADS, cpus))
+    """Threads for writing masks: the CPUs this process may use (``threads.available_cpus``:
+    affinity, cgroup quota, ``STUSEG_THREADS``), at most 8."""
+    from stuseg.threads import available_cpus
+
+    return max(1, min(_MAX_WRITER_THREADS, available_cpus()))
 
 
 def write_masks(
