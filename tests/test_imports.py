@@ -186,11 +186,6 @@ def test_public_api_resolves_lazily() -> None:
         stuseg.segmenter  # noqa: B018
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="stuseg.Segmenter is added to stuseg/pipeline.py by the pipeline helper; resolves once merged",
-)
 def test_segmenter_is_public() -> None:
     import stuseg
     from stuseg import pipeline

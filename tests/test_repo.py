@@ -126,10 +126,6 @@ def test_the_floor_tests_exist() -> None:
         assert (REPO / path).is_file(), f".ci/run runs {path} against the torch floor, but it does not exist"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README.md's set-up text still states the old torch range; the coordinator updates it at merge",
-)
 def test_readme_states_the_declared_torch_range() -> None:
     declared = str(_torch_range())
     readme = (REPO / "README.md").read_text()

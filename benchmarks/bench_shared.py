@@ -1,0 +1,91 @@
+"""Two `stuseg predict` runs sharing the machine: how much slower is each than a run alone?
+
+    python3 benchmarks/bench_shared.py [--shape 256 256 160] [--wait-policy default|active]
+
+Makes one synthetic CT and random small-model weights (as bench_predict.py does), then times
+`python3 -m stuseg predict CT OUT --fast` as real subprocesses: once alone, then two started
+together. Each line printed (and appended to benchmarks/results.jsonl) has the lone wall time,
+the two shared wall times and their ratios to the lone one. Fair sharing of the cores gives about
+2x; the target is <= 2.3x.
+
+``--wait-policy active`` sets OMP_WAIT_POLICY=ACTIVE in the runs' environment, which overrides the
+passive waiting the stuseg command chooses by default: the behaviour before that choice, for
+comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_predict import _machine, make_ct, make_weights  # noqa: E402
+
+
+def _predict(ct: Path, out: Path, weights: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "stuseg", "predict", str(ct), str(out), "--fast", "--quiet"]
+    cmd += ["--weights", str(weights), "--device", "cpu"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait(proc: subprocess.Popen[bytes], start: float) -> float:
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"stuseg predict failed: {stderr.decode(errors='replace')}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 160])
+    parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.5])
+    parser.add_argument("--wait-policy", choices=["default", "active"], default="default")
+    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ct, weights = work / "ct.nii.gz", work / "small.safetensors"
+        make_ct(ct, tuple(args.shape), tuple(args.spacing))
+        make_weights(weights, "small")
+        env = {**os.environ, "STUSEG_HOME": str(work / "home")}
+        if args.wait_policy == "active":
+            env["OMP_WAIT_POLICY"] = "ACTIVE"
+        _wait(_predict(ct, work / "warm", weights, env), time.perf_counter())  # compiles/caches kernels
+
+        start = time.perf_counter()
+        alone = _wait(_predict(ct, work / "alone", weights, env), start)
+        start = time.perf_counter()
+        pair = [_predict(ct, work / f"shared{i}", weights, env) for i in range(2)]
+        shared = [_wait(p, start) for p in pair]
+
+    record = {
+        "benchmark": "shared",
+        "wait_policy": args.wait_policy,
+        "input": {"shape": args.shape, "spacing_mm": args.spacing},
+        "alone_s": round(alone, 2),
+        "shared_s": [round(s, 2) for s in shared],
+        "ratio": [round(s / alone, 2) for s in shared],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "command": " ".join(["python3", "benchmarks/bench_shared.py", *sys.argv[1:]]),
+    }
+    line = json.dumps(record)
+    print(line, flush=True)
+    with args.results.open("a") as fh:
+        fh.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
