@@ -149,18 +149,6 @@ def _is_image_file(path: Path) -> bool:
     return path.name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """A DICOM file by its extension or its ``DICM`` marker at byte 128 (PS3.10)."""
-    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
-        return True
-    try:
-        with path.open("rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 @dataclass(frozen=True)
 class _Found:
     """A case before ids are made unique: where it came from and the id it asks for."""
@@ -264,6 +252,8 @@ def _search_folder(root: Path, base_prefix: str | None = None) -> tuple[list[_Fo
     found: list[_Found] = []
     ignored: list[Ignored] = []
     root_name = base_prefix if base_prefix is not None else _resolved(root).name
+    from stuseg.io import looks_like_dicom
+
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
@@ -276,7 +266,7 @@ def _search_folder(root: Path, base_prefix: str | None = None) -> tuple[list[_Fo
             path = here / name
             if _is_image_file(path):
                 found.append(_Found(path, None, safe_id("_".join([*parts, _strip_image_suffix(name)]))))
-            elif _is_dicom_file(path):
+            elif looks_like_dicom(path):
                 dicom.append(path)
         if dicom:
             prefix = "_".join(parts) if parts else root_name

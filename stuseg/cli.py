@@ -406,6 +406,33 @@ def weights_cmd(
             )
 
 
+# Options that predict and batch share, with the same meaning.
+SizeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--size",
+        "-s",
+        help="small, base, large or huge (S/B/L/H). [default: base, or the size of --weights]",
+    ),
+]
+FastOption = Annotated[
+    bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
+]
+TtaOption = Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")]
+StepSizeOption = Annotated[
+    float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+WeightsFileOption = Annotated[
+    Path | None,
+    typer.Option("--weights", metavar="FILE", help="Local checkpoint (.model or .safetensors)."),
+]
+RoiSubsetOption = Annotated[
+    list[str] | None,
+    typer.Option("--roi-subset", metavar="NAME", help="Keep only these structures, groups or patterns."),
+]
+
+
 @app.command("predict")
 @user_errors
 def predict_cmd(
@@ -416,30 +443,13 @@ def predict_cmd(
     output: Annotated[
         str, typer.Argument(metavar="OUTPUT", help="Folder for one mask per structure (a file with --ml).")
     ],
-    size: Annotated[
-        str | None,
-        typer.Option(
-            "--size",
-            "-s",
-            help="small, base, large or huge (S/B/L/H). [default: base, or the size of --weights]",
-        ),
-    ] = None,
-    fast: Annotated[
-        bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
-    ] = False,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")] = False,
-    step_size: Annotated[
-        float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
-    ] = 0.5,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    weights_file: Annotated[
-        Path | None,
-        typer.Option("--weights", metavar="FILE", help="Local checkpoint (.model or .safetensors)."),
-    ] = None,
-    roi_subset: Annotated[
-        list[str] | None,
-        typer.Option("--roi-subset", metavar="NAME", help="Keep only these structures, groups or patterns."),
-    ] = None,
+    size: SizeOption = None,
+    fast: FastOption = False,
+    tta: TtaOption = False,
+    step_size: StepSizeOption = 0.5,
+    device: DeviceOption = "auto",
+    weights_file: WeightsFileOption = None,
+    roi_subset: RoiSubsetOption = None,
     multilabel: Annotated[
         bool, typer.Option("--ml", help="Write one multilabel file (values = model index) with names.")
     ] = False,
@@ -615,30 +625,13 @@ def batch_cmd(
             help="Batch folder: DIR/<case>/ masks and DIR/stuseg-batch.jsonl.",
         ),
     ],
-    size: Annotated[
-        str | None,
-        typer.Option(
-            "--size",
-            "-s",
-            help="small, base, large or huge (S/B/L/H). [default: base, or the size of --weights]",
-        ),
-    ] = None,
-    fast: Annotated[
-        bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
-    ] = False,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")] = False,
-    step_size: Annotated[
-        float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
-    ] = 0.5,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    weights_file: Annotated[
-        Path | None,
-        typer.Option("--weights", metavar="FILE", help="Local checkpoint (.model or .safetensors)."),
-    ] = None,
-    roi_subset: Annotated[
-        list[str] | None,
-        typer.Option("--roi-subset", metavar="NAME", help="Keep only these structures, groups or patterns."),
-    ] = None,
+    size: SizeOption = None,
+    fast: FastOption = False,
+    tta: TtaOption = False,
+    step_size: StepSizeOption = 0.5,
+    device: DeviceOption = "auto",
+    weights_file: WeightsFileOption = None,
+    roi_subset: RoiSubsetOption = None,
     multilabel: Annotated[
         bool, typer.Option("--ml", help="Write DIR/<case>.nii.gz multilabel files (values = model index).")
     ] = False,
@@ -850,7 +843,10 @@ def _write_extras(seg: Any, volume: Any, paths: dict[str, Path], mode: str, dico
 
     from stuseg import statistics as stats_mod
 
-    labels, affine = seg.labels, seg.image.affine if seg.image.affine is not None else volume.affine
+    if not paths:
+        return
+    # The label map's grid is the input's (its header holds the geometry; .affine may be None).
+    labels, affine = seg.labels, seg.image.header.get_best_affine()
     if "json" in paths:
         start = time.perf_counter()
         result = stats_mod.compute(labels, affine, volume.data, seg.names, size=seg.size, mode=mode)

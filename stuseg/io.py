@@ -135,7 +135,8 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def looks_like_dicom(path: Path) -> bool:
+    """A DICOM file by its extension or its ``DICM`` marker at byte 128 (PS3.10)."""
     if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
         return True
     try:
@@ -165,7 +166,7 @@ def read_image(path: Path, series: str | None = None) -> Volume:
     if suffix in SITK_SUFFIXES:
         _check_detached_data_file(path)
         return _volume_from_sitk(_sitk_read_file(path), path)
-    if _looks_like_dicom(path):
+    if looks_like_dicom(path):
         raise InputError(
             f"{path} is a single DICOM file; pass the folder that holds the whole series instead"
         )
