@@ -24,7 +24,7 @@ import torch
 from stuseg import labels as label_table
 from stuseg.errors import InputError, StusegError
 from stuseg.head import ClassProbabilities
-from stuseg.io import StusegWarning, Volume, label_image, read_image
+from stuseg.io import StusegWarning, Volume, check_finite, label_image, read_image
 from stuseg.network import STUNet, build_network
 from stuseg.plan import PLAN
 from stuseg.postprocess import export_labels
@@ -453,7 +453,11 @@ def prepare(image: str | Path | Volume, *, series: str | None = None, threads: i
     """
     stages = _Stages()
     with stages("read"):
-        volume = image if isinstance(image, Volume) else read_image(Path(image), series=series)
+        if isinstance(image, Volume):
+            volume = image
+            check_finite(Path("the image"), volume.data)  # read_image checks what it reads
+        else:
+            volume = read_image(Path(image), series=series)
         check_ct(volume)
     with stages("preprocess"):
         x, geometry, had_nan = preprocess(volume.data, volume.affine, TARGET_SPACING, thread_count(threads))

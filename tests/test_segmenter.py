@@ -134,3 +134,33 @@ def test_keep_freed_memory_without_glibc(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(pipeline, "_glibc", lambda: None)
     assert pipeline.keep_freed_memory("cpu") is False
     pipeline.release_free_memory()  # a no-op, not an error
+
+
+def test_a_volume_with_infinite_voxels_is_refused_like_a_file(tmp_path: Path) -> None:
+    from stuseg.errors import InputError
+
+    volume = read_image(_ct(tmp_path, 3))
+    volume.data[5, 6, 7] = np.inf
+    volume.data[1, 2, 3] = -np.inf
+    with pytest.raises(InputError) as caught:
+        segment(volume, model=_tiny_net(), device="cpu")
+    assert str(caught.value).startswith("the image holds 2 infinite voxels (Inf); ")
+
+
+def test_statistics_of_a_segmentation_use_its_source_volume(tmp_path: Path) -> None:
+    from stuseg.errors import InputError
+
+    volume = read_image(_ct(tmp_path, 4))
+    seg = segment(volume, model=_tiny_net(), device="cpu", roi_subset=["organs"])
+    stats = seg.statistics()
+    by_name = {r["structure"]: r for r in stats.structures}
+    for value, name in seg.names.items():
+        mask = seg.labels == value
+        assert by_name[name]["voxels"] == int(mask.sum())
+        if mask.any():  # oracle: numpy on the same arrays, in float64
+            assert by_name[name]["mean_hu"] == pytest.approx(
+                float(volume.data[mask].astype(np.float64).mean())
+            )
+    from_path = segment(_ct(tmp_path, 4, "again.nii.gz"), model=_tiny_net(), device="cpu")
+    with pytest.raises(InputError, match="give the CT"):
+        from_path.statistics()
