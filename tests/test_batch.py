@@ -472,6 +472,7 @@ def test_api_batch_equals_one_case_at_a_time_and_isolates_a_corrupt_case(tmp_pat
     assert records[1]["error"] == results[1].error and records[1]["outputs"] == []
 
 
+@pytest.mark.slow
 def test_resume_skips_done_cases_and_redoes_them_when_options_change(tmp_path: Path, segmenter) -> None:
     from stuseg.pipeline import Segmenter
 
@@ -588,6 +589,7 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
 # --- the command, as a user runs it ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_command_matches_predict_and_goes_on_after_a_corrupt_case(
     tmp_path: Path, small_model: Path
 ) -> None:
@@ -646,6 +648,7 @@ def _whole_cases_only(out: Path) -> list[str]:
     return done
 
 
+@pytest.mark.slow
 def test_interrupted_by_sigint_then_sigterm_then_completed(tmp_path: Path, small_model: Path) -> None:
     src = tmp_path / "in"
     for i in range(4):

@@ -49,6 +49,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_checkpoint(lambda: tmp_path_factory.mktemp("fabricated"))
 
 
+@pytest.mark.slow
 def test_ray_batch_matches_the_local_batch(tmp_path: Path, cluster: str, small_model: Path) -> None:
     src = tmp_path / "in"
     write_ct(src / "a.nii.gz", shape=(40, 36, 32), seed=3)
@@ -127,6 +128,7 @@ def _process_titled(prefix: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_case_costs_a_retry_not_a_broken_output(
     tmp_path: Path, cluster: str, small_model: Path
 ) -> None:

@@ -394,7 +394,10 @@ def test_cli_runner_writes_masks_and_a_matching_seg(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.stderr.strip().startswith(f"wrote 7 masks in {out} and {out / 'seg.dcm'} (small on cpu)")
-    assert sorted(p.name for p in out.iterdir()) == sorted(["seg.dcm", *(f"{n}.nii.gz" for n in SUBSET)])
+    # The masks and the SEG, appearing together in one folder with stuseg's run marker.
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".stuseg-run.json", "seg.dcm", *(f"{n}.nii.gz" for n in SUBSET)]
+    )
     masks = seg_on_grid(out / "seg.dcm", series_volume.affine, ts_labels.shape)
     assert sorted(masks) == sorted(n for n in SUBSET if n != "kidney_left")  # kidney_left: absent
     for name in SUBSET:

@@ -60,6 +60,7 @@ def segment(image, *, roi_subset=None, series=None, **_):
 
 fake = types.ModuleType("stuseg.pipeline")
 fake.segment = segment
+fake.keep_freed_memory = lambda device="cpu": False  # the malloc tuning the command opts into
 sys.modules["stuseg.pipeline"] = stuseg.pipeline = fake
 ready = os.environ.get("STUSEG_TEST_SLOW_WRITE")
 if ready:

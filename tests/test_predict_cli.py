@@ -110,6 +110,7 @@ def test_tta_fast_and_roi_subset_through_a_subprocess(tmp_path: Path, small_mode
         assert_same_grid(nib.load(out / name), nib.load(ct).header)
 
 
+@pytest.mark.slow
 def test_typer_runner_normal_mode_matches_the_python_api(
     tmp_path: Path, small_model: Path, make_nifti
 ) -> None:

@@ -169,7 +169,9 @@ def _tiny_net(seed: int = 0) -> torch.nn.Module:
         ("separate-z normal", (0.8, 0.7, 2.6), (140, 70, 17), False, False),
         ("separate-z fast", (0.8, 0.7, 2.6), (140, 70, 17), True, False),
         ("near-isotropic normal", (1.2, 1.0, 1.1), (37, 51, 30), False, False),
-        ("near-isotropic fast tta", (1.2, 1.0, 1.1), (37, 51, 30), True, True),
+        pytest.param(
+            "near-isotropic fast tta", (1.2, 1.0, 1.1), (37, 51, 30), True, True, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_agrees_with_a_plain_restatement_of_the_original(tmp_path, name, zooms, shape, fast, tta) -> None:

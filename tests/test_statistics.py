@@ -369,7 +369,7 @@ def test_statistics_output_must_be_json_outside_the_inputs(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["statistics", str(TS_MASKS), str(TS_CT), "-o", str(inside)])
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
-        f"stuseg: error: {inside} would overwrite or go inside the input {TS_MASKS}; write it elsewhere"
+        f"stuseg: error: the output {inside} lies inside the input folder {TS_MASKS}; give a file outside it"
     ]
     assert not inside.exists()
     assert list(tmp_path.iterdir()) == []

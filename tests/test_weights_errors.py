@@ -200,6 +200,7 @@ def truncate(path: Path, keep: int) -> None:
         f.truncate(keep)
 
 
+@pytest.mark.slow
 def test_damaged_imported_cache(tmp_path: Path, small_model: Path, ct: Path) -> None:
     assert stuseg("import-weights", small_model).returncode == 0
     cached = weights.cached_path("small")
@@ -260,6 +261,7 @@ LOAD = (
 )
 
 
+@pytest.mark.slow
 def test_damaged_downloaded_cache_is_repaired(
     hub: FakeHub, tmp_path: Path, small_model: Path, ct: Path
 ) -> None:
