@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray  # the test extra installs stuseg[ray]: a missing ray fails here, it is not skipped
 from fabricate import small_checkpoint
 from test_batch import _masks, _no_leftovers, write_ct
 
 from stuseg import batch
 from stuseg.errors import OutputError
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'stuseg[ray]')")
 
 REPO = Path(__file__).resolve().parents[1]
 
