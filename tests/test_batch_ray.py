@@ -16,7 +16,6 @@ from test_batch import _masks, _no_leftovers, write_ct
 from stuseg import batch
 from stuseg.errors import OutputError
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 
