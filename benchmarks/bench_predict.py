@@ -63,9 +63,9 @@ def make_weights(path: Path, size: str) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """One measured run, in this (fresh) process."""
-    from stuseg.threads import prefer_passive_waiting
+    from stuseg.threads import limit_spin_waiting
 
-    prefer_passive_waiting()  # before torch loads, as the stuseg command does
+    limit_spin_waiting()  # before torch loads, as the stuseg command does
     from stuseg import labelmaps, pipeline
 
     mode = args.mode[0]

@@ -1,6 +1,7 @@
 """Two `stuseg predict` runs sharing the machine: how much slower is each than a run alone?
 
-    python3 benchmarks/bench_shared.py [--shape 256 256 160] [--wait-policy default|active]
+    python3 benchmarks/bench_shared.py [--shape 256 256 160] [--wait-policy default|active|passive]
+                                       [--spin-count N]
 
 Makes one synthetic CT and random small-model weights (as bench_predict.py does), then times
 `python3 -m stuseg predict CT OUT --fast` as real subprocesses: once alone, then two started
@@ -8,9 +9,10 @@ together. Each line printed (and appended to benchmarks/results.jsonl) has the l
 the two shared wall times and their ratios to the lone one. Fair sharing of the cores gives about
 2x; the target is <= 2.3x.
 
-``--wait-policy active`` sets OMP_WAIT_POLICY=ACTIVE in the runs' environment, which overrides the
-passive waiting the stuseg command chooses by default: the behaviour before that choice, for
-comparison.
+By default the runs get the environment the stuseg command chooses for itself (see
+``stuseg.threads.limit_spin_waiting``). ``--wait-policy active|passive`` sets OMP_WAIT_POLICY
+and ``--spin-count N`` sets GOMP_SPINCOUNT in the runs' environment instead, which the stuseg
+command respects: other choices, for comparison.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def main() -> None:
     )
     parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 160])
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.5])
-    parser.add_argument("--wait-policy", choices=["default", "active"], default="default")
+    parser.add_argument("--wait-policy", choices=["default", "active", "passive"], default="default")
+    parser.add_argument("--spin-count", type=int, help="GOMP_SPINCOUNT for the runs")
     parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
     args = parser.parse_args()
 
@@ -61,8 +64,10 @@ def main() -> None:
         make_ct(ct, tuple(args.shape), tuple(args.spacing))
         make_weights(weights, "small")
         env = {**os.environ, "STUSEG_HOME": str(work / "home")}
-        if args.wait_policy == "active":
-            env["OMP_WAIT_POLICY"] = "ACTIVE"
+        if args.wait_policy != "default":
+            env["OMP_WAIT_POLICY"] = args.wait_policy.upper()
+        if args.spin_count is not None:
+            env["GOMP_SPINCOUNT"] = str(args.spin_count)
         _wait(_predict(ct, work / "warm", weights, env), time.perf_counter())  # compiles/caches kernels
 
         start = time.perf_counter()
@@ -76,6 +81,7 @@ def main() -> None:
     record = {
         "benchmark": "shared",
         "wait_policy": args.wait_policy,
+        "spin_count": args.spin_count,
         "input": {"shape": args.shape, "spacing_mm": args.spacing},
         "alone_s": round(alone, 2),
         "shared_s": [round(s, 2) for s in shared],

@@ -88,9 +88,9 @@ class CaseWorker:
     """
 
     def __init__(self, options: dict[str, Any], output: str, token: tuple[str, str], threads: int) -> None:
-        from stuseg.threads import prefer_passive_waiting
+        from stuseg.threads import limit_spin_waiting
 
-        prefer_passive_waiting()
+        limit_spin_waiting()
         self.host = socket.gethostname()
         self.output = Path(output)
         self.weights = options.get("weights")

@@ -970,7 +970,7 @@ def preview_cmd(
 
 
 def main() -> None:
-    from stuseg.threads import prefer_passive_waiting
+    from stuseg.threads import limit_spin_waiting
 
-    prefer_passive_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning
+    limit_spin_waiting()  # before torch loads: idle OpenMP threads soon sleep instead of spinning
     app()

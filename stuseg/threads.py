@@ -7,8 +7,8 @@ schedulers), overridable with the environment variable ``STUSEG_THREADS``. ``os.
 counts the machine's CPUs and knows neither, so on a shared or limited machine it asks for
 more threads than there are CPUs to run them.
 
-``prefer_passive_waiting()`` is for processes that exist to run stuseg (the command line, a
-batch worker): see its docstring for why an idle OpenMP thread must sleep rather than spin.
+``limit_spin_waiting()`` is for processes that exist to run stuseg (the command line, a
+batch worker): see its docstring for why an idle OpenMP thread must not spin for long.
 
 ``limit_threads(n)`` applies a count to torch and numba for the duration of a block and
 restores the previous counts afterwards, so a library call does not change its host process's
@@ -172,29 +172,37 @@ def limit_threads(threads: int) -> Iterator[None]:
             numba.set_num_threads(before_numba)
 
 
-def prefer_passive_waiting(environ: dict[str, str] | None = None) -> None:
-    """Let idle OpenMP threads sleep at once instead of spinning (call before torch/numba load).
+SPIN_COUNT = 10000  # GOMP_SPINCOUNT that stuseg's processes choose: see ``limit_spin_waiting``
+
+
+def limit_spin_waiting(environ: dict[str, str] | None = None) -> None:
+    """Let idle OpenMP threads spin only briefly before they sleep (call before torch/numba load).
 
     A stuseg process runs two OpenMP runtimes: torch's own libgomp (network, softmax) and the
     system's libgomp under numba's kernels (exports). GNU OpenMP's default keeps an idle thread
-    spinning on its CPU for a while after every parallel region (``GOMP_SPINCOUNT`` 300000
-    pause loops), in case the next region starts soon. Alone on a machine that is harmless. But
-    a tile runs thousands of small parallel regions, each ending in a barrier, and when another
-    process (or the other runtime's pool in the same process) needs the CPU, the spinning thread
-    keeps it until the scheduler preempts it: the CPU time is burnt and every barrier waits for
-    a time slice. That is how two processes on two cores each took several times as long as
-    alone instead of about twice. ``OMP_WAIT_POLICY=PASSIVE`` makes idle threads block on a
-    futex at once (a measurement under load is in benchmarks/RESULTS.md).
+    spinning on its CPU after every parallel region (``GOMP_SPINCOUNT`` 300000 pause loops,
+    milliseconds), in case the next region starts soon. Alone on a machine that saves a wake-up
+    per region. But a tile runs thousands of small parallel regions, each ending in a barrier,
+    and when another process (or the other stages of a batch) needs the CPU, the spinning
+    thread keeps it until the scheduler preempts it: the CPU time is burnt and every barrier
+    waits for a time slice. That is how two processes on two cores each took several times as
+    long as alone instead of about twice.
+
+    The two extremes were measured (benchmarks/RESULTS.md): sleeping at once
+    (``OMP_WAIT_POLICY=PASSIVE``) shares the machine best but makes a lone run slower, since
+    every region then pays a futex wake-up; the default spin shares badly. A short spin
+    (``GOMP_SPINCOUNT`` = ``SPIN_COUNT``, well under a millisecond) keeps a lone run's speed and
+    still shares the cores within the target.
 
     Both runtimes read the variable once, when they are loaded, so this must run before torch
     is imported (and before numba's first parallel kernel). It sets nothing the user has
     chosen: neither when ``OMP_WAIT_POLICY`` nor when ``GOMP_SPINCOUNT`` is set. Meant for
-    processes that exist to run stuseg (the command line calls it first); a library call
-    never changes its host's environment.
+    processes that exist to run stuseg (the command line calls it first, as do Ray workers); a
+    library call never changes its host's environment.
 
     Args:
         environ: the mapping to fill in (default ``os.environ``).
     """
     env = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["GOMP_SPINCOUNT"] = str(SPIN_COUNT)

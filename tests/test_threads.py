@@ -134,22 +134,32 @@ def test_cubic_resampling_uses_available_cpus(monkeypatch: pytest.MonkeyPatch) -
     np.testing.assert_array_equal(one, other)  # the split into blocks changes no value
 
 
-def test_passive_waiting_fills_in_only_what_the_user_left_unset() -> None:
+def test_short_spinning_fills_in_only_what_the_user_left_unset() -> None:
     env: dict[str, str] = {}
-    threads.prefer_passive_waiting(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}):
+    threads.limit_spin_waiting(env)
+    assert env == {"GOMP_SPINCOUNT": "10000"}
+    for chosen in (
+        {"OMP_WAIT_POLICY": "ACTIVE"},
+        {"OMP_WAIT_POLICY": "PASSIVE"},
+        {"GOMP_SPINCOUNT": "300000"},
+    ):
         env = dict(chosen)
-        threads.prefer_passive_waiting(env)
+        threads.limit_spin_waiting(env)
         assert env == chosen
 
 
-def test_the_command_line_process_waits_passively() -> None:
-    """``python -m stuseg`` sets the policy before torch loads; a user's own choice is kept."""
+def test_the_command_line_process_limits_spinning() -> None:
+    """``python -m stuseg`` sets the spin count before torch loads; a user's own choice is kept."""
     code = "import os, sys; from stuseg import cli; sys.argv = ['stuseg', '--version']\n"
-    code += "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint(os.environ.get('OMP_WAIT_POLICY'))"
+    code += "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+    code += "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    for extra, expect in (({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")):
+    cases = (
+        ({}, "10000 None"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "None PASSIVE"),
+        ({"GOMP_SPINCOUNT": "5"}, "5 None"),
+    )
+    for extra, expect in cases:
         env = {**base, **extra, "PYTHONPATH": str(REPO)}
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
