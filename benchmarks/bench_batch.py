@@ -11,9 +11,11 @@ For each cohort, the same synthetic CTs are segmented twice, on the CPU with the
 It prints (and appends to benchmarks/results.jsonl) one JSON line per cohort: the summed wall
 time of the separate processes, the batch's wall time and their ratio, the largest peak RSS of
 the separate processes (= the largest single-case peak) and the batch process's peak RSS and
-their ratio. Peak RSS is each child's ``ru_maxrss`` from ``wait4`` (the batch is one process:
-its stages are threads). Before timing, one untimed ``predict`` fills the numba kernel cache so
-that neither side pays the kernels' first-use compilation.
+their ratio, and the seconds of each stage summed over the batch's cases (from its run log): the
+network stage (network, softmax, export) runs in one thread, so its sum bounds the batch's
+time. Peak RSS is each child's ``ru_maxrss`` from ``wait4`` (the batch is one process: its
+stages are threads). Before timing, one untimed ``predict`` of a small CT fills the numba kernel
+cache so that neither side pays the kernels' first-use compilation.
 
 Cohorts: ``small`` is 8 CTs of 96 to 160 voxels a side at 1.5 to 2 mm; ``big`` is 4 CTs of
 512 x 512 x 300 at 0.8 x 0.8 x 1.0 mm (the size of bench_predict.py's CT). The CTs are synthetic
@@ -89,6 +91,11 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
         [*stuseg, "batch", str(folder), "-o", str(work / f"batch-{cohort}"), *options], env
     )
     print(f"  batch: {batch_wall:.1f} s, {batch_rss / 2**30:.2f} GB", flush=True)
+    # Where the batch's time went: each stage's seconds summed over the cases, from its run log.
+    stages: dict[str, float] = {}
+    for line in (work / f"batch-{cohort}" / "stuseg-batch.jsonl").read_text().splitlines():
+        for stage, seconds in (json.loads(line).get("seconds") or {}).items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
     separate_wall = sum(w for w, _ in separate)
     single_peak = max(r for _, r in separate)
     return {
@@ -104,6 +111,7 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
         "separate_per_case_s": [round(w, 2) for w, _ in separate],
         "batch_wall_s": round(batch_wall, 2),
         "batch_over_separate": round(batch_wall / separate_wall, 3),
+        "batch_stage_seconds_summed": {k: round(v, 2) for k, v in stages.items()},
         "single_case_peak_rss_gb": round(single_peak / 2**30, 3),
         "batch_peak_rss_gb": round(batch_rss / 2**30, 3),
         "batch_over_single_peak_rss": round(batch_rss / single_peak, 3),
