@@ -500,6 +500,43 @@ class RunLog:
 
 
 @dataclass(frozen=True)
+class ModelOptions:
+    """The options that choose a model and how it predicts: ``stuseg.Segmenter``'s arguments as one
+    value, for what loads a model somewhere else (``run_local`` here, each actor of a Ray batch).
+
+    The fields mean what the ``Segmenter`` arguments of the same names mean.
+    """
+
+    size: str | None = None
+    weights: Path | None = None
+    device: str = "auto"
+    fast: bool = False
+    tta: bool = False
+    step_size: float = 0.5
+    roi_subset: tuple[str, ...] | None = None
+
+    def load(self, threads: int | None = None) -> Any:
+        """A ``stuseg.Segmenter`` with these options (loads the network now).
+
+        Raises:
+            WeightsError, InputError, LabelError: as ``Segmenter`` does.
+        """
+        from stuseg.pipeline import Segmenter
+
+        subset = list(self.roi_subset) if self.roi_subset else None
+        return Segmenter(
+            self.size,
+            weights=self.weights,
+            device=self.device,
+            fast=self.fast,
+            tta=self.tta,
+            step_size=self.step_size,
+            roi_subset=subset,
+            threads=threads,
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     """The options that decide a batch's results, as recorded in the log and compared on resume.
 
@@ -1227,14 +1264,8 @@ def check_batch_output(output: Path, inputs: Sequence[Path], *, overwrite: bool 
 def run_local(
     cases: Sequence[Case],
     output: Path,
+    options: ModelOptions | None = None,
     *,
-    size: str | None = None,
-    weights: Path | None = None,
-    device: str = "auto",
-    fast: bool = False,
-    tta: bool = False,
-    step_size: float = 0.5,
-    roi_subset: Sequence[str] | None = None,
     multilabel: bool = False,
     overwrite: bool = False,
     ignored: Sequence[Ignored] = (),
@@ -1245,24 +1276,26 @@ def run_local(
     The weights are identified by the sha256 of their file (see ``weights_sha256``), so a later
     run with the same weights, from the cache or from the same file, resumes this one.
 
+    Args:
+        cases: from ``discover``.
+        output: the batch folder.
+        options: the model and its options (default: ``ModelOptions()``).
+        multilabel, overwrite, ignored, progress: as for ``run``.
+
     Raises:
         WeightsError, InputError, LabelError: the model or an option cannot be used; raised here,
             before any case is started.
     """
-    from stuseg.pipeline import Segmenter
-
-    segmenter = Segmenter(
-        size, weights=weights, device=device, fast=fast, tta=tta, step_size=step_size, roi_subset=roi_subset
-    )
-    sha = weights_sha256(segmenter.size, weights)
+    options = options or ModelOptions()
+    segmenter = options.load()
     return run(
         cases,
         segmenter,
         output,
         multilabel=multilabel,
         overwrite=overwrite,
-        weights_sha256=sha,
-        weights=weights,
+        weights_sha256=weights_sha256(segmenter.size, options.weights),
+        weights=options.weights,
         ignored=ignored,
         progress=progress,
     )

@@ -16,6 +16,7 @@ Ray is an optional extra (``pip install "stuseg[ray]"``); this module imports it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -29,6 +30,7 @@ from stuseg.batch import (
     Case,
     CaseResult,
     Ignored,
+    ModelOptions,
     RunLog,
     Settings,
     Status,
@@ -76,8 +78,7 @@ class CaseWorker:
     at a time (a lock), so reading the next case and writing the previous one overlap with it.
 
     Args:
-        options: ``Segmenter`` keyword arguments (size, weights, device, fast, tta, step_size,
-            roi_subset).
+        options: the model and its options.
         output: the batch folder, as the driver sees it.
         token: the name of the token file the driver wrote into ``output``, and its content.
         threads: CPU threads for this actor.
@@ -87,19 +88,19 @@ class CaseWorker:
             cannot write there.
     """
 
-    def __init__(self, options: dict[str, Any], output: str, token: tuple[str, str], threads: int) -> None:
+    def __init__(self, options: ModelOptions, output: str, token: tuple[str, str], threads: int) -> None:
         from stuseg.threads import limit_spin_waiting
 
         limit_spin_waiting()
         self.host = socket.gethostname()
         self.output = Path(output)
-        self.weights = options.get("weights")
+        self.weights = options.weights
         check_shared_folder(self.output, token, self.host)
-        from stuseg.pipeline import Segmenter, keep_freed_memory
+        from stuseg.pipeline import keep_freed_memory
 
-        keep_freed_memory(options.get("device", "auto"))  # a worker process only runs stuseg
+        keep_freed_memory(options.device)  # a worker process only runs stuseg
         self.threads = threads
-        self.segmenter = Segmenter(**options, threads=threads)
+        self.segmenter = options.load(threads=threads)
         self.network = threading.Lock()
 
     def identity(self) -> dict[str, Any]:
@@ -281,16 +282,10 @@ def _pool_shape(ray: Any, workers: int | None, device: str) -> tuple[int, dict[s
 def run(
     cases: Sequence[Case],
     output: Path,
+    options: ModelOptions | None = None,
     *,
     address: str,
     workers: int | None = None,
-    size: str | None = None,
-    weights: Path | None = None,
-    device: str = "auto",
-    fast: bool = False,
-    tta: bool = False,
-    step_size: float = 0.5,
-    roi_subset: Sequence[str] | None = None,
     multilabel: bool = False,
     overwrite: bool = False,
     ignored: Sequence[Ignored] = (),
@@ -319,16 +314,14 @@ def run(
     connected = False
     try:
         connected = _connect(ray, address)
+        options = options or ModelOptions()
+        device = options.device
         count, resources, threads = _pool_shape(ray, workers, device)
-        options = {
-            "size": size,
-            "weights": Path(weights).absolute() if weights is not None else None,
-            "device": device if resources.get("num_gpus") else ("cpu" if device == "auto" else device),
-            "fast": fast,
-            "tta": tta,
-            "step_size": step_size,
-            "roi_subset": list(roi_subset) if roi_subset else None,
-        }
+        options = dataclasses.replace(
+            options,
+            weights=Path(options.weights).absolute() if options.weights is not None else None,
+            device=device if resources.get("num_gpus") else ("cpu" if device == "auto" else device),
+        )
         actor_class = ray.remote(
             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=_PER_ACTOR
         )(CaseWorker)
@@ -390,7 +383,7 @@ def _results(
     cases: Sequence[Case],
     output: Path,
     token_path: Path,
-    options: dict[str, Any],
+    options: ModelOptions,
     multilabel: bool,
     overwrite: bool,
     ignored: Sequence[Ignored],
@@ -406,12 +399,12 @@ def _results(
         settings = Settings(
             size=first["size"],
             weights_sha256=first["weights_sha256"],
-            fast=bool(options["fast"]),
-            tta=bool(options["tta"]),
-            step_size=float(options["step_size"]),
+            fast=options.fast,
+            tta=options.tta,
+            step_size=float(options.step_size),
             labels=tuple(first["labels"]),
             multilabel=multilabel,
-            weights=str(options["weights"]) if options["weights"] else None,
+            weights=str(options.weights) if options.weights else None,
             device=first["device"],
         )
         recorder = _Recorder(settings, output, run_id)

@@ -684,15 +684,15 @@ def batch_cmd(
             raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
         inputs = [*sources, *(c.input for c in found.cases), *([weights_file] if weights_file else [])]
         batch.check_batch_output(output, inputs, overwrite=overwrite)
-        options = {
-            "size": size,
-            "weights": weights_file,
-            "device": device,
-            "fast": fast,
-            "tta": tta,
-            "step_size": step_size,
-            "roi_subset": roi_subset,
-        }
+        options = batch.ModelOptions(
+            size=size,
+            weights=weights_file,
+            device=device,
+            fast=fast,
+            tta=tta,
+            step_size=step_size,
+            roi_subset=tuple(roi_subset) if roi_subset else None,
+        )
         tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
 
         def progress(case: batch.Case, done: int, total: int) -> None:
@@ -705,12 +705,12 @@ def batch_cmd(
             results = batch_ray.run(
                 found.cases,
                 output,
+                options,
                 address=ray_address,
                 workers=workers,
                 multilabel=multilabel,
                 overwrite=overwrite,
                 ignored=found.ignored,
-                **options,
             )
         else:
             from stuseg.pipeline import keep_freed_memory
@@ -719,11 +719,11 @@ def batch_cmd(
             results = batch.run_local(
                 found.cases,
                 output,
+                options,
                 multilabel=multilabel,
                 overwrite=overwrite,
                 ignored=found.ignored,
                 progress=progress,
-                **options,
             )
     except StusegError as exc:
         raise usage(exc) from None

@@ -156,9 +156,8 @@ def test_a_worker_killed_mid_case_costs_a_retry_not_a_broken_output(
 
     killer = threading.Thread(target=kill_the_first_busy_worker)
     killer.start()
-    results = batch_ray.run(
-        cases, out, address=cluster, weights=small_model, device="cpu", step_size=1.0, fast=True
-    )
+    options = batch.ModelOptions(weights=small_model, device="cpu", step_size=1.0, fast=True)
+    results = batch_ray.run(cases, out, options, address=cluster)
     statuses = {r.case.id: r.status for r in results}
     killer.join()
     assert killed, "no worker was seen running a case"
