@@ -25,7 +25,6 @@ and the weights random with the real architecture: time and memory do not depend
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -34,10 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench_predict import _machine, make_ct, make_weights  # noqa: E402
+from common import RESULTS, make_ct, make_weights, record
 
 # (shape, spacing) per scan: sizes spread over 96..160 voxels a side so that cases need from one
 # to several 128^3 tiles, as the scans of a real cohort do.
@@ -129,25 +125,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--step-size", type=float, default=0.5)
-    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         weights = work / f"{args.size}.safetensors"
         make_weights(weights, args.size)
         for cohort in args.cohort or ["small"]:
-            record = bench(cohort, args, work, weights)
-            record.update(
-                {
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": _machine(),
-                    "command": " ".join(["python3", "benchmarks/bench_batch.py", *sys.argv[1:]]),
-                }
-            )
-            line = json.dumps(record)
-            print(line, flush=True)
-            with args.results.open("a") as fh:
-                fh.write(line + "\n")
+            record(bench(cohort, args, work, weights), args.results)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ loaded, or compiled, before timing).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+from common import RESULTS, record
 
 from stuseg.pipeline import keep_freed_memory
 from stuseg.postprocess import ProbabilityExport, resample_labels
@@ -55,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results.jsonl")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     keep_freed_memory()  # as segment() does on the CPU
     # Compile (or load) the kernels first, on a tiny input with the same array layouts.
@@ -75,7 +74,7 @@ def main() -> None:
             export.add(slab)
             normal += time.perf_counter() - start
         export.result()
-        record = {
+        result = {
             "benchmark": "export only",
             "prediction": kind,
             "net_shape": NET,
@@ -83,13 +82,8 @@ def main() -> None:
             "fast_export_s": round(fast, 2),
             "normal_export_s": round(normal, 2),
             "torch_threads": torch.get_num_threads(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python3 benchmarks/bench_export.py",
         }
-        line = json.dumps(record)
-        print(line, flush=True)
-        with args.results.open("a") as fh:
-            fh.write(line + "\n")
+        record(result, args.results)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,40 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def make_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> None:
-    import nibabel as nib
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x, y, z = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    cx, cy = shape[0] / 2, shape[1] / 2
-    body = ((x - cx) / (0.42 * shape[0])) ** 2 + ((y - cy) / (0.32 * shape[1])) ** 2 < 1
-    vol = np.full(shape, -1000, np.int16)
-    vol[np.broadcast_to(body, shape)] = 40
-    organ = ((x - cx * 0.8) / 60.0) ** 2 + ((y - cy) / 50.0) ** 2 + ((z - shape[2] / 2) / 80.0) ** 2 < 1
-    vol[organ] = 60
-    spine = ((x - cx) / 18.0) ** 2 + ((y - 0.72 * shape[1]) / 18.0) ** 2 < 1
-    vol[np.broadcast_to(spine, shape)] = 700
-    vol += rng.normal(0, 15, shape).astype(np.int16)
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # LPS-stored, as scanners write
-    img = nib.Nifti1Image(vol, affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    nib.save(img, path)
-
-
-def make_weights(path: Path, size: str) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    from stuseg.network import build_network
-
-    gen = torch.Generator().manual_seed(0)
-    sd = build_network(size, device="meta").state_dict()
-    save_file({k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in sd.items()}, str(path))
+from common import RESULTS, make_ct, make_weights, record
 
 
 def child(args: argparse.Namespace) -> None:
@@ -112,7 +77,7 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0])
-    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -144,31 +109,10 @@ def main() -> None:
             cmd += ["--input", str(ct), "--output", str(work / f"out-{mode}"), "--weights", str(weights)]
             cmd += ["--tta"] if args.tta else []
             done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-            record = json.loads(done.stdout.strip().splitlines()[-1])
-            record.update(
-                {
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "input": {"shape": args.shape, "spacing_mm": args.spacing},
-                    "machine": _machine(),
-                    "torch_threads": _torch_threads(),
-                    "command": " ".join(["python3", "benchmarks/bench_predict.py", *sys.argv[1:]]),
-                }
-            )
-            line = json.dumps(record)
-            print(line, flush=True)
-            with args.results.open("a") as fh:
-                fh.write(line + "\n")
-
-
-def _machine() -> str:
-    model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {model}".strip(", ")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result.update({"input": {"shape": args.shape, "spacing_mm": args.spacing}})
+            result.update({"torch_threads": _torch_threads()})
+            record(result, args.results)
 
 
 def _torch_threads() -> int:

@@ -12,15 +12,13 @@ appends it to ``--results``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from bench_statistics import make_inputs
+from common import RESULTS, record
 
 from stuseg.labels import STRUCTURES
 from stuseg.preview import write_preview
@@ -32,7 +30,7 @@ def main() -> None:
     )
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 300))
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results.jsonl")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     shape = tuple(args.shape)
     labels, ct = make_inputs(shape)
@@ -52,18 +50,13 @@ def main() -> None:
         png_bytes = png.stat().st_size
     line = {
         "bench": "preview",
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": list(shape),
         "picture_px": size,
         "png_bytes": png_bytes,
         "seconds": [round(t, 3) for t in times],
         "best_s": round(min(times), 3),
-        "cpus": os.cpu_count(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
     }
-    print(json.dumps(line))
-    with args.results.open("a") as fh:
-        fh.write(json.dumps(line) + "\n")
+    record(line, args.results)
 
 
 if __name__ == "__main__":

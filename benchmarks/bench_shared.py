@@ -18,8 +18,6 @@ command respects: other choices, for comparison.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import subprocess
 import sys
@@ -28,10 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench_predict import _machine, make_ct, make_weights  # noqa: E402
+from common import RESULTS, make_ct, make_weights, record
 
 
 def _predict(ct: Path, out: Path, weights: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -55,7 +50,7 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.5])
     parser.add_argument("--wait-policy", choices=["default", "active", "passive"], default="default")
     parser.add_argument("--spin-count", type=int, help="GOMP_SPINCOUNT for the runs")
-    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +73,7 @@ def main() -> None:
         with ThreadPoolExecutor(2) as pool:
             shared = list(pool.map(lambda p: _wait(p, start), pair))
 
-    record = {
+    result = {
         "benchmark": "shared",
         "wait_policy": args.wait_policy,
         "spin_count": args.spin_count,
@@ -86,14 +81,8 @@ def main() -> None:
         "alone_s": round(alone, 2),
         "shared_s": [round(s, 2) for s in shared],
         "ratio": [round(s / alone, 2) for s in shared],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "command": " ".join(["python3", "benchmarks/bench_shared.py", *sys.argv[1:]]),
     }
-    line = json.dumps(record)
-    print(line, flush=True)
-    with args.results.open("a") as fh:
-        fh.write(line + "\n")
+    record(result, args.results)
 
 
 if __name__ == "__main__":

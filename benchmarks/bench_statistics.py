@@ -13,14 +13,12 @@ the first call's time is reported separately. Prints one JSON line and appends i
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.ndimage as ndi
+from common import RESULTS, record
 
 from stuseg import statistics
 from stuseg.labels import STRUCTURES
@@ -44,7 +42,7 @@ def main() -> None:
     )
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 300))
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results.jsonl")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     shape = tuple(args.shape)
     labels, ct = make_inputs(shape)
@@ -62,19 +60,14 @@ def main() -> None:
     present = sum(1 for r in stats.structures if r["voxels"])
     line = {
         "bench": "statistics",
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": list(shape),
         "labelled_fraction": round(float((labels > 0).mean()), 3),
         "structures_present": present,
         "kernel_load_s": round(load_s, 3),
         "compute_s": [round(t, 3) for t in times],
         "best_s": round(min(times), 3),
-        "cpus": os.cpu_count(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
     }
-    print(json.dumps(line))
-    with args.results.open("a") as fh:
-        fh.write(json.dumps(line) + "\n")
+    record(line, args.results)
 
 
 if __name__ == "__main__":
