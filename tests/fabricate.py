@@ -19,6 +19,20 @@ import torch
 from stuseg.network import Arch, build_network
 
 
+def tiny_network(seed: int = 0) -> torch.nn.Module:
+    """A random STU-Net with few channels, in eval mode: the real architecture, fast on the CPU.
+
+    Weights drawn from N(0, 0.3) so that its predictions vary from voxel to voxel (more classes
+    win somewhere than with small weights), which exercises every export path.
+    """
+    torch.manual_seed(seed)
+    net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net.eval()
+
+
 def random_state_dict(size_or_arch: str | Arch, seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic fp32 values with exactly the network's keys and shapes."""
     gen = torch.Generator().manual_seed(seed)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import reference_pipeline
 import torch
+from fabricate import tiny_network
 
 from stuseg.io import read_image
-from stuseg.network import Arch, build_network
 from stuseg.pipeline import segment
 
 
@@ -154,15 +154,6 @@ def test_anisotropic_inputs_match_the_reference_in_any_orientation(
     assert (got == lab).mean() > 0.9  # and it is the phantom, blurred at the boundaries
 
 
-def _tiny_net(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    return net.eval()
-
-
 @pytest.mark.parametrize(
     ("name", "zooms", "shape", "fast", "tta"),
     [
@@ -182,7 +173,7 @@ def test_agrees_with_a_plain_restatement_of_the_original(tmp_path, name, zooms, 
     affine = np.diag([*zooms, 1.0])
     img = nib.Nifti1Image(data, affine)
     path = _save(img, tmp_path)
-    net = _tiny_net()
+    net = tiny_network()
     expect = reference_pipeline.segment(data, zooms, net, fast=fast, tta=tta)
     got = segment(path, model=net, fast=fast, tta=tta, device="cpu").labels
     assert len(np.unique(expect)) > 3  # a meaningful labelling, not one class
@@ -215,4 +206,4 @@ def test_volume_input_and_nan_warning(tmp_path) -> None:
 def test_non_ct_intensities_warn(tmp_path, make_nifti: Callable[..., Path]) -> None:
     path = make_nifti(data=np.random.default_rng(0).uniform(0, 255, (20, 20, 20)).astype(np.float32))
     with pytest.warns(UserWarning, match="not be a CT"):
-        segment(path, model=_tiny_net(), device="cpu", fast=True)
+        segment(path, model=tiny_network(), device="cpu", fast=True)

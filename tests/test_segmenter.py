@@ -8,25 +8,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from fabricate import tiny_network
 
 from stuseg import pipeline
 from stuseg.io import read_image
-from stuseg.network import Arch, build_network
 from stuseg.pipeline import Segmenter, segment
 
 # Anisotropic voxels, so that the image is resampled on the way in and back out.
 ZOOMS = (1.1, 0.9, 2.0)
-
-
-def _tiny_net(seed: int = 0) -> torch.nn.Module:
-    """A random STU-Net with few channels: real architecture, fast on the CPU."""
-    torch.manual_seed(seed)
-    net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    return net.eval()
 
 
 def _ct(tmp_path: Path, seed: int, name: str = "ct.nii.gz") -> Path:
@@ -53,7 +42,7 @@ def _same(a: pipeline.Segmentation, b: pipeline.Segmentation) -> None:
 @pytest.mark.parametrize("fast", [False, True])
 def test_segmenter_equals_segment_bit_for_bit(tmp_path: Path, fast: bool) -> None:
     path = _ct(tmp_path, 0)
-    net = _tiny_net()
+    net = tiny_network()
     expect = segment(path, model=net, fast=fast, device="cpu", roi_subset=["organs"])
     assert len(np.unique(expect.labels)) > 2  # a labelling, not one class
     got = Segmenter(model=net, fast=fast, device="cpu", roi_subset=["organs"])(path)
@@ -65,7 +54,7 @@ def test_segmenter_equals_segment_bit_for_bit(tmp_path: Path, fast: bool) -> Non
 
 def test_stages_in_different_threads_equal_a_call(tmp_path: Path) -> None:
     path = _ct(tmp_path, 1)
-    segmenter = Segmenter(model=_tiny_net(), device="cpu")
+    segmenter = Segmenter(model=tiny_network(), device="cpu")
     whole = segmenter(path)
     with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b, ThreadPoolExecutor(1) as c:
         prepared = a.submit(segmenter.prepare, path).result()
@@ -79,7 +68,7 @@ def test_one_load_for_several_images(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     def counting_load(size, weights, device):
         loads.append((size, weights, device))
-        return _tiny_net().to(device), "small"
+        return tiny_network().to(device), "small"
 
     monkeypatch.setattr(pipeline, "load_model", counting_load)
     segmenter = Segmenter("small", device="cpu", fast=True)
@@ -89,12 +78,12 @@ def test_one_load_for_several_images(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert first.size == second.size == "small"
     assert not np.array_equal(first.labels, second.labels)  # two different images were segmented
     # And each equals a fresh one-shot run of the same network.
-    _same(second, segment(tmp_path / "b.nii.gz", model=_tiny_net(), size="small", device="cpu", fast=True))
+    _same(second, segment(tmp_path / "b.nii.gz", model=tiny_network(), size="small", device="cpu", fast=True))
 
 
 def test_source_is_the_callers_volume_or_none(tmp_path: Path) -> None:
     path = _ct(tmp_path, 4)
-    segmenter = Segmenter(model=_tiny_net(), device="cpu", fast=True)
+    segmenter = Segmenter(model=tiny_network(), device="cpu", fast=True)
     volume = read_image(path)
     assert segmenter(volume).source is volume
     assert segmenter(path).source is None
@@ -120,8 +109,8 @@ def test_a_library_call_leaves_the_allocator_settings_alone(
 ) -> None:
     libc = FakeLibc()
     monkeypatch.setattr(pipeline, "_glibc", lambda: libc)
-    segment(_ct(tmp_path, 5), model=_tiny_net(), device="cpu", fast=True)
-    Segmenter(model=_tiny_net(), device="cpu")(_ct(tmp_path, 6, "b.nii.gz"))
+    segment(_ct(tmp_path, 5), model=tiny_network(), device="cpu", fast=True)
+    Segmenter(model=tiny_network(), device="cpu")(_ct(tmp_path, 6, "b.nii.gz"))
     assert [c for c in libc.calls if c[0] == "mallopt"] == []
     assert ("malloc_trim", 0) in libc.calls  # returning free pages changes no setting
     # Only the explicit opt-in of a whole process changes them: M_MMAP_MAX (-4) and
@@ -143,7 +132,7 @@ def test_a_volume_with_infinite_voxels_is_refused_like_a_file(tmp_path: Path) ->
     volume.data[5, 6, 7] = np.inf
     volume.data[1, 2, 3] = -np.inf
     with pytest.raises(InputError) as caught:
-        segment(volume, model=_tiny_net(), device="cpu")
+        segment(volume, model=tiny_network(), device="cpu")
     assert str(caught.value).startswith("the image holds 2 infinite voxels (Inf); ")
 
 
@@ -151,7 +140,7 @@ def test_statistics_of_a_segmentation_use_its_source_volume(tmp_path: Path) -> N
     from stuseg.errors import InputError
 
     volume = read_image(_ct(tmp_path, 4))
-    seg = segment(volume, model=_tiny_net(), device="cpu", roi_subset=["organs"])
+    seg = segment(volume, model=tiny_network(), device="cpu", roi_subset=["organs"])
     stats = seg.statistics()
     by_name = {r["structure"]: r for r in stats.structures}
     for value, name in seg.names.items():
@@ -161,6 +150,6 @@ def test_statistics_of_a_segmentation_use_its_source_volume(tmp_path: Path) -> N
             assert by_name[name]["mean_hu"] == pytest.approx(
                 float(volume.data[mask].astype(np.float64).mean())
             )
-    from_path = segment(_ct(tmp_path, 4, "again.nii.gz"), model=_tiny_net(), device="cpu")
+    from_path = segment(_ct(tmp_path, 4, "again.nii.gz"), model=tiny_network(), device="cpu")
     with pytest.raises(InputError, match="give the CT"):
         from_path.statistics()
