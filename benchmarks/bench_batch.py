@@ -11,10 +11,11 @@ For each cohort, the same synthetic CTs are segmented twice, on the CPU with the
 It prints (and appends to benchmarks/results.jsonl) one JSON line per cohort: the summed wall
 time of the separate processes, the batch's wall time and their ratio, the largest peak RSS of
 the separate processes (= the largest single-case peak) and the batch process's peak RSS and
-their ratio, and the seconds of each stage summed over the batch's cases (from its run log): the
-network stage (network, softmax, export) runs in one thread, so its sum bounds the batch's
-time. Peak RSS is each child's ``ru_maxrss`` from ``wait4`` (the batch is one process: its
-stages are threads). Before timing, one untimed ``predict`` of a small CT fills the numba kernel
+their ratio, the CPU seconds (user + system) of each side, and the seconds of each stage summed
+over the batch's cases (from its run log): the network stage (network, softmax, export) runs in
+one thread, so its sum bounds the batch's time, as does its CPU time over the number of CPUs.
+Peak RSS is each child's ``ru_maxrss`` from ``wait4`` (the batch is one process: its stages are
+threads). Before timing, one untimed ``predict`` of a small CT fills the numba kernel
 cache so that neither side pays the kernels' first-use compilation.
 
 Cohorts: ``small`` is 8 CTs of 96 to 160 voxels a side at 1.5 to 2 mm; ``big`` is 4 CTs of
@@ -50,8 +51,9 @@ SMALL = [
 BIG = [((512, 512, 300), (0.8, 0.8, 1.0))] * 4
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Run ``cmd``; return its wall time (s) and peak RSS (bytes, ru_maxrss of the child tree)."""
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
+    """Run ``cmd``; return its wall time (s), peak RSS (bytes, ru_maxrss of the child tree) and
+    CPU time (s, user + system, all its threads)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read() if proc.stderr else b""
@@ -60,7 +62,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.decode()}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> dict:
@@ -83,7 +85,7 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
         out.parent.mkdir(exist_ok=True)
         separate.append(_run([*stuseg, "predict", str(folder / f"ct{n}.nii.gz"), str(out), *options], env))
         print(f"  predict ct{n}: {separate[-1][0]:.1f} s, {separate[-1][1] / 2**30:.2f} GB", flush=True)
-    batch_wall, batch_rss = _run(
+    batch_wall, batch_rss, batch_cpu = _run(
         [*stuseg, "batch", str(folder), "-o", str(work / f"batch-{cohort}"), *options], env
     )
     print(f"  batch: {batch_wall:.1f} s, {batch_rss / 2**30:.2f} GB", flush=True)
@@ -92,8 +94,8 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
     for line in (work / f"batch-{cohort}" / "stuseg-batch.jsonl").read_text().splitlines():
         for stage, seconds in (json.loads(line).get("seconds") or {}).items():
             stages[stage] = stages.get(stage, 0.0) + seconds
-    separate_wall = sum(w for w, _ in separate)
-    single_peak = max(r for _, r in separate)
+    separate_wall = sum(w for w, _, _ in separate)
+    single_peak = max(r for _, r, _ in separate)
     return {
         "benchmark": "batch",
         "cohort": cohort,
@@ -104,9 +106,11 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
         "fast": args.fast,
         "step_size": args.step_size,
         "separate_wall_s": round(separate_wall, 2),
-        "separate_per_case_s": [round(w, 2) for w, _ in separate],
+        "separate_per_case_s": [round(w, 2) for w, _, _ in separate],
+        "separate_cpu_s": round(sum(c for _, _, c in separate), 2),
         "batch_wall_s": round(batch_wall, 2),
         "batch_over_separate": round(batch_wall / separate_wall, 3),
+        "batch_cpu_s": round(batch_cpu, 2),
         "batch_stage_seconds_summed": {k: round(v, 2) for k, v in stages.items()},
         "single_case_peak_rss_gb": round(single_peak / 2**30, 3),
         "batch_peak_rss_gb": round(batch_rss / 2**30, 3),
