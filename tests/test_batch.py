@@ -441,6 +441,7 @@ def _same_masks(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(left[name][1], right[name][1], err_msg=name)
 
 
+@pytest.mark.slow
 def test_api_batch_equals_one_case_at_a_time_and_isolates_a_corrupt_case(tmp_path: Path, segmenter) -> None:
     from stuseg import labelmaps
 
@@ -502,6 +503,7 @@ def test_resume_skips_done_cases_and_redoes_them_when_options_change(tmp_path: P
     assert records[-1]["options"]["roi_subset"] == ["liver"]
 
 
+@pytest.mark.slow
 def test_multilabel_batch_and_its_resume(tmp_path: Path, segmenter) -> None:
     from stuseg.labelmaps import save_multilabel
 
@@ -544,6 +546,7 @@ def test_a_case_that_cannot_be_written_fails_alone_and_leaves_nothing(
     assert sorted(p.name for p in out.iterdir()) == ["case1", batch.LOG_NAME]
 
 
+@pytest.mark.slow
 def test_stopping_the_iteration_keeps_finished_cases_and_no_partial_output(tmp_path: Path, segmenter) -> None:
     _cohort(tmp_path / "in", 3)
     cases = batch.discover([tmp_path / "in"]).cases

@@ -170,6 +170,7 @@ def test_a_worker_killed_mid_case_costs_a_retry_not_a_broken_output(
         assert len(_masks(out / case)) == 104
 
 
+@pytest.mark.slow
 def test_workers_that_cannot_start_are_a_usage_error_and_leave_nothing(tmp_path: Path, cluster: str) -> None:
     import torch
 

@@ -81,6 +81,7 @@ def stuseg_files() -> list[Path]:
     return sorted(folder.iterdir()) if folder.exists() else []
 
 
+@pytest.mark.slow
 def test_download_verify_convert_then_offline(hub: FakeHub, tmp_path: Path, small_ckpt: Path) -> None:
     manifest = serve(hub, tmp_path, small_ckpt.read_bytes())
     first = stuseg("download", "--size", "small", "--manifest", str(manifest), endpoint=hub.url)
@@ -147,6 +148,7 @@ def test_corrupted_bytes_caught_by_our_hash(hub: FakeHub, tmp_path: Path) -> Non
     assert stuseg_files() == []
 
 
+@pytest.mark.slow
 def test_truncated_body(hub: FakeHub, tmp_path: Path) -> None:
     # huggingface_hub retries (resuming with Range) before giving up: ~5 s of its back-off.
     manifest = serve(hub, tmp_path, os.urandom(300_000), mode="truncate")

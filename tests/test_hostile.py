@@ -292,6 +292,7 @@ def test_the_current_folder_is_not_an_output(tmp_path: Path, make_nifti) -> None
 # --- neighbours: wrong kinds, missing and read-only parents -------------------------------------
 
 
+@pytest.mark.slow
 def test_output_of_the_wrong_kind_is_refused_before_any_work(tmp_path: Path, ct: Path) -> None:
     (tmp_path / "taken").write_text("x")
     (tmp_path / "dir.nii.gz").mkdir()
@@ -377,7 +378,7 @@ def test_export_of_a_zero_voxel_image(tmp_path: Path) -> None:
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("command", ["predict", "export-labels"])
+@pytest.mark.parametrize("command", [pytest.param("predict", marks=pytest.mark.slow), "export-labels"])
 def test_damaged_files_give_one_line_without_library_noise(tmp_path: Path, ct: Path, command: str) -> None:
     random_gz = tmp_path / "random.nii.gz"  # a valid gzip stream of random bytes: nibabel logs about it
     random_gz.write_bytes(gzip.compress(np.random.default_rng(0).bytes(4000)))

@@ -169,6 +169,7 @@ def test_linear_map_of_a_ramp_is_the_ramp_at_the_sample_centres() -> None:
     np.testing.assert_allclose(got, np.clip(centres, 0, n_in - 1), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_kernels_work_where_no_cache_folder_is_writable() -> None:
     """numba refuses cache=True when it finds no writable cache folder; stuseg compiles each run."""
     import subprocess

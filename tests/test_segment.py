@@ -130,6 +130,7 @@ def reference_labels_in_input_order(img: nib.Nifti1Image, net: torch.nn.Module, 
     return nib.orientations.apply_orientation(ras_labels, back)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("zooms", "shape"), [((0.75, 0.75, 3.0), (60, 56, 13)), ((2.0, 0.9, 1.2), (30, 61, 47))]
 )
@@ -154,15 +155,14 @@ def test_anisotropic_inputs_match_the_reference_in_any_orientation(
     assert (got == lab).mean() > 0.9  # and it is the phantom, blurred at the boundaries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "zooms", "shape", "fast", "tta"),
     [
         ("separate-z normal", (0.8, 0.7, 2.6), (140, 70, 17), False, False),
         ("separate-z fast", (0.8, 0.7, 2.6), (140, 70, 17), True, False),
         ("near-isotropic normal", (1.2, 1.0, 1.1), (37, 51, 30), False, False),
-        pytest.param(
-            "near-isotropic fast tta", (1.2, 1.0, 1.1), (37, 51, 30), True, True, marks=pytest.mark.slow
-        ),
+        ("near-isotropic fast tta", (1.2, 1.0, 1.1), (37, 51, 30), True, True),
     ],
 )
 def test_agrees_with_a_plain_restatement_of_the_original(tmp_path, name, zooms, shape, fast, tta) -> None:

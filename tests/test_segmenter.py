@@ -63,6 +63,7 @@ def test_stages_in_different_threads_equal_a_call(tmp_path: Path) -> None:
     _same(staged, whole)
 
 
+@pytest.mark.slow
 def test_one_load_for_several_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loads = []
 

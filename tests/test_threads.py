@@ -168,6 +168,7 @@ def test_the_command_line_process_limits_spinning() -> None:
         assert done.stdout.strip().splitlines()[-1] == expect
 
 
+@pytest.mark.slow
 def test_pipeline_works_where_the_resource_module_does_not_exist(tmp_path: Path) -> None:
     """As on Windows: importing and running the pipeline must not need ``resource``."""
     code = """

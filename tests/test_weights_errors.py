@@ -100,6 +100,7 @@ BAD_HEADERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_HEADERS))
 def test_malformed_safetensors(case: str, tmp_path: Path, ct: Path) -> None:
     header, message = BAD_HEADERS[case]
@@ -115,6 +116,7 @@ def test_malformed_safetensors(case: str, tmp_path: Path, ct: Path) -> None:
     assert not out.exists() and cache_files() == [] and bad.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_truncated_model(tmp_path: Path, small_model: Path, ct: Path) -> None:
     cut = tmp_path / "small_ep4k.model"
     cut.write_bytes(small_model.read_bytes()[: small_model.stat().st_size // 2])
@@ -320,6 +322,7 @@ def test_damaged_downloaded_cache_is_repaired(
     assert not out.exists() and cached.stat().st_size == 4096
 
 
+@pytest.mark.slow
 def test_uncached_default_size_suggests_the_cached_one(tmp_path: Path, small_model: Path, ct: Path) -> None:
     assert stuseg("import-weights", small_model).returncode == 0
     out = tmp_path / "out"
