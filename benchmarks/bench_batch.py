@@ -6,14 +6,19 @@ For each cohort, the same synthetic CTs are segmented twice, on the CPU with the
 
 * separately: one ``python -m stuseg predict CT OUT`` process per scan, one after the other
   (what a shell loop over a cohort does), and
-* together: one ``python -m stuseg batch COHORT -o OUT`` process.
+* together: one ``python -m stuseg batch COHORT -o OUT`` process,
+
+in the order: the first half of the separate runs, the batch, the second half (so that a host
+whose speed drifts during the benchmark weighs on both sides alike).
 
 It prints (and appends to benchmarks/results.jsonl) one JSON line per cohort: the summed wall
 time of the separate processes, the batch's wall time and their ratio, the largest peak RSS of
 the separate processes (= the largest single-case peak) and the batch process's peak RSS and
 their ratio, the CPU seconds (user + system) of each side, and the seconds of each stage summed
-over the batch's cases (from its run log): the network stage (network, softmax, export) runs in
-one thread, so its sum bounds the batch's time, as does its CPU time over the number of CPUs.
+over the cases on each side (the batch's from its run log, the separate runs' from the summary
+line ``predict`` prints): the network stage (network, softmax, export) runs in one thread, so its
+sum bounds the batch's time, as does its CPU time over the number of CPUs; a stage that takes
+longer in the batch than in the separate runs shows what running the stages side by side costs.
 Peak RSS is each child's ``ru_maxrss`` from ``wait4`` (the batch is one process: its stages are
 threads). Before timing, one untimed ``predict`` of a small CT fills the numba kernel
 cache so that neither side pays the kernels' first-use compilation.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,9 +57,9 @@ SMALL = [
 BIG = [((512, 512, 300), (0.8, 0.8, 1.0))] * 4
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
-    """Run ``cmd``; return its wall time (s), peak RSS (bytes, ru_maxrss of the child tree) and
-    CPU time (s, user + system, all its threads)."""
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float, str]:
+    """Run ``cmd``; return its wall time (s), peak RSS (bytes, ru_maxrss of the child tree), CPU
+    time (s, user + system, all its threads) and what it wrote to stderr."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read() if proc.stderr else b""
@@ -62,7 +68,13 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.decode()}")
-    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, stderr.decode(errors="replace")
+
+
+def _stage_seconds(stderr: str) -> dict[str, float]:
+    """The stage times of ``stuseg predict``'s summary line ("wrote ...; read 0.6s, ...; peak RAM")."""
+    line = next(x for x in reversed(stderr.splitlines()) if x.startswith("wrote "))
+    return {k: float(v) for k, v in re.findall(r"([a-z-]+) ([0-9.]+)s\b", line.split(";")[1])}
 
 
 def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> dict:
@@ -72,30 +84,45 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
     for n, (shape, spacing) in enumerate(scans):
         make_ct(folder / f"ct{n}.nii.gz", shape, spacing)
     env = {**os.environ, "STUSEG_HOME": str(work / "home")}
-    options = ["--weights", str(weights), "--device", args.device, "--step-size", str(args.step_size), "-q"]
+    options = ["--weights", str(weights), "--device", args.device, "--step-size", str(args.step_size)]
     options += ["--fast"] if args.fast else []
+    options += ["-q"]  # last: the separate runs drop it
     stuseg = [sys.executable, "-m", "stuseg"]
 
     warm = work / f"warm-{cohort}.nii.gz"  # small: it only has to run every kernel once
     make_ct(warm, (96, 96, 96), (2.0, 2.0, 2.0))
     _run([*stuseg, "predict", str(warm), str(work / f"warm-{cohort}"), *options], env)
     separate = []
-    for n in range(len(scans)):
-        out = work / f"separate-{cohort}" / f"ct{n}"
-        out.parent.mkdir(exist_ok=True)
-        separate.append(_run([*stuseg, "predict", str(folder / f"ct{n}.nii.gz"), str(out), *options], env))
-        print(f"  predict ct{n}: {separate[-1][0]:.1f} s, {separate[-1][1] / 2**30:.2f} GB", flush=True)
-    batch_wall, batch_rss, batch_cpu = _run(
+
+    def predict_separately(cases: range) -> None:
+        for n in cases:
+            out = work / f"separate-{cohort}" / f"ct{n}"
+            out.parent.mkdir(exist_ok=True)
+            ct = folder / f"ct{n}.nii.gz"
+            # Not quiet: its summary line gives the stage times, to compare with the batch's.
+            separate.append(_run([*stuseg, "predict", str(ct), str(out), *options[:-1]], env))
+            print(f"  predict ct{n}: {separate[-1][0]:.1f} s, {separate[-1][1] / 2**30:.2f} GB", flush=True)
+
+    # The batch runs between the two halves of the separate runs: where the host's speed drifts
+    # (a shared VM's neighbours come and go), a steady drift then weighs on both sides alike.
+    half = len(scans) // 2
+    predict_separately(range(half))
+    batch_wall, batch_rss, batch_cpu, _ = _run(
         [*stuseg, "batch", str(folder), "-o", str(work / f"batch-{cohort}"), *options], env
     )
     print(f"  batch: {batch_wall:.1f} s, {batch_rss / 2**30:.2f} GB", flush=True)
+    predict_separately(range(half, len(scans)))
     # Where the batch's time went: each stage's seconds summed over the cases, from its run log.
     stages: dict[str, float] = {}
     for line in (work / f"batch-{cohort}" / "stuseg-batch.jsonl").read_text().splitlines():
         for stage, seconds in (json.loads(line).get("seconds") or {}).items():
             stages[stage] = stages.get(stage, 0.0) + seconds
-    separate_wall = sum(w for w, _, _ in separate)
-    single_peak = max(r for _, r, _ in separate)
+    separate_stages: dict[str, float] = {}
+    for *_, stderr in separate:
+        for stage, seconds in _stage_seconds(stderr).items():
+            separate_stages[stage] = separate_stages.get(stage, 0.0) + seconds
+    separate_wall = sum(w for w, *_ in separate)
+    single_peak = max(r for _, r, *_ in separate)
     return {
         "benchmark": "batch",
         "cohort": cohort,
@@ -106,8 +133,9 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
         "fast": args.fast,
         "step_size": args.step_size,
         "separate_wall_s": round(separate_wall, 2),
-        "separate_per_case_s": [round(w, 2) for w, _, _ in separate],
-        "separate_cpu_s": round(sum(c for _, _, c in separate), 2),
+        "separate_per_case_s": [round(w, 2) for w, *_ in separate],
+        "separate_cpu_s": round(sum(c for _, _, c, _ in separate), 2),
+        "separate_stage_seconds_summed": {k: round(v, 2) for k, v in separate_stages.items()},
         "batch_wall_s": round(batch_wall, 2),
         "batch_over_separate": round(batch_wall / separate_wall, 3),
         "batch_cpu_s": round(batch_cpu, 2),

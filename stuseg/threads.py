@@ -188,11 +188,11 @@ def limit_spin_waiting(environ: dict[str, str] | None = None) -> None:
     waits for a time slice. That is how two processes on two cores each took several times as
     long as alone instead of about twice.
 
-    The two extremes were measured (benchmarks/RESULTS.md): sleeping at once
-    (``OMP_WAIT_POLICY=PASSIVE``) shares the machine best but makes a lone run slower, since
-    every region then pays a futex wake-up; the default spin shares badly. A short spin
-    (``GOMP_SPINCOUNT`` = ``SPIN_COUNT``, well under a millisecond) keeps a lone run's speed and
-    still shares the cores within the target.
+    Measured (benchmarks/RESULTS.md): sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) shares the
+    machine best but makes a lone run slower, since every region then pays a futex wake-up;
+    long spins (100000 loops, or without limit with ``OMP_WAIT_POLICY=ACTIVE``) share badly. A
+    short spin (``GOMP_SPINCOUNT`` = ``SPIN_COUNT``, well under a millisecond) keeps a lone
+    run's speed and still shares the cores within the target.
 
     Both runtimes read the variable once, when they are loaded, so this must run before torch
     is imported (and before numba's first parallel kernel). It sets nothing the user has
