@@ -38,7 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from common import RESULTS, make_ct, make_weights, record
 
@@ -57,9 +59,15 @@ SMALL = [
 BIG = [((512, 512, 300), (0.8, 0.8, 1.0))] * 4
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float, str]:
-    """Run ``cmd``; return its wall time (s), peak RSS (bytes, ru_maxrss of the child tree), CPU
-    time (s, user + system, all its threads) and what it wrote to stderr."""
+class Run(NamedTuple):
+    wall: float  # s
+    rss: int  # peak RSS, bytes (ru_maxrss of the child tree)
+    cpu: float  # s, user + system, all its threads
+    stderr: str
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> Run:
+    """Run ``cmd`` and measure it."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read() if proc.stderr else b""
@@ -68,7 +76,16 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float, str]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.decode()}")
-    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, stderr.decode(errors="replace")
+    return Run(wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, stderr.decode(errors="replace"))
+
+
+def _summed(per_case: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Each stage's seconds summed over the cases, rounded."""
+    total: dict[str, float] = {}
+    for seconds in per_case:
+        for stage, value in seconds.items():
+            total[stage] = total.get(stage, 0.0) + value
+    return {k: round(v, 2) for k, v in total.items()}
 
 
 def _stage_seconds(stderr: str) -> dict[str, float]:
@@ -86,43 +103,33 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
     env = {**os.environ, "STUSEG_HOME": str(work / "home")}
     options = ["--weights", str(weights), "--device", args.device, "--step-size", str(args.step_size)]
     options += ["--fast"] if args.fast else []
-    options += ["-q"]  # last: the separate runs drop it
     stuseg = [sys.executable, "-m", "stuseg"]
 
     warm = work / f"warm-{cohort}.nii.gz"  # small: it only has to run every kernel once
     make_ct(warm, (96, 96, 96), (2.0, 2.0, 2.0))
-    _run([*stuseg, "predict", str(warm), str(work / f"warm-{cohort}"), *options], env)
-    separate = []
+    _run([*stuseg, "predict", str(warm), str(work / f"warm-{cohort}"), *options, "-q"], env)
+    separate: list[Run] = []
 
     def predict_separately(cases: range) -> None:
         for n in cases:
             out = work / f"separate-{cohort}" / f"ct{n}"
             out.parent.mkdir(exist_ok=True)
             ct = folder / f"ct{n}.nii.gz"
-            # Not quiet: its summary line gives the stage times, to compare with the batch's.
-            separate.append(_run([*stuseg, "predict", str(ct), str(out), *options[:-1]], env))
-            print(f"  predict ct{n}: {separate[-1][0]:.1f} s, {separate[-1][1] / 2**30:.2f} GB", flush=True)
+            # Not quiet (-q): its summary line gives the stage times, to compare with the batch's.
+            run = _run([*stuseg, "predict", str(ct), str(out), *options], env)
+            separate.append(run)
+            print(f"  predict ct{n}: {run.wall:.1f} s, {run.rss / 2**30:.2f} GB", flush=True)
 
     # The batch runs between the two halves of the separate runs: where the host's speed drifts
     # (a shared VM's neighbours come and go), a steady drift then weighs on both sides alike.
     half = len(scans) // 2
     predict_separately(range(half))
-    batch_wall, batch_rss, batch_cpu, _ = _run(
-        [*stuseg, "batch", str(folder), "-o", str(work / f"batch-{cohort}"), *options], env
-    )
-    print(f"  batch: {batch_wall:.1f} s, {batch_rss / 2**30:.2f} GB", flush=True)
+    batch = _run([*stuseg, "batch", str(folder), "-o", str(work / f"batch-{cohort}"), *options, "-q"], env)
+    print(f"  batch: {batch.wall:.1f} s, {batch.rss / 2**30:.2f} GB", flush=True)
     predict_separately(range(half, len(scans)))
-    # Where the batch's time went: each stage's seconds summed over the cases, from its run log.
-    stages: dict[str, float] = {}
-    for line in (work / f"batch-{cohort}" / "stuseg-batch.jsonl").read_text().splitlines():
-        for stage, seconds in (json.loads(line).get("seconds") or {}).items():
-            stages[stage] = stages.get(stage, 0.0) + seconds
-    separate_stages: dict[str, float] = {}
-    for *_, stderr in separate:
-        for stage, seconds in _stage_seconds(stderr).items():
-            separate_stages[stage] = separate_stages.get(stage, 0.0) + seconds
-    separate_wall = sum(w for w, *_ in separate)
-    single_peak = max(r for _, r, *_ in separate)
+    log = (work / f"batch-{cohort}" / "stuseg-batch.jsonl").read_text().splitlines()
+    separate_wall = sum(r.wall for r in separate)
+    single_peak = max(r.rss for r in separate)
     return {
         "benchmark": "batch",
         "cohort": cohort,
@@ -133,16 +140,16 @@ def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> d
         "fast": args.fast,
         "step_size": args.step_size,
         "separate_wall_s": round(separate_wall, 2),
-        "separate_per_case_s": [round(w, 2) for w, *_ in separate],
-        "separate_cpu_s": round(sum(c for _, _, c, _ in separate), 2),
-        "separate_stage_seconds_summed": {k: round(v, 2) for k, v in separate_stages.items()},
-        "batch_wall_s": round(batch_wall, 2),
-        "batch_over_separate": round(batch_wall / separate_wall, 3),
-        "batch_cpu_s": round(batch_cpu, 2),
-        "batch_stage_seconds_summed": {k: round(v, 2) for k, v in stages.items()},
+        "separate_per_case_s": [round(r.wall, 2) for r in separate],
+        "separate_cpu_s": round(sum(r.cpu for r in separate), 2),
+        "separate_stage_seconds_summed": _summed(_stage_seconds(r.stderr) for r in separate),
+        "batch_wall_s": round(batch.wall, 2),
+        "batch_over_separate": round(batch.wall / separate_wall, 3),
+        "batch_cpu_s": round(batch.cpu, 2),
+        "batch_stage_seconds_summed": _summed(json.loads(line).get("seconds") or {} for line in log),
         "single_case_peak_rss_gb": round(single_peak / 2**30, 3),
-        "batch_peak_rss_gb": round(batch_rss / 2**30, 3),
-        "batch_over_single_peak_rss": round(batch_rss / single_peak, 3),
+        "batch_peak_rss_gb": round(batch.rss / 2**30, 3),
+        "batch_over_single_peak_rss": round(batch.rss / single_peak, 3),
     }
 
 

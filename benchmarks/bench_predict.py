@@ -110,8 +110,9 @@ def main() -> None:
             cmd += ["--tta"] if args.tta else []
             done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            result.update({"input": {"shape": args.shape, "spacing_mm": args.spacing}})
-            result.update({"torch_threads": _torch_threads()})
+            result.update(
+                input={"shape": args.shape, "spacing_mm": args.spacing}, torch_threads=_torch_threads()
+            )
             record(result, args.results)
 
 
