@@ -36,6 +36,7 @@ from stuseg.batch import (
     Status,
     _geometry,
     _Recorder,
+    _voxels,
     _Warnings,
     done_before,
     latest_ok,
@@ -98,7 +99,7 @@ class CaseWorker:
         check_shared_folder(self.output, token, self.host)
         from stuseg.pipeline import keep_freed_memory
 
-        keep_freed_memory(options.device)  # a worker process only runs stuseg
+        keep_freed_memory(options.device, many_images=True)  # a worker only runs stuseg
         self.threads = threads
         self.segmenter = options.load(threads=threads)
         self.network = threading.Lock()
@@ -157,7 +158,7 @@ class CaseWorker:
 
                     torch.cuda.empty_cache()
             finally:
-                pipeline.release_free_memory()
+                pipeline.release_free_memory(_voxels(geometry))
         status: Status = "ok" if error is None else "failed"
         record = recorder.record(
             case,

@@ -715,7 +715,8 @@ def batch_cmd(
         else:
             from stuseg.pipeline import keep_freed_memory
 
-            keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
+            # This process only runs stuseg, image after image: tune malloc for that.
+            keep_freed_memory(device, many_images=True)
             results = batch.run_local(
                 found.cases,
                 output,

@@ -206,7 +206,17 @@ def _run_network(
     return labels
 
 
-def keep_freed_memory(device: str = "cpu") -> bool:
+# Set by keep_freed_memory(..., many_images=True): release_free_memory then keeps the pages
+# of images up to HOLD_VOXELS.
+_hold_free_pages = False
+# 256^3 input voxels. Below it, a batch keeps the pages between images and skips 1-2 s of page
+# faults an image; above it, they are given back: untrimmed, a batch of four 512x512x300 CTs
+# grew to 1.51x the single-image peak RSS, against 1.08x trimmed, and for images that large the
+# faults cost little beside the network (benchmarks/RESULTS.md, 2026-12-03).
+HOLD_VOXELS = 256**3
+
+
+def keep_freed_memory(device: str = "cpu", *, many_images: bool = False) -> bool:
     """Ask glibc's malloc to reuse freed memory instead of returning it to the kernel, for good.
 
     For a process that exists to run stuseg on the CPU (the command line and batch call this
@@ -219,9 +229,16 @@ def keep_freed_memory(device: str = "cpu") -> bool:
     the heap and never trimming it keeps the pages; the cost is that RSS stays at its peak
     until the process ends (``release_free_memory`` trims between stages).
 
+    A process that segments image after image (``stuseg batch``, a Ray worker) passes
+    ``many_images``: then ``release_free_memory`` keeps the pages after images of up to
+    ``HOLD_VOXELS`` too, so the next image reuses them instead of faulting them in again
+    (1-2 s an image on a 2-core VM, a large part of a small image's time). Larger images are
+    trimmed as before: for them the faults cost little and the trims bound the batch's RSS.
+
     Args:
         device: the device the process will use (as ``Segmenter``'s ``device``); only the CPU
             needs this, so for any other device nothing is changed.
+        many_images: keep the pages of small images between stages and images (see above).
 
     Returns:
         Whether the setting took effect (glibc on Linux, CPU device).
@@ -235,16 +252,26 @@ def keep_freed_memory(device: str = "cpu") -> bool:
     if libc is None or not hasattr(libc, "mallopt"):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    kept = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    global _hold_free_pages
+    _hold_free_pages = kept and many_images
+    return kept
 
 
-def release_free_memory() -> None:
+def release_free_memory(voxels: int | None = None) -> None:
     """Return free heap pages to the kernel (glibc ``malloc_trim``) between stages.
 
     With ``keep_freed_memory`` the heap keeps every page it ever had, so memory freed by one
     stage (the float64 spline coefficients of preprocessing) would still count in RSS while
     the next (the row accumulator) grows the heap elsewhere.
+
+    Args:
+        voxels: the input voxels of the image the stage worked on. In a process that asked
+            ``keep_freed_memory(many_images=True)``, an image of at most ``HOLD_VOXELS``
+            keeps the pages for the next one (nothing is done).
     """
+    if _hold_free_pages and voxels is not None and voxels <= HOLD_VOXELS:
+        return
     libc = _glibc()
     if libc is not None:
         with contextlib.suppress(AttributeError):  # malloc_trim is glibc's, not musl's
@@ -408,7 +435,7 @@ class Segmenter:
                 f"the GPU ran out of memory for the {self.size} model; close other GPU programs, "
                 "use a smaller --size, or run on the CPU with --device cpu"
             ) from None
-        release_free_memory()
+        release_free_memory(prepared.geometry.voxels)
         peak_gpu = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         g, h, s = prepared.geometry, prepared.header, prepared.source
         return Inferred(labels, g, h, s, stages.seconds, peak_gpu)
@@ -463,7 +490,7 @@ def prepare(image: str | Path | Volume, *, series: str | None = None, threads: i
         x, geometry, had_nan = preprocess(volume.data, volume.affine, TARGET_SPACING, thread_count(threads))
         header = volume.header
         del volume  # a volume we read ourselves is no longer needed
-        release_free_memory()
+        release_free_memory(geometry.voxels)
     if had_nan:
         warnings.warn(
             "the image contains NaN voxels; they were set to 0 as nnU-Net does", StusegWarning, stacklevel=3

@@ -18,6 +18,7 @@ resolution back on the input grid exactly.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -48,6 +49,11 @@ class Geometry:
     @property
     def cropped_shape(self) -> tuple[int, int, int]:
         return tuple(hi - lo for lo, hi in self.crop)  # type: ignore[return-value]
+
+    @property
+    def voxels(self) -> int:
+        """The number of input voxels."""
+        return math.prod(self.input_shape)
 
 
 def separate_axis(

@@ -28,6 +28,14 @@ def hermetic_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     return home
 
 
+@pytest.fixture(autouse=True)
+def allocator_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo, after each test, a batch run in this process asking to keep freed pages."""
+    from stuseg import pipeline
+
+    monkeypatch.setattr(pipeline, "_hold_free_pages", pipeline._hold_free_pages)
+
+
 def make_ct_array(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     """A CT-like int16 volume: air at -1000, a soft-tissue body, a few bright blobs."""
     rng = np.random.default_rng(seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,6 +120,40 @@ def test_a_library_call_leaves_the_allocator_settings_alone(
     # M_TRIM_THRESHOLD (-1) from glibc's malloc.h.
     assert pipeline.keep_freed_memory("cpu") is True
     assert libc.calls[-2:] == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
+
+
+_FREE_THEN_TRIM = """
+import numpy as np
+from stuseg import pipeline
+
+def returned(voxels):
+    block = np.ones(256 * 2**20, np.uint8)  # touched; from the heap, as mmap is off
+    with open("/proc/self/statm") as fh:
+        before = int(fh.read().split()[1])
+    del block
+    pipeline.release_free_memory(voxels)  # after a stage on an image of ``voxels``
+    with open("/proc/self/statm") as fh:
+        return (before - int(fh.read().split()[1])) * 4096
+
+small, large = 160**3, pipeline.HOLD_VOXELS + 1
+assert pipeline.keep_freed_memory("cpu") is True
+print(returned(small))
+assert pipeline.keep_freed_memory("cpu", many_images=True) is True
+print(returned(small), returned(large))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
+def test_a_process_of_many_images_keeps_its_free_pages(tmp_path: Path) -> None:
+    # The pages are counted by the kernel (RSS), in a fresh process: a batch keeps them between
+    # small images; predict's process, and a batch after a large image, give them back.
+    script = tmp_path / "free.py"
+    script.write_text(_FREE_THEN_TRIM)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    one_image, many_small, many_large = (int(n) for n in done.stdout.split())
+    assert one_image > 200 * 2**20
+    assert abs(many_small) < 16 * 2**20
+    assert many_large > 200 * 2**20
 
 
 def test_keep_freed_memory_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
