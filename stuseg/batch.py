@@ -18,7 +18,6 @@ import contextlib
 import csv
 import hashlib
 import json
-import math
 import os
 import queue
 import re
@@ -829,11 +828,6 @@ def _geometry(header: Any) -> dict[str, Any]:
     return {"shape": shape, "spacing": spacing}
 
 
-def _voxels(geometry: Mapping[str, Any] | None) -> int | None:
-    """The input voxels of a case's logged geometry (None: not read)."""
-    return math.prod(geometry["shape"]) if geometry else None
-
-
 def _write_masks(seg: Any, folder: Path, threads: int) -> None:
     """One mask per structure into ``folder`` (the staged folder of a case), as predict writes them."""
     from stuseg import labelmaps
@@ -1126,6 +1120,7 @@ def run(
             paths: list[Path] = []
             seg = None
             if job.error is None:
+                voxels = job.inferred.geometry.voxels
                 with sink.to(job.warnings):
                     try:
                         seg = segmenter.finish(job.inferred)
@@ -1146,7 +1141,7 @@ def run(
                         paths = []
                     finally:
                         job.inferred = None
-                        pipeline.release_free_memory(_voxels(job.geometry))
+                        pipeline.release_free_memory(voxels)
             status: Status = "ok" if job.error is None else "failed"
             rec = recorder.record(
                 job.case,

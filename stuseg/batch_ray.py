@@ -36,7 +36,6 @@ from stuseg.batch import (
     Status,
     _geometry,
     _Recorder,
-    _voxels,
     _Warnings,
     done_before,
     latest_ok,
@@ -132,6 +131,7 @@ class CaseWorker:
         caught: list[str] = []
         sink = _Warnings()
         geometry = None
+        voxels = None  # the input's, once read: small inputs keep their freed pages
         seg = None
         paths: list[Path] = []
         error = None
@@ -139,7 +139,7 @@ class CaseWorker:
             try:
                 read, _, write = _split(self.threads, self.segmenter.device.type)
                 prepared = pipeline.prepare(case.input, series=case.series, threads=read)
-                geometry = _geometry(prepared.header)
+                geometry, voxels = _geometry(prepared.header), prepared.geometry.voxels
                 with self.network:
                     inferred = self.segmenter.infer(prepared)
                 del prepared
@@ -158,7 +158,7 @@ class CaseWorker:
 
                     torch.cuda.empty_cache()
             finally:
-                pipeline.release_free_memory(_voxels(geometry))
+                pipeline.release_free_memory(voxels)
         status: Status = "ok" if error is None else "failed"
         record = recorder.record(
             case,
