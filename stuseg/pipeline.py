@@ -26,15 +26,11 @@ from stuseg.errors import InputError, StusegError
 from stuseg.head import ClassProbabilities
 from stuseg.io import StusegWarning, Volume, check_finite, label_image, read_image
 from stuseg.network import STUNet, build_network
-from stuseg.plan import PLAN
+from stuseg.plan import PLAN, Plan
 from stuseg.postprocess import export_labels
 from stuseg.predict import Autocast, Mirrored, PatchPredictor, Timed, sliding_window
 from stuseg.preprocess import Geometry, preprocess, restore
 from stuseg.threads import limit_threads, thread_count
-
-TARGET_SPACING = PLAN.target_spacing
-PATCH = PLAN.patch_size
-NUM_CLASSES = PLAN.num_classes
 
 Progress = Callable[[int, int], None]
 
@@ -167,6 +163,7 @@ def _run_network(
     x: np.ndarray,
     net: torch.nn.Module,
     device: torch.device,
+    plan: Plan,
     *,
     fast: bool,
     tta: bool,
@@ -189,13 +186,13 @@ def _run_network(
         slabs = sliding_window(
             torch.from_numpy(x)[None].to(device),
             timed,
-            NUM_CLASSES,
-            PATCH,
+            plan.num_classes,
+            plan.patch_size,
             step_size,
             batch_size,
             on_tile=progress,
         )
-        labels = export_labels(slabs, x.shape, out_shape, separate_axis, NUM_CLASSES, fast=fast)
+        labels = export_labels(slabs, x.shape, out_shape, separate_axis, plan.num_classes, fast=fast)
     inside = timed.breakdown
     softmax = inside.get("softmax", 0.0)
     network = timed.seconds - softmax - inside.get("accumulate", 0.0)
@@ -354,6 +351,10 @@ class Segmenter:
         step_size: tile step as a fraction of the patch, in (0, 1].
         roi_subset: keep only these structures (names, groups, shell patterns).
         model: a network to use instead of the published one (tests, fine-tuned weights).
+        plan: the preprocessing and tiling plan ``model`` was trained with (target spacing, patch,
+            class count); default the published models' ``stuseg.plan.PLAN``. With a class count
+            other than the published 105, structures are named ``class_1``, ``class_2``, ... and
+            ``roi_subset`` (which names published structures) cannot be used.
         batch_size: tiles per forward pass (default 2 on CUDA, else 1).
         threads: CPU threads for this work (default ``stuseg.threads.available_cpus()``).
 
@@ -374,10 +375,12 @@ class Segmenter:
         step_size: float = 0.5,
         roi_subset: Sequence[str] | None = None,
         model: torch.nn.Module | None = None,
+        plan: Plan = PLAN,
         batch_size: int | None = None,
         threads: int | None = None,
     ) -> None:
-        self.keep, self.device, self.threads = _check_options(step_size, roi_subset, device, threads)
+        self.keep, self.device, self.threads = _check_options(step_size, roi_subset, device, threads, plan)
+        self.plan = plan
         self.fast, self.tta, self.step_size = fast, tta, step_size
         self.batch_size = batch_size or (2 if self.device.type == "cuda" else 1)
         start = time.perf_counter()
@@ -401,7 +404,7 @@ class Segmenter:
         Raises:
             InputError: the image cannot be read or is empty.
         """
-        return prepare(image, series=series, threads=self.threads)
+        return prepare(image, series=series, threads=self.threads, plan=self.plan)
 
     def infer(self, prepared: Prepared, *, progress: Progress | None = None) -> Inferred:
         """Sliding window over the prepared image, reduced to labels on the cropped input grid.
@@ -421,6 +424,7 @@ class Segmenter:
                     prepared.x,
                     self.net,
                     dev,
+                    self.plan,
                     fast=self.fast,
                     tta=self.tta,
                     step_size=self.step_size,
@@ -445,14 +449,14 @@ class Segmenter:
         stages = _Stages(inferred.timings)
         with stages("export"):
             full = restore(inferred.labels, inferred.geometry)
-            if len(self.keep) < NUM_CLASSES - 1:
+            if len(self.keep) < self.plan.num_classes - 1:
                 lut = np.zeros(256, np.uint8)
                 lut[self.keep] = self.keep
                 full = np.asfortranarray(lut[full])
             img = label_image(full, inferred.header)
         return Segmentation(
             image=img,
-            names={i: label_table.LABELS[i] for i in self.keep},
+            names={i: _class_name(i, self.plan) for i in self.keep},
             timings=stages.seconds,
             peak_rss_bytes=peak_rss_bytes(),
             peak_gpu_bytes=inferred.peak_gpu_bytes,
@@ -463,16 +467,29 @@ class Segmenter:
 
 
 def _check_options(
-    step_size: float, roi_subset: Sequence[str] | None, device: str, threads: int | None
+    step_size: float, roi_subset: Sequence[str] | None, device: str, threads: int | None, plan: Plan = PLAN
 ) -> tuple[list[int], torch.device, int]:
     """The selected label values, the device and the thread count; raise on a bad option."""
     if not 0 < step_size <= 1:
         raise InputError(f"--step-size must be in (0, 1], got {step_size}")
-    keep = label_table.select(roi_subset) if roi_subset else list(range(1, NUM_CLASSES))
+    if not 2 <= plan.num_classes <= 256:  # label maps are uint8, background included
+        raise InputError(f"a plan needs 2 to 256 classes (background included), got {plan.num_classes}")
+    if roi_subset and plan.num_classes != PLAN.num_classes:
+        raise InputError(
+            f"roi_subset names structures of the published models; this plan has {plan.num_classes} classes"
+        )
+    keep = label_table.select(roi_subset) if roi_subset else list(range(1, plan.num_classes))
     return keep, resolve_device(device), thread_count(threads)
 
 
-def prepare(image: str | Path | Volume, *, series: str | None = None, threads: int | None = None) -> Prepared:
+def _class_name(value: int, plan: Plan) -> str:
+    """The structure name of a label value: the published table's, or ``class_<value>`` for another plan."""
+    return label_table.LABELS[value] if plan.num_classes == PLAN.num_classes else f"class_{value}"
+
+
+def prepare(
+    image: str | Path | Volume, *, series: str | None = None, threads: int | None = None, plan: Plan = PLAN
+) -> Prepared:
     """Read (unless given a ``Volume``), check and preprocess one image: ``Segmenter.prepare``.
 
     Raises:
@@ -487,7 +504,9 @@ def prepare(image: str | Path | Volume, *, series: str | None = None, threads: i
             volume = read_image(Path(image), series=series)
         check_ct(volume)
     with stages("preprocess"):
-        x, geometry, had_nan = preprocess(volume.data, volume.affine, TARGET_SPACING, thread_count(threads))
+        x, geometry, had_nan = preprocess(
+            volume.data, volume.affine, plan.target_spacing, thread_count(threads)
+        )
         header = volume.header
         del volume  # a volume we read ourselves is no longer needed
         release_free_memory(geometry.voxels)
@@ -511,6 +530,7 @@ def segment(
     roi_subset: Sequence[str] | None = None,
     series: str | None = None,
     model: torch.nn.Module | None = None,
+    plan: Plan = PLAN,
     batch_size: int | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
@@ -528,8 +548,8 @@ def segment(
     Raises:
         InputError, LabelError, WeightsError, StusegError: see ``Segmenter``.
     """
-    _check_options(step_size, roi_subset, device, threads)
-    prepared = prepare(image, series=series, threads=threads)
+    _check_options(step_size, roi_subset, device, threads, plan)
+    prepared = prepare(image, series=series, threads=threads, plan=plan)
     segmenter = Segmenter(
         size,
         weights=weights,
@@ -539,6 +559,7 @@ def segment(
         step_size=step_size,
         roi_subset=roi_subset,
         model=model,
+        plan=plan,
         batch_size=batch_size,
         threads=threads,
     )
