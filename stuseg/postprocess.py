@@ -168,8 +168,12 @@ class ProbabilityExport:
             self._emit(self._next, ready)
         self._next = ready
         # Drop source rows no later output needs: move the rest (a row or two) to the front.
+        # Where the export shrinks this axis by more than a row per output row (nearest
+        # neighbour along a thick axis, or linear from a coarse input), the first row still
+        # needed can lie beyond every held row: then all of them go, and the next slab starts
+        # the buffer afresh (its first row is ``held_hi``, where ``_held_lo`` then points).
         if ready < n_out:
-            drop = int(amap.lo[ready]) - self._held_lo
+            drop = min(int(amap.lo[ready]) - self._held_lo, rows)
             if drop > 0:
                 for b in self._buffers:
                     axis_slice(b, d, slice(0, rows - drop))[...] = axis_slice(b, d, slice(drop, rows)).copy()

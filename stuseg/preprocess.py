@@ -74,9 +74,14 @@ def separate_axis(
 def resampled_shape(
     shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]
 ) -> tuple[int, ...]:
-    """round(spacing / target * shape) per axis, numpy rounding (halves to even), as nnU-Net."""
+    """round(spacing / target * shape) per axis, numpy rounding (halves to even), as nnU-Net, but
+    never below 1.
+
+    An axis thinner than half the target spacing (a single 0.5 mm slice at 1.5 mm) rounds to 0
+    voxels, where the original pipeline fails inside its resampler; one voxel keeps the image.
+    """
     ratio = np.asarray(spacing, float) / np.asarray(target, float)
-    return tuple(int(n) for n in np.round(ratio * np.asarray(shape)).astype(int))
+    return tuple(max(1, int(n)) for n in np.round(ratio * np.asarray(shape)).astype(int))
 
 
 # scipy's zoom pads 'nearest'-mode input by this many edge voxels before its spline prefilter.

@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+import nibabel as nib
 import numpy as np
+import reference_pipeline
 import torch
 
 from stuseg.network import Arch, build_network
@@ -31,6 +33,34 @@ def tiny_network(seed: int = 0) -> torch.nn.Module:
         for p in net.parameters():
             p.normal_(0, 0.3)
     return net.eval()
+
+
+class IntensityOracle(torch.nn.Module):
+    """Stand-in network: class = the 100 HU band of the voxel, ``floor((HU + offset) / 100)``.
+
+    It undoes the pipeline's z-score with statistics computed by the whole-volume restatement
+    of the original (tests/reference_pipeline.py), so a correct pipeline returns the input's own
+    bands wherever resampling kept intensities: a phantom's labels encoded as HU = 100 * label +
+    30 (offset 0), or on a real CT a threshold segmentation that any flip or shift would move
+    (offset 1000, so that air and soft tissue are bands of their own).
+    """
+
+    def __init__(self, mean: float, std: float, offset: float = 0.0):
+        super().__init__()
+        self.mean, self.std, self.offset = mean, std, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hu = x * (self.std + 1e-8) + self.mean
+        cls = torch.clamp(torch.floor((hu + self.offset) / 100), 0, 104).long()[:, 0]
+        return torch.nn.functional.one_hot(cls, 105).movedim(-1, 1).float() * 20
+
+
+def oracle_for(data: np.ndarray, affine: np.ndarray, offset: float = 0.0) -> IntensityOracle:
+    """The ``IntensityOracle`` for an image (voxels and affine), statistics from the reference."""
+    canon = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    zooms = tuple(float(z) for z in np.linalg.norm(canon.affine[:3, :3], axis=0))
+    x, *_ = reference_pipeline.crop_and_resample(np.asarray(canon.dataobj, np.float32), zooms)
+    return IntensityOracle(float(x.mean()), float(x.std()), offset)
 
 
 def random_state_dict(size_or_arch: str | Arch, seed: int = 0) -> dict[str, torch.Tensor]:
