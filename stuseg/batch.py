@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from stuseg import crash
 from stuseg.errors import InputError, OutputError, StusegError
 
 LOG_NAME = "stuseg-batch.jsonl"
@@ -747,7 +748,10 @@ class CaseResult:
 
 
 def one_line(exc: BaseException) -> str:
-    """A one-line reason for a failed case: a ``StusegError``'s message, else the exception named."""
+    """A one-line reason for a failed case: a ``StusegError``'s message, else the exception named
+    (a bug as ``internal error: ...``, its traceback in the record's ``traceback``)."""
+    if crash.is_internal(exc):
+        return f"internal error: {crash.summary(exc)} (its traceback is in the run log)"
     if isinstance(exc, StusegError):
         text = str(exc)
     elif isinstance(exc, MemoryError):
@@ -782,6 +786,7 @@ class _Recorder:
         *,
         outputs: Sequence[Path] = (),
         error: str | None = None,
+        traceback: str | None = None,
         reason: str | None = None,
         input_path: Path | None = None,
         geometry: Mapping[str, Any] | None = None,
@@ -801,6 +806,8 @@ class _Recorder:
             "status": status,
             "error": error,
         }
+        if traceback is not None:  # a bug: what its report needs, kept with the case
+            rec["traceback"] = traceback
         if reason is not None:
             rec["reason"] = reason
         rec["outputs"] = [p.relative_to(self.output).as_posix() for p in outputs]
@@ -960,6 +967,7 @@ class _Job:
     prepared: Any = None
     inferred: Any = None
     error: str | None = None
+    traceback: str | None = None  # a bug's, for the run log
     geometry: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -1102,7 +1110,7 @@ def run(
                         job.prepared = pipeline.prepare(case.input, series=case.series, threads=read_threads)
                         job.geometry = _geometry(job.prepared.header)
                     except Exception as exc:
-                        job.error = one_line(exc)
+                        job.error, job.traceback = one_line(exc), crash.bug_traceback(exc)
                 if not put(prepared_q, job):
                     return
             put(prepared_q, _END)
@@ -1137,7 +1145,7 @@ def run(
                         )
                         seg.timings["write"] = seg.timings.get("write", 0.0) + time.perf_counter() - start
                     except Exception as exc:
-                        job.error = one_line(exc)
+                        job.error, job.traceback = one_line(exc), crash.bug_traceback(exc)
                         paths = []
                     finally:
                         job.inferred = None
@@ -1148,6 +1156,7 @@ def run(
                 status,
                 outputs=paths,
                 error=job.error,
+                traceback=job.traceback,
                 geometry=job.geometry,
                 seconds=seg.timings if seg is not None else None,
                 wall=time.perf_counter() - job.started,
@@ -1184,7 +1193,7 @@ def run(
                                 tiles = (lambda d, t, c=job.case: progress(c, d, t)) if progress else None
                                 job.inferred = segmenter.infer(job.prepared, progress=tiles)
                             except Exception as exc:
-                                job.error = one_line(exc)
+                                job.error, job.traceback = one_line(exc), crash.bug_traceback(exc)
                                 _free_device(segmenter)
                             finally:
                                 job.prepared = None
@@ -1207,6 +1216,12 @@ def run(
 def _fatal_error(exc: BaseException) -> BaseException:
     if isinstance(exc, StusegError):
         return exc
+    if crash.is_internal(exc):
+        path = crash.report(exc)
+        where = f"; please report it with the file {path}" if path else ""
+        return _Fatal(
+            f"the batch stopped on an internal error ({crash.summary(exc)}); finished cases are kept{where}"
+        )
     return _Fatal(f"the batch stopped on an unexpected error ({one_line(exc)}); finished cases are kept")
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from stuseg import crash
 from stuseg.batch import (
     LOG_NAME,
     Case,
@@ -134,7 +135,7 @@ class CaseWorker:
         voxels = None  # the input's, once read: small inputs keep their freed pages
         seg = None
         paths: list[Path] = []
-        error = None
+        error = traceback = None
         with sink.installed(), sink.to(caught):
             try:
                 read, _, write = _split(self.threads, self.segmenter.device.type)
@@ -151,7 +152,7 @@ class CaseWorker:
                 )
                 seg.timings["write"] = time.perf_counter() - start
             except Exception as exc:
-                error = one_line(exc)
+                error, traceback = one_line(exc), crash.bug_traceback(exc)
                 paths = []
                 if self.segmenter.device.type == "cuda":
                     import torch
@@ -165,6 +166,7 @@ class CaseWorker:
             status,
             outputs=paths,
             error=error,
+            traceback=traceback,
             geometry=geometry,
             seconds=seg.timings if seg is not None else None,
             wall=time.perf_counter() - started,

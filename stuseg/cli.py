@@ -2,9 +2,11 @@
 
 No logic of its own. Heavy imports (torch) happen inside the commands so ``--help`` is fast.
 Diagnostics go to stderr, data to stdout. Every command is wrapped by :func:`user_errors`: a
-``StusegError`` becomes one line ``stuseg: error: ...`` on stderr and exit status 1; Ctrl-C and
-SIGTERM end it with one line and status 130 / 143 after the library has removed unfinished
-outputs. Progress bars are drawn only on a terminal, so logs and pipes get exactly those lines.
+``StusegError`` becomes one line ``stuseg: error: ...`` on stderr and exit status 1; a bug
+becomes one line ``stuseg: error: internal error: ...`` naming a report file with its traceback
+(``stuseg.crash``), status 1; Ctrl-C and SIGTERM end it with one line and status 130 / 143. In
+every case the library has removed unfinished outputs first. Progress bars are drawn only on a
+terminal, so logs and pipes get exactly those lines.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def user_errors(fn: F) -> F:
 
     ``StusegError`` -> its message, status 1. Ctrl-C -> 130, SIGTERM -> 143 (128 + signal). A
     truncated file that a third-party reader did not catch (``EOFError``, which click would turn
-    into a bare "Aborted!") and running out of memory get one line too. The command's name and
+    into a bare "Aborted!") and running out of memory get one line too. Any other exception is a
+    bug: one ``internal error`` line that names the report file holding its traceback. The command's name and
     arguments are recorded for the ``.stuseg-run.json`` marker of any folder it writes. Library
     warnings (``StusegWarning``) the command did not render itself are printed as
     ``stuseg: warning: ...`` lines after it succeeds (not with ``--quiet``); third-party warnings
@@ -121,6 +124,10 @@ def user_errors(fn: F) -> F:
             raise fail(
                 "ran out of memory; close other programs, or for predict use --fast or a smaller --size"
             ) from None
+        except (typer.Exit, typer.Abort):
+            raise  # the command's own exit (a RuntimeError, so it must pass before the next line)
+        except Exception as exc:
+            raise fail(internal_error_line(exc)) from None
         if caught and not kwargs.get("quiet"):  # warnings a command did not render itself, once each
             from stuseg.io import StusegWarning
 
@@ -130,6 +137,15 @@ def user_errors(fn: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def internal_error_line(exc: BaseException) -> str:
+    """The one line for a bug: what it was, and the report file with its traceback."""
+    from stuseg import crash
+
+    path = crash.report(exc)
+    where = f"please report it with the file {path}" if path else "its traceback could not be saved to a file"
+    return f"internal error: {crash.summary(exc)}; {where}"
 
 
 def _given(raw: str, what: str) -> Path:
@@ -974,4 +990,8 @@ def main() -> None:
     from stuseg.threads import limit_spin_waiting
 
     limit_spin_waiting()  # before torch loads: idle OpenMP threads soon sleep instead of spinning
-    app()
+    try:
+        app()
+    except Exception as exc:  # outside any command (the commands handle their own): still one line
+        say(f"stuseg: error: {internal_error_line(exc)}")
+        sys.exit(1)
