@@ -108,3 +108,27 @@ def test_command_line_normal_mode_on_the_real_thick_slice_ct(tmp_path: Path, tmp
         _same_grid(mask, img)
         total += np.asarray(mask.dataobj)
     assert total.max() == 1
+
+
+@pytest.mark.slow  # two tiles of a real STU-Net architecture, twice
+def test_a_batch_writes_the_same_masks_as_one_segment_call(tmp_path: Path) -> None:
+    """The batch's staged path (prepare, infer, finish in three threads) on the thick-slice CT."""
+    from stuseg import batch, labelmaps
+    from stuseg.pipeline import Segmenter
+
+    segmenter = Segmenter(model=tiny_network(seed=2), device="cpu")
+    out = tmp_path / "results"
+    (result,) = batch.run(batch.discover([THICK_CT]).cases, segmenter, out)
+    assert result.status == "ok", result.error
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    seg = segmenter(THICK_CT)
+    assert len(np.unique(seg.labels)) > 3
+    labelmaps.write_masks(alone, seg.labels, seg.image.header, seg.names)
+    img = nib.load(THICK_CT)
+    for name in labels.STRUCTURES:
+        got = nib.load(out / result.case.id / f"{name}.nii.gz")
+        _same_grid(got, img)
+        np.testing.assert_array_equal(
+            np.asarray(got.dataobj), np.asarray(nib.load(alone / f"{name}.nii.gz").dataobj)
+        )
