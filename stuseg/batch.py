@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stuseg import crash
+from stuseg import crash, memory
 from stuseg.errors import InputError, OutputError, StusegError
 
 LOG_NAME = "stuseg-batch.jsonl"
@@ -1149,7 +1149,7 @@ def run(
                         paths = []
                     finally:
                         job.inferred = None
-                        pipeline.release_free_memory(voxels)
+                        memory.release_free_memory(voxels)
             status: Status = "ok" if job.error is None else "failed"
             rec = recorder.record(
                 job.case,
@@ -1160,7 +1160,7 @@ def run(
                 geometry=job.geometry,
                 seconds=seg.timings if seg is not None else None,
                 wall=time.perf_counter() - job.started,
-                peak_rss=seg.peak_rss_bytes if seg is not None else pipeline.peak_rss_bytes(),
+                peak_rss=seg.peak_rss_bytes if seg is not None else memory.peak_rss_bytes(),
                 peak_gpu=seg.peak_gpu_bytes if seg is not None else None,
                 device=seg.device if seg is not None else None,
                 warnings_=job.warnings,

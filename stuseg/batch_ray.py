@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from stuseg import crash
+from stuseg import crash, memory
 from stuseg.batch import (
     LOG_NAME,
     Case,
@@ -159,7 +159,7 @@ class CaseWorker:
 
                     torch.cuda.empty_cache()
             finally:
-                pipeline.release_free_memory(voxels)
+                memory.release_free_memory(voxels)
         status: Status = "ok" if error is None else "failed"
         record = recorder.record(
             case,
@@ -170,7 +170,7 @@ class CaseWorker:
             geometry=geometry,
             seconds=seg.timings if seg is not None else None,
             wall=time.perf_counter() - started,
-            peak_rss=seg.peak_rss_bytes if seg is not None else pipeline.peak_rss_bytes(),
+            peak_rss=seg.peak_rss_bytes if seg is not None else memory.peak_rss_bytes(),
             peak_gpu=seg.peak_gpu_bytes if seg is not None else None,
             device=seg.device if seg is not None else str(self.segmenter.device),
             warnings_=caught,

@@ -9,7 +9,6 @@ output rows at input resolution (``stuseg.postprocess``).
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,9 +21,11 @@ import numpy as np
 import torch
 
 from stuseg import labels as label_table
+from stuseg import memory
 from stuseg.errors import InputError, StusegError
 from stuseg.head import ClassProbabilities
 from stuseg.io import StusegWarning, Volume, check_finite, label_image, read_image
+from stuseg.memory import peak_rss_bytes, release_free_memory
 from stuseg.network import STUNet, build_network
 from stuseg.plan import PLAN, Plan
 from stuseg.postprocess import export_labels
@@ -203,39 +204,16 @@ def _run_network(
     return labels
 
 
-# Set by keep_freed_memory(..., many_images=True): release_free_memory then keeps the pages
-# of images up to HOLD_VOXELS.
-_hold_free_pages = False
-# 256^3 input voxels. Below it, a batch keeps the pages between images and skips 1-2 s of page
-# faults an image; above it, they are given back: untrimmed, a batch of four 512x512x300 CTs
-# grew to 1.51x the single-image peak RSS, against 1.08x trimmed, and for images that large the
-# faults cost little beside the network (benchmarks/RESULTS.md, 2026-12-03).
-HOLD_VOXELS = 256**3
-
-
 def keep_freed_memory(device: str = "cpu", *, many_images: bool = False) -> bool:
-    """Ask glibc's malloc to reuse freed memory instead of returning it to the kernel, for good.
+    """For a process that exists to run stuseg: large blocks from the heap and freed pages kept,
+    for good (``stuseg.memory.tune_process``); the command line and batch workers call this first.
 
-    For a process that exists to run stuseg on the CPU (the command line and batch call this
-    first); ``segment()`` and ``Segmenter`` never do, since glibc has no way to read these
-    settings back, so a library call could not restore its host's allocator afterwards.
-
-    Every tile allocates and frees gigabytes of activations. By default glibc serves blocks
-    this large with fresh mmap()s, so each one is page-faulted and zeroed by the kernel again;
-    on a few CPU cores that makes every tile far slower (benchmarks/RESULTS.md). Serving them from
-    the heap and never trimming it keeps the pages; the cost is that RSS stays at its peak
-    until the process ends (``release_free_memory`` trims between stages).
-
-    A process that segments image after image (``stuseg batch``, a Ray worker) passes
-    ``many_images``: then ``release_free_memory`` keeps the pages after images of up to
-    ``HOLD_VOXELS`` too, so the next image reuses them instead of faulting them in again
-    (1-2 s an image on a 2-core VM, a large part of a small image's time). Larger images are
-    trimmed as before: for them the faults cost little and the trims bound the batch's RSS.
+    Library calls get the same settings for their duration without it (``stuseg.memory.tuned``).
 
     Args:
         device: the device the process will use (as ``Segmenter``'s ``device``); only the CPU
             needs this, so for any other device nothing is changed.
-        many_images: keep the pages of small images between stages and images (see above).
+        many_images: keep the pages of small images between stages and images.
 
     Returns:
         Whether the setting took effect (glibc on Linux, CPU device).
@@ -245,64 +223,12 @@ def keep_freed_memory(device: str = "cpu", *, many_images: bool = False) -> bool
     """
     if resolve_device(device).type != "cpu":
         return False
-    libc = _glibc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    kept = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    global _hold_free_pages
-    _hold_free_pages = kept and many_images
-    return kept
+    return memory.tune_process(many_images=many_images)
 
 
-def release_free_memory(voxels: int | None = None) -> None:
-    """Return free heap pages to the kernel (glibc ``malloc_trim``) between stages.
-
-    With ``keep_freed_memory`` the heap keeps every page it ever had, so memory freed by one
-    stage (the float64 spline coefficients of preprocessing) would still count in RSS while
-    the next (the row accumulator) grows the heap elsewhere.
-
-    Args:
-        voxels: the input voxels of the image the stage worked on. In a process that asked
-            ``keep_freed_memory(many_images=True)``, an image of at most ``HOLD_VOXELS``
-            keeps the pages for the next one (nothing is done).
-    """
-    if _hold_free_pages and voxels is not None and voxels <= HOLD_VOXELS:
-        return
-    libc = _glibc()
-    if libc is not None:
-        with contextlib.suppress(AttributeError):  # malloc_trim is glibc's, not musl's
-            libc.malloc_trim(0)
-
-
-def _glibc() -> Any:
-    """The C library through ctypes on Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def peak_rss_bytes() -> int | None:
-    """The process's peak resident memory so far in bytes; None where the OS does not say.
-
-    ``resource`` is Unix-only (imported here, not at module level, so that stuseg imports
-    everywhere); Linux reports kilobytes, macOS bytes.
-    """
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if sys.platform.startswith("linux"):
-        return peak * 1024
-    if sys.platform == "darwin":
-        return peak
-    return None
+def _tuned(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """``stuseg.memory.tuned()`` for work on the CPU, nothing for an accelerator's."""
+    return memory.tuned() if device.type == "cpu" else contextlib.nullcontext()
 
 
 @dataclass
@@ -357,6 +283,10 @@ class Segmenter:
             ``roi_subset`` (which names published structures) cannot be used.
         batch_size: tiles per forward pass (default 2 on CUDA, else 1).
         threads: CPU threads for this work (default ``stuseg.threads.available_cpus()``).
+
+    While the network runs on the CPU, glibc's malloc serves large blocks from the heap and its
+    defaults come back afterwards (see ``stuseg.memory``; ``STUSEG_TUNE_MALLOC=0`` leaves malloc
+    alone), so a library call is as fast as the command line.
 
     Raises:
         InputError: a bad option (step size, device, thread count).
@@ -419,7 +349,9 @@ class Segmenter:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         try:
-            with limit_threads(self.threads):
+            # On the CPU, glibc's malloc keeps the tiles' large blocks in the heap meanwhile
+            # (stuseg.memory.tuned: 1.6x faster on 2 cores), as the command line does.
+            with limit_threads(self.threads), _tuned(dev):
                 labels = _run_network(
                     prepared.x,
                     self.net,

@@ -31,9 +31,10 @@ def hermetic_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 @pytest.fixture(autouse=True)
 def allocator_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Undo, after each test, a batch run in this process asking to keep freed pages."""
-    from stuseg import pipeline
+    from stuseg import memory
 
-    monkeypatch.setattr(pipeline, "_hold_free_pages", pipeline._hold_free_pages)
+    monkeypatch.setattr(memory, "_hold_free_pages", memory._hold_free_pages)
+    monkeypatch.setattr(memory, "_process_tuned", memory._process_tuned)
 
 
 def make_ct_array(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from fabricate import tiny_network
 
-from stuseg import pipeline
+from stuseg import memory, pipeline
 from stuseg.io import read_image
 from stuseg.pipeline import Segmenter, segment
 
@@ -107,35 +108,79 @@ class FakeLibc:
         return 1
 
 
-def test_a_library_call_leaves_the_allocator_settings_alone(
+def test_a_library_call_tunes_malloc_while_it_runs_and_puts_the_defaults_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     libc = FakeLibc()
-    monkeypatch.setattr(pipeline, "_glibc", lambda: libc)
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    # M_MMAP_MAX (-4) and M_TRIM_THRESHOLD (-1) from glibc's malloc.h, glibc's defaults after.
+    tune = [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
+    restore = [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
     segment(_ct(tmp_path, 5), model=tiny_network(), device="cpu", fast=True)
+    mallopts = [c for c in libc.calls if c[0] == "mallopt"]
+    assert mallopts == tune + restore[:2]  # once, around the network
+    at = libc.calls.index(restore[0])
+    assert libc.calls[at : at + 3] == restore
+    libc.calls.clear()
     Segmenter(model=tiny_network(), device="cpu")(_ct(tmp_path, 6, "b.nii.gz"))
+    assert [c for c in libc.calls if c[0] == "mallopt"] == tune + restore[:2]
+
+
+def test_a_host_can_keep_stuseg_away_from_malloc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    monkeypatch.setenv("STUSEG_TUNE_MALLOC", "0")
+    segment(_ct(tmp_path, 5), model=tiny_network(), device="cpu", fast=True)
     assert [c for c in libc.calls if c[0] == "mallopt"] == []
     assert ("malloc_trim", 0) in libc.calls  # returning free pages changes no setting
-    # Only the explicit opt-in of a whole process changes them: M_MMAP_MAX (-4) and
-    # M_TRIM_THRESHOLD (-1) from glibc's malloc.h.
-    assert pipeline.keep_freed_memory("cpu") is True
-    assert libc.calls[-2:] == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
+
+
+def test_a_process_tuned_for_good_stays_tuned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    assert pipeline.keep_freed_memory("cpu") is True  # the command line's opt-in
+    assert libc.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
+    segment(_ct(tmp_path, 5), model=tiny_network(), device="cpu", fast=True)
+    assert [c for c in libc.calls[2:] if c[0] == "mallopt"] == []  # no defaults put back
+
+
+def test_nested_and_concurrent_calls_share_one_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    entered, release = threading.Barrier(3), threading.Event()
+
+    def call() -> None:
+        with memory.tuned():
+            entered.wait()
+            release.wait()
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    entered.wait()
+    with memory.tuned():
+        assert len([c for c in libc.calls if c[0] == "mallopt"]) == 2  # set once, by the first
+    assert len(libc.calls) == 2  # the other two are still inside
+    release.set()
+    for t in threads:
+        t.join()
+    assert libc.calls[2:] == [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
 
 
 _FREE_THEN_TRIM = """
 import numpy as np
-from stuseg import pipeline
+from stuseg import memory, pipeline
 
 def returned(voxels):
     block = np.ones(256 * 2**20, np.uint8)  # touched; from the heap, as mmap is off
     with open("/proc/self/statm") as fh:
         before = int(fh.read().split()[1])
     del block
-    pipeline.release_free_memory(voxels)  # after a stage on an image of ``voxels``
+    memory.release_free_memory(voxels)  # after a stage on an image of ``voxels``
     with open("/proc/self/statm") as fh:
         return (before - int(fh.read().split()[1])) * 4096
 
-small, large = 160**3, pipeline.HOLD_VOXELS + 1
+small, large = 160**3, memory.HOLD_VOXELS + 1
 assert pipeline.keep_freed_memory("cpu") is True
 print(returned(small))
 assert pipeline.keep_freed_memory("cpu", many_images=True) is True
@@ -157,9 +202,11 @@ def test_a_process_of_many_images_keeps_its_free_pages(tmp_path: Path) -> None:
 
 
 def test_keep_freed_memory_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline, "_glibc", lambda: None)
+    monkeypatch.setattr(memory, "_glibc", lambda: None)
     assert pipeline.keep_freed_memory("cpu") is False
-    pipeline.release_free_memory()  # a no-op, not an error
+    memory.release_free_memory()  # a no-op, not an error
+    with memory.tuned():  # likewise
+        pass
 
 
 def test_a_volume_with_infinite_voxels_is_refused_like_a_file(tmp_path: Path) -> None:
