@@ -1,0 +1,100 @@
+"""The Python API against the command line on the same scan: `stuseg.segment` vs `stuseg predict`.
+
+    python3 benchmarks/bench_api.py [--rounds 2] [--size small] [--ct PATH]
+
+Each round runs, one after the other in fresh processes, `stuseg predict CT OUT --weights W
+--device cpu` and a Python process that imports stuseg and calls `stuseg.segment(CT,
+weights=W, device="cpu")` (what a notebook or a pipeline does), then the same two in the
+opposite order. It records each run's wall time (process start to exit), its seconds in the
+network and its peak RSS, one JSON line each in benchmarks/results.jsonl. Default CT: the real
+122 x 101 x 30 abdomen scan of the tests (3 mm); weights: random, real architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, make_weights, record
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CT = REPO / "tests" / "data" / "totalseg_results" / "abdomen_ct_sm.nii.gz"
+
+LIBRARY = """
+import json, resource, sys
+import stuseg
+seg = stuseg.segment(sys.argv[1], weights=sys.argv[2], device="cpu")
+print(json.dumps({"network_s": seg.timings["network"],
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def run_cli(ct: Path, weights: Path, out: Path, env: dict[str, str]) -> dict[str, float]:
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "stuseg", "predict", str(ct), str(out), "--weights", str(weights)]
+    done = subprocess.run([*cmd, "--device", "cpu", "--overwrite"], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    summary = done.stderr.strip().splitlines()[-1]
+    network = float(re.search(r"network ([\d.]+)s", summary)[1])
+    rss = float(re.search(r"peak RAM ([\d.]+) GB", summary)[1])
+    return {"wall_s": round(wall, 2), "network_s": network, "peak_rss_gb": rss}
+
+
+def run_library(ct: Path, weights: Path, env: dict[str, str]) -> dict[str, float]:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", LIBRARY, str(ct), str(weights)], env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"wall_s": round(wall, 2), **{k: round(v, 2) for k, v in result.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--ct", type=Path, default=DEFAULT_CT)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        weights = work / f"{args.size}.safetensors"
+        make_weights(weights, args.size)
+        env = {**os.environ, "STUSEG_HOME": str(work / "home")}
+        run_library(args.ct, weights, env)  # warm-up: numba's kernel cache, the file cache
+        for r in range(args.rounds):
+            order = ("cli", "library") if r % 2 == 0 else ("library", "cli")
+            for entry in order:
+                if entry == "cli":
+                    result = run_cli(args.ct, weights, work / "out", env)
+                else:
+                    result = run_library(args.ct, weights, env)
+                record(
+                    {
+                        "benchmark": "api",
+                        "entry": entry,
+                        "round": r,
+                        "size": args.size,
+                        "ct": args.ct.name,
+                        **result,
+                    },
+                    args.results,
+                )
+
+
+if __name__ == "__main__":
+    main()
