@@ -11,7 +11,11 @@ The public API::
 - ``segment`` and ``Segmenter`` (``stuseg.pipeline``) return a ``Segmentation``: ``image`` (a
   nibabel uint8 label map on the input's grid, values = model channel indices), ``names``
   (``{value: structure name}``), timings and peak memory.
+- ``read_image`` and ``Volume`` (``stuseg.io``): an image's voxels with its affine, as stuseg
+  reads it; ``StusegWarning``: what stuseg warns about (unusual input).
 - ``build_network`` (``stuseg.network``) builds an STU-Net of one size, untrained.
+- Submodules for the rest, importable as attributes too: ``stuseg.batch`` (cohorts),
+  ``stuseg.labels``, ``stuseg.statistics``, ``stuseg.memory``, ``stuseg.weights``.
 - Errors: every failure caused by the user's input, files or weights is a ``StusegError``
   (``InputError``, ``OutputError``, ``LabelError``, ``WeightsError``) with a one-line message.
 - ``stuseg.labels`` holds the label table (names, groups, TotalSegmentator v1 numbering).
@@ -33,20 +37,35 @@ __all__ = [
     "InputError",
     "LabelError",
     "OutputError",
+    "Segmentation",
     "Segmenter",
     "StusegError",
+    "StusegWarning",
+    "Volume",
     "WeightsError",
     "__version__",
     "build_network",
+    "read_image",
     "segment",
 ]
 
 if TYPE_CHECKING:
+    from stuseg.io import StusegWarning, Volume, read_image
     from stuseg.network import build_network
-    from stuseg.pipeline import Segmenter, segment
+    from stuseg.pipeline import Segmentation, Segmenter, segment
 
 # Public name -> the module that defines it; imported (with torch) on first access only.
-_LAZY = {"segment": "stuseg.pipeline", "Segmenter": "stuseg.pipeline", "build_network": "stuseg.network"}
+_LAZY = {
+    "segment": "stuseg.pipeline",
+    "Segmenter": "stuseg.pipeline",
+    "Segmentation": "stuseg.pipeline",
+    "build_network": "stuseg.network",
+    "read_image": "stuseg.io",
+    "Volume": "stuseg.io",
+    "StusegWarning": "stuseg.io",
+}
+# Submodules a user reaches as ``stuseg.batch.run(...)`` after a plain ``import stuseg``.
+_SUBMODULES = ("batch", "labels", "memory", "statistics", "weights")
 
 
 def __getattr__(name: str) -> Any:
@@ -61,14 +80,16 @@ def __getattr__(name: str) -> Any:
     Raises:
         AttributeError: ``name`` is not part of stuseg's public API.
     """
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         # Not cached here: stuseg.segment stays whatever stuseg.pipeline.segment is now.
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"stuseg.{name}")  # the import binds it here for next time
     raise AttributeError(f"module 'stuseg' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     """The module's names, including the lazily imported ones (for tab completion)."""
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *__all__, *_SUBMODULES})

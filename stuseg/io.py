@@ -87,8 +87,9 @@ def label_image(data: np.ndarray, like: nib.Nifti1Header) -> nib.Nifti1Image:
     hdr["pixdim"] = pixdim
     # No intensity scaling for label values.
     hdr.set_slope_inter(1.0, 0.0)
-    img = nib.Nifti1Image(data, None, header=hdr)
-    return img
+    # The header's own best affine as the image's: ``img.affine`` is then the input's matrix, and
+    # since the two agree, nibabel changes none of the copied fields when it builds or saves it.
+    return nib.Nifti1Image(data, hdr.get_best_affine(), header=hdr)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -251,6 +251,7 @@ def test_geometry_matches_the_whole_volume_reference(tmp_path: Path, case: Case)
     assert got.shape == case.shape, case.name
     np.testing.assert_array_equal(seg.image.header.get_qform(), img.header.get_qform())
     np.testing.assert_array_equal(seg.image.header.get_sform(), img.header.get_sform())
+    np.testing.assert_array_equal(seg.image.affine, img.header.get_best_affine())
     expect, doubt = reference_pipeline.segment_image(
         img,
         net,

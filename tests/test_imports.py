@@ -191,3 +191,22 @@ def test_segmenter_is_public() -> None:
     from stuseg import pipeline
 
     assert stuseg.Segmenter is pipeline.Segmenter
+
+
+def test_a_plain_import_reaches_the_api_and_its_submodules(tmp_path: Path) -> None:
+    """In a fresh interpreter, as the README's examples use it: ``import stuseg`` and nothing else."""
+    script = """
+import stuseg
+from stuseg import io, pipeline
+assert stuseg.batch.run.__module__ == "stuseg.batch"
+assert stuseg.labels.LABELS[1] == "adrenal_gland_left"
+assert (stuseg.Volume, stuseg.read_image) == (io.Volume, io.read_image)
+assert stuseg.StusegWarning is io.StusegWarning
+assert stuseg.Segmentation is pipeline.Segmentation
+assert {"batch", "Segmentation", "read_image"} <= set(dir(stuseg))
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "ok", done.stderr

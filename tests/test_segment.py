@@ -80,6 +80,7 @@ def test_known_labelling_comes_back_exactly_on_the_input_grid(tmp_path, orientat
     np.testing.assert_array_equal(out.header.get_qform(), img.header.get_qform())
     np.testing.assert_array_equal(out.header.get_sform(), img.header.get_sform())
     assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (1, 2)
+    np.testing.assert_array_equal(out.affine, img.header.get_best_affine())  # the image carries it too
 
 
 def test_several_tiles_and_odd_sizes(tmp_path) -> None:
