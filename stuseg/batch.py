@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stuseg import crash, memory
+from stuseg import crash, memory, paths
 from stuseg.errors import InputError, OutputError, StusegError
 
 LOG_NAME = "stuseg-batch.jsonl"
 Status = Literal["ok", "failed", "skipped"]
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LIST_SUFFIXES = (".txt", ".csv")
 WHAT_IS_FOUND = (
     "a batch segments NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) and MetaImage (.mha, .mhd) files "
@@ -138,16 +137,8 @@ def safe_id(text: str) -> str:
     return name
 
 
-def _strip_image_suffix(name: str) -> str:
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem if "." in name.lstrip(".") else name
-
-
 def _is_image_file(path: Path) -> bool:
-    return path.name.lower().endswith(IMAGE_SUFFIXES)
+    return path.name.lower().endswith(paths.IMAGE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -266,7 +257,7 @@ def _search_folder(root: Path, base_prefix: str | None = None) -> tuple[list[_Fo
                 continue
             path = here / name
             if _is_image_file(path):
-                found.append(_Found(path, None, safe_id("_".join([*parts, _strip_image_suffix(name)]))))
+                found.append(_Found(path, None, safe_id("_".join([*parts, paths.stem(name)]))))
             elif looks_like_dicom(path):
                 dicom.append(path)
         if dicom:
@@ -288,7 +279,7 @@ def _from_entry(path: Path, explicit: str | None) -> tuple[list[_Found], list[Ig
                 found = [_Found(f.input, f.series, safe_id(f"{explicit}_{f.base}"), True) for f in found]
         return found, ignored
     # A file, or a path that does not exist (a list entry: that case fails with read_image's reason).
-    base = safe_id(explicit) if explicit is not None else safe_id(_strip_image_suffix(path.name))
+    base = safe_id(explicit) if explicit is not None else safe_id(paths.stem(path.name))
     return [_Found(path, None, base, explicit is not None)], []
 
 

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from stuseg import paths
 from stuseg.errors import InputError, OutputError, StusegError
 
 INSTALL_HINT = 'pip install "stuseg[dicom]"'
@@ -162,9 +163,7 @@ def seg_path_for(output: Path, multilabel: bool) -> Path:
     output = Path(output)
     if not multilabel:
         return output / "seg.dcm"
-    name = output.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-    return output.with_name(stem + ".dcm")
+    return output.with_name(paths.stem(output) + ".dcm")
 
 
 def _frame_indices(

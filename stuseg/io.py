@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from stuseg.errors import InputError
+from stuseg.paths import NIFTI_SUFFIXES, SITK_SUFFIXES, image_suffix
 
 # SimpleITK is imported inside the functions that need it: NIfTI input and `stuseg --help` do not
 # pay for its import.
@@ -95,8 +96,6 @@ def label_image(data: np.ndarray, like: nib.Nifti1Header) -> nib.Nifti1Image:
 # --------------------------------------------------------------------------------------------------
 # Reading
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SUPPORTED_INPUTS = (
     "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file, "
     "or a folder holding one DICOM series"
@@ -131,11 +130,6 @@ class SeriesInfo:
     n_files: int
 
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
 def looks_like_dicom(path: Path) -> bool:
     """A DICOM file by its extension or its ``DICM`` marker at byte 128 (PS3.10)."""
     if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
@@ -161,7 +155,7 @@ def read_image(path: Path, series: str | None = None) -> Volume:
         return _read_dicom_folder(path, series)
     if series is not None:
         raise InputError(f"--series applies only to a DICOM folder, but {path} is a file; leave it out")
-    suffix = _suffix(path)
+    suffix = image_suffix(path)
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path)
     if suffix in SITK_SUFFIXES:
@@ -421,7 +415,7 @@ def _check_detached_data_file(path: Path) -> None:
     MetaIO prints its own complaint to the console before failing, so look first. Lists, file
     patterns and data stored in the header itself are left to SimpleITK.
     """
-    suffix = _suffix(path)
+    suffix = image_suffix(path)
     if suffix not in (".mhd", ".nhdr"):
         return
     keys = ("elementdatafile",) if suffix == ".mhd" else ("data file", "datafile")
@@ -449,7 +443,7 @@ def _check_detached_data_file(path: Path) -> None:
 def _sitk_read_file(path: Path):  # -> sitk.Image
     import SimpleITK as sitk
 
-    kind = "NRRD" if _suffix(path) in (".nrrd", ".nhdr") else "MetaImage"
+    kind = "NRRD" if image_suffix(path) in (".nrrd", ".nhdr") else "MetaImage"
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     with _quiet_itk() as said:

@@ -35,13 +35,13 @@ from stuseg import labels as lbl
 from stuseg import outputs
 from stuseg.errors import InputError, LabelError, OutputError
 from stuseg.io import check_pixel_kind, label_image, load_nifti, spatial_shape
+from stuseg.paths import NIFTI_SUFFIXES, nifti_stem
 
 FORMAT = "stuseg-labels/1"  # marks the JSON label table in header extensions and sidecars
 # NIfTI extension code 6 is "comment": free text that header dump tools show as is.
 _COMMENT_CODE = 6
 # Masks of one segmentation must lie on one grid; affines may differ by float round-off only.
 _AFFINE_ATOL_MM = 1e-4
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # gzip level 1: label masks are mostly zeros, so higher levels gain little size for much time.
 _GZIP_LEVEL = 1
@@ -62,18 +62,10 @@ class ExportResult:
 # Paths
 
 
-def _nifti_stem(path: Path) -> str | None:
-    """``seg`` for ``seg.nii.gz`` or ``seg.nii``; None if ``path`` is not named as NIfTI."""
-    for suffix in _NIFTI_SUFFIXES:
-        if path.name.lower().endswith(suffix) and len(path.name) > len(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
 def companion_paths(path: Path) -> dict[str, Path]:
     """The files written next to multilabel file ``path``: JSON sidecar and viewer label files."""
     path = Path(path)
-    stem = _nifti_stem(path)
+    stem = nifti_stem(path)
     if stem is None:
         raise OutputError(f"'{path}' is not a NIfTI file name; end it in .nii.gz")
     return {
@@ -439,7 +431,7 @@ def read_names(img: nib.Nifti1Image, path: Path) -> dict[int, str] | None:
             table = _parse_table(ext.get_content())
             if table is not None:
                 return table
-    stem = _nifti_stem(Path(path))
+    stem = nifti_stem(Path(path))
     sidecar = Path(path).with_name(f"{stem}.json") if stem else None
     if sidecar is not None and sidecar.is_file():
         return _parse_table(sidecar.read_bytes())
@@ -490,7 +482,7 @@ def _mask_files(folder: Path) -> dict[int, Path]:
     """Model index -> mask file for every ``<structure>.nii.gz`` (or ``.nii``) in ``folder``."""
     found = {}
     for index, name in enumerate(lbl.STRUCTURES, start=1):
-        for suffix in _NIFTI_SUFFIXES:
+        for suffix in NIFTI_SUFFIXES:
             candidate = folder / f"{name}{suffix}"
             if candidate.is_file():
                 found[index] = candidate
@@ -575,7 +567,7 @@ def load_segmentation(
 def segmentation_inputs(path: Path) -> list[Path]:
     """What reading segmentation ``path`` reads: the file and its JSON sidecar, or the folder."""
     path = Path(path)
-    stem = _nifti_stem(path)
+    stem = nifti_stem(path)
     sidecar = path.with_name(f"{stem}.json") if stem and not path.is_dir() else None
     return [path, sidecar] if sidecar is not None and sidecar.exists() else [path]
 
@@ -601,7 +593,7 @@ def check_multilabel_output(
     """
     hint = " such as seg.nii.gz, or leave out --ml for a folder of masks"
     outputs.check_output(output, inputs=inputs, kind="file", overwrite=overwrite, hint=hint)
-    if _nifti_stem(Path(output)) is None:
+    if nifti_stem(Path(output)) is None:
         raise OutputError(f"{output} is not a NIfTI file name; end it in .nii.gz")
     for companion in companion_paths(Path(output)).values():
         outputs.check_output(companion, inputs=inputs, kind="file", overwrite=overwrite)
@@ -623,7 +615,7 @@ def check_mask_folder_output(output: Path, *, inputs: Sequence[Path], overwrite:
     """
     hint = ", or add --ml for one multilabel file"
     outputs.check_output(output, inputs=inputs, kind="folder", overwrite=overwrite, hint=hint)
-    if not os.path.lexists(output) and _nifti_stem(Path(output)) is not None:
+    if not os.path.lexists(output) and nifti_stem(Path(output)) is not None:
         raise OutputError(
             f"{output} looks like a file name but masks are written into a folder; "
             "give a folder name, or add --ml for one multilabel file"
@@ -670,7 +662,7 @@ def export_labels(
     if numbering is not None and not ml:
         raise OutputError("--numbering applies to --ml output only; add --ml or drop --numbering")
     if combine is not None:
-        if not _SAFE_NAME.fullmatch(combine) or _nifti_stem(Path(combine)) is not None:
+        if not _SAFE_NAME.fullmatch(combine) or nifti_stem(Path(combine)) is not None:
             raise OutputError(f"'{combine}' is not a plain name for --combine; use letters, digits and _")
         if combine.lower() in (s.lower() for s in lbl.STRUCTURES):
             raise OutputError(
@@ -724,7 +716,7 @@ def _named_mask_files(folder: Path) -> dict[str, Path]:
     """Structure name -> file for every visible ``<name>.nii.gz`` / ``<name>.nii`` in ``folder``."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        stem = _nifti_stem(path)
+        stem = nifti_stem(path)
         if stem is None or path.name.startswith(".") or not path.is_file():
             continue
         if stem in found:

@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 from numba import njit
 
-from stuseg import __version__
+from stuseg import __version__, paths
 from stuseg.errors import InputError, LabelError
 
 FORMAT = "stuseg-statistics/1"
@@ -534,8 +534,7 @@ def sidecar_paths(result: Path, multilabel: bool) -> dict[str, Path]:
     if not multilabel:
         return {k: result / n for k, n in (("json", "statistics.json"), ("csv", "statistics.csv"),
                                             ("png", "preview.png"))}  # fmt: skip
-    name = result.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else result.stem
+    stem = paths.stem(result)
     return {
         "json": result.with_name(f"{stem}.statistics.json"),
         "csv": result.with_name(f"{stem}.statistics.csv"),
