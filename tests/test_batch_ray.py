@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import ray  # the test extra installs stuseg[ray]: a missing ray fails here, it is not skipped
+from conftest import make_ct_array
 from fabricate import small_checkpoint
 from test_batch import _masks, _no_leftovers, write_ct
 
@@ -54,7 +56,10 @@ def test_ray_batch_matches_the_local_batch(tmp_path: Path, cluster: str, small_m
     write_ct(src / "a.nii.gz", shape=(40, 36, 32), seed=3)
     (src / "b.nii.gz").write_bytes(b"not a scan")
     write_ct(src / "c.nii.gz", shape=(30, 40, 34), seed=4)
-    args = ["--weights", str(small_model), "--step-size", "1.0", "--device", "cpu", "--fast", "-q"]
+    # 5 mm slices of a small field of view: normal mode's export streams along the thick axis.
+    thick = np.diag([1.25, 1.25, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(make_ct_array((60, 50, 30), seed=5), thick), src / "d.nii.gz")
+    args = ["--weights", str(small_model), "--step-size", "1.0", "--device", "cpu", "-q"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ray_out, local_out = tmp_path / "ray", tmp_path / "local"
     cmd = [sys.executable, "-m", "stuseg", "batch", str(src), "-o", str(ray_out), "--ray", cluster, *args]
@@ -62,9 +67,9 @@ def test_ray_batch_matches_the_local_batch(tmp_path: Path, cluster: str, small_m
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[0].startswith(f"stuseg: error: b: cannot read {src / 'b.nii.gz'}: it is damaged"), lines
-    assert lines[-1] == f"stuseg: error: 1 of 3 cases failed, see {ray_out / batch.LOG_NAME}"
+    assert lines[-1] == f"stuseg: error: 1 of 4 cases failed, see {ray_out / batch.LOG_NAME}"
     assert "Traceback" not in done.stderr
-    assert sorted(p.name for p in ray_out.iterdir()) == ["a", "c", batch.LOG_NAME]  # no token left
+    assert sorted(p.name for p in ray_out.iterdir()) == ["a", "c", "d", batch.LOG_NAME]  # no token left
     _no_leftovers(ray_out)
 
     local = subprocess.run(
@@ -76,7 +81,7 @@ def test_ray_batch_matches_the_local_batch(tmp_path: Path, cluster: str, small_m
         check=False,
     )
     assert local.returncode == 1, local.stderr
-    for case in ("a", "c"):
+    for case in ("a", "c", "d"):
         left, right = _masks(ray_out / case), _masks(local_out / case)
         assert sorted(left) == sorted(right) and len(left) == 104
         for name in left:
@@ -94,8 +99,8 @@ def test_ray_batch_matches_the_local_batch(tmp_path: Path, cluster: str, small_m
     assert again.returncode == 1, again.stderr
     last = [r for r in batch.read_log(ray_out / batch.LOG_NAME) if r["run"] == ray_log[-1]["run"]]
     assert last == ray_log  # the first run's lines are untouched
-    statuses = sorted((r["case"], r["status"]) for r in batch.read_log(ray_out / batch.LOG_NAME)[3:])
-    assert statuses == [("a", "skipped"), ("b", "failed"), ("c", "skipped")]
+    statuses = sorted((r["case"], r["status"]) for r in batch.read_log(ray_out / batch.LOG_NAME)[4:])
+    assert statuses == [("a", "skipped"), ("b", "failed"), ("c", "skipped"), ("d", "skipped")]
 
 
 def test_a_worker_that_does_not_see_the_folder_says_so(tmp_path: Path) -> None:
