@@ -71,7 +71,7 @@ def report(exc: BaseException, argv: Sequence[str] | None = None) -> Path | None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     lines = [
         f"stuseg {__version__} internal error, {stamp}",
-        f"command: {' '.join(argv)}",
+        f"command: stuseg {' '.join(argv[1:])}",
         f"python {platform.python_version()} on {platform.platform()}",
         f"torch {_version_of('torch')}, numpy {_version_of('numpy')}, nibabel {_version_of('nibabel')}",
         "",

@@ -325,7 +325,23 @@ def _tqdm_adapter(progress: Progress, phase: str) -> type:
     return Bar
 
 
-def _hub_error(exc: BaseException, entry: WeightsEntry, endpoint: str) -> WeightsError:
+# Exceptions that mean stuseg or a library under it is wrong (an API change, say), not the network:
+# the HTTP stack under huggingface_hub changes (requests, httpx, httpx2), so its errors are not
+# listed; whatever else goes wrong while talking to the hub is the hub's or the connection's.
+_BUGS = (
+    TypeError,
+    AttributeError,
+    NameError,
+    ImportError,
+    AssertionError,
+    NotImplementedError,
+    RecursionError,
+)
+
+
+def _hub_error(exc: BaseException, entry: WeightsEntry, endpoint: str) -> BaseException:
+    """The one-line ``WeightsError`` for a failure to reach or use the hub; ``exc`` itself when it
+    is none of those (a bug, which must surface as one)."""
     from huggingface_hub import errors as hf
 
     what = f"{entry.filename} from {entry.repo}@{entry.revision[:12]}"
@@ -351,6 +367,8 @@ def _hub_error(exc: BaseException, entry: WeightsEntry, endpoint: str) -> Weight
         return WeightsError(
             f"the download of {entry.filename} was cut short (truncated body); nothing was kept, run it again"
         )
+    if isinstance(exc, _BUGS):
+        return exc  # reported as the bug it is, not as "check the connection"
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return WeightsError(
         f"cannot download {what} from {endpoint} ({reason}); check the connection or HF_ENDPOINT, "

@@ -183,3 +183,22 @@ def test_not_enough_disk_space(hub: FakeHub, tmp_path: Path, monkeypatch: pytest
     with pytest.raises(WeightsError, match="disk full"):
         weights.download_weights("small", manifest=manifest, endpoint=hub.url, hf_cache_dir=tmp_path / "hf")
     assert "GET" not in [m for m, _ in hub.requests]
+
+
+def test_a_bug_under_the_download_is_not_blamed_on_the_connection(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API change in huggingface_hub (a TypeError) surfaces as the bug it is; the network's
+    own failures (test_server_down) keep their 'check the connection' line."""
+    import huggingface_hub
+
+    manifest = serve(hub, tmp_path, b"x" * 1000)
+
+    def changed_api(*args, **kwargs):
+        raise TypeError("get_hf_file_metadata() got an unexpected keyword argument 'url'")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", changed_api)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        weights.download_weights("small", manifest=manifest, endpoint=hub.url)
+    assert stuseg_files() == [] and hf_blobs() == []
