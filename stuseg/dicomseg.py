@@ -27,6 +27,7 @@ import numpy as np
 
 from stuseg import paths
 from stuseg.errors import InputError, OutputError, StusegError
+from stuseg.geometry import LPS_TO_RAS
 
 INSTALL_HINT = 'pip install "stuseg[dicom]"'
 
@@ -47,7 +48,6 @@ _REQUIRED_UIDS = (
 _REQUIRED_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 
 # (x, y, z) LPS (DICOM patient coordinates) <-> RAS (the label map's affine): its own inverse.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 class SnomedCodes(NamedTuple):
@@ -178,7 +178,7 @@ def _frame_indices(
     cosines = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
     row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
     rows, cols = int(ds.Rows), int(ds.Columns)
-    to_index = inverse_affine[:3, :3] @ _LPS_TO_RAS
+    to_index = inverse_affine[:3, :3] @ LPS_TO_RAS
     origin = to_index @ position + inverse_affine[:3, 3]
     along_col = to_index @ (cosines[:3] * col_spacing)  # index step per column (n + 1)
     along_row = to_index @ (cosines[3:] * row_spacing)  # index step per row (m + 1)

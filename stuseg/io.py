@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from stuseg.errors import InputError
+from stuseg.geometry import LPS_TO_RAS
 from stuseg.paths import NIFTI_SUFFIXES, SITK_SUFFIXES, image_suffix
 
 # SimpleITK is imported inside the functions that need it: NIfTI input and `stuseg --help` do not
@@ -118,7 +119,6 @@ _NIBABEL_READ_ERRORS = (
 )
 
 # (x, y, z) LPS <-> RAS: negate the first two world axes. Its own inverse.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -475,8 +475,8 @@ def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
     origin = np.asarray(img.GetOrigin(), dtype=np.float64)[:3]
     affine = np.eye(4)
     # NIfTI/nibabel want RAS+: negate the first two rows (x: L -> R, y: P -> A).
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
-    affine[:3, 3] = _LPS_TO_RAS @ origin
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = LPS_TO_RAS @ origin
     _check_affine(path, affine)
     # GetArrayViewFromImage is indexed [z, y, x] (C order); its transpose is [x, y, z] = (i, j, k)
     # in Fortran order, the same layout nibabel gives. astype copies, so nothing refers to `img`.

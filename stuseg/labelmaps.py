@@ -34,6 +34,7 @@ import numpy as np
 from stuseg import labels as lbl
 from stuseg import outputs
 from stuseg.errors import InputError, LabelError, OutputError
+from stuseg.geometry import same_grid
 from stuseg.io import check_pixel_kind, label_image, load_nifti, spatial_shape
 from stuseg.paths import NIFTI_SUFFIXES, nifti_stem
 
@@ -41,7 +42,6 @@ FORMAT = "stuseg-labels/1"  # marks the JSON label table in header extensions an
 # NIfTI extension code 6 is "comment": free text that header dump tools show as is.
 _COMMENT_CODE = 6
 # Masks of one segmentation must lie on one grid; affines may differ by float round-off only.
-_AFFINE_ATOL_MM = 1e-4
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # gzip level 1: label masks are mostly zeros, so higher levels gain little size for much time.
 _GZIP_LEVEL = 1
@@ -513,7 +513,7 @@ def _load_folder(
     flat = labels.ravel(order="F")  # a view: boolean indexing walks C order, slow on F arrays
     for index, path in files.items():
         img, arr, _ = _load_label_nifti(path)
-        if arr.shape != shape or not np.allclose(img.affine, ref.affine, atol=_AFFINE_ATOL_MM):
+        if not same_grid(arr.shape, img.affine, shape, ref.affine):
             what = "shape" if arr.shape != shape else "affine"
             raise InputError(
                 f"masks {first.name} and {path.name} in {folder} differ in {what}; "
@@ -758,9 +758,7 @@ def load_named_masks(folder: Path) -> tuple[list[np.ndarray], nib.Nifti1Header, 
         img, raw, header = _load_label_nifti(path)  # one reader for every NIfTI stuseg reads
         if ref is None:
             ref, ref_header, first = img, header, path.name
-        elif raw.shape != ref_header.get_data_shape()[:3] or not np.allclose(
-            img.affine, ref.affine, atol=_AFFINE_ATOL_MM
-        ):
+        elif not same_grid(raw.shape, img.affine, ref_header.get_data_shape()[:3], ref.affine):
             what = "shape" if raw.shape != ref_header.get_data_shape()[:3] else "affine"
             raise InputError(
                 f"masks {first} and {path.name} in {folder} differ in {what}; "

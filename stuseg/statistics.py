@@ -35,6 +35,7 @@ from numba import njit
 
 from stuseg import __version__, paths
 from stuseg.errors import InputError, LabelError
+from stuseg.geometry import same_grid
 
 FORMAT = "stuseg-statistics/1"
 
@@ -73,9 +74,6 @@ COLUMNS: dict[str, str] = {
 # Fields left empty (CSV) or null (JSON) for a structure without voxels.
 _EMPTY_WHEN_ABSENT = tuple(c for c in COLUMNS if c not in ("structure", "label", "voxels", "volume_ml"))
 
-# Two affines describe the same grid if they differ by at most this (mm). Far below any voxel
-# size, far above the float32 round-off of a stored sform (3e-5 mm at 1000 mm from the origin).
-_AFFINE_ATOL_MM = 1e-3
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[0-9][0-9.eE+-]*,?\s*)+)\]")
 
 
@@ -297,13 +295,6 @@ def affine_of(header_or_affine: nib.Nifti1Header | np.ndarray) -> np.ndarray:
     if affine.shape != (4, 4):
         raise ValueError(f"an affine is a 4x4 matrix, not {affine.shape}")
     return affine
-
-
-def same_grid(
-    shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequence[int], affine_b: np.ndarray
-) -> bool:
-    """True if two images have the same voxel grid: equal shapes and affines (to 0.001 mm)."""
-    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, rtol=0, atol=_AFFINE_ATOL_MM)
 
 
 def align_to(
