@@ -266,7 +266,7 @@ def export_labels_cmd(
         say(f"note: no voxels for {some(result.empty)}")
     for path in result.written:
         typer.echo(str(path))
-    say(f"wrote {len(result.written)} files")
+    say(f"wrote {_count(len(result.written), 'file')}")
 
 
 ManifestOption = Annotated[
@@ -777,15 +777,23 @@ def batch_cmd(
         ) from None
     seconds = time.perf_counter() - start
     if not quiet:
-        per_minute = counts["ok"] / (seconds / 60) if seconds > 0 else 0.0
+        # The rate only where scans were segmented: a resume that skipped everything has none.
+        rate = (
+            f" ({counts['ok'] / (seconds / 60):.2f} scans per minute)" if counts["ok"] and seconds > 0 else ""
+        )
         say(
             f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
-            f"in {_duration(seconds)} ({per_minute:.2f} scans per minute); "
+            f"in {_duration(seconds)}{rate}; "
             + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
             + f"log: {log}"
         )
     if counts["failed"]:
         raise fail(f"{counts['failed']} of {len(found.cases)} cases failed, see {log}")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 file``, ``3 files``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _duration(seconds: float) -> str:

@@ -611,7 +611,7 @@ def test_batch_command_matches_predict_and_goes_on_after_a_corrupt_case(
     assert lines[0].startswith(
         f"stuseg: error: b_corrupt: cannot read {src / 'b_corrupt.nii.gz'}: it is damaged"
     )
-    assert lines[-2].startswith("batch: 3 ok, 1 failed, 0 skipped in ")
+    assert lines[-2].startswith("batch: 3 ok, 1 failed, 0 skipped in ") and "scans per minute" in lines[-2]
     assert lines[-1] == f"stuseg: error: 1 of 4 cases failed, see {out / batch.LOG_NAME}"
     assert sorted(p.name for p in out.iterdir()) == ["a", "c", "d_series_s6", batch.LOG_NAME]
     records = batch.read_log(out / batch.LOG_NAME)
@@ -629,6 +629,9 @@ def test_batch_command_matches_predict_and_goes_on_after_a_corrupt_case(
         result = CliRunner().invoke(app, ["predict", str(source), str(alone), *common, "-q"])
         assert result.exit_code == 0, result.output
         _same_masks(out / case, alone)
+    # Run again: nothing is segmented, so the summary states no rate (it once said 0.00 a minute).
+    again = run_cli("batch", src, "-o", out, *common).stderr.strip().splitlines()
+    assert again[-2].startswith("batch: 0 ok, 1 failed, 3 skipped in ") and "per minute" not in again[-2]
 
 
 def _wait_for_ok(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -415,7 +415,7 @@ def test_a_repaired_header_is_one_warning_line(tmp_path: Path, seg: Path) -> Non
     done = stuseg("export-labels", odd, tmp_path / "out", "--labels", "liver")
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [
-        "wrote 1 files",
+        "wrote 1 file",
         f"stuseg: warning: {odd} has an inconsistent header that nibabel repaired (pixdim[1,2,3] should "
         "be positive; setting to abs of pixdim values); check that the result lies where you expect",
     ]
