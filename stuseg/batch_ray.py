@@ -360,6 +360,26 @@ def run(
     )
 
 
+def case_failure(ray: Any, exc: BaseException) -> tuple[str, str | None, bool]:
+    """Why a case's ``ray.get`` raised: (the one-line error, a bug's traceback, whether its actor died).
+
+    The actor died (more often than Ray retries, or it could not start): the worker's fault, not
+    the case's. The task raised (``RayTaskError``: the worker catches every error of a case, so
+    this is a bug around it): an internal error, with the worker's traceback from Ray's text.
+    Anything else: Ray itself could not run it.
+    """
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return (
+            f"its Ray worker died and it was retried {TASK_RETRIES} times: {_worker_error(ray, exc)}",
+            None,
+            True,
+        )
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+        return f"internal error in its Ray worker: {crash.summary(cause)}", str(exc), False
+    return f"Ray could not run it: {_worker_error(ray, exc)}", None, False
+
+
 def _worker_error(ray: Any, exc: BaseException) -> StusegError:
     """The one-line reason why an actor could not start or died, from Ray's exception."""
     cause = exc
@@ -467,14 +487,14 @@ def _dispatch(
             load[i] -= 1
             try:
                 status, paths, error, rec = ray.get(ref)
-            except Exception as exc:  # the actor died more often than Ray retries, or cannot start
-                error = (
-                    f"its Ray worker died and it was retried {TASK_RETRIES} times: {_worker_error(ray, exc)}"
-                )
-                if isinstance(exc, ray.exceptions.RayActorError):
+            except Exception as exc:  # Ray's word that the case did not come back; what it means:
+                error, trace, died = case_failure(ray, exc)
+                if died:
                     alive.discard(i)
                 status, paths = "failed", []
-                rec = recorder.record(case, "failed", error=error, wall=time.perf_counter() - started)
+                rec = recorder.record(
+                    case, "failed", error=error, traceback=trace, wall=time.perf_counter() - started
+                )
             log.write(rec)
             yield CaseResult(case, status, [Path(p) for p in paths], error, rec)
 

@@ -118,6 +118,23 @@ def test_a_worker_that_does_not_see_the_folder_says_so(tmp_path: Path) -> None:
     )
 
 
+def test_why_a_case_did_not_come_back_from_ray() -> None:
+    """A dead actor is the worker's fault; a task that raised is a bug (with the worker's
+    traceback); neither is called the other."""
+    from stuseg.batch_ray import TASK_RETRIES, case_failure
+
+    worker_trace = 'Traceback (most recent call last):\n  File "worker.py", line 9\nTypeError: boom'
+    raised = ray.exceptions.RayTaskError("CaseWorker.process", worker_trace, TypeError("boom"))
+    error, trace, died = case_failure(ray, raised)
+    assert error == "internal error in its Ray worker: TypeError: boom" and not died
+    assert "worker.py" in trace
+    error, trace, died = case_failure(ray, ray.exceptions.ActorDiedError())
+    assert error.startswith(f"its Ray worker died and it was retried {TASK_RETRIES} times: ") and died
+    assert trace is None
+    error, trace, died = case_failure(ray, ray.exceptions.GetTimeoutError("no answer"))
+    assert error == "Ray could not run it: a Ray worker failed: no answer" and not died
+
+
 def _process_titled(prefix: str) -> int | None:
     """The pid of a process whose title (Ray sets ``ray::Class.method`` while a task runs) starts so."""
     for entry in Path("/proc").iterdir():
