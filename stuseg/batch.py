@@ -1022,7 +1022,6 @@ def run(
         OutputError: the run log cannot be written (the batch stops; finished cases stay).
         InputError: two cases share an id.
     """
-    from stuseg import pipeline
 
     cases = list(cases)
     ids = [c.id.casefold() for c in cases]
@@ -1098,7 +1097,7 @@ def run(
                 job = _Job(case, time.perf_counter())
                 with sink.to(job.warnings):
                     try:
-                        job.prepared = pipeline.prepare(case.input, series=case.series, threads=read_threads)
+                        job.prepared = segmenter.prepare(case.input, series=case.series, threads=read_threads)
                         job.geometry = _geometry(job.prepared.header)
                     except Exception as exc:
                         job.error, job.traceback = one_line(exc), crash.bug_traceback(exc)

@@ -125,7 +125,6 @@ class CaseWorker:
         Returns:
             (status, output paths, one-line error, log record).
         """
-        from stuseg import pipeline
 
         recorder = _Recorder(settings, self.output, run_id)
         started = time.perf_counter()
@@ -139,7 +138,7 @@ class CaseWorker:
         with sink.installed(), sink.to(caught):
             try:
                 read, _, write = _split(self.threads, self.segmenter.device.type)
-                prepared = pipeline.prepare(case.input, series=case.series, threads=read)
+                prepared = self.segmenter.prepare(case.input, series=case.series, threads=read)
                 geometry, voxels = _geometry(prepared.header), prepared.geometry.voxels
                 with self.network:
                     inferred = self.segmenter.infer(prepared)

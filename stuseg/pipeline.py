@@ -328,13 +328,18 @@ class Segmenter:
 
     segment = __call__
 
-    def prepare(self, image: str | Path | Volume, *, series: str | None = None) -> Prepared:
-        """Read (unless given a ``Volume``), check and preprocess one image. CPU only, no model.
+    def prepare(
+        self, image: str | Path | Volume, *, series: str | None = None, threads: int | None = None
+    ) -> Prepared:
+        """Read (unless given a ``Volume``), check and preprocess one image for this model's plan.
+
+        CPU only, no model. ``threads`` overrides the Segmenter's own count for this call (a
+        batch reads with fewer while the network runs).
 
         Raises:
             InputError: the image cannot be read or is empty.
         """
-        return prepare(image, series=series, threads=self.threads, plan=self.plan)
+        return prepare(image, series=series, threads=threads or self.threads, plan=self.plan)
 
     def infer(self, prepared: Prepared, *, progress: Progress | None = None) -> Inferred:
         """Sliding window over the prepared image, reduced to labels on the cropped input grid.

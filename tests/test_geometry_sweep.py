@@ -281,3 +281,20 @@ def test_a_plan_of_other_classes_names_them_and_has_no_published_subsets(tmp_pat
         Segmenter(model=SweepNet(), plan=PLAN, roi_subset=["liver"])
     with pytest.raises(InputError, match="a plan needs 2 to 256 classes"):
         Segmenter(model=SweepNet(), plan=Plan((1.5,) * 3, (16, 16, 16), 300, "zscore"))
+
+
+def test_a_batch_prepares_each_case_for_the_segmenter_s_plan(tmp_path: Path) -> None:
+    """The batch's reading stage resamples to the model's plan, not to the published one."""
+    from stuseg import batch
+
+    case = CASES[5]  # 5 mm slices: a target spacing taken from the wrong plan would show at once
+    affine = affine_for(case)
+    path = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(ct_like(case.shape, False), affine), path)
+    plan = Plan((2.0, 1.2, 1.2), PLAN.patch_size, PLAN.num_classes, "zscore")
+    segmenter = Segmenter(model=SweepNet(), plan=plan, device="cpu")
+    (result,) = batch.run(batch.discover([path]).cases, segmenter, tmp_path / "out", multilabel=True)
+    assert result.status == "ok", result.error
+    written = np.asarray(nib.load(tmp_path / "out" / "thick.nii.gz").dataobj)
+    np.testing.assert_array_equal(written, segment(path, model=SweepNet(), plan=plan, device="cpu").labels)
+    assert not np.array_equal(written, segment(path, model=SweepNet(), plan=PLAN, device="cpu").labels)
