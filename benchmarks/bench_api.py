@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, make_weights, record
+from common import RESULTS, record, scratch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CT = REPO / "tests" / "data" / "totalseg_results" / "abdomen_ct_sm.nii.gz"
@@ -70,11 +68,7 @@ def main() -> None:
     parser.add_argument("--ct", type=Path, default=DEFAULT_CT)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        weights = work / f"{args.size}.safetensors"
-        make_weights(weights, args.size)
-        env = {**os.environ, "STUSEG_HOME": str(work / "home")}
+    with scratch(args.size) as (work, weights, env):
         run_library(args.ct, weights, env)  # warm-up: numba's kernel cache, the file cache
         for r in range(args.rounds):
             order = ("cli", "library") if r % 2 == 0 else ("library", "cli")

@@ -36,13 +36,12 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from common import RESULTS, make_ct, make_weights, record
+from common import RESULTS, make_ct, record, scratch
 
 # (shape, spacing) per scan: sizes spread over 96..160 voxels a side so that cases need from one
 # to several 128^3 tiles, as the scans of a real cohort do.
@@ -94,13 +93,12 @@ def _stage_seconds(stderr: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"([a-z-]+) ([0-9.]+)s\b", line.split(";")[1])}
 
 
-def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path) -> dict:
+def bench(cohort: str, args: argparse.Namespace, work: Path, weights: Path, env: dict[str, str]) -> dict:
     scans = SMALL if cohort == "small" else BIG
     folder = work / cohort
     folder.mkdir()
     for n, (shape, spacing) in enumerate(scans):
         make_ct(folder / f"ct{n}.nii.gz", shape, spacing)
-    env = {**os.environ, "STUSEG_HOME": str(work / "home")}
     options = ["--weights", str(weights), "--device", args.device, "--step-size", str(args.step_size)]
     options += ["--fast"] if args.fast else []
     stuseg = [sys.executable, "-m", "stuseg"]
@@ -166,12 +164,9 @@ def main() -> None:
     parser.add_argument("--step-size", type=float, default=0.5)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        weights = work / f"{args.size}.safetensors"
-        make_weights(weights, args.size)
+    with scratch(args.size) as (work, weights, env):
         for cohort in args.cohort or ["small"]:
-            record(bench(cohort, args, work, weights), args.results)
+            record(bench(cohort, args, work, weights, env), args.results)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, make_ct, make_weights, record
+from common import RESULTS, make_ct, record, scratch
 
 
 def child(args: argparse.Namespace) -> None:
@@ -87,13 +85,9 @@ def main() -> None:
         child(args)
         return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+    with scratch(args.size) as (work, weights, env):
         ct = work / "ct.nii.gz"
-        weights = work / f"{args.size}.safetensors"
         make_ct(ct, tuple(args.shape), tuple(args.spacing))
-        make_weights(weights, args.size)
-        env = {**os.environ, "STUSEG_HOME": str(work / "home")}
         for mode in args.mode or ["fast"]:
             cmd = [
                 sys.executable,

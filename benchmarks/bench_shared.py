@@ -18,15 +18,13 @@ command respects: other choices, for comparison.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import RESULTS, make_ct, make_weights, record
+from common import RESULTS, make_ct, record, scratch
 
 
 def _predict(ct: Path, out: Path, weights: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -53,12 +51,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        ct, weights = work / "ct.nii.gz", work / "small.safetensors"
+    with scratch("small") as (work, weights, env):
+        ct = work / "ct.nii.gz"
         make_ct(ct, tuple(args.shape), tuple(args.spacing))
-        make_weights(weights, "small")
-        env = {**os.environ, "STUSEG_HOME": str(work / "home")}
         if args.wait_policy != "default":
             env["OMP_WAIT_POLICY"] = args.wait_policy.upper()
         if args.spin_count is not None:

@@ -11,6 +11,9 @@ import json
 import os
 import platform
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,17 @@ def make_weights(path: Path, size: str) -> None:
     gen = torch.Generator().manual_seed(0)
     sd = build_network(size, device="meta").state_dict()
     save_file({k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in sd.items()}, str(path))
+
+
+@contextmanager
+def scratch(size: str) -> Iterator[tuple[Path, Path, dict[str, str]]]:
+    """A temporary folder with random weights of ``size`` in it, and an environment whose stuseg
+    cache is inside it: ``(folder, weights, env)``. Everything goes when the block ends."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        weights = work / f"{size}.safetensors"
+        make_weights(weights, size)
+        yield work, weights, {**os.environ, "STUSEG_HOME": str(work / "home")}
 
 
 def machine() -> str:
