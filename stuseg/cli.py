@@ -91,11 +91,11 @@ def user_errors(fn: F) -> F:
     ``StusegError`` -> its message, status 1. Ctrl-C -> 130, SIGTERM -> 143 (128 + signal). A
     truncated file that a third-party reader did not catch (``EOFError``, which click would turn
     into a bare "Aborted!") and running out of memory get one line too. Any other exception is a
-    bug: one ``internal error`` line that names the report file holding its traceback. The command's name and
-    arguments are recorded for the ``.stuseg-run.json`` marker of any folder it writes. Library
-    warnings (``StusegWarning``) the command did not render itself are printed as
-    ``stuseg: warning: ...`` lines after it succeeds (not with ``--quiet``); third-party warnings
-    are not shown, and after an error only the error line is printed.
+    bug: one ``internal error`` line that names the report file holding its traceback. The
+    command's name and arguments are recorded for the ``.stuseg-run.json`` marker of any folder
+    it writes. Library warnings (``StusegWarning``) the command did not render itself are
+    printed as ``stuseg: warning: ...`` lines after it succeeds (not with ``--quiet``);
+    third-party warnings are not shown, and after an error only the error line is printed.
     """
 
     @functools.wraps(fn)
