@@ -754,6 +754,11 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+def failure(exc: BaseException) -> tuple[str, str | None]:
+    """A failed case's one-line reason (``one_line``) and, for a bug, its traceback for the run log."""
+    return one_line(exc), crash.bug_traceback(exc)
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -1022,7 +1027,6 @@ def run(
         OutputError: the run log cannot be written (the batch stops; finished cases stay).
         InputError: two cases share an id.
     """
-
     cases = list(cases)
     ids = [c.id.casefold() for c in cases]
     if len(set(ids)) != len(ids):
@@ -1100,7 +1104,7 @@ def run(
                         job.prepared = segmenter.prepare(case.input, series=case.series, threads=read_threads)
                         job.geometry = _geometry(job.prepared.header)
                     except Exception as exc:
-                        job.error, job.traceback = one_line(exc), crash.bug_traceback(exc)
+                        job.error, job.traceback = failure(exc)
                 if not put(prepared_q, job):
                     return
             put(prepared_q, _END)
@@ -1135,7 +1139,7 @@ def run(
                         )
                         seg.timings["write"] = seg.timings.get("write", 0.0) + time.perf_counter() - start
                     except Exception as exc:
-                        job.error, job.traceback = one_line(exc), crash.bug_traceback(exc)
+                        job.error, job.traceback = failure(exc)
                         paths = []
                     finally:
                         job.inferred = None
@@ -1183,7 +1187,7 @@ def run(
                                 tiles = (lambda d, t, c=job.case: progress(c, d, t)) if progress else None
                                 job.inferred = segmenter.infer(job.prepared, progress=tiles)
                             except Exception as exc:
-                                job.error, job.traceback = one_line(exc), crash.bug_traceback(exc)
+                                job.error, job.traceback = failure(exc)
                                 _free_device(segmenter)
                             finally:
                                 job.prepared = None

@@ -39,8 +39,8 @@ from stuseg.batch import (
     _Recorder,
     _Warnings,
     done_before,
+    failure,
     latest_ok,
-    one_line,
     output_paths,
     read_log,
     uuid4_hex,
@@ -125,7 +125,6 @@ class CaseWorker:
         Returns:
             (status, output paths, one-line error, log record).
         """
-
         recorder = _Recorder(settings, self.output, run_id)
         started = time.perf_counter()
         caught: list[str] = []
@@ -151,7 +150,7 @@ class CaseWorker:
                 )
                 seg.timings["write"] = time.perf_counter() - start
             except Exception as exc:
-                error, traceback = one_line(exc), crash.bug_traceback(exc)
+                error, traceback = failure(exc)
                 paths = []
                 if self.segmenter.device.type == "cuda":
                     import torch
