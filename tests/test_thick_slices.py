@@ -20,6 +20,7 @@ import pytest
 import reference_pipeline
 from conftest import DATA, make_ct_array
 from fabricate import oracle_for, small_checkpoint, tiny_network
+from test_predict_cli import assert_same_grid
 
 from stuseg import labels
 from stuseg.outputs import MARKER
@@ -46,12 +47,6 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> nib.Nifti1Image:
     return img
 
 
-def _same_grid(out: nib.Nifti1Image, img: nib.Nifti1Image) -> None:
-    assert out.shape == img.shape
-    np.testing.assert_array_equal(out.header.get_qform(), img.header.get_qform())
-    np.testing.assert_array_equal(out.header.get_sform(), img.header.get_sform())
-
-
 @pytest.mark.slow  # the whole-volume reference keeps 105 classes of every voxel: about a minute
 def test_real_thick_slice_ct_is_the_reference_and_the_input_thresholded() -> None:
     """Normal mode on the real 5 mm, small-field-of-view chest CT (stored LPS): the reference's
@@ -64,7 +59,7 @@ def test_real_thick_slice_ct_is_the_reference_and_the_input_thresholded() -> Non
     assert axis == 0 and np.argmax(x.shape) == 0  # separate-z along the longest axis: the failing path
     net = oracle_for(hu, img.affine, offset=1000)
     seg = segment(THICK_CT, model=net, device="cpu")
-    _same_grid(seg.image, img)
+    assert_same_grid(seg.image, img.header)
     expect, _ = reference_pipeline.segment_image(img, net, fast=False, tta=False)
     assert (seg.labels == expect).mean() >= 0.999
     bands = np.clip(np.floor((hu + 1000) / 100), 0, 104)
@@ -81,7 +76,7 @@ def test_inputs_that_failed_match_the_reference(tmp_path: Path, shape, zooms, tt
     net = tiny_network(seed=2)  # a seed whose mirrored average still gives several classes
     step = 1.0 if tta else 0.5
     seg = segment(tmp_path / "ct.nii.gz", model=net, tta=tta, step_size=step, device="cpu")
-    _same_grid(seg.image, img)
+    assert_same_grid(seg.image, img.header)
     expect = reference_pipeline.segment(data, zooms, net, fast=False, tta=tta, step=step)
     assert len(np.unique(expect)) > 3  # a labelling with structure, not one class
     agreement = float((seg.labels == expect).mean())
@@ -105,7 +100,7 @@ def test_command_line_normal_mode_on_the_real_thick_slice_ct(tmp_path: Path, tmp
     total = np.zeros(img.shape, np.uint16)
     for name in labels.STRUCTURES:
         mask = nib.load(out / f"{name}.nii.gz")
-        _same_grid(mask, img)
+        assert_same_grid(mask, img.header)
         total += np.asarray(mask.dataobj)
     assert total.max() == 1
 
@@ -128,7 +123,7 @@ def test_a_batch_writes_the_same_masks_as_one_segment_call(tmp_path: Path) -> No
     img = nib.load(THICK_CT)
     for name in labels.STRUCTURES:
         got = nib.load(out / result.case.id / f"{name}.nii.gz")
-        _same_grid(got, img)
+        assert_same_grid(got, img.header)
         np.testing.assert_array_equal(
             np.asarray(got.dataobj), np.asarray(nib.load(alone / f"{name}.nii.gz").dataobj)
         )
