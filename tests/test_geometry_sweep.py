@@ -37,7 +37,7 @@ from stuseg.pipeline import Segmenter, segment
 from stuseg.plan import Plan
 from stuseg.preprocess import SEPARATE_Z_THRESHOLD
 
-PLAN = Plan(target_spacing=(1.5, 1.5, 1.5), patch_size=(16, 24, 32), num_classes=6, normalization="zscore")
+PLAN = Plan(target_spacing=(1.5, 1.5, 1.5), patch_size=(16, 24, 32), num_classes=6)
 # The tile's extent along each input axis of a RAS image: (i, j, k) = (x, y, z) of the (z, y, x) patch.
 TILE_IJK = PLAN.patch_size[::-1]
 
@@ -291,7 +291,7 @@ def test_a_batch_prepares_each_case_for_the_segmenter_s_plan(tmp_path: Path) -> 
     affine = affine_for(case)
     path = tmp_path / "thick.nii.gz"
     nib.save(nib.Nifti1Image(ct_like(case.shape, False), affine), path)
-    plan = Plan((2.0, 1.2, 1.2), PLAN.patch_size, PLAN.num_classes, "zscore")
+    plan = Plan((2.0, 1.2, 1.2), PLAN.patch_size, PLAN.num_classes)
     segmenter = Segmenter(model=SweepNet(), plan=plan, device="cpu")
     (result,) = batch.run(batch.discover([path]).cases, segmenter, tmp_path / "out", multilabel=True)
     assert result.status == "ok", result.error
