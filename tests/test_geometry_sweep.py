@@ -280,7 +280,7 @@ def test_a_plan_of_other_classes_names_them_and_has_no_published_subsets(tmp_pat
     ):
         Segmenter(model=SweepNet(), plan=PLAN, roi_subset=["liver"])
     with pytest.raises(InputError, match="a plan needs 2 to 256 classes"):
-        Segmenter(model=SweepNet(), plan=Plan((1.5,) * 3, (16, 16, 16), 300, "zscore"))
+        Segmenter(model=SweepNet(), plan=Plan((1.5,) * 3, (16, 16, 16), 300))
 
 
 def test_a_batch_prepares_each_case_for_the_segmenter_s_plan(tmp_path: Path) -> None:
