@@ -17,6 +17,8 @@ import torch
 from stuseg.predict import PatchPredictor
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+# (item, row start, row stop, scores, the softmax's sum or None for logits)
+_Chunk = tuple[int, int, int, torch.Tensor, "torch.Tensor | None"]
 
 
 def _private_softmax_out() -> object | None:
@@ -50,7 +52,8 @@ def softmax_last_(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ClassProbabilities(PatchPredictor):
-    """(B, C_in, *patch) -> softmax class probabilities (B, *patch, K), float32.
+    """(B, C_in, *patch) -> softmax class probabilities (B, *patch, K), float32; or, with
+    ``softmax=False``, the logits themselves (nnU-Net v2 averages logits, v1 probabilities).
 
     For an STU-Net (a module with ``features`` and ``seg_outputs``) the last 1x1 convolution
     is applied as a matrix product on channels-last features, on the CPU in cache-sized chunks
@@ -68,9 +71,10 @@ class ClassProbabilities(PatchPredictor):
     buffers (CPU path), so that the timing report can show them apart from the network.
     """
 
-    def __init__(self, net: torch.nn.Module, chunk: int = 32768) -> None:
+    def __init__(self, net: torch.nn.Module, chunk: int = 32768, *, softmax: bool = True) -> None:
         self.net = net
         self.chunk = chunk
+        self.softmax = softmax
         self.features = getattr(net, "features", None)
         self.head = net.seg_outputs[-1] if self.features is not None else None  # type: ignore[index]
         self.seconds = {"softmax": 0.0, "accumulate": 0.0}
@@ -83,18 +87,19 @@ class ClassProbabilities(PatchPredictor):
     def accumulates_in_place(self) -> bool:
         return self.head is not None
 
-    def _head_chunks(self, f: torch.Tensor) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor]]:
+    def _head_chunks(self, f: torch.Tensor) -> Iterator[_Chunk]:
         """(item, row start, row stop, unnormalized softmax (rows, *patch[1:], K), its sum (..., 1)).
 
         For CPU float32 features. The logits are formed in base-2 units (log2(e) folded into the
         head) so that the softmax can use ``exp2``; the division by the sum is left to the
-        caller, who folds it into the tile weight.
+        caller, who folds it into the tile weight. Without ``softmax``: the logits, and a sum of 1.
         """
         head = self.head
         assert head is not None
         k, c = head.weight.shape[:2]
-        weight = head.weight.view(k, c).t() * _LOG2E
-        bias = head.bias * _LOG2E
+        scale = _LOG2E if self.softmax else 1.0
+        weight = head.weight.view(k, c).t() * scale
+        bias = head.bias * scale
         plane = f.shape[3] * f.shape[4]
         rows = max(1, self.chunk // plane)
         buf = torch.empty((rows * plane, k), dtype=torch.float32)
@@ -106,11 +111,14 @@ class ClassProbabilities(PatchPredictor):
                     hi = min(lo + rows, f.shape[2])
                     part = buf[: (hi - lo) * plane]
                     torch.addmm(bias, flat[item, lo:hi].reshape(-1, c), weight, out=part)
+                    shape = (hi - lo, *f.shape[3:])
+                    if not self.softmax:
+                        yield item, lo, hi, part.view(*shape, k), None
+                        continue
                     start = time.perf_counter()
                     part.sub_(part.amax(-1, keepdim=True)).exp2_()
                     total = part.sum(-1, keepdim=True)
                     in_softmax += time.perf_counter() - start
-                    shape = (hi - lo, *f.shape[3:])
                     yield item, lo, hi, part.view(*shape, k), total.view(*shape, 1)
         finally:
             self.seconds["softmax"] += in_softmax
@@ -122,7 +130,8 @@ class ClassProbabilities(PatchPredictor):
         k, c = head.weight.shape[:2]
         flat = f.movedim(1, -1).reshape(-1, c)
         logits = torch.addmm(head.bias.to(flat.dtype), flat, head.weight.view(k, c).t().to(flat.dtype))
-        return softmax_last_(logits.view(*f.shape[:1], *f.shape[2:], k))
+        logits = logits.view(*f.shape[:1], *f.shape[2:], k)
+        return softmax_last_(logits) if self.softmax else logits.float()
 
     @staticmethod
     def _cpu_path(f: torch.Tensor) -> bool:
@@ -130,13 +139,17 @@ class ClassProbabilities(PatchPredictor):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.features is None or self.head is None:
-            return softmax_last_(self.net(x).movedim(1, -1).contiguous())
+            logits = self.net(x).movedim(1, -1).contiguous()
+            return softmax_last_(logits) if self.softmax else logits.float()
         f = self.features(x)
         if not self._cpu_path(f):
             return self._whole(f)
         out = torch.empty((*f.shape[:1], *f.shape[2:], self.head.weight.shape[0]), dtype=torch.float32)
         for item, lo, hi, exps, total in self._head_chunks(f):
-            torch.div(exps, total, out=out[item, lo:hi])
+            if total is None:
+                out[item, lo:hi] = exps
+            else:
+                torch.div(exps, total, out=out[item, lo:hi])
         return out
 
     def accumulate(self, x: torch.Tensor, targets: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
@@ -151,7 +164,7 @@ class ClassProbabilities(PatchPredictor):
         for item, lo, hi, exps, total in self._head_chunks(f):
             start = time.perf_counter()
             # probabilities * tile weight = exps * (weight / total), added in one fused pass.
-            targets[item][lo:hi].addcmul_(exps, weight[lo:hi] / total)
+            targets[item][lo:hi].addcmul_(exps, weight[lo:hi] if total is None else weight[lo:hi] / total)
             adding += time.perf_counter() - start
         self.seconds["accumulate"] += adding
         return None

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -23,17 +23,22 @@ import torch
 from stuseg import labels as label_table
 from stuseg import memory
 from stuseg.errors import InputError, StusegError
+from stuseg.geometry import same_grid
 from stuseg.head import ClassProbabilities
 from stuseg.io import StusegWarning, Volume, check_finite, label_image, read_image
 from stuseg.memory import peak_rss_bytes, release_free_memory
 from stuseg.network import STUNet, build_network
 from stuseg.plan import PLAN, Plan
 from stuseg.postprocess import export_labels
-from stuseg.predict import Autocast, Mirrored, PatchPredictor, Timed, sliding_window
+from stuseg.predict import Autocast, Ensemble, Mirrored, PatchPredictor, Timed, mirror_flips, sliding_window
 from stuseg.preprocess import Geometry, preprocess, restore
 from stuseg.threads import limit_threads, thread_count
 
+if TYPE_CHECKING:
+    from stuseg.modelfolder import TrainedModel
+
 Progress = Callable[[int, int], None]
+Image = str | Path | Volume  # an input image: a path or a volume already read
 
 
 @dataclass
@@ -151,18 +156,26 @@ def check_ct(volume: Volume) -> None:
         )
 
 
-def _predictor(net: torch.nn.Module, device: torch.device, tta: bool) -> PatchPredictor:
-    """What predicts a batch of tiles: network -> softmax (float16 convolutions on CUDA, as the
-    original's autocast; softmax in float32), averaged over the mirrorings with ``tta``."""
-    predictor: PatchPredictor = ClassProbabilities(net)
-    if device.type == "cuda":
-        predictor = Autocast(predictor, "cuda")
-    return Mirrored(predictor) if tta else predictor
+def _predictor(
+    nets: Sequence[torch.nn.Module], device: torch.device, tta: bool, plan: Plan = PLAN
+) -> PatchPredictor:
+    """What predicts a batch of tiles: network -> softmax (nnU-Net v1) or logits (v2), with float16
+    convolutions on CUDA as the originals' autocast (softmax in float32), averaged over the
+    mirrorings the plan allows with ``tta``, and over the folds (one network each)."""
+    members: list[PatchPredictor] = []
+    for net in nets:
+        member: PatchPredictor = ClassProbabilities(net, softmax=plan.framework == "v1")
+        if device.type == "cuda":
+            member = Autocast(member, "cuda")
+        if tta:
+            member = Mirrored(member, mirror_flips(plan.mirror_axes, plan.framework))
+        members.append(member)
+    return members[0] if len(members) == 1 else Ensemble(members)
 
 
 def _run_network(
     x: np.ndarray,
-    net: torch.nn.Module,
+    nets: Sequence[torch.nn.Module],
     device: torch.device,
     plan: Plan,
     *,
@@ -182,10 +195,10 @@ def _run_network(
     """
     start = time.perf_counter()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    timed = Timed(_predictor(net, device, tta), sync)
+    timed = Timed(_predictor(nets, device, tta, plan), sync)
     with torch.inference_mode():
         slabs = sliding_window(
-            torch.from_numpy(x)[None].to(device),
+            torch.from_numpy(x).to(device),
             timed,
             plan.num_classes,
             plan.patch_size,
@@ -193,7 +206,7 @@ def _run_network(
             batch_size,
             on_tile=progress,
         )
-        labels = export_labels(slabs, x.shape, out_shape, separate_axis, plan.num_classes, fast=fast)
+        labels = export_labels(slabs, x.shape[1:], out_shape, separate_axis, plan.num_classes, fast=fast)
     inside = timed.breakdown
     softmax = inside.get("softmax", 0.0)
     network = timed.seconds - softmax - inside.get("accumulate", 0.0)
@@ -235,7 +248,7 @@ def _tuned(device: torch.device) -> contextlib.AbstractContextManager[None]:
 class Prepared:
     """One image ready for the network: the output of ``Segmenter.prepare``.
 
-    Holds the normalized (z, y, x) float32 array at the target spacing, the geometry to undo
+    Holds the normalized (C, z, y, x) float32 array at the target spacing, the geometry to undo
     the preprocessing, the input's NIfTI header (its grid) and the caller's ``Volume`` if one
     was passed (``source``; None for a path: the input voxels are not kept).
     """
@@ -276,11 +289,16 @@ class Segmenter:
         tta: average over the 8 mirrorings.
         step_size: tile step as a fraction of the patch, in (0, 1].
         roi_subset: keep only these structures (names, groups, shell patterns).
-        model: a network to use instead of the published one (tests, fine-tuned weights).
-        plan: the preprocessing and tiling plan ``model`` was trained with (target spacing, patch,
-            class count); default the published models' ``stuseg.plan.PLAN``. With a class count
-            other than the published 105, structures are named ``class_1``, ``class_2``, ... and
-            ``roi_subset`` (which names published structures) cannot be used.
+        model: a fine-tuned STU-Net instead of the published ones: an nnU-Net v1 or v2 model
+            folder, the name of one registered with ``stuseg import-model``, or a
+            ``stuseg.modelfolder.TrainedModel``; its plan, labels and folds come with it. Or a
+            network module (tests), used with ``plan``.
+        folds: the folds of a model folder to average (default: every fold present).
+        checkpoint: ``final`` or ``best``, which checkpoint of each fold (model folders).
+        plan: the preprocessing and tiling plan a network module was trained with (target
+            spacing, patch, class count); default the published models' ``stuseg.plan.PLAN``. With
+            a class count other than the published 105, structures are named ``class_1``,
+            ``class_2``, ... and ``roi_subset`` (which names published structures) cannot be used.
         batch_size: tiles per forward pass (default 2 on CUDA, else 1).
         threads: CPU threads for this work (default ``stuseg.threads.available_cpus()``).
 
@@ -304,32 +322,55 @@ class Segmenter:
         tta: bool = False,
         step_size: float = 0.5,
         roi_subset: Sequence[str] | None = None,
-        model: torch.nn.Module | None = None,
+        model: torch.nn.Module | str | Path | TrainedModel | None = None,
+        folds: Sequence[str] | None = None,
+        checkpoint: str = "final",
         plan: Plan = PLAN,
         batch_size: int | None = None,
         threads: int | None = None,
     ) -> None:
+        start = time.perf_counter()
+        self.trained = (
+            None
+            if model is None or isinstance(model, torch.nn.Module)
+            else _trained(model, folds, checkpoint)
+        )
+        if self.trained is not None:
+            if size is not None or weights is not None:
+                raise InputError(
+                    "a model folder brings its own network and weights: leave out --size and --weights"
+                )
+            plan = self.trained.plan
         self.keep, self.device, self.threads = _check_options(step_size, roi_subset, device, threads, plan)
         self.plan = plan
+        self.names = _names(plan, self.trained)
         self.fast, self.tta, self.step_size = fast, tta, step_size
         self.batch_size = batch_size or (2 if self.device.type == "cuda" else 1)
-        start = time.perf_counter()
-        if model is None:
-            self.net, self.size = load_model(size, weights, self.device)
+        # The sha256 that identifies the weights, where the loader knows it (model folders).
+        self.weights_sha256: str | None = None
+        if self.trained is not None:
+            self.nets, self.weights_sha256 = _load_folds(self.trained, self.device)
+            self.size = self.trained.size
+        elif model is None:
+            net, self.size = load_model(size, weights, self.device)
+            self.nets = [net]
         else:
-            self.net, self.size = model.to(self.device).eval(), size or "custom"
+            self.nets, self.size = [model.to(self.device).eval()], size or "custom"
+        self.net = self.nets[0]
         self.load_seconds = time.perf_counter() - start
 
     def __call__(
-        self, image: str | Path | Volume, *, series: str | None = None, progress: Progress | None = None
+        self, image: Image | Sequence[Image], *, series: str | None = None, progress: Progress | None = None
     ) -> Segmentation:
         """Segment one image (see ``segment``); the same as ``finish(infer(prepare(image)))``."""
         return self.finish(self.infer(self.prepare(image, series=series), progress=progress))
 
     segment = __call__
 
+    Image = str | Path | Volume
+
     def prepare(
-        self, image: str | Path | Volume, *, series: str | None = None, threads: int | None = None
+        self, image: Image | Sequence[Image], *, series: str | None = None, threads: int | None = None
     ) -> Prepared:
         """Read (unless given a ``Volume``), check and preprocess one image for this model's plan.
 
@@ -339,7 +380,13 @@ class Segmenter:
         Raises:
             InputError: the image cannot be read or is empty.
         """
-        return prepare(image, series=series, threads=threads or self.threads, plan=self.plan)
+        return prepare(
+            image,
+            series=series,
+            threads=threads or self.threads,
+            plan=self.plan,
+            channel_names=self.trained.channel_names if self.trained is not None else None,
+        )
 
     def infer(self, prepared: Prepared, *, progress: Progress | None = None) -> Inferred:
         """Sliding window over the prepared image, reduced to labels on the cropped input grid.
@@ -359,14 +406,14 @@ class Segmenter:
             with limit_threads(self.threads), _tuned(dev):
                 labels = _run_network(
                     prepared.x,
-                    self.net,
+                    self.nets,
                     dev,
                     self.plan,
                     fast=self.fast,
                     tta=self.tta,
                     step_size=self.step_size,
                     out_shape=prepared.geometry.cropped_shape,
-                    separate_axis=prepared.geometry.separate_axis,
+                    separate_axis=prepared.geometry.export_axis,
                     batch_size=self.batch_size,
                     progress=progress,
                     stages=stages,
@@ -393,7 +440,7 @@ class Segmenter:
             img = label_image(full, inferred.header)
         return Segmentation(
             image=img,
-            names={i: _class_name(i, self.plan) for i in self.keep},
+            names={i: self.names[i] for i in self.keep},
             timings=stages.seconds,
             peak_rss_bytes=peak_rss_bytes(),
             peak_gpu_bytes=inferred.peak_gpu_bytes,
@@ -425,38 +472,102 @@ def _class_name(value: int, plan: Plan) -> str:
 
 
 def prepare(
-    image: str | Path | Volume, *, series: str | None = None, threads: int | None = None, plan: Plan = PLAN
+    image: Image | Sequence[Image],
+    *,
+    series: str | None = None,
+    threads: int | None = None,
+    plan: Plan = PLAN,
+    channel_names: Sequence[str] | None = None,
 ) -> Prepared:
-    """Read (unless given a ``Volume``), check and preprocess one image: ``Segmenter.prepare``.
+    """Read (unless given ``Volume``s), check and preprocess one image: ``Segmenter.prepare``.
+
+    ``image`` is one image, or one per input channel of a multi-channel model, in the model's
+    channel order, all on one voxel grid. The CT check warns about the channels named ``CT`` in
+    ``channel_names`` (every channel of the published models).
 
     Raises:
-        InputError: the image cannot be read or is empty.
+        InputError: an image cannot be read or is empty, or the channels are not on one grid.
     """
+    images = [image] if isinstance(image, (str, Path, Volume)) else list(image)
     stages = _Stages()
     with stages("read"):
-        if isinstance(image, Volume):
-            volume = image
-            check_finite(Path("the image"), volume.data)  # read_image checks what it reads
-        else:
-            volume = read_image(Path(image), series=series)
-        check_ct(volume)
+        volumes = [_read(i, series) for i in images]
+        _check_channels(images, volumes, channel_names)
     with stages("preprocess"):
         x, geometry, had_nan = preprocess(
-            volume.data, volume.affine, plan.target_spacing, thread_count(threads)
+            [v.data for v in volumes], volumes[0].affine, plan, thread_count(threads)
         )
-        header = volume.header
-        del volume  # a volume we read ourselves is no longer needed
+        header = volumes[0].header
+        del volumes  # volumes we read ourselves are no longer needed
         release_free_memory(geometry.voxels)
     if had_nan:
         warnings.warn(
             "the image contains NaN voxels; they were set to 0 as nnU-Net does", StusegWarning, stacklevel=3
         )
-    source = image if isinstance(image, Volume) else None
+    source = images[0] if isinstance(images[0], Volume) else None
     return Prepared(x, geometry, header, source, stages.seconds)
 
 
+def _read(image: Image, series: str | None) -> Volume:
+    if isinstance(image, Volume):
+        check_finite(Path("the image"), image.data)  # read_image checks what it reads
+        return image
+    return read_image(Path(image), series=series)
+
+
+def _check_channels(images: Sequence[Image], volumes: Sequence[Volume], names: Sequence[str] | None) -> None:
+    """The channels share one grid; the CT channels look like CT."""
+    first = volumes[0]
+    for image, volume in zip(images[1:], volumes[1:]):
+        if not same_grid(first.data.shape[:3], first.affine, volume.data.shape[:3], volume.affine):
+            raise InputError(
+                f"{_label(image)} is not on the voxel grid of {_label(images[0])}: the channels of a case "
+                f"must share one grid (shape {volume.data.shape[:3]} vs {first.data.shape[:3]})"
+            )
+    for c, volume in enumerate(volumes):
+        if names is None or (c < len(names) and names[c].strip().lower() == "ct"):
+            check_ct(volume)
+
+
+def _label(image: Image) -> str:
+    return "the image" if isinstance(image, Volume) else str(image)
+
+
+def _trained(model: str | Path | TrainedModel, folds: Sequence[str] | None, checkpoint: str) -> TrainedModel:
+    """The trained model a ``model`` argument names: a folder, a registered name, or itself."""
+    from stuseg import modelstore
+    from stuseg.modelfolder import TrainedModel
+
+    if isinstance(model, TrainedModel):
+        return model
+    return modelstore.resolve_model(model, folds=folds, checkpoint=checkpoint)
+
+
+def _load_folds(trained: TrainedModel, device: torch.device) -> tuple[list[STUNet], str]:
+    """One network per fold of ``trained``, with verified weights, and the sha256 naming them all."""
+    import hashlib
+
+    from stuseg.modelfolder import load_fold
+
+    nets, digest = [], hashlib.sha256()
+    for fold in trained.folds:
+        state, sha = load_fold(trained, fold)
+        net = build_network(trained.arch, device="meta")
+        net.load_state_dict(state, strict=True, assign=True)
+        nets.append(net.to(device).eval())
+        digest.update(f"{fold.name}:{sha}\n".encode())
+    return nets, digest.hexdigest()
+
+
+def _names(plan: Plan, trained: TrainedModel | None) -> dict[int, str]:
+    """Label value -> structure name for every class of the model (background excluded)."""
+    if trained is not None:
+        return label_table.model_names(trained.labels)
+    return {i: _class_name(i, plan) for i in range(1, plan.num_classes)}
+
+
 def segment(
-    image: str | Path | Volume,
+    image: Image | Sequence[Image],
     *,
     size: str | None = None,
     fast: bool = False,
@@ -466,16 +577,19 @@ def segment(
     weights: Path | None = None,
     roi_subset: Sequence[str] | None = None,
     series: str | None = None,
-    model: torch.nn.Module | None = None,
+    model: torch.nn.Module | str | Path | TrainedModel | None = None,
+    folds: Sequence[str] | None = None,
+    checkpoint: str = "final",
     plan: Plan = PLAN,
     batch_size: int | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> Segmentation:
-    """Segment a CT: a path (NIfTI, NRRD, MHA/MHD, DICOM folder) or a ``Volume``.
+    """Segment a CT: a path (NIfTI, NRRD, MHA/MHD, DICOM folder) or a ``Volume``; for a model with
+    several input channels, one per channel in the model's order.
 
     A one-shot ``Segmenter`` (see it for the options); the image is read and checked before the
-    model is loaded, so a bad input fails before any download. To segment several images, make
+    network is loaded, so a bad input fails before any download. To segment several images, make
     one ``Segmenter`` and call it for each.
 
     Returns:
@@ -485,8 +599,14 @@ def segment(
     Raises:
         InputError, LabelError, WeightsError, StusegError: see ``Segmenter``.
     """
+    trained = (
+        None if model is None or isinstance(model, torch.nn.Module) else _trained(model, folds, checkpoint)
+    )
+    if trained is not None:
+        plan, model = trained.plan, trained
     _check_options(step_size, roi_subset, device, threads, plan)
-    prepared = prepare(image, series=series, threads=threads, plan=plan)
+    names = trained.channel_names if trained is not None else None
+    prepared = prepare(image, series=series, threads=threads, plan=plan, channel_names=names)
     segmenter = Segmenter(
         size,
         weights=weights,
@@ -496,6 +616,8 @@ def segment(
         step_size=step_size,
         roi_subset=roi_subset,
         model=model,
+        folds=folds,
+        checkpoint=checkpoint,
         plan=plan,
         batch_size=batch_size,
         threads=threads,

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import product
+from itertools import combinations, product
 from typing import Any
 
 import numpy as np
@@ -143,6 +143,52 @@ class Mirrored(PatchPredictor):
     @property
     def breakdown(self) -> dict[str, float]:
         return self.inner.breakdown
+
+
+def mirror_flips(axes: Sequence[int], framework: str = "v1") -> tuple[tuple[int, ...], ...]:
+    """The flips of a (B, C, z, y, x) batch that test-time mirroring averages over, identity first.
+
+    ``axes`` are the spatial axes (0, 1, 2 = z, y, x) the model allows to mirror. nnU-Net v1
+    visits the 8 mirrorings in ``MIRROR_FLIPS``' order (those its axes allow); v2 visits every
+    combination of the allowed axes, one axis first, then pairs, then all three. The order only
+    changes how the float32 sums round.
+    """
+    dims = sorted(a + 2 for a in axes)
+    if framework == "v1":
+        return tuple(f for f in MIRROR_FLIPS if set(f) <= set(dims))
+    return ((), *(c for n in range(1, len(dims) + 1) for c in combinations(dims, n)))
+
+
+class Ensemble(PatchPredictor):
+    """The mean of several predictors' scores (nnU-Net's average over folds), each weighted 1/n.
+
+    Averaging per tile equals averaging the folds' whole sliding windows (every step is linear
+    in the scores), so the folds stream together.
+    """
+
+    def __init__(self, members: Sequence[PatchPredictor]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = tuple(members)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.members[0](x)
+        for member in self.members[1:]:
+            total.add_(member(x))
+        return total.div_(len(self.members))
+
+    def accumulate(self, x: torch.Tensor, targets: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
+        share = weight / len(self.members)
+        for member in self.members:
+            member.accumulate(x, targets, share)
+
+    @property
+    def breakdown(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for member in self.members:
+            for name, seconds in member.breakdown.items():
+                total[name] = total.get(name, 0.0) + seconds
+        return total
 
 
 class Autocast(PatchPredictor):

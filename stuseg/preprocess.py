@@ -19,14 +19,16 @@ resolution back on the input grid exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from stuseg.errors import InputError
+from stuseg.plan import PLAN, Normalization, Plan
 from stuseg.threads import available_cpus
 
 # nnU-Net's RESAMPLING_SEPARATE_Z_ANISO_THRESHOLD: above this max/min spacing ratio the
@@ -45,6 +47,8 @@ class Geometry:
     crop: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # [lo, hi) per (z, y, x) axis
     resampled_shape: tuple[int, int, int]  # (z, y, x) at the target spacing
     separate_axis: int | None  # low-resolution axis (z, y, x order) resampled on its own
+    export_axis: int | None = None  # the same, for the way back (see ``preprocess``)
+    transpose: tuple[int, int, int] = (0, 1, 2)  # the plan's transpose_forward
 
     @property
     def cropped_shape(self) -> tuple[int, int, int]:
@@ -236,29 +240,45 @@ def resample_image(
 
 
 def to_model_order(
-    volume_data: np.ndarray, affine: np.ndarray
+    volume_data: np.ndarray,
+    affine: np.ndarray,
+    *,
+    reorient: bool = True,
+    transpose: tuple[int, int, int] = (0, 1, 2),
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Reorient to closest canonical RAS; return the (z, y, x) view, the transform and (z, y, x) spacing."""
-    ornt = nib.orientations.io_orientation(affine)
-    ras = nib.orientations.apply_orientation(volume_data, ornt)
-    # Input axis i becomes RAS axis ornt[i, 0]; carry its voxel size along.
+    """The input as the network's array: a (z, y, x) view, the orientation transform and the spacing.
+
+    With ``reorient``, the closest canonical RAS orientation first (the published models);
+    without, the voxel array as stored (nnU-Net v2's SimpleITKIO and NibabelIO). Either way the
+    array is presented as SimpleITK gives it, (z, y, x): the reverse of nibabel's (x, y, z). Then
+    nnU-Net's ``transpose_forward``: network axis ``a`` is axis ``transpose[a]`` of that array.
+    """
+    ornt = nib.orientations.io_orientation(affine) if reorient else _IDENTITY
+    ras = nib.orientations.apply_orientation(volume_data, ornt) if reorient else volume_data
+    # Input axis i becomes axis ornt[i, 0]; carry its voxel size along.
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     ras_zooms = np.empty(3)
     ras_zooms[ornt[:, 0].astype(int)] = zooms
-    # SimpleITK gives the array of a RAS file as (z, y, x): the reverse of nibabel's (x, y, z).
-    return ras.transpose(2, 1, 0), ornt, tuple(float(z) for z in ras_zooms[::-1])
+    zyx, zyx_zooms = ras.transpose(2, 1, 0), ras_zooms[::-1]
+    return zyx.transpose(transpose), ornt, tuple(float(zyx_zooms[a]) for a in transpose)
 
 
-def nonzero_bbox(x: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """[lo, hi) per axis of the voxels != 0 (NaN counts as nonzero, as in the reference).
+_IDENTITY = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)  # nibabel's "no reorientation"
+
+
+def nonzero_bbox(channels: np.ndarray | Sequence[np.ndarray]) -> tuple[tuple[int, int], ...]:
+    """[lo, hi) per axis of the voxels != 0 in any channel (NaN counts as nonzero, as in the reference).
 
     The reference fills holes in the mask before taking its bounding box; filling holes never
     changes a bounding box, so the fill is skipped.
     """
-    nonzero = x != 0
+    arrays = [channels] if isinstance(channels, np.ndarray) else list(channels)
+    nonzero = arrays[0] != 0
+    for x in arrays[1:]:
+        nonzero |= x != 0
     box = []
-    for axis in range(x.ndim):
-        other = tuple(a for a in range(x.ndim) if a != axis)
+    for axis in range(nonzero.ndim):
+        other = tuple(a for a in range(nonzero.ndim) if a != axis)
         hit = np.flatnonzero(np.any(nonzero, axis=other))
         if hit.size == 0:
             raise InputError("the image is empty: every voxel is 0")
@@ -266,8 +286,16 @@ def nonzero_bbox(x: np.ndarray) -> tuple[tuple[int, int], ...]:
     return tuple(box)
 
 
+def nonzero_mask(channels: Sequence[np.ndarray]) -> np.ndarray:
+    """Voxels != 0 in any channel, holes filled: the region nnU-Net normalises with a mask."""
+    mask = channels[0] != 0
+    for x in channels[1:]:
+        mask |= x != 0
+    return ndimage.binary_fill_holes(mask)
+
+
 def zscore(x: np.ndarray) -> np.ndarray:
-    """In place ``(x - mean) / (std + 1e-8)`` with numpy float32 statistics, no clipping."""
+    """In place ``(x - mean) / (std + 1e-8)`` with numpy float32 statistics, no clipping (nnU-Net v1)."""
     mean = x.mean()
     std = x.std()
     x -= mean
@@ -275,47 +303,128 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def normalize(
+    x: np.ndarray, norm: Normalization, framework: str, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Normalise one float32 channel in place, as ``framework``'s nnU-Net does for ``norm.scheme``.
+
+    The statistics are numpy's float32 ones, as the reference computes them; the divisor guard
+    differs between the frameworks (v1 adds 1e-8 to the standard deviation, v2 takes at least
+    1e-8). ``mask`` (zscore with ``use_mask``, v2 only): statistics over the mask, and only the
+    voxels inside it change (outside the nonzero region they are 0 already).
+    """
+    scheme = norm.scheme
+    if scheme == "none":
+        return x
+    if scheme == "zscore" and framework == "v1":
+        return zscore(x)
+    if scheme == "zscore" and mask is not None:
+        inside = x[mask]
+        x[mask] = (inside - inside.mean()) / max(inside.std(), 1e-8)
+        return x
+    if scheme == "zscore":
+        mean, std = x.mean(), x.std()
+        x -= mean
+        x /= max(std, 1e-8)
+        return x
+    if scheme == "ct":
+        assert (
+            norm.lower is not None
+            and norm.upper is not None
+            and norm.mean is not None
+            and norm.std is not None
+        )
+        np.clip(x, norm.lower, norm.upper, out=x)
+        x -= norm.mean
+        x /= norm.std if framework == "v1" else max(norm.std, 1e-8)
+        return x
+    if scheme == "rescale_0_1":
+        x -= x.min()
+        x /= max(x.max(), 1e-8)
+        return x
+    if scheme == "rgb_0_1":
+        x /= 255.0
+        return x
+    raise ValueError(f"unknown normalisation scheme {scheme!r}")
+
+
+def _float32(x: np.ndarray, copy: bool) -> tuple[np.ndarray, bool]:
+    """``x`` as float32 with NaN -> 0 (a copy where that changes anything, or where asked), and
+    whether it held NaN."""
+    had_nan = bool(np.isnan(x.min()))  # a NaN anywhere makes the minimum NaN
+    if copy or had_nan or x.dtype != np.float32:
+        x = np.array(x, dtype=np.float32)
+        x[np.isnan(x)] = 0
+    return x, had_nan
+
+
 def preprocess(
-    data: np.ndarray,
+    data: np.ndarray | Sequence[np.ndarray],
     affine: np.ndarray,
-    target_spacing: tuple[float, float, float],
+    plan: Plan | tuple[float, float, float],
     workers: int | None = None,
 ) -> tuple[np.ndarray, Geometry, bool]:
-    """Input voxels (i, j, k) -> normalized float32 (z, y, x) array at the target spacing.
+    """Input voxels (i, j, k), one array per channel -> normalized float32 (C, z, y, x) for the network.
 
     Args:
-        data: the input voxels (i, j, k), any real dtype; never modified.
+        data: the input voxels (i, j, k), any real dtype, or a sequence of such arrays (one per
+            channel of a multi-channel model, on one grid); never modified.
         affine: the input's voxel-to-world matrix.
-        target_spacing: the network's (z, y, x) voxel size in mm.
+        plan: the model's plan (``stuseg.plan``), or a (z, y, x) target spacing alone for the
+            published plan with that spacing.
         workers: threads for the cubic resampling (default ``stuseg.threads.available_cpus()``).
 
     Returns:
         The array, the geometry to undo it, and whether NaNs were replaced by 0.
 
     Raises:
-        InputError: every voxel is 0.
+        InputError: every voxel is 0, or not one array per channel of the plan.
     """
-    zyx, ornt, spacing = to_model_order(data, affine)
+    if not isinstance(plan, Plan):
+        plan = replace(PLAN, target_spacing=tuple(float(s) for s in plan))  # type: ignore[arg-type]
+    arrays = [data] if isinstance(data, np.ndarray) else list(data)
+    if len(arrays) != plan.in_channels:
+        raise InputError(f"this model takes {plan.in_channels} input channel(s); got {len(arrays)}")
+    if plan.framework == "v1" and any(n.use_mask for n in plan.channels):
+        raise InputError("nnU-Net v1 normalisation with a nonzero mask is not supported")
+    views = [to_model_order(a, affine, reorient=plan.reorient, transpose=plan.transpose) for a in arrays]
+    _, ornt, spacing = views[0]
+    zyx = [v[0] for v in views]
     box = nonzero_bbox(zyx)
-    x = zyx[tuple(slice(lo, hi) for lo, hi in box)]  # a view of the input: the resampler reads it
-    had_nan = bool(np.isnan(x.min()))  # a NaN anywhere makes the minimum NaN
-    if had_nan or x.dtype != np.float32:
-        x = np.array(x, dtype=np.float32)
-        x[np.isnan(x)] = 0
-    axis = separate_axis(spacing, target_spacing)
-    new_shape = resampled_shape(x.shape, spacing, target_spacing)
-    x = resample_image(x, new_shape, axis, workers)
-    if np.may_share_memory(x, data):  # not resampled: z-score a copy, never the caller's array
-        x = np.array(x, dtype=np.float32, order="C")
-    x = zscore(x)
+    crop = tuple(slice(lo, hi) for lo, hi in box)
+    target = plan.target_spacing
+    axis = separate_axis(spacing, target)
+    new_shape = resampled_shape(zyx[0][crop].shape, spacing, target)
+    mask = nonzero_mask([z[crop] for z in zyx]) if any(n.use_mask for n in plan.channels) else None
+    out, had_nan = [], False
+    for channel, norm in zip(zyx, plan.channels):
+        # A view of the input until the resampler reads it (v1), or a float32 copy to normalise (v2).
+        x, nan = _float32(channel[crop], copy=plan.framework == "v2")
+        had_nan |= nan
+        if plan.framework == "v2":  # normalise the cropped image, then resample
+            x = resample_image(
+                normalize(x, norm, "v2", mask if norm.use_mask else None), new_shape, axis, workers
+            )
+        else:  # resample, then normalise
+            x = resample_image(x, new_shape, axis, workers)
+            if any(np.may_share_memory(x, a) for a in arrays):  # not resampled: never the caller's array
+                x = np.array(x, dtype=np.float32, order="C")
+            x = normalize(x, norm, "v1")
+        out.append(x)
+    x = out[0][None] if len(out) == 1 else np.stack(out)
+    del out
     geometry = Geometry(
-        input_shape=tuple(int(n) for n in data.shape[:3]),  # type: ignore[arg-type]
+        input_shape=tuple(int(n) for n in arrays[0].shape[:3]),  # type: ignore[arg-type]
         ornt=ornt,
-        model_shape=tuple(int(n) for n in zyx.shape),  # type: ignore[arg-type]
+        model_shape=tuple(int(n) for n in zyx[0].shape),  # type: ignore[arg-type]
         spacing=spacing,  # type: ignore[arg-type]
         crop=box,  # type: ignore[arg-type]
-        resampled_shape=tuple(int(n) for n in x.shape),  # type: ignore[arg-type]
+        resampled_shape=tuple(int(n) for n in x.shape[1:]),  # type: ignore[arg-type]
         separate_axis=axis,
+        # The export back to the input spacing decides on its own input first: the network's
+        # spacing for v2 (its resampling function is called from there), the input's for v1.
+        export_axis=axis if plan.framework == "v1" else separate_axis(target, spacing),
+        transpose=plan.transpose,
     )
     return x, geometry, had_nan
 
@@ -326,7 +435,7 @@ def restore(labels_cropped: np.ndarray, geometry: Geometry) -> np.ndarray:
         raise ValueError(f"label map {labels_cropped.shape} does not match the crop {geometry.cropped_shape}")
     full = np.zeros(geometry.model_shape, dtype=labels_cropped.dtype)
     full[tuple(slice(lo, hi) for lo, hi in geometry.crop)] = labels_cropped
-    ras = full.transpose(2, 1, 0)
+    ras = full.transpose(np.argsort(geometry.transpose)).transpose(2, 1, 0)
     back = nib.orientations.apply_orientation(ras, _inverse(geometry.ornt))
     # Fortran order is NIfTI's on-disk order: masks are then written without a transposed copy.
     return np.asfortranarray(back)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +12,7 @@ import scipy.ndimage as ndi
 import scipy.stats
 
 from stuseg.errors import InputError
+from stuseg.plan import PLAN
 from stuseg.preprocess import (
     nearest_indices,
     nonzero_bbox,
@@ -145,7 +147,7 @@ def test_preprocess_reference_case_from_the_document() -> None:
     x, geo, had_nan = preprocess(zyx.transpose(2, 1, 0), affine, TARGET)
     assert geo.crop == ((2, 20), (0, 120), (0, 294))
     assert geo.separate_axis == 0
-    assert x.shape == (1 * 31, 64, 137) == geo.resampled_shape
+    assert x.shape == (1, 31, 64, 137) and x.shape[1:] == geo.resampled_shape
     assert not had_nan
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
 
@@ -182,12 +184,15 @@ def test_model_order_is_simpleitk_order_of_the_canonical_image(perm, flips) -> N
 
 @pytest.mark.parametrize("perm", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
 @pytest.mark.parametrize("flips", [(1, 1, 1), (-1, -1, 1), (-1, 1, -1)])
-def test_restore_inverts_crop_and_reorientation(perm, flips) -> None:
+@pytest.mark.parametrize(
+    "plan", [PLAN, replace(PLAN, reorient=False, transpose=(2, 0, 1)), replace(PLAN, transpose=(1, 2, 0))]
+)
+def test_restore_inverts_crop_reorientation_and_transpose(perm, flips, plan) -> None:
     data = np.zeros((9, 10, 11), np.float32)
     data[2:7, 1:9, 3:10] = np.random.default_rng(6).integers(1, 50, (5, 8, 7))
     affine = _affine(perm, flips, (1.5, 1.5, 1.5))
-    zyx, _, _ = to_model_order(data, affine)
-    _, geo, _ = preprocess(data, affine, TARGET)
+    zyx, _, _ = to_model_order(data, affine, reorient=plan.reorient, transpose=plan.transpose)
+    _, geo, _ = preprocess(data, affine, plan)
     box = tuple(slice(lo, hi) for lo, hi in geo.crop)
     labels = zyx[box].astype(np.uint8)
     np.testing.assert_array_equal(restore(labels, geo), data.astype(np.uint8))
