@@ -304,7 +304,9 @@ def _load_torch(path: Path, fmt: Format) -> Any:
             # mmap keeps the 11.7 GB huge file out of RAM; it needs the zip container.
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch names the refused global in one of two phrasings: an unknown one, or one from a
+        # module it blocks outright (os, posix, subprocess, ...).
+        unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
         if unsafe:
             raise WeightsError(
                 f"{path} holds a Python object ({unsafe[1]}) that an nnU-Net checkpoint does not contain; "
