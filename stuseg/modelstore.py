@@ -347,7 +347,7 @@ def resolve_model(name_or_path: str | Path) -> TrainedModel:
             f"no model named {text!r} is registered and no folder {text} exists; register one with "
             "`stuseg import-model DIR --name NAME`"
         )
-    close = difflib.get_close_matches(text, names, n=len(names), cutoff=0.0)
-    ordered = list(dict.fromkeys([*close, *names]))
+    # Closest first (difflib's similarity ratio), ties in alphabetical order.
+    ordered = sorted(names, key=lambda n: (-difflib.SequenceMatcher(None, text, n).ratio(), n))
     what = f"folder {text} does not exist" if looks_like_path else f"no model named {text!r} is registered"
     raise InputError(f"{what}; registered models: {', '.join(ordered)}")
