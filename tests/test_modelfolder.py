@@ -685,6 +685,7 @@ def test_cli_import_model_and_models(tmp_path: Path, state: dict) -> None:
     assert result.stderr.startswith(f"stuseg: error: {tmp_path} is not an nnU-Net model folder")
 
 
+@pytest.mark.slow  # three interpreters that import torch: about 9 s
 def test_cli_round_trip_in_a_real_process(tmp_path: Path, state: dict) -> None:
     folder = write_v1_folder(tmp_path, state)
     env = {**os.environ, "STUSEG_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
