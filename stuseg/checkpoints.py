@@ -43,10 +43,13 @@ __all__ = [
     "describe",
     "disk_full",
     "identify_size",
+    "load_container",
+    "ndarray_reconstruct",
     "read_checkpoint",
     "require_space",
     "shapes_of",
     "sniff",
+    "strip_wrappers",
     "validate_safetensors",
     "write_safetensors",
 ]
@@ -205,11 +208,28 @@ def sniff(path: Path) -> Format:
 # nnU-Net v1 .model files
 
 
-def _numpy_allow_list() -> list[Any]:
-    """The numpy types nnU-Net v1 checkpoints pickle in ``plot_stuff``/``best_stuff`` (and nothing else).
+def ndarray_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's ``_reconstruct`` (how pickles rebuild an array), for plain ``numpy.ndarray`` only.
 
-    Scalars pickle as ``numpy.core.multiarray.scalar`` (numpy 1) or ``numpy._core.multiarray.scalar``
-    (numpy 2) with a dtype argument; both spellings map to the same function here.
+    Unpicklers that allow arrays map both spellings of ``_reconstruct`` here: the pickle names the
+    class to build, and only ndarray itself is plain data.
+    """
+    import numpy as np
+
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"refusing to rebuild an array of class {subtype!r}")
+    core = getattr(np, "_core", None) or np.core
+    return core.multiarray._reconstruct(subtype, shape, dtype)
+
+
+def _numpy_allow_list() -> list[Any]:
+    """The numpy types nnU-Net checkpoints pickle, and nothing else.
+
+    nnU-Net v1 ``plot_stuff``/``best_stuff`` and nnU-Net v2 ``logging``/``_best_ema`` hold numpy
+    scalars, pickled as ``numpy.core.multiarray.scalar`` (numpy 1) or
+    ``numpy._core.multiarray.scalar`` (numpy 2) with a dtype argument; both spellings map to the
+    same function here. Plain arrays (``ndarray_reconstruct``) are allowed too: plans and logs
+    copied into a checkpoint may hold them.
     """
     import numpy as np
 
@@ -221,14 +241,59 @@ def _numpy_allow_list() -> list[Any]:
     }
     return [
         np.dtype,
+        np.ndarray,
         *sorted(dtype_classes, key=str),
         (scalar, "numpy.core.multiarray.scalar"),
         (scalar, "numpy._core.multiarray.scalar"),
+        (ndarray_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (ndarray_reconstruct, "numpy._core.multiarray._reconstruct"),
     ]
 
 
-def _read_torch(path: Path, fmt: Format) -> dict[str, torch.Tensor]:
-    """Load an nnU-Net v1 ``.model`` (or a bare state dict) safely; return the network parameters."""
+def strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Network parameter names without the prefixes that wrappers add.
+
+    ``module.`` comes from DataParallel / DistributedDataParallel, ``_orig_mod.`` from
+    ``torch.compile``; nnU-Net strips both (in any order, one of each at most).
+
+    Args:
+        state: name -> tensor.
+
+    Returns:
+        The same tensors under the bare names.
+    """
+    out = {}
+    for key, value in state.items():
+        for _ in range(2):
+            key = key.removeprefix("module.").removeprefix("_orig_mod.")
+        out[key] = value
+    return out
+
+
+def load_container(path: Path) -> Any:
+    """Unpickle a ``torch.save`` file without running code from it.
+
+    ``torch.load(weights_only=True)`` with ``_numpy_allow_list`` added to torch's own allow-list
+    (tensors, plain containers, ``torch.device``). Memory-mapped when the file is a torch zip.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Whatever the file holds (for nnU-Net: a dict).
+
+    Raises:
+        WeightsError: missing, a folder, not a torch file, truncated or corrupted, or holding a
+            Python object an nnU-Net checkpoint does not contain (named, and never built).
+    """
+    path = Path(path)
+    fmt = sniff(path)
+    if fmt == "safetensors":
+        raise WeightsError(f"{path} is a safetensors file, not an nnU-Net checkpoint")
+    return _load_torch(path, fmt)
+
+
+def _load_torch(path: Path, fmt: Format) -> Any:
     import torch
 
     if fmt == "torch-zip" and not zipfile.is_zipfile(path):
@@ -237,9 +302,11 @@ def _read_torch(path: Path, fmt: Format) -> dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals(_numpy_allow_list()):
             # mmap keeps the 11.7 GB huge file out of RAM; it needs the zip container.
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch names the refused global in one of two phrasings: an unknown one, or one from a
+        # module it blocks outright (os, posix, subprocess, ...).
+        unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
         if unsafe:
             raise WeightsError(
                 f"{path} holds a Python object ({unsafe[1]}) that an nnU-Net checkpoint does not contain; "
@@ -251,6 +318,13 @@ def _read_torch(path: Path, fmt: Format) -> dict[str, torch.Tensor]:
         # IndexError, KeyError, UnicodeDecodeError, struct.error from the weights-only unpickler,
         # which never runs code): all of them mean the file is damaged.
         raise _corrupt(path, exc) from None
+
+
+def _read_torch(path: Path, fmt: Format) -> dict[str, torch.Tensor]:
+    """Load an nnU-Net v1 ``.model`` (or a bare state dict) safely; return the network parameters."""
+    import torch
+
+    obj = _load_torch(path, fmt)
     if isinstance(obj, dict) and "state_dict" in obj:
         state = obj["state_dict"]
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -263,8 +337,7 @@ def _read_torch(path: Path, fmt: Format) -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"{path} is not an nnU-Net checkpoint: its 'state_dict' is not a mapping of tensors"
         )
-    # Checkpoints saved from DataParallel carry a 'module.' prefix; nnU-Net strips it too.
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return strip_wrappers(state)
 
 
 # --------------------------------------------------------------------------------------------

@@ -422,6 +422,81 @@ def weights_cmd(
             )
 
 
+# --- fine-tuned models: import-model, models ---------------------------------------------------
+
+
+class CheckpointChoice(str, Enum):
+    FINAL = "final"
+    BEST = "best"
+
+
+@app.command("import-model")
+@user_errors
+def import_model_cmd(
+    folder: Annotated[
+        Path, typer.Argument(help="An nnU-Net v1 or v2 model folder of an STU-Net (it holds fold_*).")
+    ],
+    name: Annotated[str, typer.Option("--name", help="The name to register it under.")],
+    folds: Annotated[
+        str | None, typer.Option("--folds", metavar="0,1", help="Folds to import. [default: every fold]")
+    ] = None,
+    checkpoint: Annotated[
+        CheckpointChoice, typer.Option("--checkpoint", help="Which checkpoint of each fold.")
+    ] = CheckpointChoice.FINAL,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model of the same name.")] = False,
+) -> None:
+    """Check a fine-tuned STU-Net's folder and register it: plan, labels and verified weights per fold."""
+    from stuseg import modelstore
+
+    chosen = [f for f in folds.split(",") if f.strip()] if folds is not None else None
+    model = modelstore.import_model(
+        folder, name, folds=chosen, checkpoint=checkpoint.value, overwrite=overwrite
+    )
+    err.print(
+        f"{name}: imported STU-Net {model.size} ({model.framework}, {len(model.labels)} labels, "
+        f"fold{'s' if len(model.folds) > 1 else ''} {', '.join(f.name for f in model.folds)})",
+        markup=False,
+    )
+    typer.echo(str(model.source))
+
+
+@app.command("models")
+@user_errors
+def models_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List the fine-tuned models registered with import-model."""
+    from stuseg import modelstore
+
+    rows = modelstore.registered_models()
+    if as_json:
+        import dataclasses
+        import json
+
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=1, default=str))
+        return
+    if not rows:
+        err.print("no models registered; register one with `stuseg import-model DIR --name NAME`")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for title in ("name", "framework", "size", "classes", "channels", "folds", "source sha256"):
+        table.add_column(title, justify="right" if title == "classes" else "left")
+    for r in rows:
+        if r.problem:
+            table.add_row(r.name, "damaged (see below)", "", "", "", "", "")
+            continue
+        shas = ", ".join(s[:12] for s in r.source_sha256)
+        table.add_row(
+            r.name, r.framework, r.size, str(r.classes), ", ".join(r.channels), ", ".join(r.folds), shas
+        )
+    out.print(table)
+    for r in rows:
+        if r.problem:
+            err.print(f"note: {r.name}: {r.problem}", markup=False)
+
+
 # Options that predict and batch share, with the same meaning.
 SizeOption = Annotated[
     str | None,

@@ -50,7 +50,9 @@ class Normalization:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown normalisation scheme {self.scheme!r}; stuseg knows {', '.join(SCHEMES)}")
+            raise ValueError(
+                f"unknown normalisation scheme {self.scheme!r}; stuseg knows {', '.join(SCHEMES)}"
+            )
         if self.scheme == "ct" and None in (self.lower, self.upper, self.mean, self.std):
             raise ValueError("the ct scheme needs lower, upper, mean and std")
 
