@@ -79,6 +79,9 @@ class Fold:
     # A registered model's safetensors must have this sha256 (recorded in its model.json);
     # None for a checkpoint read from an nnU-Net folder.
     sha256: str | None = None
+    # The sha256 of the original nnU-Net checkpoint, recorded for a registered model's fold (a
+    # folder's is computed when the fold is loaded): the weights' identity either way.
+    source_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -910,7 +913,7 @@ def cache_fold(model: TrainedModel, fold: Fold) -> tuple[Path, str]:
     return dest, sha
 
 
-def load_fold(model: TrainedModel, fold: Fold) -> dict[str, torch.Tensor]:
+def load_fold_identified(model: TrainedModel, fold: Fold) -> tuple[dict[str, torch.Tensor], str]:
     """The verified network parameters of one fold (memory-mapped safetensors).
 
     A fold of an nnU-Net folder is converted once into the cache (``cache_fold``) and read from
@@ -922,13 +925,14 @@ def load_fold(model: TrainedModel, fold: Fold) -> dict[str, torch.Tensor]:
         fold: one of ``model.folds``.
 
     Returns:
-        name -> tensor, exactly ``STUNet(model.arch)``'s keys and shapes.
+        name -> tensor, exactly ``STUNet(model.arch)``'s keys and shapes; and the sha256 of the
+        original checkpoint, the weights' identity whether read from the folder or the registry.
 
     Raises:
         WeightsError: unreadable, damaged, another network, or (registered) not the recorded bytes.
     """
     if fold.sha256 is None:
-        path, _ = cache_fold(model, fold)
+        path, source_sha = cache_fold(model, fold)
     else:
         path = fold.checkpoint
         try:
@@ -941,8 +945,14 @@ def load_fold(model: TrainedModel, fold: Fold) -> dict[str, torch.Tensor]:
                 f"was imported; import it again with `stuseg import-model SOURCE --name {model.source.name} "
                 "--overwrite`"
             )
+        source_sha = fold.source_sha256 or actual
     tensors, _ = read_checkpoint(path)
     problem = network_mismatch(shapes_of(tensors), model.arch)
     if problem:
         raise WeightsError(f"{path} is not the network of {model.source}: {problem}")
-    return tensors
+    return tensors, source_sha
+
+
+def load_fold(model: TrainedModel, fold: Fold) -> dict[str, torch.Tensor]:
+    """``load_fold_identified`` without the identity: the verified parameters of one fold."""
+    return load_fold_identified(model, fold)[0]

@@ -144,7 +144,7 @@ def _parse(raw: Any, entry: Path) -> tuple[TrainedModel, dict[str, Any]]:
             f = _fields(f, _FOLD_KEYS, "a fold")
             if Path(f["file"]).name != f["file"]:
                 raise _Damaged(f"fold file {f['file']!r} is not a file name inside the entry")
-            folds.append(Fold(str(f["name"]), entry / f["file"], str(f["sha256"])))
+            folds.append(Fold(str(f["name"]), entry / f["file"], str(f["sha256"]), str(f["source_sha256"])))
         model = TrainedModel(
             source=entry,
             framework=str(record["framework"]),
@@ -177,6 +177,19 @@ def _read_entry(name: str) -> tuple[TrainedModel, dict[str, Any]]:
         return _parse(raw, entry)
     except _Damaged as exc:
         raise InputError(f"{path} is damaged: {exc}; import the model again with --overwrite") from None
+
+
+def _pick_folds(model: TrainedModel, folds: Sequence[str] | None) -> TrainedModel:
+    """``model`` with only the ``folds`` named (all for None); a fold it lacks is one line."""
+    if folds is None:
+        return model
+    have = {f.name: f for f in model.folds}
+    missing = [f for f in folds if f not in have]
+    if missing:
+        raise InputError(
+            f"registered model {model.source.name!r} has no fold {missing[0]}; it has {', '.join(have)}"
+        )
+    return dataclasses.replace(model, folds=tuple(have[f] for f in dict.fromkeys(folds)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,11 +332,15 @@ def registered_models() -> list[RegisteredModel]:
     return rows
 
 
-def resolve_model(name_or_path: str | Path) -> TrainedModel:
+def resolve_model(
+    name_or_path: str | Path, *, folds: Sequence[str] | None = None, checkpoint: str = "final"
+) -> TrainedModel:
     """A model from a folder path (an nnU-Net model folder) or a registered name.
 
     Args:
         name_or_path: an existing folder, or the name given to ``import_model``.
+        folds: the folds to use (default: all); ``checkpoint``: ``final`` or ``best``, for a
+            folder (a registered model holds the checkpoint it was imported with).
 
     Returns:
         The model (a registered one's folds are its verified safetensors files).
@@ -335,10 +352,10 @@ def resolve_model(name_or_path: str | Path) -> TrainedModel:
     """
     text = str(name_or_path)
     if Path(text).is_dir():
-        return read_model_folder(Path(text))
+        return read_model_folder(Path(text), folds=folds, checkpoint=checkpoint)
     names = _names()
     if text in names:
-        return _read_entry(text)[0]
+        return _pick_folds(_read_entry(text)[0], folds)
     looks_like_path = os.sep in text or "/" in text or text.startswith(".")
     if not names:
         if looks_like_path:

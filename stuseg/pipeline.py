@@ -547,11 +547,11 @@ def _load_folds(trained: TrainedModel, device: torch.device) -> tuple[list[STUNe
     """One network per fold of ``trained``, with verified weights, and the sha256 naming them all."""
     import hashlib
 
-    from stuseg.modelfolder import load_fold
+    from stuseg.modelfolder import load_fold_identified
 
     nets, digest = [], hashlib.sha256()
     for fold in trained.folds:
-        state, sha = load_fold(trained, fold)
+        state, sha = load_fold_identified(trained, fold)
         net = build_network(trained.arch, device="meta")
         net.load_state_dict(state, strict=True, assign=True)
         nets.append(net.to(device).eval())
