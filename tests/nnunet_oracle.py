@@ -39,7 +39,7 @@ from torch import nn
 
 # nnU-Net's label is in doubt where its top two logits are closer than this share of the largest.
 # The sliding window sums Gaussian-weighted tile logits into float16 (``predicted_logits``,
-# dtype=torch.half): each addition rounds to 2^-11 of the running sum, so a label whose two best
+# dtype=torch.half): each addition rounds to within 2^-11 of the running sum, so a label whose two best
 # logits differ by a few parts in a thousand may follow the rounding rather than the network.
 DOUBT_SHARE = 0.002
 
@@ -164,15 +164,17 @@ def predict_case(predictor: nnUNetPredictor, images: Sequence[Path]) -> tuple[np
     ``convert_predicted_logits_to_segmentation_with_correct_shape(return_probabilities=True)``.
 
     The doubt map, computed from what that export returns. Its probabilities are a softmax of the
-    logits resampled to the input grid, so their logarithms give the top-two gap exactly:
-    ``log p1 - log p2 = l1 - l2``; a softmax forgets the logits' level, so the scale comes from
-    nnU-Net's float16 logits themselves: ``max_k |l_k|`` per voxel of the network's grid, taken to
-    the input grid by the same export (``_to_input_grid``). A voxel is in doubt where
+    logits resampled to the input grid, so their logarithms give the top-two gap (to float32
+    rounding, ~1e-7): ``log p1 - log p2 = l1 - l2``. A softmax forgets the logits' level, so the
+    scale comes from nnU-Net's float16 logits themselves: ``max_k |l_k|`` per voxel of the
+    network's grid, taken to the input grid by the same export (``_to_input_grid``). A voxel is in doubt where
     ``l1 - l2 <= DOUBT_SHARE * scale``. With nnU-Net's default linear resampling of logits the
     resampled scale is at least ``|l1|`` there, so this is the 0.2 % rule or slightly wider. Voxels
     outside nnU-Net's crop box are background by construction (probability exactly 1) and never in
-    doubt.
+    doubt. Region-based models (sigmoid per region, no softmax) are refused: none of this holds.
     """
+    if predictor.label_manager.has_regions:
+        raise ValueError("the oracle reads softmax probabilities; this model is region-based (sigmoids)")
     plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
     data, properties = plans_manager.image_reader_writer_class().read_images([str(p) for p in images])
     batch = next(
@@ -210,8 +212,8 @@ def _to_input_grid(predictor: nnUNetPredictor, values: torch.Tensor, properties:
 
     The export resamples every channel alike (a linear map of each channel) and then applies a
     softmax; fed channel 0 = values / s and zeros elsewhere, it returns q with
-    ``log q0 - log q1 = resampled(values) / s`` exactly. s, the map's largest value, keeps the
-    exponentials in range. Outside the crop box the result is +inf (q1 = 0 there).
+    ``log q0 - log q1 = resampled(values) / s`` (to float32 rounding). s, the map's largest value,
+    keeps the exponentials in range. Outside the crop box the result is +inf (q1 = 0 there).
     """
     s = float(values.max()) or 1.0
     channels = torch.zeros((predictor.label_manager.num_segmentation_heads, *values.shape))
