@@ -1,4 +1,4 @@
-"""The repository itself: it stands alone, and its torch range, CI and README agree.
+"""The repository itself: it stands alone, and its torch range, constraints, CI and README agree.
 
 The stand-alone check lives in ``.ci/run`` (``.ci/run check-standalone``); these tests run that
 same script, on this repository and on small repositories made here that break the rule.
@@ -132,3 +132,17 @@ def test_readme_states_the_declared_torch_range() -> None:
     stated = set(re.findall(r"`torch([<>=!~][^`]*)`", readme))
     assert stated, "README.md names no torch range"
     assert {str(SpecifierSet(s)) for s in stated} == {declared}
+
+
+def test_the_cpu_constraints_pin_the_torch_ci_tests() -> None:
+    """The README's install command and .ci/run take the constraints file; its torch is CI's."""
+    pins = dict(
+        line.split("==")
+        for line in (REPO / "constraints-cpu.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    assert pins.keys() == {"torch", "torchvision"}
+    assert pins["torch"] == _ci_value("TORCH_MAIN")
+    install = 'python3 -m pip install -c constraints-cpu.txt -e ".[test]"'
+    assert install in (REPO / "README.md").read_text()
+    assert install.replace("pip install", "pip install --quiet") in CI.read_text()
