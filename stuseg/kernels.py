@@ -103,13 +103,18 @@ def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:
                         break
 
 
+_LOWEST = np.float32(np.finfo(np.float32).min)
+
+
 @_jit()
 def mean_top2(
     sums: np.ndarray, norm: np.ndarray, scores: np.ndarray, labels: np.ndarray, second: np.ndarray
 ) -> None:  # pragma: no cover
     """``scores = sums / norm`` (float32), its argmax (ties to the lowest class) and second-largest value.
 
-    ``second`` is the largest score of any class but the argmax (-1 with a single class).
+    ``second`` is the largest score of any class but the argmax (float32's lowest value with a
+    single class). Scores may be probabilities or logits of any sign: the search starts below
+    every float32, and never from -inf, whose product with a zero interpolation weight is NaN.
     """
     n_classes = sums.shape[3]
     for i in prange(sums.shape[0]):
@@ -118,8 +123,8 @@ def mean_top2(
                 row = sums[i, j, m]
                 dst = scores[i, j, m]
                 n = norm[i, j, m]
-                best = np.float32(-1.0)
-                runner_up = np.float32(-1.0)
+                best = _LOWEST
+                runner_up = _LOWEST
                 arg = 0
                 for k in range(n_classes):
                     v = row[k] / n

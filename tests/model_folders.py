@@ -246,8 +246,11 @@ def write_v2_folder(
     plans_changes: Mapping[str, Any] | None = None,
     configuration_changes: Mapping[str, Any] | None = None,
     dataset_changes: Mapping[str, Any] | None = None,
+    fold_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write an nnU-Net v2 model folder of an STU-Net; return the folder.
+
+    Every fold holds ``state_dict``, except those ``fold_states`` gives weights of their own.
 
     ``strides`` are the plan's, first stage's [1, 1, 1] included, as v2 lists them. ``labels``
     are names (values 1, 2, ... after background) or a full ``{name: value}`` table.
@@ -316,7 +319,7 @@ def write_v2_folder(
     name = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}[checkpoint]
     for fold in folds:
         ckpt = v2_checkpoint(
-            state_dict,
+            (fold_states or {}).get(fold, state_dict),
             plans=plans,
             dataset_json=dataset_json,
             configuration=configuration,
