@@ -188,7 +188,11 @@ def _suggest(word: str, candidates: Mapping[str, str], hint: str) -> str:
     close = [c for c in close if score[c] >= score[close[0]] - 0.15]
     if not close:
         return f"; {hint}"
-    quoted = [f"'{candidates[c]}'" for c in close]
+    return _did_you_mean([candidates[c] for c in close])
+
+
+def _did_you_mean(names: list[str]) -> str:
+    quoted = [f"'{n}'" for n in names]
     alternatives = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
     return f", did you mean {alternatives}?"
 
@@ -469,7 +473,8 @@ def select_from(names: Mapping[int, str], patterns: Iterable[str]) -> list[int]:
 
     Raises:
         LabelError: no entry names anything, a name is not in the table (the message suggests
-            the closest names, or lists them), or a pattern matches no structure.
+            the closest names or those that begin with it, or else lists them), or a pattern
+            matches no structure.
     """
     table = {int(v): str(n) for v, n in names.items() if int(v) != 0}
     words = [w.strip() for p in patterns for w in str(p).split(",") if w.strip()]
@@ -489,7 +494,12 @@ def select_from(names: Mapping[int, str], patterns: Iterable[str]) -> list[int]:
         if word.lower() == "background":
             raise LabelError(f"'background' is label 0, not a structure; {hint}")
         candidates = {n.lower(): n for n in table.values()}
-        raise LabelError(f"unknown structure '{word}'{_suggest(word, candidates, hint)}")
+        tail = _suggest(word, candidates, hint)
+        # A model's names often extend a word ('liver' -> 'Liver_Tumour'): suggest those too.
+        longer = [n for n in table.values() if n.lower().startswith(word.lower())]
+        if tail == f"; {hint}" and longer:
+            tail = _did_you_mean(longer[:3])
+        raise LabelError(f"unknown structure '{word}'{tail}")
 
     patterned = [(k, v) for k, values in (*by_name.items(), *by_file.items()) for v in values]
     return _selection(words, {}, patterned, exact, hint)
