@@ -535,6 +535,11 @@ class Settings:
     ``labels`` are the selected label values (``roi_subset`` resolved), so two spellings of the
     same selection compare equal. The device is recorded but not compared: a result made on the
     CPU counts as done for a later run on a GPU.
+
+    ``names`` are the names of ``labels`` (same order) for a model with its own label table, and
+    ``classes`` that model's number of structures; both stay empty (0) for the published table,
+    so the published models' records are as before. A model's names are compared too: they
+    name its output files.
     """
 
     size: str
@@ -546,6 +551,8 @@ class Settings:
     multilabel: bool = False
     weights: str | None = None
     device: str = ""
+    names: tuple[str, ...] = ()
+    classes: int = 0
 
     def fingerprint(self) -> dict[str, Any]:
         """The part of the settings that must match for an earlier result to be reused."""
@@ -557,13 +564,17 @@ class Settings:
             "step_size": self.step_size,
             "labels": list(self.labels),
             "multilabel": self.multilabel,
-        }
+        } | ({"names": list(self.names)} if self.names else {})
 
     def options(self) -> dict[str, Any]:
-        """Everything, for the log (``roi_subset``: the names kept, None for all 104)."""
+        """Everything, for the log (``roi_subset``: the names kept, None for all of the model's)."""
         from stuseg.labels import LABELS
 
-        subset = [LABELS[i] for i in self.labels] if 0 < len(self.labels) < len(LABELS) - 1 else None
+        if self.names:
+            kept, classes = list(self.names), self.classes or len(self.names)
+        else:
+            kept, classes = [LABELS[i] for i in self.labels], len(LABELS) - 1
+        subset = kept if 0 < len(self.labels) < classes else None
         return {
             "size": self.size,
             "weights": self.weights,
@@ -576,10 +587,28 @@ class Settings:
         }
 
 
+def model_table(segmenter: Any) -> tuple[tuple[str, ...], int]:
+    """``(names of the selected labels, number of structures)`` of a loaded ``stuseg.Segmenter``
+    with its own label table, as its Segmentations name them; ``((), 0)`` for the published table.
+
+    The model's table is the Segmenter's ``names`` (value -> name) where it has one, else its
+    plan's default (``class_<value>`` beyond the published class count).
+    """
+    from stuseg.labels import STRUCTURES
+    from stuseg.pipeline import _class_name
+
+    plan = segmenter.plan
+    table = {v: _class_name(v, plan, getattr(segmenter, "names", None)) for v in range(1, plan.num_classes)}
+    if table == dict(enumerate(STRUCTURES, start=1)):
+        return (), 0
+    return tuple(table[int(v)] for v in segmenter.keep), len(table)
+
+
 def settings_of(
     segmenter: Any, *, weights_sha256: str, multilabel: bool = False, weights: Path | None = None
 ) -> Settings:
     """The ``Settings`` of a loaded ``stuseg.Segmenter``."""
+    names, classes = model_table(segmenter)
     return Settings(
         size=segmenter.size,
         weights_sha256=weights_sha256,
@@ -590,6 +619,8 @@ def settings_of(
         multilabel=multilabel,
         weights=str(weights) if weights is not None else None,
         device=str(segmenter.device),
+        names=names,
+        classes=classes,
     )
 
 

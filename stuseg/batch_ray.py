@@ -105,9 +105,11 @@ class CaseWorker:
         self.network = threading.Lock()
 
     def identity(self) -> dict[str, Any]:
-        """Host, pid, model size, weights sha256 and device of this actor."""
-        from stuseg.batch import weights_sha256
+        """Host, pid, model size, weights sha256, device and selected labels (with a model's own
+        names, see ``stuseg.batch.model_table``) of this actor."""
+        from stuseg.batch import model_table, weights_sha256
 
+        names, classes = model_table(self.segmenter)
         return {
             "host": self.host,
             "pid": os.getpid(),
@@ -115,6 +117,8 @@ class CaseWorker:
             "weights_sha256": weights_sha256(self.segmenter.size, self.weights),
             "device": str(self.segmenter.device),
             "labels": [int(v) for v in self.segmenter.keep],
+            "names": list(names),
+            "classes": classes,
         }
 
     def process(
@@ -427,6 +431,8 @@ def _results(
             multilabel=multilabel,
             weights=str(options.weights) if options.weights else None,
             device=first["device"],
+            names=tuple(first["names"]),
+            classes=int(first["classes"]),
         )
         recorder = _Recorder(settings, output, run_id)
         latest = latest_ok(read_log(output / LOG_NAME))

@@ -245,14 +245,17 @@ def export_labels_cmd(
     patterns = [*(names or []), *(g.value for g in groups or [])]
     if not patterns:
         raise fail("name the structures to export with --labels or --group (see 'stuseg labels')")
+    # A model's own structures (its --ml file carries their names) are selected from that table.
+    table = labelmaps.own_table(segmentation)
     result = labelmaps.export_labels(
         segmentation,
         output,
-        labels.select(patterns),
+        labels.select(patterns) if table is None else labels.select_from(table, patterns),
         ml=ml,
         numbering=numbering,
         combine=combine,
         overwrite=overwrite,
+        table=table,
     )
 
     def some(names: list[str]) -> str:  # keep the note one readable line

@@ -4,6 +4,13 @@ One Segmentation instance per run: one BINARY segment per structure present, lab
 structure's name and coded with SNOMED CT (``stuseg/data/snomed_ct.csv``), frames on the source
 slices, referencing the source series and copying its patient and study attributes.
 
+A fine-tuned model's structures have names of their own. Codes for them come from a file the user
+supplies (``read_codes``; its codes take precedence over the package's). A structure without
+codes anywhere is coded generically, category and type both SCT 85756007 "Tissue" (the one
+concept that is both in DICOM's CID 7150 "Segmentation Property Categories" and in CID 7151
+"Segmentation Property Types", and claims nothing about what was segmented), with its name in
+SegmentLabel and SegmentDescription; one StusegWarning names all structures coded so.
+
 The label map stuseg produces is indexed (i, j, k) on the RAS grid built by SimpleITK from the
 series. Each source image's rows and columns are found in that grid through its own
 ImagePositionPatient, ImageOrientationPatient and PixelSpacing, so the frames do not depend on the
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import json
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +67,44 @@ class SnomedCodes(NamedTuple):
     modifier: tuple[str, str] | None  # laterality (Left / Right), None for unpaired structures
 
 
+#: The codes of a structure that no table codes: SCT 85756007 "Tissue" as category (CID 7150)
+#: and as type (CID 7151), no modifier.
+GENERIC_CODES = SnomedCodes(("85756007", "Tissue"), ("85756007", "Tissue"), None)
+
+# The columns of a codes table (the package's CSV, a user's CSV, the keys of a user's JSON objects).
+CODE_COLUMNS = (
+    "structure",
+    "category_code",
+    "category_meaning",
+    "type_code",
+    "type_meaning",
+    "modifier_code",
+    "modifier_meaning",
+)
+# DICOM: a CodeMeaning is LO (at most 64 characters); a SNOMED CT concept id is 6 to 18 digits.
+_MEANING_CHARS = 64
+_SCT_ID = re.compile(r"[0-9]{6,18}")
+
+
+def _codes_of(row: Mapping[str, Any]) -> SnomedCodes:
+    """The codes of one table row (keys of ``CODE_COLUMNS``); ValueError names the first problem."""
+    values = {k: str(row.get(k) or "").strip() for k in CODE_COLUMNS}
+    if not values["structure"]:
+        raise ValueError("the structure name is empty")
+    pairs = []
+    for part in ("category", "type", "modifier"):
+        code, meaning = values[f"{part}_code"], values[f"{part}_meaning"]
+        if part == "modifier" and not code and not meaning:
+            pairs.append(None)
+            continue
+        if not _SCT_ID.fullmatch(code):
+            raise ValueError(f"{part}_code '{code}' is not a SNOMED CT concept id (6 to 18 digits)")
+        if not meaning or len(meaning) > _MEANING_CHARS or "\\" in meaning:
+            raise ValueError(f"{part}_meaning must be 1 to {_MEANING_CHARS} characters without a backslash")
+        pairs.append((code, meaning))
+    return SnomedCodes(pairs[0], pairs[1], pairs[2])
+
+
 def snomed_table() -> dict[str, SnomedCodes]:
     """The SNOMED CT codes of every structure, from the package's ``data/snomed_ct.csv``.
 
@@ -66,13 +113,90 @@ def snomed_table() -> dict[str, SnomedCodes]:
     """
     text = resources.files("stuseg").joinpath("data/snomed_ct.csv").read_text(encoding="utf-8")
     rows = csv.DictReader(line for line in _io.StringIO(text) if not line.startswith("#"))
-    table = {}
-    for r in rows:
-        modifier = (r["modifier_code"], r["modifier_meaning"]) if r["modifier_code"] else None
-        table[r["structure"]] = SnomedCodes(
-            (r["category_code"], r["category_meaning"]), (r["type_code"], r["type_meaning"]), modifier
-        )
+    return {r["structure"]: _codes_of(r) for r in rows}
+
+
+def read_codes(path: Path) -> dict[str, SnomedCodes]:
+    """The SNOMED CT codes a user gives for a model's structures, from a CSV or a JSON file.
+
+    CSV (``.csv``): a header line with the columns ``structure, category_code, category_meaning,
+    type_code, type_meaning`` and optionally ``modifier_code, modifier_meaning``, then one row per
+    structure; lines starting with ``#`` are comments. JSON (any other suffix): a list of objects
+    with the same keys. ``structure`` is the structure's name as the model names it (compared as
+    ``write_dicom_seg`` says); codes are SNOMED CT concept ids (scheme SCT), e.g.
+    ``GTVp,49755003,Morphologically Abnormal Structure,108369006,Neoplasm,,`` ; the meanings go
+    into the SEG as written (at most 64 characters). The modifier (e.g. laterality: 7771000
+    Left, 24028007 Right) is given with both columns or left empty.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Structure name -> its codes.
+
+    Raises:
+        InputError: the file cannot be read or parsed, lacks a column, or a row is invalid (one
+            line naming the file, the row and the problem) or repeats a structure.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"cannot read the codes file {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    rows: list[tuple[str, Mapping[str, Any]]] = []
+    if path.suffix.lower() == ".csv":
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if not line.startswith("#")]
+        reader = csv.DictReader(line for _, line in lines)
+        missing = [c for c in CODE_COLUMNS[:5] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(
+                f"the codes file {path} lacks the column {missing[0]}; its header line must name "
+                f"{', '.join(CODE_COLUMNS)}"
+            )
+        for row in reader:
+            rows.append((f"line {lines[reader.line_num - 1][0]}", row))
+    else:
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"the codes file {path} is not JSON: {exc}") from None
+        if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
+            raise InputError(f"the codes file {path} must hold a JSON list of objects, one per structure")
+        rows = [(f"entry {n}", d) for n, d in enumerate(doc, start=1)]
+    table: dict[str, SnomedCodes] = {}
+    for where, row in rows:
+        try:
+            codes = _codes_of(row)
+        except ValueError as exc:
+            raise InputError(f"{path}, {where}: {exc}; fix or remove it") from None
+        name = str(row.get("structure")).strip()
+        if name in table:
+            raise InputError(f"{path}, {where}: structure '{name}' is coded twice; keep one row")
+        table[name] = codes
     return table
+
+
+def coding_of(
+    names: Sequence[str], codes: Mapping[str, SnomedCodes] | None = None
+) -> list[SnomedCodes | None]:
+    """The codes of each structure name, None where neither table has them.
+
+    ``codes`` (a user's) are looked up first, the package table second. A name matches a row of
+    ``codes`` when equal, or else when their ``stuseg.labels.file_name`` forms are equal
+    case-insensitively (a model's outputs use those forms: "Liver Tumour" codes ``Liver_Tumour``).
+    """
+    from stuseg.labels import file_name
+
+    package = snomed_table()
+    users = dict(codes or {})
+    by_file = {file_name(k).casefold(): v for k, v in users.items()}
+    found = []
+    for name in names:
+        hit = users.get(name) or by_file.get(file_name(name).casefold()) or package.get(name)
+        found.append(hit)
+    return found
 
 
 def _require_highdicom() -> Any:
@@ -240,29 +364,41 @@ def label_frames(labels: np.ndarray, affine: np.ndarray, datasets: Sequence[Any]
     return frames
 
 
-def _segment_descriptions(hd: Any, names: Sequence[str], algorithm: str, version: str) -> list[Any]:
+def _segment_descriptions(
+    hd: Any, names: Sequence[str], algorithm: str, version: str, codes: Mapping[str, SnomedCodes] | None
+) -> list[Any]:
     from highdicom.sr import CodedConcept
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes as dcm_codes
 
-    table = snomed_table()
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise OutputError(f"no SNOMED CT codes for {', '.join(unknown)}; cannot write them to a DICOM-SEG")
+    from stuseg.io import StusegWarning
+
+    coding = coding_of(names, codes)
+    generic = [n for n, c in zip(names, coding) if c is None]
+    if generic:
+        warnings.warn(
+            f"no SNOMED CT codes for {', '.join(generic)}, so the DICOM-SEG codes "
+            f"{'it' if len(generic) == 1 else 'them'} as Tissue (SCT 85756007); "
+            "give their codes with a codes file",
+            StusegWarning,
+            stacklevel=3,
+        )
     identification = hd.AlgorithmIdentificationSequence(
-        name=algorithm, family=codes.DCM.ArtificialIntelligence, version=version, source="stuseg"
+        name=algorithm, family=dcm_codes.DCM.ArtificialIntelligence, version=version, source="stuseg"
     )
     descriptions = []
-    for number, name in enumerate(names, start=1):
-        sct = table[name]
+    for number, (name, sct) in enumerate(zip(names, coding), start=1):
         desc = hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=name,
-            segmented_property_category=CodedConcept(sct.category[0], "SCT", sct.category[1]),
-            segmented_property_type=CodedConcept(sct.type[0], "SCT", sct.type[1]),
+            # SegmentLabel is LO: at most 64 characters; the whole name is in SegmentDescription.
+            segment_label=name[:_MEANING_CHARS],
+            segmented_property_category=CodedConcept(*_concept(sct or GENERIC_CODES, "category")),
+            segmented_property_type=CodedConcept(*_concept(sct or GENERIC_CODES, "type")),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification,
         )
-        if sct.modifier is not None:
+        if sct is None or len(name) > _MEANING_CHARS:
+            desc.SegmentDescription = name  # ST: up to 1024 characters
+        if sct is not None and sct.modifier is not None:
             # highdicom has no argument for the laterality; DICOM nests it in the type code item
             # (Segmented Property Type Modifier Code Sequence, 0062,0011).
             desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
@@ -272,6 +408,12 @@ def _segment_descriptions(hd: Any, names: Sequence[str], algorithm: str, version
     return descriptions
 
 
+def _concept(sct: SnomedCodes, part: str) -> tuple[str, str, str]:
+    """(value, scheme, meaning) of a category or type code, for highdicom's CodedConcept."""
+    value, meaning = getattr(sct, part)
+    return value, "SCT", meaning
+
+
 def write_dicom_seg(
     labels: Any,
     names: Mapping[int, str],
@@ -279,6 +421,7 @@ def write_dicom_seg(
     path: Path,
     *,
     algorithm: str = "STU-Net",
+    codes: Mapping[str, SnomedCodes] | None = None,
 ) -> Path | None:
     """Write one DICOM Segmentation instance (BINARY, one segment per structure present).
 
@@ -289,14 +432,16 @@ def write_dicom_seg(
         source: the series the labels were computed on, from :func:`read_dicom_source`.
         path: the file to write (a plain write: callers write into a staged folder or file).
         algorithm: the algorithm name recorded in the SEG (e.g. ``"STU-Net base"``).
+        codes: structure name -> SNOMED CT codes (e.g. from :func:`read_codes`), used before the
+            package's table; a structure in neither is coded generically (``GENERIC_CODES``),
+            with one StusegWarning naming every such structure.
 
     Returns:
         ``path``, or None (with a warning) when no structure is present: a SEG needs a segment.
 
     Raises:
         StusegError: highdicom is not installed (``stuseg[dicom]``).
-        OutputError: the labels do not lie on the source images, a structure has no SNOMED CT code,
-            or the file cannot be written.
+        OutputError: the labels do not lie on the source images, or the file cannot be written.
     """
     hd = _require_highdicom()
     from stuseg import __version__
@@ -319,7 +464,7 @@ def write_dicom_seg(
     lut = np.zeros(256, np.uint8)
     lut[values] = np.arange(1, len(values) + 1, dtype=np.uint8)
     segment_map = lut[frames]
-    descriptions = _segment_descriptions(hd, [names[v] for v in values], algorithm, __version__)
+    descriptions = _segment_descriptions(hd, [names[v] for v in values], algorithm, __version__, codes)
     first = source.datasets[0]
     # A derived series is numbered apart from its source (1000 + the source's SeriesNumber).
     series_number = 1000 + int(first.get("SeriesNumber") or 0)
@@ -344,6 +489,10 @@ def write_dicom_seg(
         )
     except (KeyError, ValueError) as exc:
         raise OutputError(f"highdicom cannot build a DICOM-SEG from {source.folder}: {exc}") from None
+    if not all(names[v].isascii() for v in values):
+        # The source's character set (often ISO_IR 100, Latin-1) may not hold every character of a
+        # model's names; UTF-8 holds them all, and pydicom re-encodes the copied values with it.
+        seg.SpecificCharacterSet = "ISO_IR 192"
     try:
         seg.save_as(Path(path))
     except OSError as exc:

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -149,6 +150,10 @@ def write_masks(
 ) -> list[Path]:
     """One uint8 0/1 ``<name>.nii.gz`` per entry of ``names``, on the grid of ``like``, in parallel.
 
+    The file names are ``stuseg.labels.model_names(names)``: the names themselves for names that
+    are safe and unique as file names (the published ones, and a Segmentation's), else their safe
+    forms, so a name such as "kidney/left" never reaches outside ``folder``.
+
     Write into a staged folder (``outputs.staged_folder``): on a failure the files written so far
     are left for the staging to discard. Voxels are counted in chunks; the masks of structures
     absent from ``labels`` are all the same file, encoded once and its bytes written for each.
@@ -172,9 +177,10 @@ def write_masks(
     if not all(present[v] for v in names):
         empty = nifti_gz_bytes(label_image(np.zeros(labels.shape, np.uint8, order="F"), like))
 
-    def write_one(item: tuple[int, str]) -> Path:
-        value, name = item
-        path = folder / f"{name}.nii.gz"
+    files = lbl.model_names(names)  # safe, unique file names; a Segmentation's names are already
+
+    def write_one(value: int) -> Path:
+        path = folder / f"{files[value]}.nii.gz"
         if present[value]:
             write_nifti(label_image((labels == value).view(np.uint8), like), path)
         else:
@@ -184,7 +190,7 @@ def write_masks(
     # ISA-L releases the GIL while it compresses, so threads encode masks in parallel.
     pool = ThreadPoolExecutor(threads or writer_threads())
     try:
-        return list(pool.map(write_one, sorted(names.items())))
+        return list(pool.map(write_one, sorted(names)))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after a failure, start no further mask
 
@@ -221,21 +227,36 @@ def save_masks(
 # Writing multilabel files with names
 
 
-def label_colors(names: Mapping[int, str]) -> dict[int, tuple[int, int, int]]:
-    """A distinct, stable RGB colour per label value.
+def _color(key: int) -> tuple[int, int, int]:
+    """The colour of colour key ``key``: the hue steps by the golden ratio (0.618...) per key,
+    which keeps neighbours far apart on the colour wheel; the brightness alternates too."""
+    hue = (key * 0.618033988749895) % 1.0
+    value = 0.95 if key % 2 else 0.75  # 104 hues alone are close
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.7, value)
+    return round(r * 255), round(g * 255), round(b * 255)
 
-    The hue steps by the golden ratio (0.618...), which keeps neighbours far apart on the colour
-    wheel. A structure is keyed by its model index, so it keeps its colour in every numbering.
+
+def label_colors(names: Mapping[int, str]) -> dict[int, tuple[int, int, int]]:
+    """A distinct, stable RGB colour per label value, keyed by the structure's name.
+
+    A published structure's colour key is its model index, so it keeps its colour in every
+    numbering. Any other name's key comes from its name alone (CRC-32 of its case-folded UTF-8,
+    beyond the published indices), so a model's structure keeps its colour across numberings,
+    subsets and runs; where that colour is already taken in this table (by a published structure
+    or another name, taken in name order), the key steps on until the colour is free. No two
+    values of one table share a colour.
     """
     known = {n.lower(): i for i, n in enumerate(lbl.LABELS)}
-    colors = {}
-    for value, name in names.items():
-        key = known.get(name.lower(), value)
-        hue = (key * 0.618033988749895) % 1.0
-        value_ = 0.95 if key % 2 else 0.75  # alternate brightness too: 104 hues alone are close
-        r, g, b = colorsys.hsv_to_rgb(hue, 0.7, value_)
-        colors[value] = (round(r * 255), round(g * 255), round(b * 255))
-    return colors
+    colors = {v: _color(known[n.lower()]) for v, n in names.items() if n.lower() in known}
+    used = set(colors.values())
+    others = sorted((str(n).casefold(), v) for v, n in names.items() if v not in colors)
+    for folded, value in others:
+        key = len(lbl.LABELS) + zlib.crc32(folded.encode("utf-8", "surrogatepass"))
+        while _color(key) in used:
+            key += 1
+        colors[value] = _color(key)
+        used.add(colors[value])
+    return {v: colors[v] for v in names}
 
 
 def names_json(names: Mapping[int, str], numbering: str | None = None) -> str:
@@ -631,8 +652,13 @@ def export_labels(
     numbering: str | None = None,
     combine: str | None = None,
     overwrite: bool = False,
+    table: Mapping[int, str] | None = None,
 ) -> ExportResult:
     """Export the structures ``indices`` (model indices) of a segmentation.
+
+    A multilabel file of a model with its own label table (see :func:`own_table`) is exported with
+    that ``table``: ``indices`` are then its own label values, ``model`` numbering keeps them and
+    ``compact`` renumbers 1..k; ``totalsegmentator-v1`` does not apply.
 
     Default: one ``<name>.nii.gz`` 0/1 mask per structure in folder ``output``. ``ml``: one
     multilabel file ``output`` numbered by ``numbering`` (default model). ``combine``: their
@@ -648,6 +674,7 @@ def export_labels(
         numbering: label values in the ``ml`` file (``model``, ``compact``, ``totalsegmentator-v1``).
         combine: write the union of the structures as this one mask.
         overwrite: allow replacing files or a folder that stuseg did not write.
+        table: the file's own label table (value -> name), for a model's own structures.
 
     Returns:
         What was written, which structures the input lacks, and which exported ones are empty.
@@ -664,11 +691,13 @@ def export_labels(
     if combine is not None:
         if not _SAFE_NAME.fullmatch(combine) or nifti_stem(Path(combine)) is not None:
             raise OutputError(f"'{combine}' is not a plain name for --combine; use letters, digits and _")
-        if combine.lower() in (s.lower() for s in lbl.STRUCTURES):
+        if combine.lower() in (s.lower() for s in (*lbl.STRUCTURES, *(table or {}).values())):
             raise OutputError(
                 f"--combine name '{combine}' is a structure's name; choose another so the union "
                 "cannot be mistaken for that structure"
             )
+    if table is not None:
+        return _export_own(segmentation, output, indices, table, ml, numbering, combine, overwrite)
     wanted = sorted(lbl.renumbering(indices))  # validates the indices
     if not wanted:
         raise LabelError("no structures selected; name them with --labels or --group")
@@ -704,6 +733,88 @@ def export_labels(
         else:
             written = write_masks(stage, labels, header, {i: lbl.STRUCTURES[i - 1] for i in chosen})
     result.written = [output / p.name for p in written]
+    return result
+
+
+def own_table(path: Path) -> dict[int, str] | None:
+    """The label table of a multilabel file written for a model with its own structures.
+
+    Args:
+        path: a segmentation (a multilabel file or a folder of masks).
+
+    Returns:
+        Label value -> name, as the file carries it (header extension or JSON sidecar), when a
+        name is not one of the published structures; None for a folder, a file without a table
+        or a table of published names (which :func:`load_segmentation` reads).
+
+    Raises:
+        InputError: the file cannot be read.
+    """
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        return None
+    table = read_names(load_nifti(path), path)
+    if table is None or {n.lower() for n in table.values()} <= {n.lower() for n in lbl.STRUCTURES}:
+        return None
+    return table
+
+
+def _export_own(
+    segmentation: Path,
+    output: Path,
+    values: Sequence[int],
+    table: Mapping[int, str],
+    ml: bool,
+    numbering: str | None,
+    combine: str | None,
+    overwrite: bool,
+) -> ExportResult:
+    """``export_labels`` of a multilabel file named by its own ``table``; options checked there."""
+    table = {int(v): str(n) for v, n in table.items()}
+    wanted = sorted(set(values))
+    if not wanted:
+        raise LabelError("no structures selected; name them with --labels")
+    unknown = [v for v in wanted if v not in table]
+    if unknown:
+        raise LabelError(f"label value {unknown[0]} is not in the label table of {segmentation}")
+    chosen = numbering or lbl.Numbering.MODEL
+    scheme = str(getattr(chosen, "value", chosen))
+    if scheme not in (lbl.Numbering.MODEL.value, lbl.Numbering.COMPACT.value):
+        raise LabelError(
+            f"--numbering {scheme} applies to the published structures only; {segmentation} names "
+            "its own, so choose model or compact"
+        )
+    inputs = segmentation_inputs(segmentation)
+    if ml:
+        check_multilabel_output(output, inputs=inputs, overwrite=overwrite)
+    else:
+        check_mask_folder_output(output, inputs=inputs, overwrite=overwrite)
+    _, raw, header = _load_label_nifti(segmentation)
+    labels = _integer_data(raw, segmentation)
+    counts = value_counts(labels, 256)
+    unnamed = [int(v) for v in np.flatnonzero(counts) if v and v not in table]
+    if len(counts) > 256 or unnamed:
+        value = unnamed[0] if unnamed else len(counts) - 1
+        raise LabelError(f"{segmentation} holds label value {value}, which its label table does not name")
+    labels = labels.astype(np.uint8, copy=False)
+    result = ExportResult(empty=[table[v] for v in wanted if counts[v] == 0])
+    if ml:
+        new = (
+            {v: v for v in wanted}
+            if scheme == lbl.Numbering.MODEL.value
+            else {v: k for k, v in enumerate(wanted, start=1)}
+        )
+        lut = np.zeros(256, np.uint8)
+        lut[wanted] = [new[v] for v in wanted]
+        names = {new[v]: table[v] for v in wanted}
+        result.written = save_multilabel(lut[labels], header, output, names, numbering=scheme)
+        return result
+    with outputs.staged_folder(output) as stage:
+        if combine is not None:
+            written = write_masks(stage, np.isin(labels, wanted).view(np.uint8), header, {1: combine})
+        else:
+            written = write_masks(stage, labels, header, {v: table[v] for v in wanted})
+    result.written = [Path(output) / p.name for p in written]
     return result
 
 
@@ -827,12 +938,36 @@ def load_named_labels(path: Path, names_file: Path) -> tuple[np.ndarray, nib.Nif
         raise InputError(f"cannot read {names_file}: {exc.strerror or exc}") from None
     if table is None:
         raise LabelError(f'{names_file} is not a label table; give JSON such as {{"1": "spleen", ...}}')
+    return _labels_named_by(path, table, str(names_file))
+
+
+def _labels_named_by(
+    path: Path, table: Mapping[int, str], source: str
+) -> tuple[np.ndarray, nib.Nifti1Header, dict[int, str]]:
+    """The label map ``path`` with its values as stored, named by ``table`` (from ``source``)."""
     _, raw, header = _load_label_nifti(path)
     arr = _integer_data(raw, path)
     top = int(arr.max()) if arr.size else 0
     present = np.flatnonzero(value_counts(arr, top + 1))
     unnamed = [int(v) for v in present if v and v not in table]
     if unnamed:
-        raise LabelError(f"{path} holds label value {unnamed[0]}, which {names_file} does not name")
+        raise LabelError(f"{path} holds label value {unnamed[0]}, which {source} does not name")
     dtype = np.uint8 if top <= 255 else np.uint16
     return np.asfortranarray(arr, dtype=dtype), header, {v: table[v] for v in sorted(table) if v > 0}
+
+
+def load_own_labels(path: Path) -> tuple[np.ndarray, nib.Nifti1Header, dict[int, str]] | None:
+    """A multilabel file of a model's own structures (see :func:`own_table`), values as stored.
+
+    Returns:
+        ``(labels, header, names)`` as :func:`load_named_labels` gives them, or None when ``path``
+        is not such a file (a folder, no carried table, published names).
+
+    Raises:
+        InputError: the file cannot be read.
+        LabelError: a value in the data that its table does not name.
+    """
+    table = own_table(path)
+    if table is None:
+        return None
+    return _labels_named_by(Path(path), table, "its label table")

@@ -9,6 +9,10 @@ STU-Net repository's ``label_orders.json`` (the order) and TotalSegmentator v1's
 with commits, and the tests compare this table with it. The four groups follow the
 TotalSegmentator paper's organs, bones, muscles and vessels.
 
+Fine-tuned models bring their own label tables (any names, 1 to 255 classes): ``model_names``
+makes such a table safe to use as file names, and ``select_from`` selects from any table the way
+``select`` does from the published one.
+
 Pure data and name lookup: this module imports nothing beyond the standard library.
 """
 
@@ -17,7 +21,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Iterable
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from typing import NamedTuple
 
@@ -171,18 +176,23 @@ TOTALSEG_V1_INDEX: dict[int, int] = {0: 0, **{s.index: s.totalseg_v1 for s in TA
 _BY_LOWER: dict[str, Structure] = {s.name.lower(): s for s in TABLE}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _LIST_HINT = "run 'stuseg labels' to list the names"
+# What a name of the published table may be confused with: its structures and groups.
+_CANDIDATES: dict[str, str] = {**{k: s.name for k, s in _BY_LOWER.items()}, **{g: g for g in GROUPS}}
 
 
-def _suggest(word: str) -> str:
-    """A message tail naming the closest names and groups, or pointing to the full list."""
-    candidates = {**{k: s.name for k, s in _BY_LOWER.items()}, **{g: g for g in GROUPS}}
+def _suggest(word: str, candidates: Mapping[str, str], hint: str) -> str:
+    """A message tail naming the closest candidates (lower-case key -> name as shown), else ``hint``."""
     close = difflib.get_close_matches(word.lower(), candidates, n=3)
     # Keep only matches about as close as the best one, so 'organ' suggests 'organs' alone.
     score = {c: difflib.SequenceMatcher(None, word.lower(), c).ratio() for c in close}
     close = [c for c in close if score[c] >= score[close[0]] - 0.15]
     if not close:
-        return f"; {_LIST_HINT}"
-    quoted = [f"'{candidates[c]}'" for c in close]
+        return f"; {hint}"
+    return _did_you_mean([candidates[c] for c in close])
+
+
+def _did_you_mean(names: list[str]) -> str:
+    quoted = [f"'{n}'" for n in names]
     alternatives = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
     return f", did you mean {alternatives}?"
 
@@ -204,7 +214,7 @@ def lookup(name: str) -> Structure:
     if row is None:
         if name.strip().lower() == "background":
             raise LabelError(f"'background' is label 0, not a structure; {_LIST_HINT}")
-        raise LabelError(f"unknown structure '{name}'{_suggest(name)}")
+        raise LabelError(f"unknown structure '{name}'{_suggest(name, _CANDIDATES, _LIST_HINT)}")
     return row
 
 
@@ -262,18 +272,37 @@ def select(patterns: Iterable[str]) -> list[int]:
     words = [w for p in patterns for w in re.split(r"[,\s]+", str(p).strip()) if w]
     if not words:
         raise LabelError("no structures named; give structure names, groups or patterns such as 'rib_*'")
+    groups = {g: [s.index for s in TABLE if s.group.value == g] for g in GROUPS}
+    patterned = [(k, s.index) for k, s in _BY_LOWER.items()]
+    return _selection(words, groups, patterned, lambda word: [lookup(word).index], _LIST_HINT)
+
+
+def _selection(
+    words: Iterable[str],
+    groups: Mapping[str, Iterable[int]],
+    patterned: Iterable[tuple[str, int]],
+    exact: Callable[[str], Iterable[int]],
+    hint: str,
+) -> list[int]:
+    """The values that ``words`` select: the one rule of ``select`` and ``select_from``.
+
+    Each word is a group (lower-case key of ``groups``), a shell pattern matched against the
+    lower-case keys of ``patterned`` ((key, value) pairs), or else a name that ``exact`` resolves
+    (and raises LabelError for). A pattern that matches nothing raises LabelError ending in ``hint``.
+    """
+    patterned = list(patterned)
     chosen: set[int] = set()
     for word in words:
         key = word.lower()
-        if key in GROUPS:
-            chosen.update(s.index for s in TABLE if s.group.value == key)
+        if key in groups:
+            chosen.update(groups[key])
         elif _GLOB_CHARS.search(key):
-            hits = [s.index for k, s in _BY_LOWER.items() if fnmatch.fnmatchcase(k, key)]
+            hits = [v for k, v in patterned if fnmatch.fnmatchcase(k, key)]
             if not hits:
-                raise LabelError(f"pattern '{word}' matches no structure; {_LIST_HINT}")
+                raise LabelError(f"pattern '{word}' matches no structure; {hint}")
             chosen.update(hits)
         else:
-            chosen.add(lookup(word).index)
+            chosen.update(exact(word))
     return sorted(chosen)
 
 
@@ -306,3 +335,171 @@ def renumbering(indices: Iterable[int], numbering: str | Numbering = Numbering.M
         return {i: TOTALSEG_V1_INDEX[i] for i in idx}
     choices = ", ".join(n.value for n in Numbering)
     raise LabelError(f"unknown numbering '{numbering}'; choose one of {choices}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Label tables of other models (fine-tuned ones): any names, 1 to 255 classes
+
+# Characters that Windows forbids in file names (besides control characters) and the path
+# separators of every system; ':' is also the separator of classic macOS paths.
+_UNSAFE_CHARS = frozenset('<>:"/\\|?*')
+# Names Windows reserves for devices, whatever follows a dot after them ("nul.nii.gz" too).
+_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10)]
+)
+# Bytes (UTF-8) of a name at most: common file systems allow 255 per file name, and the name
+# gets suffixes (".nii.gz", "_<value>") and may sit inside long paths on Windows.
+NAME_BYTES = 120
+#: The name of a structure whose name has nothing left after ``file_name``'s rule.
+FALLBACK_NAME = "unnamed"
+
+
+def _unsafe(char: str) -> bool:
+    # Unicode categories C*: control (Cc), format (Cf: e.g. right-to-left overrides, which can
+    # disguise a name), surrogate (Cs), private use (Co) and unassigned (Cn).
+    return char.isspace() or char in _UNSAFE_CHARS or unicodedata.category(char).startswith("C")
+
+
+def _cap(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` UTF-8 bytes at a character boundary."""
+    data = name.encode("utf-8")
+    if len(data) <= limit:
+        return name
+    return data[:limit].decode("utf-8", errors="ignore")
+
+
+def file_name(name: str) -> str:
+    """A structure name made safe as a file name on Linux, macOS and Windows.
+
+    The rule, in order:
+
+    1. Unicode NFKC normalisation (so full-width or composed look-alikes become plain characters);
+    2. surrounding whitespace is dropped, and every run of whitespace, control or other invisible
+       characters (Unicode categories C*), path separators and characters Windows forbids
+       (``< > : " / \\ | ? *``) becomes one ``_``;
+    3. leading and trailing dots and spaces are removed (Windows drops trailing ones; a leading
+       dot hides a file);
+    4. the name is cut to ``NAME_BYTES`` bytes of UTF-8, and step 3 is applied again;
+    5. a name Windows reserves for a device (``CON``, ``PRN``, ``AUX``, ``NUL``, ``COM1``-``COM9``,
+       ``LPT1``-``LPT9``, ``CONIN$``, ``CONOUT$``; any case, also before a dot) gets ``_`` after it;
+    6. an empty result becomes ``FALLBACK_NAME``.
+
+    Names that are already safe (letters, digits, ``_``, ``-``, inner dots), among them all 104
+    published ones, come back unchanged. Uniqueness is not this function's job: see ``model_names``.
+
+    Args:
+        name: a structure name, e.g. from a model's dataset.json.
+
+    Returns:
+        The safe name (without a suffix such as ``.nii.gz``).
+    """
+    text = unicodedata.normalize("NFKC", str(name)).strip()
+    parts: list[str] = []
+    for char in text:
+        if not _unsafe(char):
+            parts.append(char)
+        elif not parts or parts[-1] != "\0":  # one marker per run of unsafe characters
+            parts.append("\0")
+    safe = "".join(parts).replace("\0", "_")
+    safe = _cap(safe.strip(". "), NAME_BYTES).strip(". ")
+    stem, dot, rest = safe.partition(".")
+    if stem.upper() in _RESERVED:
+        safe = f"{stem}_{dot}{rest}"
+    return safe or FALLBACK_NAME
+
+
+def model_names(labels: Mapping[int, str]) -> dict[int, str]:
+    """The names a model's outputs use for its label table: safe, and unique as file names.
+
+    Each name is made safe with ``file_name``. Names that then coincide case-insensitively (as
+    on macOS's and Windows' file systems; compared after ``str.casefold``) all get ``_<value>``
+    appended, in value order, and again until no two names coincide; names that were unique
+    keep their safe form. The result depends on the table alone. Value 0 (background) is
+    dropped: it is never an output.
+
+    Args:
+        labels: label value -> name, e.g. a dataset.json's labels turned around.
+
+    Returns:
+        Label value -> output name, sorted by value; the published table comes back unchanged.
+
+    Raises:
+        LabelError: a value outside 0..255 (label maps are uint8).
+    """
+    bad = [v for v in labels if not 0 <= int(v) <= 255]
+    if bad:
+        raise LabelError(f"label value {bad[0]} is outside 0..255; a label map holds values 1 to 255")
+    safe = {int(v): file_name(n) for v, n in sorted(labels.items()) if int(v) != 0}
+    seen: dict[str, int] = {}
+    for n in safe.values():
+        seen[n.casefold()] = seen.get(n.casefold(), 0) + 1
+    taken = {n.casefold() for n in safe.values() if seen[n.casefold()] == 1}
+    out = {}
+    for value, n in safe.items():
+        if seen[n.casefold()] > 1:
+            suffix = f"_{value}"
+            while True:
+                n = _cap(n, NAME_BYTES - len(suffix)) + suffix
+                if n.casefold() not in taken:
+                    break
+        taken.add(n.casefold())
+        out[value] = n
+    return out
+
+
+def _listing(names: Iterable[str], most: int = 8) -> str:
+    """``'a', 'b', ...`` for a message: at most ``most`` names, then how many there are."""
+    names = list(names)
+    shown = ", ".join(f"'{n}'" for n in names[:most])
+    return shown if len(names) <= most else f"{shown}, ... ({len(names)} in all)"
+
+
+def select_from(names: Mapping[int, str], patterns: Iterable[str]) -> list[int]:
+    """The label values of the structures that names and shell patterns select from any table.
+
+    ``select`` for a model's own label table (there are no groups). A word selects the
+    structures whose name equals it case-insensitively, or, failing that, whose ``file_name``
+    equals the word's (so ``Liver_Tumour`` selects "Liver Tumour" and the reverse). A word with
+    ``*``, ``?`` or ``[`` is a shell pattern matched against both forms of every name.
+
+    Args:
+        names: label value -> structure name (value 0, the background, is never selected).
+        patterns: entries, each one or several names or patterns separated by commas (not by
+            spaces: names may hold spaces); surrounding spaces are ignored. Overlaps count once.
+
+    Returns:
+        The selected label values, sorted, without duplicates.
+
+    Raises:
+        LabelError: no entry names anything, a name is not in the table (the message suggests
+            the closest names or those that begin with it, or else lists them), or a pattern
+            matches no structure.
+    """
+    table = {int(v): str(n) for v, n in names.items() if int(v) != 0}
+    words = [w.strip() for p in patterns for w in str(p).split(",") if w.strip()]
+    if not words:
+        raise LabelError("no structures named; give structure names or patterns such as 'kidney_*'")
+    by_name: dict[str, list[int]] = {}
+    by_file: dict[str, list[int]] = {}
+    for value, n in sorted(table.items()):
+        by_name.setdefault(n.lower(), []).append(value)
+        by_file.setdefault(file_name(n).casefold(), []).append(value)
+    hint = f"the model's structures are {_listing(table[v] for v in sorted(table))}"
+
+    def exact(word: str) -> list[int]:
+        found = by_name.get(word.lower()) or by_file.get(file_name(word).casefold())
+        if found:
+            return found
+        if word.lower() == "background":
+            raise LabelError(f"'background' is label 0, not a structure; {hint}")
+        candidates = {n.lower(): n for n in table.values()}
+        tail = _suggest(word, candidates, hint)
+        # A model's names often extend a word ('liver' -> 'Liver_Tumour'): suggest those too.
+        longer = [n for n in table.values() if n.lower().startswith(word.lower())]
+        if tail == f"; {hint}" and longer:
+            tail = _did_you_mean(longer[:3])
+        raise LabelError(f"unknown structure '{word}'{tail}")
+
+    patterned = [(k, v) for k, values in (*by_name.items(), *by_file.items()) for v in values]
+    return _selection(words, {}, patterned, exact, hint)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -451,23 +451,52 @@ class Segmenter:
 
 
 def _check_options(
-    step_size: float, roi_subset: Sequence[str] | None, device: str, threads: int | None, plan: Plan = PLAN
+    step_size: float,
+    roi_subset: Sequence[str] | None,
+    device: str,
+    threads: int | None,
+    plan: Plan = PLAN,
+    names: Mapping[int, str] | None = None,
 ) -> tuple[list[int], torch.device, int]:
-    """The selected label values, the device and the thread count; raise on a bad option."""
+    """The selected label values, the device and the thread count; raise on a bad option.
+
+    ``names`` is the model's own label table (value -> name, e.g. from its dataset.json; value 0
+    may be given and is ignored); None means the published table for a plan of 105 classes and
+    ``class_<value>`` otherwise. ``roi_subset`` selects from the names the outputs will carry
+    (see ``_class_name``): with the published ones as ``stuseg.labels.select`` does (groups too),
+    otherwise with ``stuseg.labels.select_from``.
+    """
     if not 0 < step_size <= 1:
         raise InputError(f"--step-size must be in (0, 1], got {step_size}")
     if not 2 <= plan.num_classes <= 256:  # label maps are uint8, background included
         raise InputError(f"a plan needs 2 to 256 classes (background included), got {plan.num_classes}")
-    if roi_subset and plan.num_classes != PLAN.num_classes:
-        raise InputError(
-            f"roi_subset names structures of the published models; this plan has {plan.num_classes} classes"
-        )
-    keep = label_table.select(roi_subset) if roi_subset else list(range(1, plan.num_classes))
+    if names is not None:
+        given = sorted(int(v) for v in names if int(v) != 0)
+        if given != list(range(1, plan.num_classes)):
+            shown = ", ".join(str(v) for v in given[:10]) + (", ..." if len(given) > 10 else "")
+            raise InputError(
+                f"the label table names {len(given)} values ({shown or 'none'}) but the model has "
+                f"{plan.num_classes - 1} classes, 1 to {plan.num_classes - 1}; give the model's own table"
+            )
+    table = {v: _class_name(v, plan, names) for v in range(1, plan.num_classes)}
+    if not roi_subset:
+        keep = list(table)
+    elif table == dict(enumerate(label_table.STRUCTURES, start=1)):
+        keep = label_table.select(roi_subset)
+    else:
+        keep = label_table.select_from(table, roi_subset)
     return keep, resolve_device(device), thread_count(threads)
 
 
-def _class_name(value: int, plan: Plan) -> str:
-    """The structure name of a label value: the published table's, or ``class_<value>`` for another plan."""
+def _class_name(value: int, plan: Plan, names: Mapping[int, str] | None = None) -> str:
+    """The structure name of a label value, as every output names it.
+
+    ``names`` given: the model's own name, made safe and unique by ``stuseg.labels.model_names``
+    (published names come back unchanged). None: the published table's name for a plan of 105
+    classes, else ``class_<value>``.
+    """
+    if names is not None:
+        return label_table.model_names(names)[value]
     return label_table.LABELS[value] if plan.num_classes == PLAN.num_classes else f"class_{value}"
 
 

@@ -578,8 +578,8 @@ def load_scan(
 
     Args:
         segmentation: a folder of ``<name>.nii.gz`` masks (any names, e.g. TotalSegmentator's
-            output folder), or a multilabel file (names from its stuseg label table or, without
-            one, stuseg's model indices; or from ``names``).
+            output folder), or a multilabel file (names from its stuseg label table, a model's
+            own names included, or, without one, stuseg's model indices; or from ``names``).
         ct: the CT (NIfTI, NRRD, MHA/MHD or a DICOM folder).
         names: a JSON label table for a multilabel file (``{"1": "spleen", ...}``).
         series: the SeriesInstanceUID when the DICOM folder holds several series.
@@ -604,6 +604,9 @@ def load_scan(
         layers, table = _model_numbering(layers, table)
     elif names is not None:
         data, header, table = labelmaps.load_named_labels(segmentation, names)
+        layers = [data]
+    elif (own := labelmaps.load_own_labels(segmentation)) is not None:  # a model's own structures
+        data, header, table = own
         layers = [data]
     else:
         try:

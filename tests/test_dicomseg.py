@@ -519,3 +519,162 @@ def test_real_run_seg_references_and_validity(real_run) -> None:
     check_references(out / "seg.dcm")
     check_snomed(out / "seg.dcm")
     assert dciodvfy_errors(out / "seg.dcm") == []  # last: it skips where dciodvfy is missing
+
+
+# --- a fine-tuned model's own structure names ---------------------------------------------------
+
+
+def _model_result(series_volume) -> tuple[object, dict[int, str]]:
+    data = np.zeros(series_volume.data.shape, np.uint8)
+    data[100:140, 200:240, 2:6] = 1
+    data[300:320, 300:330, 8:12] = 2
+    data[250:260, 250:260, 14:16] = 3
+    data[50:60, 50:60, 0:2] = 4
+    names = labels.model_names({1: "Liver Tumour", 2: "GTVp", 3: "liver", 4: "肝臓 – Läsion"})
+    return label_image(data, series_volume.header), names
+
+
+def _segments(path: Path) -> dict[str, pydicom.Dataset]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return {str(s.SegmentLabel): s for s in ds.SegmentSequence}
+
+
+def test_the_generic_codes_are_tissue_in_dicoms_segmentation_tables() -> None:
+    from pydicom.sr import _cid_dict
+    from pydicom.sr.codedict import codes
+
+    tissue = codes.SCT.Tissue
+    assert "Tissue" in _cid_dict.cid_concepts[7150]["SCT"]  # Segmentation Property Categories
+    assert "Tissue" in _cid_dict.cid_concepts[7151]["SCT"]  # Segmentation Property Types
+    expected = (tissue.value, tissue.meaning)
+    assert dicomseg.SnomedCodes(expected, expected, None) == dicomseg.GENERIC_CODES
+
+
+def test_model_only_names_are_coded_generically_with_one_warning(tmp_path: Path, series_volume) -> None:
+    from stuseg.io import StusegWarning
+
+    image, names = _model_result(series_volume)
+    path = tmp_path / "seg.dcm"
+    with pytest.warns(StusegWarning) as caught:
+        assert dicomseg.write_dicom_seg(image, names, dicomseg.read_dicom_source(SERIES), path) == path
+    assert [str(w.message) for w in caught] == [
+        "no SNOMED CT codes for Liver_Tumour, GTVp, 肝臓_–_Läsion, so the DICOM-SEG codes them as "
+        "Tissue (SCT 85756007); give their codes with a codes file"
+    ]
+    segments = _segments(path)
+    assert list(segments) == ["Liver_Tumour", "GTVp", "liver", "肝臓_–_Läsion"]  # unicode kept
+    for name in ("Liver_Tumour", "GTVp", "肝臓_–_Läsion"):
+        s = segments[name]
+        for item in (s.SegmentedPropertyCategoryCodeSequence[0], s.SegmentedPropertyTypeCodeSequence[0]):
+            assert (item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning) == (
+                "85756007",
+                "SCT",
+                "Tissue",
+            )
+        assert s.SegmentDescription == name
+    liver = segments["liver"]
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"  # the package's code
+    assert "SegmentDescription" not in liver
+    assert pydicom.dcmread(path, stop_before_pixels=True).SpecificCharacterSet == "ISO_IR 192"
+    assert dciodvfy_errors(path) == []
+
+
+CODES_CSV = """\
+# codes of a tumour model
+structure,category_code,category_meaning,type_code,type_meaning,modifier_code,modifier_meaning
+GTVp,49755003,Morphologically Abnormal Structure,108369006,Neoplasm,,
+Liver Tumour,49755003,Morphologically Abnormal Structure,108369006,Neoplasm,,
+liver,123037004,Anatomical Structure,10200004,Liver,7771000,Left
+"""
+
+
+def test_user_codes_come_first_and_match_file_names(tmp_path: Path, series_volume) -> None:
+    from stuseg.io import StusegWarning
+
+    (tmp_path / "codes.csv").write_text(CODES_CSV, encoding="utf-8")
+    codes = dicomseg.read_codes(tmp_path / "codes.csv")
+    neoplasm = dicomseg.SnomedCodes(
+        ("49755003", "Morphologically Abnormal Structure"), ("108369006", "Neoplasm"), None
+    )
+    assert codes["GTVp"] == codes["Liver Tumour"] == neoplasm
+    doc = [
+        {"structure": "GTVp", **dict(zip(dicomseg.CODE_COLUMNS[1:5], [*neoplasm.category, *neoplasm.type]))}
+    ]
+    (tmp_path / "codes.json").write_text(json.dumps(doc), encoding="utf-8")
+    assert dicomseg.read_codes(tmp_path / "codes.json") == {"GTVp": neoplasm}
+
+    image, names = _model_result(series_volume)
+    path = tmp_path / "seg.dcm"
+    with pytest.warns(StusegWarning) as caught:
+        dicomseg.write_dicom_seg(image, names, dicomseg.read_dicom_source(SERIES), path, codes=codes)
+    assert [str(w.message) for w in caught] == [
+        "no SNOMED CT codes for 肝臓_–_Läsion, so the DICOM-SEG codes it as Tissue (SCT 85756007); "
+        "give their codes with a codes file"
+    ]
+    segments = _segments(path)
+    for name in ("Liver_Tumour", "GTVp"):  # "Liver Tumour" codes the output named Liver_Tumour
+        assert segments[name].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Neoplasm"
+        assert "SegmentDescription" not in segments[name]
+    modifier = (
+        segments["liver"].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence
+    )
+    assert modifier[0].CodeValue == "7771000"  # the user's row, not the package's
+    assert dciodvfy_errors(path) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "structure,category_code,category_meaning,type_code\nGTVp,1,a,2\n",
+            "the codes file {p} lacks the column type_meaning; its header line must name structure, "
+            "category_code, category_meaning, type_code, type_meaning, modifier_code, modifier_meaning",
+        ),
+        (
+            "# c\nstructure,category_code,category_meaning,type_code,type_meaning\n"
+            "GTVp,4975x003,A,108369006,N\n",
+            "{p}, line 3: category_code '4975x003' is not a SNOMED CT concept id (6 to 18 digits); "
+            "fix or remove it",
+        ),
+        (
+            "structure,category_code,category_meaning,type_code,type_meaning\n,49755003,A,108369006,N\n",
+            "{p}, line 2: the structure name is empty; fix or remove it",
+        ),
+        (
+            "structure,category_code,category_meaning,type_code,type_meaning\nGTVp,49755003,A,108369006,\n",
+            "{p}, line 2: type_meaning must be 1 to 64 characters without a backslash; fix or remove it",
+        ),
+        (
+            "structure,category_code,category_meaning,type_code,type_meaning,modifier_code,modifier_meaning\n"
+            "GTVp,49755003,A,108369006,N,7771000,\n",
+            "{p}, line 2: modifier_meaning must be 1 to 64 characters without a backslash; fix or remove it",
+        ),
+        (
+            "structure,category_code,category_meaning,type_code,type_meaning\n"
+            "GTVp,49755003,A,108369006,N\nGTVp,49755003,A,108369006,N\n",
+            "{p}, line 3: structure 'GTVp' is coded twice; keep one row",
+        ),
+    ],
+)
+def test_bad_codes_files_fail_with_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "codes.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as exc:
+        dicomseg.read_codes(path)
+    assert str(exc.value) == message.format(p=path)
+
+
+def test_bad_json_codes_files(tmp_path: Path) -> None:
+    path = tmp_path / "codes.json"
+    path.write_text('{"GTVp": 1}', encoding="utf-8")
+    with pytest.raises(InputError) as exc:
+        dicomseg.read_codes(path)
+    assert str(exc.value) == f"the codes file {path} must hold a JSON list of objects, one per structure"
+    path.write_text('[{"structure": "GTVp", "category_code": "49755003"}]', encoding="utf-8")
+    with pytest.raises(InputError) as exc:
+        dicomseg.read_codes(path)
+    assert str(exc.value) == (
+        f"{path}, entry 1: category_meaning must be 1 to 64 characters without a backslash; fix or remove it"
+    )
+    with pytest.raises(InputError, match=r"^cannot read the codes file .*missing\.csv: No such file"):
+        dicomseg.read_codes(tmp_path / "missing.csv")

@@ -32,7 +32,7 @@ import reference_pipeline
 import torch
 from test_predict_cli import assert_same_grid
 
-from stuseg.errors import InputError
+from stuseg.errors import InputError, LabelError
 from stuseg.pipeline import Segmenter, segment
 from stuseg.plan import Plan
 from stuseg.preprocess import SEPARATE_Z_THRESHOLD
@@ -270,15 +270,18 @@ def test_geometry_matches_the_whole_volume_reference(tmp_path: Path, case: Case)
     )
 
 
-def test_a_plan_of_other_classes_names_them_and_has_no_published_subsets(tmp_path: Path) -> None:
+def test_a_plan_of_other_classes_names_them_and_selects_from_its_own_names(tmp_path: Path) -> None:
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(ct_like((20, 24, 12), False), np.diag([1.5, 1.5, 1.5, 1.0])), path)
     seg = segment(path, model=SweepNet(), plan=PLAN, device="cpu")
     assert seg.names == {i: f"class_{i}" for i in range(1, PLAN.num_classes)}
-    with pytest.raises(
-        InputError, match="roi_subset names structures of the published models; this plan has 6"
-    ):
+    with pytest.raises(LabelError) as exc:
         Segmenter(model=SweepNet(), plan=PLAN, roi_subset=["liver"])
+    assert str(exc.value) == (
+        "unknown structure 'liver'; the model's structures are 'class_1', 'class_2', 'class_3', "
+        "'class_4', 'class_5'"
+    )
+    assert Segmenter(model=SweepNet(), plan=PLAN, roi_subset=["class_2,CLASS_4"], device="cpu").keep == [2, 4]
     with pytest.raises(InputError, match="a plan needs 2 to 256 classes"):
         Segmenter(model=SweepNet(), plan=Plan((1.5,) * 3, (16, 16, 16), 300))
 

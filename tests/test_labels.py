@@ -216,3 +216,130 @@ def test_labels_unknown_group_fails() -> None:
     assert proc.stderr.splitlines()[0] == "Usage: python -m stuseg labels [OPTIONS]"
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+# --- label tables of other models ----------------------------------------------------------------
+
+
+def test_file_name_leaves_every_published_name_alone(ref: dict) -> None:
+    for name in ref["order"][1:]:
+        assert labels.file_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Liver Tumour", "Liver_Tumour"),
+        ("kidney/left", "kidney_left"),
+        ("kidney\\left", "kidney_left"),
+        ("GTVp", "GTVp"),
+        ("class_3", "class_3"),
+        ("  a \t b  ", "a_b"),  # surrounding whitespace dropped, an inner run is one _
+        ('a<>:"|?*b', "a_b"),  # one run of characters Windows forbids
+        ("line\nbreak\x00nul", "line_break_nul"),
+        ("evil\u202egnp.exe", "evil_gnp.exe"),  # a right-to-left override is invisible: replaced
+        ("ＧＴＶｐ", "GTVp"),  # NFKC: full-width letters
+        ("Leber – Läsion", "Leber_–_Läsion"),  # other unicode stays
+        (".hidden.", "hidden"),
+        ("..", "unnamed"),
+        ("", "unnamed"),
+        ("CON", "CON_"),
+        ("nul.nii", "nul_.nii"),
+        ("com1", "com1_"),
+        ("LPT9", "LPT9_"),
+        ("CONSOLE", "CONSOLE"),
+        ("COM10", "COM10"),
+    ],
+)
+def test_file_name_rule(name: str, expected: str) -> None:
+    assert labels.file_name(name) == expected
+
+
+def test_file_name_caps_the_length_at_a_character_boundary() -> None:
+    assert labels.file_name("x" * 300) == "x" * 120
+    long = labels.file_name("ä" * 100)  # 2 bytes each in UTF-8
+    assert long == "ä" * 60 and len(long.encode("utf-8")) == 120
+    assert labels.file_name("a" * 119 + ". b") == "a" * 119  # no trailing dot after the cut
+
+
+def test_model_names_are_safe_unique_and_deterministic(ref: dict) -> None:
+    published = dict(enumerate(ref["order"]))
+    assert labels.model_names(published) == {i: n for i, n in published.items() if i}
+    table = {0: "background", 3: "Liver", 1: "liver", 2: "Liver Tumour", 4: "liver_tumour", 5: "GTVp"}
+    assert labels.model_names(table) == {
+        1: "liver_1",
+        2: "Liver_Tumour_2",
+        3: "Liver_3",
+        4: "liver_tumour_4",
+        5: "GTVp",
+    }
+    assert list(labels.model_names(table)) == [1, 2, 3, 4, 5]
+    # A suffixed name that meets a name of the table is suffixed again.
+    assert labels.model_names({1: "a", 2: "A", 3: "a_2"}) == {1: "a_1", 2: "A_2_2", 3: "a_2"}
+    many = labels.model_names({v: "Tumour" for v in range(1, 256)})
+    assert len({n.casefold() for n in many.values()}) == 255 and many[255] == "Tumour_255"
+
+
+def test_model_names_refuse_values_beyond_uint8() -> None:
+    with pytest.raises(LabelError) as exc:
+        labels.model_names({1: "a", 256: "b"})
+    assert str(exc.value) == "label value 256 is outside 0..255; a label map holds values 1 to 255"
+
+
+MODEL = {0: "background", 1: "Liver Tumour", 2: "kidney/left", 3: "GTVp", 4: "kidney/right", 5: "class_5"}
+
+
+def test_select_from_names_patterns_and_file_names() -> None:
+    assert labels.select_from(MODEL, ["gtvp"]) == [3]
+    assert labels.select_from(MODEL, ["liver tumour, GTVp", "GTVP"]) == [1, 3]
+    assert labels.select_from(MODEL, ["Liver_Tumour"]) == [1]  # the name as its file shows it
+    assert labels.select_from(MODEL, ["kidney_*"]) == [2, 4]
+    assert labels.select_from(MODEL, ["kidney/?ight"]) == [4]
+    assert labels.select_from(labels.model_names(MODEL), ["kidney/left"]) == [2]
+    # the published table through select_from: names and patterns as select, no groups
+    published = dict(enumerate(labels.LABELS))
+    assert labels.select_from(published, ["rib_left_1*", "liver"]) == labels.select(["rib_left_1*", "liver"])
+
+
+@pytest.mark.parametrize(
+    ("patterns", "message"),
+    [
+        (["kidney"], "unknown structure 'kidney', did you mean 'kidney/left' or 'kidney/right'?"),
+        (["gtv"], "unknown structure 'gtv', did you mean 'GTVp'?"),
+        (
+            ["zzzz"],
+            "unknown structure 'zzzz'; the model's structures are 'Liver Tumour', 'kidney/left', 'GTVp', "
+            "'kidney/right', 'class_5'",
+        ),
+        (
+            ["lung_*"],
+            "pattern 'lung_*' matches no structure; the model's structures are 'Liver Tumour', "
+            "'kidney/left', 'GTVp', 'kidney/right', 'class_5'",
+        ),
+        (
+            ["background"],
+            "'background' is label 0, not a structure; the model's structures are 'Liver Tumour', "
+            "'kidney/left', 'GTVp', 'kidney/right', 'class_5'",
+        ),
+        ([" , "], "no structures named; give structure names or patterns such as 'kidney_*'"),
+        (
+            ["organs"],
+            "unknown structure 'organs'; the model's structures are 'Liver Tumour', 'kidney/left', "
+            "'GTVp', 'kidney/right', 'class_5'",
+        ),
+    ],
+)
+def test_select_from_errors(patterns: list[str], message: str) -> None:
+    with pytest.raises(LabelError) as exc:
+        labels.select_from(MODEL, patterns)
+    assert str(exc.value) == message
+
+
+def test_select_from_lists_at_most_eight_names() -> None:
+    table = {v: f"class_{v}" for v in range(1, 21)}
+    with pytest.raises(LabelError) as exc:
+        labels.select_from(table, ["tumour"])
+    assert str(exc.value) == (
+        "unknown structure 'tumour'; the model's structures are 'class_1', 'class_2', 'class_3', "
+        "'class_4', 'class_5', 'class_6', 'class_7', 'class_8', ... (20 in all)"
+    )
