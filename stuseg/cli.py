@@ -525,6 +525,53 @@ RoiSubsetOption = Annotated[
     list[str] | None,
     typer.Option("--roi-subset", metavar="NAME", help="Keep only these structures, groups or patterns."),
 ]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="DIR|NAME",
+        help="A fine-tuned STU-Net: an nnU-Net v2 or v1 model folder, or a name from `stuseg models`.",
+    ),
+]
+FoldsOption = Annotated[
+    str | None,
+    typer.Option("--folds", metavar="0,1,...", help="Folds of --model to average. [default: every fold]"),
+]
+CheckpointOption = Annotated[
+    str, typer.Option("--checkpoint", metavar="final|best", help="Which checkpoint of each fold of --model.")
+]
+
+
+def _folds(raw: str | None) -> list[str] | None:
+    """``--folds 0,1`` as a list; None for every fold."""
+    if raw is None:
+        return None
+    folds = [f.strip() for f in raw.split(",") if f.strip()]
+    if not folds:
+        raise fail("--folds is empty; give fold names such as 0,1,2 or all")
+    return folds
+
+
+def _channels(image: Path, extra: list[Path] | None, count: int) -> list[Path]:
+    """The input files of a case, one per model channel: INPUT, then each --channel, or INPUT's
+    siblings named as nnU-Net names channels (case_0000.nii.gz, case_0001.nii.gz, ...)."""
+    from stuseg.paths import channel_name, channel_of
+
+    files = [image, *(extra or [])]
+    if len(files) == 1 and count > 1:
+        if channel_of(image) is None or channel_of(image)[1] != 0:  # type: ignore[index]
+            raise fail(
+                f"this model takes {count} input channels: give the others with --channel FILE, or name "
+                "the files as nnU-Net does (case_0000.nii.gz, case_0001.nii.gz, ...) and give the first"
+            )
+        files = [channel_name(image, c) for c in range(count)]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise fail(f"channel file {missing[0]} does not exist (this model takes {count} input channels)")
+    if len(files) != count:
+        raise fail(f"this model takes {count} input channel(s); {len(files)} were given")
+    return files
 
 
 @app.command("predict")
@@ -544,6 +591,15 @@ def predict_cmd(
     device: DeviceOption = "auto",
     weights_file: WeightsFileOption = None,
     roi_subset: RoiSubsetOption = None,
+    model: ModelOption = None,
+    folds: FoldsOption = None,
+    checkpoint: CheckpointOption = "final",
+    channels: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--channel", metavar="FILE", help="The next input channel of a multi-channel --model; repeatable."
+        ),
+    ] = None,
     multilabel: Annotated[
         bool, typer.Option("--ml", help="Write one multilabel file (values = model index) with names.")
     ] = False,
@@ -572,7 +628,7 @@ def predict_cmd(
         ),
     ] = None,
 ) -> None:
-    """Segment the 104 structures of a CT scan."""
+    """Segment the 104 structures of a CT scan, or a fine-tuned model's structures (--model)."""
     import time
     import warnings
 
@@ -588,8 +644,19 @@ def predict_cmd(
             size = canonical_size(size)
         except ValueError as exc:
             raise fail(str(exc)) from None
+    trained = None
+    if model is not None:
+        from stuseg.modelstore import resolve_model
+
+        # Read (not loaded: no weights yet) to know its channels and to refuse a bad folder now.
+        trained = resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint)
+    elif channels or folds is not None or checkpoint != "final":
+        raise fail("--channel, --folds and --checkpoint apply to a --model")
+    images = _channels(image, channels, trained.plan.in_channels if trained is not None else 1)
     # Every output check comes before any work, so a bad OUTPUT costs no prediction.
-    inputs = [image, *([weights_file] if weights_file is not None else [])]
+    inputs = [*images, *([weights_file] if weights_file is not None else [])]
+    if trained is not None:
+        inputs.append(trained.source)
     types = set(output_types or [OutputType.NIFTI])
     extras = _extra_outputs(target, multilabel, statistics=with_statistics, preview=with_preview)
     dicom_source = None
@@ -616,9 +683,11 @@ def predict_cmd(
             start = time.perf_counter()
             volume = read_image(image, series=series)
             read_s = time.perf_counter() - start
+        first = volume if volume is not None else input_path
         with _tile_bar(quiet) as progress:
             seg = pipeline.segment(
-                volume if volume is not None else input_path,
+                [first, *images[1:]] if len(images) > 1 else first,
+                model=trained,
                 size=size,
                 fast=fast,
                 tta=tta,

@@ -7,9 +7,19 @@ touches the file system.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-__all__ = ["IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "SITK_SUFFIXES", "image_suffix", "nifti_stem", "stem"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "SITK_SUFFIXES",
+    "channel_name",
+    "channel_of",
+    "image_suffix",
+    "nifti_stem",
+    "stem",
+]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read through SimpleITK
@@ -42,3 +52,25 @@ def _strip(name: str, suffixes: tuple[str, ...]) -> str | None:
         if lower.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return None
+
+
+# nnU-Net names a case's input channels <case>_0000<suffix>, <case>_0001<suffix>, ...
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def channel_of(path: str | Path) -> tuple[str, int] | None:
+    """(case, channel) for a file named as nnU-Net names channels (``ct_0001.nii.gz`` -> ("ct", 1)),
+    else None."""
+    match = _CHANNEL.match(stem(path))
+    return (match["case"], int(match["channel"])) if match else None
+
+
+def channel_name(path: str | Path, channel: int) -> Path:
+    """The file of ``channel`` beside ``path``, a case's channel 0 named as nnU-Net does: the same
+    case and suffix (``case_0000.nii.gz``, 1 -> ``case_0001.nii.gz``)."""
+    path = Path(path)
+    found = channel_of(path)
+    if found is None:
+        raise ValueError(f"{path.name} is not named <case>_<4-digit channel><suffix>")
+    suffix = path.name[len(stem(path)) :]
+    return path.with_name(f"{found[0]}_{channel:04d}{suffix}")

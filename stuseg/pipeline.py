@@ -341,9 +341,12 @@ class Segmenter:
                     "a model folder brings its own network and weights: leave out --size and --weights"
                 )
             plan = self.trained.plan
-        self.keep, self.device, self.threads = _check_options(step_size, roi_subset, device, threads, plan)
+        labels = self.trained.labels if self.trained is not None else None
+        self.keep, self.device, self.threads = _check_options(
+            step_size, roi_subset, device, threads, plan, labels
+        )
         self.plan = plan
-        self.names = _names(plan, self.trained)
+        self.names = {v: _class_name(v, plan, labels) for v in range(1, plan.num_classes)}
         self.fast, self.tta, self.step_size = fast, tta, step_size
         self.batch_size = batch_size or (2 if self.device.type == "cuda" else 1)
         # The sha256 that identifies the weights, where the loader knows it (model folders).
@@ -588,13 +591,6 @@ def _load_folds(trained: TrainedModel, device: torch.device) -> tuple[list[STUNe
     return nets, digest.hexdigest()
 
 
-def _names(plan: Plan, trained: TrainedModel | None) -> dict[int, str]:
-    """Label value -> structure name for every class of the model (background excluded)."""
-    if trained is not None:
-        return label_table.model_names(trained.labels)
-    return {i: _class_name(i, plan) for i in range(1, plan.num_classes)}
-
-
 def segment(
     image: Image | Sequence[Image],
     *,
@@ -633,7 +629,9 @@ def segment(
     )
     if trained is not None:
         plan, model = trained.plan, trained
-    _check_options(step_size, roi_subset, device, threads, plan)
+    _check_options(
+        step_size, roi_subset, device, threads, plan, trained.labels if trained is not None else None
+    )
     names = trained.channel_names if trained is not None else None
     prepared = prepare(image, series=series, threads=threads, plan=plan, channel_names=names)
     segmenter = Segmenter(

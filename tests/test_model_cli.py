@@ -1,0 +1,168 @@
+"""Fine-tuned model folders through `stuseg predict --model` (real subprocesses) and the library.
+
+What a user of a fine-tuned STU-Net does: a v2 folder with its own labels and two input
+channels, named as nnU-Net names them or given with --channel; folds picked; bad calls refused
+with one line. And the v1 guarantee: a v1 folder built from the published plan gives, bit for
+bit, what the published path gives with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from model_folders import published_arch, write_published_v1_folder, write_v2_folder
+from test_predict_cli import run_cli
+
+from stuseg import Segmenter, segment
+from stuseg.network import Arch, build_network
+from stuseg.plan import PLAN
+
+S = (1, 1, 1)
+STRIDES = (S, (2, 2, 2), (2, 2, 2), (2, 2, 2), S, S)
+DIMS = (4, 8, 16, 32, 64, 64)
+LABELS = ("Liver Tumour", "kidney/left", "GTVp")
+
+
+def _state(arch: Arch, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = build_network(arch)
+    with torch.no_grad():
+        for head in net.seg_outputs:
+            head.bias.zero_()  # the class follows the features: every class wins somewhere
+    return net.state_dict()
+
+
+def _two_channel_folder(root: Path) -> Path:
+    arch = Arch(DIMS, (1,) * 6, STRIDES[1:], in_channels=2, num_classes=len(LABELS) + 1)
+    return write_v2_folder(
+        root,
+        _state(arch),
+        fold_states={"1": _state(arch, seed=1)},
+        spacing=(4.0, 4.0, 4.0),
+        patch_size=(32, 32, 32),
+        strides=STRIDES,
+        labels=LABELS,
+        channel_names=("CT", "PET"),
+        folds=("0", "1"),
+    )
+
+
+def _case(folder: Path, name: str = "case", shape: tuple[int, int, int] = (40, 36, 30)) -> list[Path]:
+    """A case's two channels named as nnU-Net names them: <name>_0000.nii.gz, <name>_0001.nii.gz."""
+    rng = np.random.default_rng(3)
+    ct = rng.normal(0, 300, shape).astype(np.float32) - 200
+    ct[:2] = -1000  # air, as a CT has
+    pet = np.abs(rng.normal(0, 5, shape)).astype(np.float32)
+    affine = np.diag([-3.0, -3.0, 3.5, 1.0])  # LPS storage, 3.5 mm slices
+    paths = []
+    for c, data in enumerate((ct, pet)):
+        path = folder / f"{name}_{c:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), path)
+        paths.append(path)
+    return paths
+
+
+def test_predict_model_folder_with_two_channels_as_nnunet_names_them(tmp_path: Path) -> None:
+    folder = _two_channel_folder(tmp_path / "models")
+    images = _case(tmp_path)
+    out = tmp_path / "seg.nii.gz"
+    done = run_cli("predict", images[0], out, "--model", folder, "--ml", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    img = nib.load(out)
+    assert img.shape == nib.load(images[0]).shape
+    np.testing.assert_allclose(img.affine, nib.load(images[0]).affine, atol=1e-5)
+    table = json.loads(out.with_name("seg.json").read_text())["labels"]
+    assert table == {"1": "Liver_Tumour", "2": "kidney_left", "3": "GTVp"}
+    # The same result from the library, both folds averaged.
+    seg = segment(images, model=folder, device="cpu")
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), seg.labels)
+    assert len(np.unique(seg.labels)) >= 3
+
+
+def test_predict_model_folder_masks_and_channel_option(tmp_path: Path) -> None:
+    folder = _two_channel_folder(tmp_path / "models")
+    images = _case(tmp_path)
+    pet = images[1].rename(tmp_path / "pet.nii.gz")  # not named as nnU-Net names channels
+    out = tmp_path / "masks"
+    done = run_cli(
+        "predict", images[0], out, "--model", folder, "--channel", pet, "--folds", "1", "--device", "cpu"
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [
+        "GTVp.nii.gz",
+        "Liver_Tumour.nii.gz",
+        "kidney_left.nii.gz",
+    ]
+    # Fold 1 alone is what the library gives with fold 1 alone, and not the two folds' mean.
+    one = segment([images[0], pet], model=folder, folds=["1"], device="cpu").labels
+    assert np.array_equal(np.asanyarray(nib.load(out / "GTVp.nii.gz").dataobj), (one == 3).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--folds", "3"],
+            "has no fold 3 with checkpoint_final.pth; there: fold_0 (checkpoint_final.pth); fold_1",
+        ),
+        (
+            ["--channel", "{other}", "--channel", "{other}"],
+            "this model takes 2 input channel(s); 3 were given",
+        ),
+        (
+            ["--size", "small"],
+            "a model folder brings its own network and weights: leave out --size and --weights",
+        ),
+        (["--model-less"], "--channel, --folds and --checkpoint apply to a --model"),
+    ],
+)
+def test_predict_model_folder_refuses_bad_calls_with_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    folder = _two_channel_folder(tmp_path / "models")
+    images = _case(tmp_path)
+    if args == ["--model-less"]:
+        cmd = ["predict", images[0], tmp_path / "out", "--folds", "0", "--device", "cpu"]
+    else:
+        rest = [a.format(other=images[1]) for a in args]
+        cmd = ["predict", images[0], tmp_path / "out", "--model", folder, "--device", "cpu", *rest]
+    done = run_cli(*cmd)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_channels_on_different_grids_are_refused(tmp_path: Path) -> None:
+    folder = _two_channel_folder(tmp_path / "models")
+    images = _case(tmp_path)
+    moved = nib.load(images[1])
+    nib.save(nib.Nifti1Image(np.asanyarray(moved.dataobj), moved.affine @ np.diag([1, 1, 2, 1])), images[1])
+    done = run_cli("predict", images[0], tmp_path / "out", "--model", folder, "--device", "cpu")
+    assert done.returncode != 0
+    assert "is not on the voxel grid of" in done.stderr and "must share one grid" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_v1_folder_of_the_published_plan_is_the_published_path_bit_for_bit(tmp_path: Path) -> None:
+    arch = published_arch()
+    state = _state(arch)
+    folder = write_published_v1_folder(tmp_path / "models", state)
+    img = nib.load(Path(__file__).parent / "data" / "abdomen_ct_3mm.nii.gz")
+    # 48 x 40 x 44 voxels of the abdomen at 3 mm: two tiles of 128^3 along the longest axis at 1.5 mm.
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[40:88, 30:70, 30:74], img.affine), path)
+    net = build_network(arch)
+    net.load_state_dict(state)
+    published = Segmenter(model=net, plan=PLAN, device="cpu")(path)
+    folder_seg = Segmenter(model=folder, device="cpu")
+    assert folder_seg.plan == PLAN
+    ours = folder_seg(path)
+    assert ours.names == published.names  # the published structure names, from its dataset.json
+    np.testing.assert_array_equal(ours.labels, published.labels)
+    assert len(np.unique(ours.labels)) >= 3
