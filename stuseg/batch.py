@@ -506,6 +506,9 @@ class ModelOptions:
     tta: bool = False
     step_size: float = 0.5
     roi_subset: tuple[str, ...] | None = None
+    model: str | None = None  # a fine-tuned model: folder or registered name
+    folds: tuple[str, ...] | None = None
+    checkpoint: str = "final"
 
     def load(self, threads: int | None = None) -> Any:
         """A ``stuseg.Segmenter`` with these options (loads the network now).
@@ -524,6 +527,9 @@ class ModelOptions:
             tta=self.tta,
             step_size=self.step_size,
             roi_subset=subset,
+            model=self.model,
+            folds=list(self.folds) if self.folds else None,
+            checkpoint=self.checkpoint,
             threads=threads,
         )
 
@@ -646,6 +652,12 @@ def weights_sha256(size: str | None, weights: Path | None) -> str | None:
             if recorded:
                 return recorded
     return weights_module.sha256_file(path)
+
+
+def identity_of(segmenter: Any, weights: Path | None) -> str | None:
+    """The weights' sha256 for the log and resume: what the loader knows (a model folder's
+    checkpoints), else the published or ``weights`` file's (``weights_sha256``)."""
+    return getattr(segmenter, "weights_sha256", None) or weights_sha256(segmenter.size, weights)
 
 
 def model_sha256(segmenter: Any) -> str:
@@ -1335,7 +1347,7 @@ def run_local(
         output,
         multilabel=multilabel,
         overwrite=overwrite,
-        weights_sha256=weights_sha256(segmenter.size, options.weights),
+        weights_sha256=identity_of(segmenter, options.weights),
         weights=options.weights,
         ignored=ignored,
         progress=progress,

@@ -107,14 +107,14 @@ class CaseWorker:
     def identity(self) -> dict[str, Any]:
         """Host, pid, model size, weights sha256, device and selected labels (with a model's own
         names, see ``stuseg.batch.model_table``) of this actor."""
-        from stuseg.batch import model_table, weights_sha256
+        from stuseg.batch import identity_of, model_table
 
         names, classes = model_table(self.segmenter)
         return {
             "host": self.host,
             "pid": os.getpid(),
             "size": self.segmenter.size,
-            "weights_sha256": weights_sha256(self.segmenter.size, self.weights),
+            "weights_sha256": identity_of(self.segmenter, self.weights),
             "device": str(self.segmenter.device),
             "labels": [int(v) for v in self.segmenter.keep],
             "names": list(names),

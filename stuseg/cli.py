@@ -795,6 +795,9 @@ def batch_cmd(
     device: DeviceOption = "auto",
     weights_file: WeightsFileOption = None,
     roi_subset: RoiSubsetOption = None,
+    model: ModelOption = None,
+    folds: FoldsOption = None,
+    checkpoint: CheckpointOption = "final",
     multilabel: Annotated[
         bool, typer.Option("--ml", help="Write DIR/<case>.nii.gz multilabel files (values = model index).")
     ] = False,
@@ -837,7 +840,19 @@ def batch_cmd(
                 size = canonical_size(size)
             except ValueError as exc:
                 raise StusegError(str(exc)) from None
-        if roi_subset:
+        trained = None
+        if model is not None:
+            from stuseg.modelstore import resolve_model
+
+            trained = resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint)
+            if trained.plan.in_channels > 1:
+                raise StusegError(
+                    f"this model takes {trained.plan.in_channels} input channels; stuseg batch runs "
+                    "single-channel models, so segment each case with `stuseg predict --model`"
+                )
+        elif folds is not None or checkpoint != "final":
+            raise StusegError("--folds and --checkpoint apply to a --model")
+        elif roi_subset:
             from stuseg import labels
 
             labels.select(roi_subset)
@@ -846,6 +861,7 @@ def batch_cmd(
             shown = ", ".join(map(str, sources))
             raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
         inputs = [*sources, *(c.input for c in found.cases), *([weights_file] if weights_file else [])]
+        inputs += [trained.source] if trained is not None else []
         batch.check_batch_output(output, inputs, overwrite=overwrite)
         options = batch.ModelOptions(
             size=size,
@@ -855,6 +871,9 @@ def batch_cmd(
             tta=tta,
             step_size=step_size,
             roi_subset=tuple(roi_subset) if roi_subset else None,
+            model=model,
+            folds=tuple(f.name for f in trained.folds) if trained is not None else None,
+            checkpoint=checkpoint,
         )
         tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
 

@@ -166,3 +166,36 @@ def test_v1_folder_of_the_published_plan_is_the_published_path_bit_for_bit(tmp_p
     assert ours.names == published.names  # the published structure names, from its dataset.json
     np.testing.assert_array_equal(ours.labels, published.labels)
     assert len(np.unique(ours.labels)) >= 3
+
+
+def _one_channel_folder(root: Path) -> Path:
+    arch = Arch(DIMS, (1,) * 6, STRIDES[1:], in_channels=1, num_classes=len(LABELS) + 1)
+    return write_v2_folder(
+        root, _state(arch), spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32), strides=STRIDES, labels=LABELS
+    )
+
+
+def test_batch_and_a_registered_name_give_what_predict_gives(tmp_path: Path) -> None:
+    folder = _one_channel_folder(tmp_path / "models")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b"):
+        ct = _case(tmp_path, name)[0]
+        ct.rename(scans / f"{name}.nii.gz")
+    done = run_cli("batch", scans, "-o", tmp_path / "batch", "--model", folder, "--ml", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    # Registered under a name, the same model gives the same labels through predict.
+    done = run_cli("import-model", folder, "--name", "liver-v2")
+    assert done.returncode == 0, done.stderr
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.nii.gz"
+        done = run_cli(
+            "predict", scans / f"{name}.nii.gz", out, "--model", "liver-v2", "--ml", "--device", "cpu"
+        )
+        assert done.returncode == 0, done.stderr
+        batch_labels = np.asanyarray(nib.load(tmp_path / "batch" / f"{name}.nii.gz").dataobj)
+        np.testing.assert_array_equal(batch_labels, np.asanyarray(nib.load(out).dataobj))
+    # Resumed through the registered name: the same weights, so nothing is redone.
+    done = run_cli("batch", scans, "-o", tmp_path / "batch", "--model", "liver-v2", "--ml", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "0 ok, 0 failed, 2 skipped" in done.stderr, done.stderr
