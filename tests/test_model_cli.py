@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from model_folders import published_arch, write_published_v1_folder, write_v2_folder
+from model_folders import published_arch, write_published_v1_folder, write_v1_folder, write_v2_folder
 from test_predict_cli import run_cli
 
 from stuseg import Segmenter, segment
@@ -199,3 +199,35 @@ def test_batch_and_a_registered_name_give_what_predict_gives(tmp_path: Path) -> 
     done = run_cli("batch", scans, "-o", tmp_path / "batch", "--model", "liver-v2", "--ml", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert "0 ok, 0 failed, 2 skipped" in done.stderr, done.stderr
+
+
+def test_v1_folder_with_its_own_plan_runs_through_predict(tmp_path: Path) -> None:
+    """A v1 folder as run_finetuning.py leaves it (3 mm / 4 mm spacing, 32^3 patch, 3 classes, CT
+    normalisation, a transpose): predict reads it without running pickled code and writes its
+    classes on the input grid."""
+    pools = ((2, 2, 2), (2, 2, 2), (2, 2, 2), S, S)
+    arch = Arch(DIMS, (1,) * 6, pools, in_channels=1, num_classes=4)
+    folder = write_v1_folder(
+        tmp_path / "models",
+        _state(arch),
+        spacing=(4.0, 3.0, 3.0),
+        patch_size=(32, 32, 32),
+        pool_op_kernel_sizes=pools,
+        num_classes=3,
+        transpose=(0, 2, 1),
+        intensity_properties={
+            0: {"mean": 40.0, "sd": 250.0, "percentile_00_5": -900.0, "percentile_99_5": 1200.0}
+        },
+    )
+    ct = _case(tmp_path)[0]
+    out = tmp_path / "seg.nii.gz"
+    done = run_cli("predict", ct, out, "--model", folder, "--ml", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    labels = np.asanyarray(nib.load(out).dataobj)
+    assert labels.shape == nib.load(ct).shape
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and len(np.unique(labels)) >= 3
+    assert json.loads(out.with_name("seg.json").read_text())["labels"] == {
+        "1": "class_1",
+        "2": "class_2",
+        "3": "class_3",
+    }

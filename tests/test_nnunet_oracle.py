@@ -14,13 +14,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from model_folders import write_v2_folder
 from nnunet_oracle import (
     folder_predictor,
     make_predictor,
     nnunet_v2_predict,
     predict_case,
     stunet_from_state_dict,
-    write_v2_folder,
 )
 from torch import nn
 
@@ -63,12 +63,12 @@ def case(make_nifti: Callable[..., Path]) -> Path:
 def _folder(root: Path, spacing_zyx: tuple[float, float, float]) -> Path:
     return write_v2_folder(
         root,
-        {"0": _state_dict(0)},
-        labels=LABELS,
+        _state_dict(0),
+        labels=LABELS[1:],
         spacing=spacing_zyx,
         patch_size=PATCH,
         strides=STRIDES,
-        intensity=INTENSITY,
+        plans_changes={"foreground_intensity_properties_per_channel": {"0": INTENSITY}},
     )
 
 
