@@ -425,12 +425,90 @@ def weights_cmd(
             )
 
 
-# --- fine-tuned models: import-model, models ---------------------------------------------------
+# Options that predict and batch share, with the same meaning.
+SizeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--size",
+        "-s",
+        help="small, base, large or huge (S/B/L/H). [default: base, or the size of --weights]",
+    ),
+]
+FastOption = Annotated[
+    bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
+]
+TtaOption = Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")]
+StepSizeOption = Annotated[
+    float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+WeightsFileOption = Annotated[
+    Path | None,
+    typer.Option("--weights", metavar="FILE", help="Local checkpoint (.model or .safetensors)."),
+]
+RoiSubsetOption = Annotated[
+    list[str] | None,
+    typer.Option("--roi-subset", metavar="NAME", help="Keep only these structures, groups or patterns."),
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="DIR|NAME",
+        help="A fine-tuned STU-Net: an nnU-Net v2 or v1 model folder, or a name from `stuseg models`.",
+    ),
+]
+FoldsOption = Annotated[
+    str | None,
+    typer.Option("--folds", metavar="0,1,...", help="Folds of --model to average. [default: every fold]"),
+]
 
 
 class CheckpointChoice(str, Enum):
+    """Which checkpoint of each fold of a model folder."""
+
     FINAL = "final"
     BEST = "best"
+
+
+CheckpointOption = Annotated[
+    CheckpointChoice, typer.Option("--checkpoint", help="Which checkpoint of each fold of --model.")
+]
+
+
+def _folds(raw: str | None) -> list[str] | None:
+    """``--folds 0,1`` as a list; None for every fold."""
+    if raw is None:
+        return None
+    folds = [f.strip() for f in raw.split(",") if f.strip()]
+    if not folds:
+        raise fail("--folds is empty; give fold names such as 0,1,2 or all")
+    return folds
+
+
+def _channels(image: Path, extra: list[Path] | None, count: int) -> list[Path]:
+    """The input files of a case, one per model channel: INPUT, then each --channel, or INPUT's
+    siblings named as nnU-Net names channels (case_0000.nii.gz, case_0001.nii.gz, ...)."""
+    from stuseg.paths import channel_name, channel_of
+
+    files = [image, *(extra or [])]
+    if len(files) == 1 and count > 1:
+        if channel_of(image) is None or channel_of(image)[1] != 0:  # type: ignore[index]
+            raise fail(
+                f"this model takes {count} input channels: give the others with --channel FILE, or name "
+                "the files as nnU-Net does (case_0000.nii.gz, case_0001.nii.gz, ...) and give the first"
+            )
+        files = [channel_name(image, c) for c in range(count)]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise fail(f"channel file {missing[0]} does not exist (this model takes {count} input channels)")
+    if len(files) != count:
+        raise fail(f"this model takes {count} input channel(s); {len(files)} were given")
+    return files
+
+
+# --- fine-tuned models: import-model, models ---------------------------------------------------
 
 
 @app.command("import-model")
@@ -443,9 +521,7 @@ def import_model_cmd(
     folds: Annotated[
         str | None, typer.Option("--folds", metavar="0,1", help="Folds to import. [default: every fold]")
     ] = None,
-    checkpoint: Annotated[
-        CheckpointChoice, typer.Option("--checkpoint", help="Which checkpoint of each fold.")
-    ] = CheckpointChoice.FINAL,
+    checkpoint: CheckpointOption = CheckpointChoice.FINAL,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model of the same name.")] = False,
 ) -> None:
     """Check a fine-tuned STU-Net's folder and register it: plan, labels and verified weights per fold."""
@@ -500,80 +576,6 @@ def models_cmd(
             err.print(f"note: {r.name}: {r.problem}", markup=False)
 
 
-# Options that predict and batch share, with the same meaning.
-SizeOption = Annotated[
-    str | None,
-    typer.Option(
-        "--size",
-        "-s",
-        help="small, base, large or huge (S/B/L/H). [default: base, or the size of --weights]",
-    ),
-]
-FastOption = Annotated[
-    bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
-]
-TtaOption = Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")]
-StepSizeOption = Annotated[
-    float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
-]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-WeightsFileOption = Annotated[
-    Path | None,
-    typer.Option("--weights", metavar="FILE", help="Local checkpoint (.model or .safetensors)."),
-]
-RoiSubsetOption = Annotated[
-    list[str] | None,
-    typer.Option("--roi-subset", metavar="NAME", help="Keep only these structures, groups or patterns."),
-]
-ModelOption = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        metavar="DIR|NAME",
-        help="A fine-tuned STU-Net: an nnU-Net v2 or v1 model folder, or a name from `stuseg models`.",
-    ),
-]
-FoldsOption = Annotated[
-    str | None,
-    typer.Option("--folds", metavar="0,1,...", help="Folds of --model to average. [default: every fold]"),
-]
-CheckpointOption = Annotated[
-    str, typer.Option("--checkpoint", metavar="final|best", help="Which checkpoint of each fold of --model.")
-]
-
-
-def _folds(raw: str | None) -> list[str] | None:
-    """``--folds 0,1`` as a list; None for every fold."""
-    if raw is None:
-        return None
-    folds = [f.strip() for f in raw.split(",") if f.strip()]
-    if not folds:
-        raise fail("--folds is empty; give fold names such as 0,1,2 or all")
-    return folds
-
-
-def _channels(image: Path, extra: list[Path] | None, count: int) -> list[Path]:
-    """The input files of a case, one per model channel: INPUT, then each --channel, or INPUT's
-    siblings named as nnU-Net names channels (case_0000.nii.gz, case_0001.nii.gz, ...)."""
-    from stuseg.paths import channel_name, channel_of
-
-    files = [image, *(extra or [])]
-    if len(files) == 1 and count > 1:
-        if channel_of(image) is None or channel_of(image)[1] != 0:  # type: ignore[index]
-            raise fail(
-                f"this model takes {count} input channels: give the others with --channel FILE, or name "
-                "the files as nnU-Net does (case_0000.nii.gz, case_0001.nii.gz, ...) and give the first"
-            )
-        files = [channel_name(image, c) for c in range(count)]
-        missing = [f for f in files if not f.exists()]
-        if missing:
-            raise fail(f"channel file {missing[0]} does not exist (this model takes {count} input channels)")
-    if len(files) != count:
-        raise fail(f"this model takes {count} input channel(s); {len(files)} were given")
-    return files
-
-
 @app.command("predict")
 @user_errors
 def predict_cmd(
@@ -593,7 +595,7 @@ def predict_cmd(
     roi_subset: RoiSubsetOption = None,
     model: ModelOption = None,
     folds: FoldsOption = None,
-    checkpoint: CheckpointOption = "final",
+    checkpoint: CheckpointOption = CheckpointChoice.FINAL,
     channels: Annotated[
         list[Path] | None,
         typer.Option(
@@ -649,8 +651,8 @@ def predict_cmd(
         from stuseg.modelstore import resolve_model
 
         # Read (not loaded: no weights yet) to know its channels and to refuse a bad folder now.
-        trained = resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint)
-    elif channels or folds is not None or checkpoint != "final":
+        trained = resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value)
+    elif channels or folds is not None or checkpoint is not CheckpointChoice.FINAL:
         raise fail("--channel, --folds and --checkpoint apply to a --model")
     images = _channels(image, channels, trained.plan.in_channels if trained is not None else 1)
     # Every output check comes before any work, so a bad OUTPUT costs no prediction.
@@ -797,7 +799,7 @@ def batch_cmd(
     roi_subset: RoiSubsetOption = None,
     model: ModelOption = None,
     folds: FoldsOption = None,
-    checkpoint: CheckpointOption = "final",
+    checkpoint: CheckpointOption = CheckpointChoice.FINAL,
     multilabel: Annotated[
         bool, typer.Option("--ml", help="Write DIR/<case>.nii.gz multilabel files (values = model index).")
     ] = False,
@@ -844,13 +846,15 @@ def batch_cmd(
         if model is not None:
             from stuseg.modelstore import resolve_model
 
-            trained = resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint)
+            trained = resolve_model(
+                _given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value
+            )
             if trained.plan.in_channels > 1:
                 raise StusegError(
                     f"this model takes {trained.plan.in_channels} input channels; stuseg batch runs "
                     "single-channel models, so segment each case with `stuseg predict --model`"
                 )
-        elif folds is not None or checkpoint != "final":
+        elif folds is not None or checkpoint is not CheckpointChoice.FINAL:
             raise StusegError("--folds and --checkpoint apply to a --model")
         elif roi_subset:
             from stuseg import labels
@@ -873,7 +877,7 @@ def batch_cmd(
             roi_subset=tuple(roi_subset) if roi_subset else None,
             model=model,
             folds=tuple(f.name for f in trained.folds) if trained is not None else None,
-            checkpoint=checkpoint,
+            checkpoint=checkpoint.value,
         )
         tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
 

@@ -35,6 +35,16 @@ from stuseg.plan import PLAN, Normalization, Plan
 ARCH = tiny_arch(3)  # background, liver, tumour
 
 
+# The CT normalisation the fabricated folders' statistics describe.
+CT_NORMALIZATION = Normalization(
+    "ct",
+    lower=CT_PROPERTIES["percentile_00_5"],
+    upper=CT_PROPERTIES["percentile_99_5"],
+    mean=CT_PROPERTIES["mean"],
+    std=CT_PROPERTIES["std"],
+)
+
+
 @pytest.fixture(scope="module")
 def state() -> dict[str, torch.Tensor]:
     return state_dict_of(ARCH)
@@ -58,15 +68,7 @@ def test_v2_plan_is_read_as_written(tmp_path: Path, state: dict, old_plans_forma
         target_spacing=(2.5, 0.8, 0.8),
         patch_size=(64, 128, 128),
         num_classes=3,
-        channels=(
-            Normalization(
-                "ct",
-                lower=CT_PROPERTIES["percentile_00_5"],
-                upper=CT_PROPERTIES["percentile_99_5"],
-                mean=CT_PROPERTIES["mean"],
-                std=CT_PROPERTIES["std"],
-            ),
-        ),
+        channels=(CT_NORMALIZATION,),
         framework="v2",
         reorient=False,
         transpose=(0, 1, 2),
@@ -375,15 +377,7 @@ def test_v1_plan_is_read_as_written(tmp_path: Path, state: dict, spelling: str) 
         target_spacing=(3.0, 0.8, 0.8),
         patch_size=(64, 160, 160),
         num_classes=3,
-        channels=(
-            Normalization(
-                "ct",
-                lower=CT_PROPERTIES["percentile_00_5"],
-                upper=CT_PROPERTIES["percentile_99_5"],
-                mean=CT_PROPERTIES["mean"],
-                std=CT_PROPERTIES["std"],
-            ),
-        ),
+        channels=(CT_NORMALIZATION,),
         framework="v1",
         reorient=True,
         transpose=(0, 1, 2),
