@@ -629,6 +629,14 @@ def predict_cmd(
             "needs a DICOM series INPUT); repeatable.",
         ),
     ] = None,
+    codes_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--codes",
+            metavar="FILE",
+            help="SNOMED CT codes for a model's structures in a DICOM-SEG (CSV or JSON; see the README).",
+        ),
+    ] = None,
 ) -> None:
     """Segment the 104 structures of a CT scan, or a fine-tuned model's structures (--model)."""
     import time
@@ -661,13 +669,16 @@ def predict_cmd(
         inputs.append(trained.source)
     types = set(output_types or [OutputType.NIFTI])
     extras = _extra_outputs(target, multilabel, statistics=with_statistics, preview=with_preview)
-    dicom_source = None
+    dicom_source = codes = None
     if OutputType.DICOM_SEG in types:
         from stuseg import dicomseg
 
         # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
         dicom_source = dicomseg.read_dicom_source(image, series)
         extras["dcm"] = dicomseg.seg_path_for(target, multilabel)
+        codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
+    elif codes_file is not None:
+        raise fail("--codes applies to --output-type dicom-seg")
     if multilabel:
         labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite, extra=extras.values())
     else:
@@ -720,7 +731,7 @@ def predict_cmd(
             with outputs.staged_files([*group, *extras.values()]) as temps:
                 if nifti:
                     labelmaps.write_multilabel(temps[:4], labels, header, seg.names, numbering="model")
-                _write_extras(seg, volume, dict(zip(extras, temps[len(group) :])), mode, dicom_source)
+                _write_extras(seg, volume, dict(zip(extras, temps[len(group) :])), mode, dicom_source, codes)
             written = [str(target)] if nifti else []
             written += [str(extras[k]) for k in extras if k != "csv"]
         else:
@@ -730,7 +741,7 @@ def predict_cmd(
                 staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
                 if "dcm" in extras:
                     staged["dcm"] = dicomseg.seg_path_for(stage, False)
-                _write_extras(seg, volume, staged, mode, dicom_source)
+                _write_extras(seg, volume, staged, mode, dicom_source, codes)
             written = [f"{len(seg.names)} masks in {target}"] if nifti else []
             written += [str(target / extras[k].name) for k in extras if k != "csv"]
         extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg"))
@@ -1032,8 +1043,13 @@ def _extra_outputs(result: Path, multilabel: bool, *, statistics: bool, preview:
     return {k: v for k, v in sidecar_paths(result, multilabel).items() if wanted[k]}
 
 
-def _write_extras(seg: Any, volume: Any, paths: dict[str, Path], mode: str, dicom_source: Any = None) -> None:
-    """Write the statistics, preview and DICOM-SEG files named in ``paths`` (staged paths of the result)."""
+def _write_extras(
+    seg: Any, volume: Any, paths: dict[str, Path], mode: str, dicom_source: Any = None, codes: Any = None
+) -> None:
+    """Write the statistics, preview and DICOM-SEG files named in ``paths`` (staged paths of the result).
+
+    ``codes``: SNOMED CT codes from the user's file for the DICOM-SEG's segments, or None.
+    """
     import time
 
     from stuseg import statistics as stats_mod
@@ -1057,7 +1073,9 @@ def _write_extras(seg: Any, volume: Any, paths: dict[str, Path], mode: str, dico
         from stuseg.dicomseg import write_dicom_seg
 
         start = time.perf_counter()
-        write_dicom_seg(seg.image, seg.names, dicom_source, paths["dcm"], algorithm=f"STU-Net {seg.size}")
+        write_dicom_seg(
+            seg.image, seg.names, dicom_source, paths["dcm"], algorithm=f"STU-Net {seg.size}", codes=codes
+        )
         seg.timings["dicom-seg"] = time.perf_counter() - start
 
 

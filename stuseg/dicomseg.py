@@ -378,7 +378,7 @@ def _segment_descriptions(
         warnings.warn(
             f"no SNOMED CT codes for {', '.join(generic)}, so the DICOM-SEG codes "
             f"{'it' if len(generic) == 1 else 'them'} as Tissue (SCT 85756007); "
-            "give their codes with a codes file",
+            "give their codes with a codes file (predict --codes FILE)",
             StusegWarning,
             stacklevel=3,
         )

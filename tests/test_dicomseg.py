@@ -559,7 +559,7 @@ def test_model_only_names_are_coded_generically_with_one_warning(tmp_path: Path,
         assert dicomseg.write_dicom_seg(image, names, dicomseg.read_dicom_source(SERIES), path) == path
     assert [str(w.message) for w in caught] == [
         "no SNOMED CT codes for Liver_Tumour, GTVp, 肝臓_–_Läsion, so the DICOM-SEG codes them as "
-        "Tissue (SCT 85756007); give their codes with a codes file"
+        "Tissue (SCT 85756007); give their codes with a codes file (predict --codes FILE)"
     ]
     segments = _segments(path)
     assert list(segments) == ["Liver_Tumour", "GTVp", "liver", "肝臓_–_Läsion"]  # unicode kept
@@ -609,7 +609,7 @@ def test_user_codes_come_first_and_match_file_names(tmp_path: Path, series_volum
         dicomseg.write_dicom_seg(image, names, dicomseg.read_dicom_source(SERIES), path, codes=codes)
     assert [str(w.message) for w in caught] == [
         "no SNOMED CT codes for 肝臓_–_Läsion, so the DICOM-SEG codes it as Tissue (SCT 85756007); "
-        "give their codes with a codes file"
+        "give their codes with a codes file (predict --codes FILE)"
     ]
     segments = _segments(path)
     for name in ("Liver_Tumour", "GTVp"):  # "Liver Tumour" codes the output named Liver_Tumour

@@ -231,3 +231,45 @@ def test_v1_folder_with_its_own_plan_runs_through_predict(tmp_path: Path) -> Non
         "2": "class_2",
         "3": "class_3",
     }
+
+
+def test_dicom_seg_of_a_model_carries_the_user_s_codes_and_generic_ones(tmp_path: Path) -> None:
+    from pydicom import dcmread
+    from test_dicomseg import dciodvfy_errors
+
+    folder = _one_channel_folder(tmp_path / "models")
+    series = Path(__file__).parent / "data" / "abdomen_ct_dicom_uids"
+    codes = tmp_path / "codes.csv"
+    codes.write_text(
+        "structure,category_code,category_meaning,type_code,type_meaning\n"
+        "GTVp,49755003,Morphologically Abnormal Structure,108369006,Neoplasm\n"
+    )
+    out = tmp_path / "out"
+    done = run_cli(
+        "predict",
+        series,
+        out,
+        "--model",
+        folder,
+        "--output-type",
+        "dicom-seg",
+        "--codes",
+        codes,
+        "--device",
+        "cpu",
+    )
+    assert done.returncode == 0, done.stderr
+    # The one name neither the user's file nor stuseg's table codes: one warning naming it.
+    assert (
+        "stuseg: warning: no SNOMED CT codes for Liver_Tumour, so the DICOM-SEG codes it as Tissue"
+        in done.stderr
+    )
+    seg = dcmread(out / "seg.dcm")
+    coded = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence}
+    # GTVp from the user's file, kidney_left from stuseg's table, Liver_Tumour generic (where present).
+    expected = {"GTVp": "108369006", "Liver_Tumour": "85756007"}
+    assert len(coded) >= 2
+    for label, code in coded.items():
+        assert code == expected.get(label, code)
+    assert coded.get("kidney_left", "64033007") != "85756007"
+    assert dciodvfy_errors(out / "seg.dcm") == []
