@@ -536,12 +536,12 @@ def _unique_ids(cases: list[SourceCase], problems: list[str]) -> tuple[list[Sour
 # Checking and writing
 
 
-def _grid_difference(
-    shape_a: tuple[int, ...], affine_a: np.ndarray, shape_b: tuple[int, ...], affine_b: np.ndarray
-) -> str:
-    if tuple(shape_a) != tuple(shape_b):
-        return f"shape {tuple(shape_b)} vs {tuple(shape_a)}"
-    return f"voxel-to-world matrices differ by up to {float(np.max(np.abs(affine_a - affine_b))):.3g} mm"
+def _grid_difference(reference: Volume, other: Volume, whose: str) -> str:
+    """How ``other``'s grid differs from ``reference``'s (named ``whose``), for a message."""
+    if tuple(reference.data.shape) != tuple(other.data.shape):
+        return f"shape {tuple(other.data.shape)} vs {whose} {tuple(reference.data.shape)}"
+    gap = float(np.max(np.abs(reference.affine - other.affine)))
+    return f"its voxel-to-world matrix differs from {whose} by up to {gap:.3g} mm"
 
 
 def _label_problem(data: np.ndarray, table: Mapping[int, str]) -> str | None:
@@ -596,10 +596,10 @@ def _check_case(case: SourceCase, table: Mapping[int, str]) -> tuple[str | None,
             )
     for path, volume in zip(case.images[1:], volumes[1:]):
         if not same_grid(first.data.shape, first.affine, volume.data.shape, volume.affine):
-            gap = _grid_difference(first.data.shape, first.affine, volume.data.shape, volume.affine)
+            gap = _grid_difference(first, volume, "the first channel's")
             return f"{path}: not on the grid of the case's first channel {case.images[0]} ({gap})", [], None
     if not same_grid(first.data.shape, first.affine, label.data.shape, label.affine):
-        gap = _grid_difference(first.data.shape, first.affine, label.data.shape, label.affine)
+        gap = _grid_difference(first, label, "the image's")
         return f"{case.label}: not on the grid of its image {case.images[0]} ({gap})", [], None
     problem = _label_problem(label.data, table)
     if problem is not None:
