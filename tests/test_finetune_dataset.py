@@ -181,6 +181,16 @@ def test_csv_with_two_channels_and_case_column(tmp_path: Path) -> None:
     assert json.loads(result.dataset_json.read_text())["channel_names"] == {"0": "CT", "1": "PET"}
 
 
+def test_an_image_without_its_label_beside_it(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    save(src / "a.nii.gz", ct(0))
+    save(src / "a_seg.nii.gz", seg())
+    save(src / "b.nii.gz", ct(1))
+    with pytest.raises(DatasetError) as caught:
+        prepare_dataset(src, tmp_path / "out", ["liver", "tumour"])
+    assert caught.value.problems == (f"{src / 'b.nii.gz'}: has no label file b_seg.* or b_label.* in {src}",)
+
+
 def test_a_folder_of_two_layouts_is_refused(tmp_path: Path) -> None:
     src = pairs_folder(tmp_path / "src", 1)
     save(src / "x_seg.nii.gz", seg())

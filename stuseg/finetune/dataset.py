@@ -369,9 +369,14 @@ def _by_name(entries: list[Path], name_of: Callable[[Path], str | None]) -> dict
 
 
 def _pair_up(
-    images: dict[str, list[list[Path]]], labels: dict[str, list[Path]], label_folder: Path
+    images: dict[str, list[list[Path]]],
+    labels: dict[str, list[Path]],
+    label_folder: Path,
+    *,
+    marks: Sequence[str] = ("",),
 ) -> tuple[list[SourceCase], list[str]]:
-    """Cases from images (per name: one list of files per channel) and labels found by name."""
+    """Cases from images (per name: one list of files per channel) and labels found by name
+    (``marks``: what a label file's name adds to its case's, for the message)."""
     cases, problems = [], []
     for name in sorted(set(images) | set(labels)):
         channel_files = images.get(name)
@@ -384,7 +389,8 @@ def _pair_up(
             problems.append(f"{twice[0]} and {twice[1].name}: two files of one case; keep one")
             continue
         if not label_files:
-            problems.append(f"{channel_files[0][0]}: has no label file {name}.* in {label_folder}")
+            wanted = " or ".join(f"{name}{mark}.*" for mark in marks)
+            problems.append(f"{channel_files[0][0]}: has no label file {wanted} in {label_folder}")
             continue
         cases.append(SourceCase(name, tuple(files[0] for files in channel_files), label_files[0]))
     return cases, problems
@@ -448,7 +454,7 @@ def _side_by_side_cases(source: Path, channels: int) -> tuple[list[SourceCase], 
             (p.name if p.name in labels else None) if p.is_dir() else (None if _label_case(p) else stem(p))
         ),
     )
-    return _pair_up({k: [v] for k, v in images.items()}, labels, source)
+    return _pair_up({k: [v] for k, v in images.items()}, labels, source, marks=LABEL_MARKS)
 
 
 _IMAGE_COLUMN = re.compile(r"image(?:_(?P<channel>\d+))?")
