@@ -27,6 +27,7 @@ from rich.console import Console
 
 from stuseg import __version__
 from stuseg.errors import StusegError
+from stuseg.finetune.cli import app as finetune_app
 from stuseg.labels import Group, Numbering
 
 
@@ -1180,6 +1181,9 @@ def preview_cmd(
     with outputs.staged_files([output]) as (tmp,):
         write_preview(scan.labels, scan.affine, scan.ct, scan.names, tmp)
     err.print(f"wrote {output}", markup=False)
+
+
+app.add_typer(finetune_app, name="finetune")
 
 
 def main() -> None:
