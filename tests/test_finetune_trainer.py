@@ -359,6 +359,25 @@ def test_without_weights_the_trainer_trains_from_scratch(v2_plan: tuple[dict, di
     assert trainer.optimizer.param_groups[0]["initial_lr"] == 1e-2
     assert "no pretrained weights" in Path(trainer.log_file).read_text()
 
+    # One step of nnU-Net's training: its deep-supervision loss takes the network's outputs as they come.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 16, 64, 64, generator=gen)
+    seg = torch.randint(0, 3, (2, 1, 16, 64, 64), generator=gen).float()
+    sizes = [
+        [round(n * f) for n, f in zip(seg.shape[2:], scale)]
+        for scale in trainer._get_deep_supervision_scales()
+    ]
+    targets = [torch.nn.functional.interpolate(seg, size=size, mode="nearest") for size in sizes]
+    heads = trainer.network.seg_outputs
+    before = [h.weight.detach().clone() for h in heads]
+    trainer.network.train()
+    loss = trainer.train_step({"data": x, "target": targets})["loss"]
+    assert torch.isfinite(torch.as_tensor(loss))
+    # nnU-Net weighs the outputs 1, 1/2, 1/4, 1/8 and 0 in the order given: the full-resolution head
+    # learns, the coarsest (last) gets no gradient at all.
+    assert not torch.equal(before[-1], heads[-1].weight)
+    assert torch.equal(before[0], heads[0].weight)
+
 
 def test_stu_net_strides_from_plans_of_any_depth(v2_plan: tuple[dict, dict, Path]) -> None:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
