@@ -250,6 +250,17 @@ def test_input_channels_other_than_one_must_match(tmp_path: Path) -> None:
     net = _tiny(in_channels=2)
     load_pretrained(net, write_checkpoint(tmp_path / "two.model", _tiny(in_channels=2, seed=4).state_dict()))
 
+    flat = {**_tiny().state_dict(), IMAGE_CONVS[0]: torch.zeros(4, 1, 1, 1, 1)}
+    message, path = _refusal(tmp_path, flat, _tiny(in_channels=2))
+    assert message == (
+        f"{path} has 1 tensor unlike the network's: "
+        f"{IMAGE_CONVS[0]} [4, 1, 1, 1, 1] (expected [4, 2, 3, 3, 3])"
+    )
+    message, path = _refusal(tmp_path, {**_tiny().state_dict(), IMAGE_CONVS[0]: torch.zeros(4)})
+    assert message == (
+        f"{path} has 1 tensor unlike the network's: {IMAGE_CONVS[0]} [4] (expected [4, 1, 3, 3, 3])"
+    )
+
 
 def test_files_without_stu_net_weights_are_refused(tmp_path: Path) -> None:
     message, path = _refusal(tmp_path, {"encoder.0.weight": torch.zeros(2)})

@@ -99,7 +99,8 @@ def _stages(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[int, ...], tuple
     depths: list[int] = []
     while f"conv_blocks_context.{len(dims)}.0.conv1.weight" in shapes:
         stage = len(dims)
-        dims.append(int(shapes[f"conv_blocks_context.{stage}.0.conv1.weight"][0]))
+        shape = shapes[f"conv_blocks_context.{stage}.0.conv1.weight"]
+        dims.append(int(shape[0]) if len(shape) else 0)
         depth = 1
         while f"conv_blocks_context.{stage}.{depth}.conv1.weight" in shapes:
             depth += 1
@@ -181,7 +182,8 @@ def load_pretrained(network: STUNet, path: Path) -> WeightsReport:
         )
 
     channels = network.arch.in_channels
-    taken = int(tensors[IMAGE_CONVS[0]].shape[1])
+    first = tensors[IMAGE_CONVS[0]].shape
+    taken = int(first[1]) if len(first) == 5 else channels  # a malformed shape is reported below
     if taken not in (1, channels):
         raise WeightsError(
             f"{path} is for {taken} input channels and the network takes {channels}; "
@@ -196,7 +198,7 @@ def load_pretrained(network: STUNet, path: Path) -> WeightsReport:
             value = value.repeat(1, channels, *([1] * (value.dim() - 2)))
             repeated.append(key)
         if value.shape != expected.shape:
-            wrong.append(f"{key} {list(value.shape)} (expected {list(expected.shape)})")
+            wrong.append(f"{key} {list(tensors[key].shape)} (expected {list(expected.shape)})")
         elif value.dtype != expected.dtype:
             wrong.append(f"{key} {_dtype(value)} (expected {_dtype(expected)})")
         else:
