@@ -1160,6 +1160,12 @@ def preview_cmd(
     err.print(f"wrote {output}", markup=False)
 
 
+# `stuseg finetune ...`: its own module (typer only at import; torch and nnU-Net inside the commands).
+from stuseg.finetune.cli import app as _finetune_app  # noqa: E402
+
+app.add_typer(_finetune_app, name="finetune")
+
+
 def main() -> None:
     from stuseg.threads import limit_spin_waiting
 

@@ -266,6 +266,15 @@ def dataset_id(name: str) -> int:
     return int(name[len("Dataset") : len("Dataset") + 3])
 
 
+def trainer_path() -> Path:
+    """The folder to put in ``nnUNet_extTrainer`` so that nnU-Net's own commands find stuseg's trainers.
+
+    It holds one module naming the classes of ``stuseg.finetune.trainer`` (nnU-Net imports each
+    module of such a folder as a top-level module and looks for the class by name).
+    """
+    return Path(__file__).resolve().parent / "nnunet_trainers"
+
+
 def trainer_name(size: str) -> str:
     return f"STUNetTrainer_{size}"
 
@@ -406,6 +415,7 @@ def train(
     *,
     resume: bool = False,
     epochs: int | None = None,
+    changes: Mapping[str, Any] | None = None,
     gpus: int = 1,
     progress: Progress | None = None,
     on_epoch: EpochCallback | None = None,
@@ -416,10 +426,12 @@ def train(
         dataset: an nnU-Net v2 raw dataset (dataset.json, imagesTr, labelsTr). On resume it may
             be None (the record names it) but must otherwise be the recorded one.
         run: the run folder; a new run needs an empty or absent folder.
-        settings: the resolved options (``resolve_settings``) of a new run; on resume, None (the
-            recorded ones are used).
+        settings: the resolved options (``resolve_settings``) of a new run; ignored on resume
+            (the recorded ones are used).
         resume: continue the run in ``run`` from its last checkpoint.
         epochs: on resume, a new total number of epochs (to extend a finished run).
+        changes: on resume, the options the user gave (``TrainSettings`` field names): each must
+            be the recorded value, except ``device``, which may change.
         gpus: 1 (several GPUs are refused, with a pointer to nnU-Net's own command).
         progress: called with a line for each phase.
         on_epoch: called after each epoch with what nnU-Net logged.
@@ -439,13 +451,17 @@ def train(
         recorded = record["settings"]
         if dataset is not None and Path(dataset).resolve() != Path(record["dataset"]):
             raise InputError(f"{run} was trained on {record['dataset']}, not {dataset}")
-        if settings is not None:
-            for key, value in asdict(settings).items():
-                if key not in ("epochs", "device") and recorded.get(key) != value:
-                    raise InputError(f"{run} was trained with {key} {recorded.get(key)!r}, not {value!r}")
-        merged = {**recorded, "epochs": epochs if epochs is not None else recorded["epochs"]}
-        if settings is not None:
-            merged["device"] = settings.device
+        for key, value in (changes or {}).items():
+            if key != "device" and recorded.get(key) != value:
+                raise InputError(
+                    f"{run} was trained with {key} {recorded.get(key)!r}, not {value!r}; "
+                    "a resumed run keeps its settings (only --epochs and --device may change)"
+                )
+        merged = {**recorded, **{k: v for k, v in (changes or {}).items() if k == "device"}}
+        if epochs is not None:
+            if epochs < 1:
+                raise InputError(f"--epochs must be at least 1 (got {epochs})")
+            merged["epochs"] = epochs
         settings = TrainSettings(**merged)
         _check_device(settings.device, gpus)
         folder = Path(record["fold_folder"])
