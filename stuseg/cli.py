@@ -27,6 +27,7 @@ from rich.console import Console
 
 from stuseg import __version__
 from stuseg.errors import StusegError
+from stuseg.finetune.cli import app as finetune_app
 from stuseg.labels import Group, Numbering
 
 
@@ -1160,10 +1161,7 @@ def preview_cmd(
     err.print(f"wrote {output}", markup=False)
 
 
-# `stuseg finetune ...`: its own module (typer only at import; torch and nnU-Net inside the commands).
-from stuseg.finetune.cli import app as _finetune_app  # noqa: E402
-
-app.add_typer(_finetune_app, name="finetune")
+app.add_typer(finetune_app, name="finetune")
 
 
 def main() -> None:

@@ -74,12 +74,18 @@ def label_image(data: np.ndarray, like: nib.Nifti1Header) -> nib.Nifti1Image:
     """A uint8 NIfTI image on the grid of header ``like``: same shape, qform, sform and codes."""
     if data.dtype != np.uint8:
         raise TypeError("label images are written as uint8")
+    return image_on_grid(data, like)
+
+
+def image_on_grid(data: np.ndarray, like: nib.Nifti1Header) -> nib.Nifti1Image:
+    """A NIfTI image of ``data`` as stored (its dtype, no intensity scaling) on the grid of header
+    ``like``: same shape, qform, sform, their codes and pixdim, bit for bit."""
     shape = tuple(int(s) for s in like.get_data_shape()[:3])
     if data.shape != shape:
-        raise ValueError(f"label map shape {data.shape} differs from the reference grid {shape}")
+        raise ValueError(f"array shape {data.shape} differs from the reference grid {shape}")
     hdr = nib.Nifti1Header()
     hdr.set_data_shape(data.shape)
-    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_dtype(data.dtype)
     # Copy the geometry fields verbatim (not re-derived from a matrix), so qform, sform, their
     # codes and pixdim are bitwise the input's.
     for field in _GEOMETRY_FIELDS:
@@ -87,7 +93,7 @@ def label_image(data: np.ndarray, like: nib.Nifti1Header) -> nib.Nifti1Image:
     pixdim = hdr["pixdim"].copy()
     pixdim[0:4] = like["pixdim"][0:4]  # pixdim[0] is qfac, the qform's handedness
     hdr["pixdim"] = pixdim
-    # No intensity scaling for label values.
+    # No intensity scaling: the values are written as they are.
     hdr.set_slope_inter(1.0, 0.0)
     # The header's own best affine as the image's: ``img.affine`` is then the input's matrix, and
     # since the two agree, nibabel changes none of the copied fields when it builds or saves it.
@@ -457,16 +463,23 @@ def _sitk_read_file(path: Path):  # -> sitk.Image
     )
 
 
-def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
-    """A Volume from a SimpleITK image: array to (i, j, k), ITK's LPS geometry to a RAS affine."""
+def _volume_from_sitk(img, path: Path, *, label_map: bool = False) -> Volume:  # img: sitk.Image
+    """A Volume from a SimpleITK image: array to (i, j, k), ITK's LPS geometry to a RAS affine.
+
+    An image's voxels become float32; a label map's (``label_map``) keep their stored type.
+    """
     import SimpleITK as sitk
 
     dtype = None
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         dtype = np.dtype(np.complex64)
-    check_pixel_kind(path, dtype, img.GetNumberOfComponentsPerPixel())
+    check_pixel_kind(
+        path, dtype, img.GetNumberOfComponentsPerPixel(), what="label map" if label_map else "CT image"
+    )
     dim = img.GetDimension()
-    shape3 = spatial_shape(path, tuple(int(s) for s in img.GetSize()))
+    shape3 = spatial_shape(
+        path, tuple(int(s) for s in img.GetSize()), what="label map" if label_map else "CT volume"
+    )
     # ITK's geometry: physical point (LPS mm) = origin + direction @ diag(spacing) @ (i, j, k),
     # where i runs along x (fastest in memory). For 4D+ images with singleton trailing axes keep
     # the spatial 3x3 block.
@@ -481,9 +494,61 @@ def _volume_from_sitk(img, path: Path) -> Volume:  # img: sitk.Image
     # GetArrayViewFromImage is indexed [z, y, x] (C order); its transpose is [x, y, z] = (i, j, k)
     # in Fortran order, the same layout nibabel gives. astype copies, so nothing refers to `img`.
     view = sitk.GetArrayViewFromImage(img)
-    data = view.reshape(view.shape[-3:]).T.astype(np.float32)
-    check_finite(path, data)
+    data = view.reshape(view.shape[-3:]).T.astype(view.dtype if label_map else np.float32)
+    if not label_map:
+        check_finite(path, data)
     return Volume(data=data, affine=affine, header=nifti_header_for(affine, shape3))
+
+
+def read_label_map(path: Path) -> Volume:
+    """Read a label map file (NIfTI, NRRD or MetaImage) with its geometry, voxels as stored.
+
+    The same readers as :func:`read_image` (so both affines are comparable with
+    ``geometry.same_grid``), but the voxels keep their type (a NIfTI scaling, if any, is applied)
+    and are not checked: whether they are usable labels is the caller's question.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The label map; ``data`` is 3D, ``affine`` RAS+ as for images.
+
+    Raises:
+        InputError: the file does not exist, is a folder, cannot be read, or is not one 3D volume
+            of single values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; a label map is one file (NIfTI, NRRD or MetaImage)")
+    suffix = image_suffix(path)
+    if suffix in SITK_SUFFIXES:
+        _check_detached_data_file(path)
+        return _volume_from_sitk(_sitk_read_file(path), path, label_map=True)
+    if suffix not in NIFTI_SUFFIXES:
+        raise InputError(
+            f"{path} has an unsupported file type for a label map; use NIfTI (.nii, .nii.gz), NRRD "
+            "(.nrrd, .nhdr) or MetaImage (.mha, .mhd)"
+        )
+    img = load_nifti(path)
+    hdr = img.header
+    check_pixel_kind(path, hdr.get_data_dtype(), what="label map")
+    shape3 = spatial_shape(path, img.shape, what="label map")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(path, affine)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except _NIBABEL_READ_ERRORS:
+        raise InputError(
+            f"cannot read {path}: it is damaged, truncated or not a NIfTI image; "
+            "check the file or export it again"
+        ) from None
+    header = hdr.copy()
+    if data.ndim > 3:  # (x, y, z, 1[, 1]) -> (x, y, z)
+        data = data.reshape(shape3, order="A")
+        header.set_data_shape(shape3)
+    return Volume(data=data, affine=affine, header=header)
 
 
 def dicom_series_files(folder: Path, series: str | None = None) -> list[Path]:
