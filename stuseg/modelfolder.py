@@ -55,6 +55,7 @@ __all__ = [
     "network_mismatch",
     "read_model_folder",
     "read_plain_pickle",
+    "stunet_strides",
 ]
 
 V1 = "nnU-Net v1"
@@ -230,7 +231,7 @@ def _floats3(value: Any, where: Path, what: str) -> tuple[float, float, float]:
     return out[0], out[1], out[2]
 
 
-def _ints3(value: Any, where: Path, what: str) -> tuple[int, int, int]:
+def _ints3(value: Any, where: Path | str, what: str) -> tuple[int, int, int]:
     try:
         out = tuple(int(v) for v in value)
     except (TypeError, ValueError):
@@ -248,11 +249,13 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _strides(pool_ops: Any, where: Path) -> tuple[Stride, ...]:
+def stunet_strides(pool_ops: Any, where: Path | str) -> tuple[Stride, ...]:
     """STU-Net's 5 strides from a plan's downsampling list (already without a leading [1, 1, 1]).
 
     STU-Net always has 6 stages: a plan with fewer poolings is padded with [1, 1, 1] (no
-    downsampling), one with more is cut, as the STU-Net trainers do.
+    downsampling), one with more is cut, as the STU-Net trainers do. ``where`` (the plan's file,
+    or words for it) starts the message of an ``InputError`` when an entry is not 3 positive
+    integers, e.g. a 2D plan.
     """
     if not isinstance(pool_ops, Sequence) and not hasattr(pool_ops, "tolist"):
         raise InputError(f"{where}: the pooling/strides entry {_show(pool_ops)} is not a list")
@@ -585,7 +588,7 @@ def _read_v2(folder: Path, folds: Sequence[str] | None, checkpoint: str) -> Trai
     else:  # the plans format up to nnU-Net 2.2 (and the STU-Net authors' fork)
         plan_strides = _get(configuration, "pool_op_kernel_sizes", where, name)
     # v2 lists the first stage's stride ([1, 1, 1]) too; STU-Net's strides are the downsamplings.
-    strides = _strides(list(plan_strides)[1:], where)
+    strides = stunet_strides(list(plan_strides)[1:], where)
 
     labels, num_classes = _v2_labels(dataset, folder)
     channel_names = _channel_names(dataset, folder / "dataset.json")
@@ -786,7 +789,7 @@ def _read_v1(folder: Path, folds: Sequence[str] | None, checkpoint: str) -> Trai
         mirror_axes=(0, 1, 2),  # nnU-Net v1 mirrors 3D networks on all axes
     )
     # v1 pool_op_kernel_sizes list only the downsamplings (no leading [1, 1, 1]).
-    strides = _strides(_get(stage, "pool_op_kernel_sizes", where, "the stage plan"), where)
+    strides = stunet_strides(_get(stage, "pool_op_kernel_sizes", where, "the stage plan"), where)
     first, _ = read_checkpoint(chosen[0].checkpoint)
     arch = _fold_arch(chosen, strides, lambda p: read_checkpoint(p)[0], first)
     _agree(folder, arch, plan, channel_names)

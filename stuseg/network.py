@@ -106,13 +106,19 @@ class Upsample(nn.Module):
 class STUNet(nn.Module):
     """Residual U-Net; the forward pass returns the full-resolution logits (N, K, *spatial).
 
-    The four lower-resolution heads of ``seg_outputs`` (deep supervision, a training aid) exist
-    only so that the published checkpoints load with ``strict=True``; inference never runs them.
+    The four lower-resolution heads of ``seg_outputs`` are for deep supervision, a training aid:
+    with ``deep_supervision`` set (fine-tuning sets it), the forward pass returns one logits
+    tensor per decoder level instead, highest resolution first. Inference leaves it off and
+    never runs those heads; they exist there so that the published checkpoints load with
+    ``strict=True``. The flag is a plain attribute, not part of the state dict.
     """
+
+    deep_supervision: bool = False
 
     def __init__(self, arch: Arch):
         super().__init__()
         self.arch = arch
+        self.deep_supervision = False
         dims, depths, strides = arch.dims, arch.depths, arch.strides
         n_up = len(strides)
         self.conv_blocks_context = nn.ModuleList(
@@ -146,7 +152,36 @@ class STUNet(nn.Module):
             x = block(torch.cat((up(x), skips.pop()), dim=1))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def decoder_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every decoder level, highest resolution first (deep supervision).
+
+        ``[seg_outputs[-1](full resolution), seg_outputs[-2](next coarser), ..., seg_outputs[0]]``:
+        one per decoder level (5 for 6 stages), each from its own level's features, the order
+        nnU-Net's deep-supervision loss expects. The encoder/decoder loop is that of ``features``,
+        written out again so that inference keeps its own code path (and memory: ``features``
+        keeps no intermediate level).
+
+        Raises:
+            ValueError: the spatial shape is not divisible by ``arch.divisor``.
+        """
+        shape = tuple(x.shape[2:])
+        div = self.arch.divisor
+        if len(shape) != 3 or any(s % d for s, d in zip(shape, div)):
+            raise ValueError(f"STU-Net input spatial shape {shape} must be divisible by {div}")
+        skips = []
+        for stage in self.conv_blocks_context[:-1]:
+            x = stage(x)
+            skips.append(x)
+        x = self.conv_blocks_context[-1](x)
+        outputs = []
+        for up, block, head in zip(self.upsample_layers, self.conv_blocks_localization, self.seg_outputs):
+            x = block(torch.cat((up(x), skips.pop()), dim=1))
+            outputs.append(head(x))
+        return outputs[::-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.deep_supervision:
+            return self.decoder_logits(x)
         return self.seg_outputs[-1](self.features(x))
 
 

@@ -1,1 +1,1 @@
-"""Fine-tuning a pretrained STU-Net on a user's labelled scans, with nnU-Net v2 as the training engine."""
+"""Fine-tuning STU-Net on a user's labelled scans, with nnU-Net v2 as the training engine (optional extra)."""
