@@ -133,16 +133,20 @@ def train(run: Path, settings: TrainSettings, resume: bool, augmentation_workers
         )
     else:
         trainer.initialize()
-        report = dict(getattr(trainer, "weights_report", {}) or {})
+        report = trainer.weights_report  # None from scratch
+        weights = None
+        if report is not None:
+            weights = {
+                "path": str(report.path),
+                "sha256": report.sha256,
+                "size": report.size,
+                "keys_loaded": list(report.keys_loaded),
+                "keys_reinitialised": list(report.keys_reinitialised),
+                "keys_repeated_over_channels": list(report.keys_repeated_over_channels),
+            }
         update_record(
             run,
-            weights={
-                "path": report.get("path"),
-                "sha256": report.get("sha256"),
-                "keys_loaded": list(report.get("keys_loaded", [])),
-                "keys_reinitialised": list(report.get("keys_reinitialised", [])),
-                "keys_repeated_over_channels": list(report.get("keys_repeated_over_channels", [])),
-            },
+            weights=weights,
             **_versions_entry(),
         )
         _event(phase=f"training {settings.epochs} epochs of {settings.iterations_per_epoch} iterations")
