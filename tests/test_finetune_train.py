@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -27,7 +29,7 @@ from stuseg.cli import app
 from stuseg.finetune import run as ft
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 3
+EPOCHS = 5
 SHAPE = (40, 48, 48)
 LABELS = {"sphere": 1, "box": 2}
 
@@ -212,6 +214,48 @@ def test_stuseg_and_nnunet_predict_the_trained_folder_alike(
     # A network of a few iterations has near-tied logits in places: more doubt than a trained one.
     assert doubt.mean() < 0.2, doubt.mean()
     assert (ours[sure] == theirs[sure]).mean() >= 0.999, (ours[sure] == theirs[sure]).mean()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(
+    dataset: Path, pretrained: tuple[Path, dict], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "stuseg", "finetune", "train", str(dataset), "-o", str(run),
+        "--size", "small", "--weights", str(pretrained[0]), "--fold", "all", "--device", "cpu",
+        "--epochs", "100", "--iterations-per-epoch", "2", "--save-every", "1", "--no-final-validation",
+    ]  # fmt: skip
+    # Its own session: the signal below reaches the command and its worker, as Ctrl-C on a terminal does.
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(tmp_path / "home"),
+        start_new_session=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    seen: list[str] = []
+    for line in iter(process.stderr.readline, ""):
+        seen.append(line)
+        if line.startswith("epoch 2/"):
+            break
+    latest = run / "model" / "fold_all" / "checkpoint_latest.pth"
+    # Interrupt once epoch 2's checkpoint is whole (nnU-Net writes it just after the epoch's line),
+    # well before epoch 3's: nnU-Net writes checkpoints in place, and an interrupted write is lost.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] >= 2:
+                break
+        except (OSError, RuntimeError, EOFError, KeyError):
+            time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    rest = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, "".join(seen) + rest
+    last = rest.strip().splitlines()[-1]
+    assert "interrupted by Ctrl-C" in last and "checkpoint_latest.pth" in last and "--resume" in last, last
+    saved = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"]
+    reports: list[ft.EpochReport] = []
+    ft.train(dataset, run, None, resume=True, epochs=saved + 1, on_epoch=reports.append)
+    assert [r.epoch for r in reports] == [saved + 1]
 
 
 def test_trainer_path_is_what_nnunet_searches(tmp_path: Path) -> None:

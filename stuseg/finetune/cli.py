@@ -204,6 +204,12 @@ def finetune_train_cmd(
             "[default: zscore]"
         ),
     ] = None,
+    save_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Write checkpoint_latest.pth every N epochs, for --resume [default: 50, nnU-Net's]."
+        ),
+    ] = None,
     no_final_validation: Annotated[
         bool, typer.Option("--no-final-validation", help="Skip nnU-Net's validation after training.")
     ] = False,
@@ -221,6 +227,7 @@ def finetune_train_cmd(
             "lr": lr,
             "normalization": normalization.value if normalization else None,
             "from_scratch": from_scratch or None,
+            "save_every": save_every,
             "weights": str(weights.resolve()) if weights else None,
         }
         if device is not Device.cuda:
@@ -245,6 +252,7 @@ def finetune_train_cmd(
             from_scratch=from_scratch,
             weights=weights,
             final_validation=not no_final_validation,
+            save_every=save_every,
         )
     try:
         result = ft.train(

@@ -56,6 +56,8 @@ NORMALIZATIONS = {"zscore": "ZScoreNormalization", "ct": "CTNormalization"}
 EPOCHS = 1000
 ITERATIONS = 250
 VAL_ITERATIONS = 50
+# nnU-Net writes checkpoint_latest.pth every this many epochs (nnUNetTrainer.save_every).
+SAVE_EVERY = 50
 # Learning rates: the STU-Net authors' fine-tuning rate (their ``_ft`` trainers) and nnU-Net's own
 # rate, which they used for training from scratch.
 LR_FINETUNE = 1e-3
@@ -91,6 +93,7 @@ class TrainSettings:
     from_scratch: bool = False
     weights: str | None = None  # the pretrained weights file (None from scratch)
     final_validation: bool = True
+    save_every: int = SAVE_EVERY  # epochs between checkpoints (what an interrupted run resumes from)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ def resolve_settings(
     from_scratch: bool = False,
     weights: Path | None = None,
     final_validation: bool = True,
+    save_every: int | None = None,
 ) -> TrainSettings:
     """Check the options and fill in nnU-Net's defaults; the pretrained weights are checked later."""
     size = check_choice(size.strip().lower(), SIZES, "size")
@@ -161,6 +165,9 @@ def resolve_settings(
         raise InputError(f"--epochs must be at least 1 (got {epochs})")
     if iterations < 1:
         raise InputError(f"--iterations-per-epoch must be at least 1 (got {iterations})")
+    save_every = SAVE_EVERY if save_every is None else save_every
+    if save_every < 1:
+        raise InputError(f"--save-every must be at least 1 (got {save_every})")
     if lr is None:
         lr = LR_SCRATCH if from_scratch else LR_FINETUNE
     # lr 0 is allowed on purpose: a control run whose weights never move.
@@ -180,6 +187,7 @@ def resolve_settings(
         from_scratch=from_scratch,
         weights=str(weights) if weights is not None else None,
         final_validation=final_validation,
+        save_every=save_every,
     )
 
 
@@ -359,7 +367,8 @@ def resume_hint(run: Path) -> str:
         return f"nothing to resume in {run} yet; start the run again"
     checkpoint = checkpoint_to_resume(folder)
     if checkpoint is None:
-        return "no checkpoint was saved yet (nnU-Net saves one every 50 epochs); start the run again"
+        every = record.get("settings", {}).get("save_every", SAVE_EVERY)
+        return f"no checkpoint was saved yet (one every {every} epochs, --save-every); start the run again"
     command = f"stuseg finetune train {record['dataset']} -o {run} --resume"
     return f"{checkpoint.name} stays in {folder}; continue with `{command}`"
 
@@ -407,6 +416,9 @@ def _check_device(device: str, gpus: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Starting a run
 
+# What a resumed run may change besides --epochs: neither changes what is learnt.
+_MAY_CHANGE = ("device", "save_every")
+
 
 def train(
     dataset: Path | None,
@@ -431,7 +443,7 @@ def train(
         resume: continue the run in ``run`` from its last checkpoint.
         epochs: on resume, a new total number of epochs (to extend a finished run).
         changes: on resume, the options the user gave (``TrainSettings`` field names): each must
-            be the recorded value, except ``device``, which may change.
+            be the recorded value, except ``device`` and ``save_every``, which may change.
         gpus: 1 (several GPUs are refused, with a pointer to nnU-Net's own command).
         progress: called with a line for each phase.
         on_epoch: called after each epoch with what nnU-Net logged.
@@ -452,12 +464,12 @@ def train(
         if dataset is not None and Path(dataset).resolve() != Path(record["dataset"]):
             raise InputError(f"{run} was trained on {record['dataset']}, not {dataset}")
         for key, value in (changes or {}).items():
-            if key != "device" and recorded.get(key) != value:
+            if key not in _MAY_CHANGE and recorded.get(key) != value:
                 raise InputError(
-                    f"{run} was trained with {key} {recorded.get(key)!r}, not {value!r}; "
-                    "a resumed run keeps its settings (only --epochs and --device may change)"
+                    f"{run} was trained with {key} {recorded.get(key)!r}, not {value!r}; a resumed run "
+                    "keeps its settings (only --epochs, --device and --save-every may change)"
                 )
-        merged = {**recorded, **{k: v for k, v in (changes or {}).items() if k == "device"}}
+        merged = {**recorded, **{k: v for k, v in (changes or {}).items() if k in _MAY_CHANGE}}
         if epochs is not None:
             if epochs < 1:
                 raise InputError(f"--epochs must be at least 1 (got {epochs})")
@@ -467,8 +479,8 @@ def train(
         folder = Path(record["fold_folder"])
         if checkpoint_to_resume(folder) is None:
             raise TrainingError(
-                f"{folder} holds no checkpoint yet (nnU-Net saves one every 50 epochs and at the end); "
-                "start the run again without --resume"
+                f"{folder} holds no checkpoint yet (one every {settings.save_every} epochs, --save-every, "
+                "and one at the end); start the run again without --resume"
             )
         name = record["dataset_name"]
     else:

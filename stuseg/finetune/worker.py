@@ -107,6 +107,7 @@ def train(run: Path, settings: TrainSettings, resume: bool, augmentation_workers
     trainer.num_iterations_per_epoch = settings.iterations_per_epoch
     trainer.num_val_iterations_per_epoch = settings.val_iterations_per_epoch
     trainer.initial_lr = settings.lr
+    trainer.save_every = settings.save_every
     # A resumed run takes its weights from the checkpoint; the pretrained file was read once.
     trainer.pretrained = None if (resume or settings.weights is None) else Path(settings.weights)
 
