@@ -83,12 +83,12 @@ def _env(home: Path) -> dict[str, str]:
 def trained(
     dataset: Path, pretrained: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """The command line's run: lr 1e-2, EPOCHS epochs of 2 iterations, no final validation."""
+    """The command line's run: lr 1e-2, EPOCHS epochs of 2 iterations, nnU-Net's final validation."""
     run = tmp_path_factory.mktemp("runs") / "run"
     command = [
         sys.executable, "-m", "stuseg", "finetune", "train", str(dataset), "-o", str(run),
         "--size", "small", "--weights", str(pretrained[0]), "--fold", "all", "--device", "cpu",
-        "--epochs", str(EPOCHS), "--iterations-per-epoch", "2", "--lr", "1e-2", "--no-final-validation",
+        "--epochs", str(EPOCHS), "--iterations-per-epoch", "2", "--lr", "1e-2",
     ]  # fmt: skip
     done = subprocess.run(
         command,
@@ -162,6 +162,14 @@ def test_the_command_reports_each_epoch_on_one_line(
     assert [line.split(",")[0] for line in lines] == [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
     assert all("train loss" in line and "pseudo Dice" in line and line.endswith(" s") for line in lines)
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_the_final_validation_ran(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run, _ = trained
+    summary = json.loads((run / "model" / "fold_all" / "validation" / "summary.json").read_text())
+    assert "foreground_mean" in summary
+    assert json.loads((run / ft.RECORD).read_text())["status"] == "validated"
 
 
 @pytest.mark.slow
@@ -336,6 +344,27 @@ def test_patch_plans_gives_stunet_six_stages_and_one_normalisation() -> None:
     assert new["normalization_schemes"] == ["CTNormalization"] * 2
     assert set(changes) >= {"strides", "n_stages", "kernel_sizes", "patch_size", "normalization_schemes"}
     assert config["architecture"]["arch_kwargs"]["n_stages"] == 7  # the input is left alone
+
+
+def test_settings_take_nnunets_defaults() -> None:
+    settings = ft.resolve_settings(size="S")
+    assert (settings.size, settings.fold, settings.epochs, settings.iterations_per_epoch) == (
+        "small",
+        "0",
+        1000,
+        250,
+    )
+    assert (settings.val_iterations_per_epoch, settings.lr, settings.save_every) == (50, 1e-3, 50)
+    assert ft.resolve_settings(size="base", from_scratch=True).lr == 1e-2
+    assert ft.resolve_settings(size="base", lr=0).lr == 0.0  # a control run
+    assert ft.resolve_settings(size="base", iterations_per_epoch=100).val_iterations_per_epoch == 20
+    assert ft.resolve_settings(size="base", iterations_per_epoch=2).val_iterations_per_epoch == 1
+
+
+def test_a_dataset_folder_gets_an_nnunet_name(tmp_path: Path) -> None:
+    assert ft.dataset_name(tmp_path / "Dataset042_Shapes") == "Dataset042_Shapes"
+    assert ft.dataset_name(tmp_path / "my liver-scans") == "Dataset500_myliverscans"
+    assert ft.dataset_name(tmp_path / "Dataset42_Short") == "Dataset500_Dataset42Short"
 
 
 def test_epoch_parser_reads_nnunets_lines() -> None:

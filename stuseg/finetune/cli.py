@@ -221,7 +221,7 @@ def finetune_train_cmd(
     if resume:
         settings = None
         given = {
-            "size": ft.check_choice(size.strip().lower(), ft.SIZES, "size") if size else None,
+            "size": ft.check_size(size) if size else None,
             "fold": _fold(fold) if fold is not None else None,
             "iterations_per_epoch": iterations_per_epoch,
             "lr": lr,

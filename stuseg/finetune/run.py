@@ -140,6 +140,12 @@ def check_choice(value: str, choices: Sequence[str], what: str) -> str:
     raise InputError(f"unknown {what} {value!r}{hint}; choose one of {', '.join(choices)}")
 
 
+def check_size(size: str) -> str:
+    """small, base, large or huge (or S, B, L, H, as elsewhere in stuseg), else an InputError."""
+    key = size.strip().lower()
+    return check_choice({name[0]: name for name in SIZES}.get(key, key), SIZES, "size")
+
+
 def resolve_settings(
     *,
     size: str,
@@ -155,7 +161,7 @@ def resolve_settings(
     save_every: int | None = None,
 ) -> TrainSettings:
     """Check the options and fill in nnU-Net's defaults; the pretrained weights are checked later."""
-    size = check_choice(size.strip().lower(), SIZES, "size")
+    size = check_size(size)
     fold = check_choice(str(fold).strip().lower(), FOLDS, "fold")
     normalization = check_choice(normalization.strip().lower(), tuple(NORMALIZATIONS), "normalization")
     device = check_choice(device.strip().lower(), ("cuda", "cpu", "mps"), "device")
@@ -364,11 +370,14 @@ def resume_hint(run: Path) -> str:
         record = json.loads((run / RECORD).read_text())
         folder = Path(record["fold_folder"])
     except (OSError, ValueError, KeyError):
-        return f"nothing to resume in {run} yet; start the run again"
+        return f"nothing to resume in {run} yet; delete it and start the run again"
     checkpoint = checkpoint_to_resume(folder)
     if checkpoint is None:
         every = record.get("settings", {}).get("save_every", SAVE_EVERY)
-        return f"no checkpoint was saved yet (one every {every} epochs, --save-every); start the run again"
+        return (
+            f"no checkpoint was saved yet (one every {every} epochs, --save-every); "
+            f"delete {run} and start the run again"
+        )
     command = f"stuseg finetune train {record['dataset']} -o {run} --resume"
     return f"{checkpoint.name} stays in {folder}; continue with `{command}`"
 
@@ -480,7 +489,7 @@ def train(
         if checkpoint_to_resume(folder) is None:
             raise TrainingError(
                 f"{folder} holds no checkpoint yet (one every {settings.save_every} epochs, --save-every, "
-                "and one at the end); start the run again without --resume"
+                f"and one at the end); delete {run} and start the run again without --resume"
             )
         name = record["dataset_name"]
     else:
@@ -490,7 +499,8 @@ def train(
         if run.exists() and (not run.is_dir() or any(run.iterdir())):
             if (run / RECORD).exists():
                 raise InputError(
-                    f"{run} already holds a run; add --resume to continue it, or choose another -o"
+                    f"{run} already holds a run; add --resume to continue it, "
+                    "or delete it or choose another -o"
                 )
             raise InputError(f"{run} exists and is not an empty folder; choose another -o")
         _check_device(settings.device, gpus)
