@@ -532,12 +532,17 @@ def train(
 
 def worker_environment(run: Path, device: str) -> dict[str, str]:
     """The child's environment: the run's nnU-Net folders, and modest parallelism on the CPU."""
+    from stuseg.threads import limit_spin_waiting
+
     env = dict(os.environ)
     run = run.resolve()
     env["nnUNet_raw"] = str(run / "nnUNet_raw")
     env["nnUNet_preprocessed"] = str(run / "nnUNet_preprocessed")
     env["nnUNet_results"] = str(run / "nnUNet_results")
     env["PYTHONUNBUFFERED"] = "1"  # each nnU-Net line as it is printed
+    # A process that exists to run stuseg: short OpenMP spins, as the command line sets for itself
+    # (stuseg.threads), also when the driver is called as a library.
+    limit_spin_waiting(env)
     # The child imports the very stuseg this process runs (an unpacked or editable copy included).
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
