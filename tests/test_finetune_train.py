@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
 SHAPE = (40, 48, 48)
 LABELS = {"sphere": 1, "box": 2}
+Pretrained = tuple[Path, dict[str, torch.Tensor]]  # the weights file and the tensors it holds
 
 
 def _write_case(folder: Path, case: str, seed: int) -> None:
@@ -64,7 +65,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Pretrained:
     """Published-style small weights (an nnU-Net v1 .model file) and the state dict they hold."""
     state = random_state_dict("small", seed=3)
     path = write_checkpoint(tmp_path_factory.mktemp("weights") / "small_ep4k.model", state)
@@ -81,7 +82,7 @@ def _env(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def trained(
-    dataset: Path, pretrained: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory
+    dataset: Path, pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """The command line's run: lr 1e-2, EPOCHS epochs of 2 iterations, nnU-Net's final validation."""
     run = tmp_path_factory.mktemp("runs") / "run"
@@ -103,7 +104,7 @@ def trained(
 
 
 @pytest.fixture(scope="module")
-def control(dataset: Path, pretrained: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def control(dataset: Path, pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same run through the library with lr 0: the weights never move."""
     run = tmp_path_factory.mktemp("runs") / "control"
     settings = ft.resolve_settings(
@@ -132,7 +133,9 @@ def _train_losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_every_pretrained_tensor_but_the_heads_is_loaded(trained: tuple[Path, object], pretrained) -> None:
+def test_every_pretrained_tensor_but_the_heads_is_loaded(
+    trained: tuple[Path, object], pretrained: Pretrained
+) -> None:
     run, _ = trained
     record = json.loads((run / ft.RECORD).read_text())
     _, state = pretrained
@@ -174,7 +177,7 @@ def test_the_final_validation_ran(trained: tuple[Path, subprocess.CompletedProce
 
 @pytest.mark.slow
 def test_lr_0_keeps_the_pretrained_weights_and_the_loss_falls_only_with_learning(
-    trained: tuple[Path, object], control: Path, pretrained
+    trained: tuple[Path, object], control: Path, pretrained: Pretrained
 ) -> None:
     _, state = pretrained
     weights = _checkpoint(control)["network_weights"]
@@ -226,7 +229,7 @@ def test_stuseg_and_nnunet_predict_the_trained_folder_alike(
 
 @pytest.mark.slow
 def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(
-    dataset: Path, pretrained: tuple[Path, dict], tmp_path: Path
+    dataset: Path, pretrained: Pretrained, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     command = [
