@@ -229,7 +229,9 @@ def patch_plans(plans: Mapping[str, Any], normalization: str = "zscore") -> tupl
         if before != after:
             changes[key] = {"before": before, "after": after}
 
-    new_strides = [[1, 1, 1], *_fit(strides[1:], STAGES - 1, [1, 1, 1])]
+    from stuseg.modelfolder import stunet_strides  # the one cut-or-pad rule, shared with reading folders
+
+    new_strides = [[1, 1, 1], *(list(s) for s in stunet_strides(strides[1:], f"the {CONFIGURATION} plan"))]
     change("strides", strides, new_strides)
     kwargs["strides"] = new_strides
     change("n_stages", kwargs.get("n_stages"), STAGES)
