@@ -412,3 +412,28 @@ def test_stu_net_strides_from_plans_of_any_depth(v2_plan: tuple[dict, dict, Path
     plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["strides"] = [[1, 1], *[[2, 2]] * 5]
     with pytest.raises(InputError, match=r"the plan's configuration: stride \[2, 2\] is not three positive"):
         plan_strides(PlansManager(plans).get_configuration("2d"))
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(
+    v2_plan: tuple[dict, dict, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stuseg.finetune.trainer import STUNetTrainer_small
+
+    plans, dataset_json, _ = v2_plan
+    trainer = STUNetTrainer_small(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    path = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(str(path))
+    before = path.read_bytes()
+    assert torch.load(path, map_location="cpu", weights_only=False)["current_epoch"] == 1
+
+    def cut_off(obj: object, f: str, *args: object, **kwargs: object) -> None:
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")  # what Ctrl-C mid-write leaves
+        raise KeyboardInterrupt
+
+    trainer.current_epoch = 5
+    monkeypatch.setattr(torch, "save", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(path))
+    assert path.read_bytes() == before

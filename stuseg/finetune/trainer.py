@@ -23,6 +23,7 @@ This module imports nnU-Net at the top: it is only imported when fine-tuning.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -219,6 +220,14 @@ class STUNetTrainer(nnUNetTrainer):
             f"initialised for {network.arch.num_classes} outputs{repeated}",
             also_print_to_console=False,
         )
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written beside ``filename`` and renamed onto it: an interrupt (Ctrl-C)
+        during the write leaves the previous checkpoint whole, so the run can always resume."""
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        if os.path.isfile(partial):  # only rank 0 writes, and not with checkpointing disabled
+            os.replace(partial, filename)
 
 
 class STUNetTrainer_small(STUNetTrainer):
