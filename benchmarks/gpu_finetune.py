@@ -48,12 +48,15 @@ def write_cases(folder: Path, n: int, shape: tuple[int, int, int], seed: int = 0
         ct = rng.normal(40, 20, shape).astype(np.float32)
         ct[:, :, :8] = -1000  # air
         seg = np.zeros(shape, np.uint8)
-        centre = rng.integers(30, np.array(shape) - 30)
-        sphere = ((grid - centre[:, None, None, None]) ** 2).sum(0) < rng.integers(12, 24) ** 2
+        size = np.array(shape)
+        centre = rng.integers(size // 4, 3 * size // 4)
+        radius = rng.integers(min(shape) // 8, min(shape) // 5 + 1)
+        sphere = ((grid - centre[:, None, None, None]) ** 2).sum(0) < radius**2
         ct[sphere] += 150
         seg[sphere] = 1
-        lo = rng.integers(10, np.array(shape) - 50)
-        box = tuple(slice(a, a + 30) for a in lo)
+        side = min(shape) // 4
+        lo = rng.integers(8, size - side)
+        box = tuple(slice(a, a + side) for a in lo)
         ct[box] -= 120
         seg[box] = np.where(seg[box] == 0, 2, seg[box])
         nib.save(nib.Nifti1Image(ct, affine), images / f"case{i:02d}.nii.gz")

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,23 +352,32 @@ def _read_nifti(path: Path) -> Volume:
             StusegWarning,
             stacklevel=3,  # the caller of read_image
         )
+    # get_fdata applies scl_slope / scl_inter; NaNs stay NaN (the preprocessor handles them).
+    volume = _nifti_volume(path, img, shape3, lambda: img.get_fdata(dtype=np.float32, caching="unchanged"))
+    check_finite(path, volume.data)
+    return volume
+
+
+def _nifti_volume(
+    path: Path, img: nib.Nifti1Image, shape3: tuple[int, int, int], read: Callable[[], np.ndarray]
+) -> Volume:
+    """The Volume of a loaded NIfTI whose header was checked: its affine checked, its voxels
+    read by ``read`` (damage is one line), a 4D (x, y, z, 1[, 1]) array made 3D."""
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_affine(path, affine)
     try:
-        # get_fdata applies scl_slope / scl_inter; NaNs stay NaN (the preprocessor handles them).
-        data = img.get_fdata(dtype=np.float32, caching="unchanged")
+        data = read()
     except _NIBABEL_READ_ERRORS:
         raise InputError(
             f"cannot read {path}: it is damaged, truncated or not a NIfTI image; "
             "check the file or export it again"
         ) from None
-    header = hdr.copy()
+    header = img.header.copy()
     if data.ndim > 3:
-        # (x, y, z, 1[, 1]) -> (x, y, z). Only dim changes: qform, sform, codes and pixdim[1:4]
-        # are the input's, so the outputs describe the same 3D grid.
+        # Only dim changes: qform, sform, codes and pixdim[1:4] are the input's, so the outputs
+        # describe the same 3D grid.
         data = data.reshape(shape3, order="A")
         header.set_data_shape(shape3)
-    check_finite(path, data)
     return Volume(data=data, affine=affine, header=header)
 
 
@@ -535,20 +544,7 @@ def read_label_map(path: Path) -> Volume:
     hdr = img.header
     check_pixel_kind(path, hdr.get_data_dtype(), what="label map")
     shape3 = spatial_shape(path, img.shape, what="label map")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    _check_affine(path, affine)
-    try:
-        data = np.asanyarray(img.dataobj)
-    except _NIBABEL_READ_ERRORS:
-        raise InputError(
-            f"cannot read {path}: it is damaged, truncated or not a NIfTI image; "
-            "check the file or export it again"
-        ) from None
-    header = hdr.copy()
-    if data.ndim > 3:  # (x, y, z, 1[, 1]) -> (x, y, z)
-        data = data.reshape(shape3, order="A")
-        header.set_data_shape(shape3)
-    return Volume(data=data, affine=affine, header=header)
+    return _nifti_volume(path, img, shape3, lambda: np.asanyarray(img.dataobj))
 
 
 def dicom_series_files(folder: Path, series: str | None = None) -> list[Path]:

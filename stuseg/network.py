@@ -7,7 +7,7 @@ knows nothing about files, downloads or preprocessing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -133,8 +133,9 @@ class STUNet(nn.Module):
         )
         self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], arch.num_classes, 1) for u in range(n_up))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder and decoder: full-resolution features (N, dims[0], *spatial), before the last head.
+    def _decoder_levels(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The decoder's features level by level, coarsest first; each level is dropped once the
+        next is made, so a caller that keeps only the last holds no intermediate level.
 
         Raises:
             ValueError: the spatial shape is not divisible by ``arch.divisor``.
@@ -150,6 +151,16 @@ class STUNet(nn.Module):
         x = self.conv_blocks_context[-1](x)
         for up, block in zip(self.upsample_layers, self.conv_blocks_localization):
             x = block(torch.cat((up(x), skips.pop()), dim=1))
+            yield x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder and decoder: full-resolution features (N, dims[0], *spatial), before the last head.
+
+        Raises:
+            ValueError: the spatial shape is not divisible by ``arch.divisor``.
+        """
+        for level in self._decoder_levels(x):
+            x = level
         return x
 
     def decoder_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -157,26 +168,12 @@ class STUNet(nn.Module):
 
         ``[seg_outputs[-1](full resolution), seg_outputs[-2](next coarser), ..., seg_outputs[0]]``:
         one per decoder level (5 for 6 stages), each from its own level's features, the order
-        nnU-Net's deep-supervision loss expects. The encoder/decoder loop is that of ``features``,
-        written out again so that inference keeps its own code path (and memory: ``features``
-        keeps no intermediate level).
+        nnU-Net's deep-supervision loss expects.
 
         Raises:
             ValueError: the spatial shape is not divisible by ``arch.divisor``.
         """
-        shape = tuple(x.shape[2:])
-        div = self.arch.divisor
-        if len(shape) != 3 or any(s % d for s, d in zip(shape, div)):
-            raise ValueError(f"STU-Net input spatial shape {shape} must be divisible by {div}")
-        skips = []
-        for stage in self.conv_blocks_context[:-1]:
-            x = stage(x)
-            skips.append(x)
-        x = self.conv_blocks_context[-1](x)
-        outputs = []
-        for up, block, head in zip(self.upsample_layers, self.conv_blocks_localization, self.seg_outputs):
-            x = block(torch.cat((up(x), skips.pop()), dim=1))
-            outputs.append(head(x))
+        outputs = [head(level) for head, level in zip(self.seg_outputs, self._decoder_levels(x))]
         return outputs[::-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
