@@ -1,8 +1,18 @@
 """DICOM Segmentation (DICOM-SEG) output for results on a DICOM series, written with highdicom.
 
-One Segmentation instance per run: one BINARY segment per structure present, labelled with the
+One Segmentation instance per run: one segment per structure present, labelled with the
 structure's name and coded with SNOMED CT (``stuseg/data/snomed_ct.csv``), frames on the source
 slices, referencing the source series and copying its patient and study attributes.
+
+Two encodings (``seg_type``) of the same segments. BINARY (Segmentation Storage): one 1-bit frame
+per structure per slice where it is present. LABELMAP (Label Map Segmentation Storage, a newer
+SOP class that older readers and validators do not know): one 8-bit frame per slice holding any
+structure, pixel value = segment number; smaller when slices hold more than 8 structures on
+average (8 bits per pixel against 1 per structure), e.g. the 104 structures of a CT. In both,
+the present structures are numbered 1..N in the order of their label values (N <= 255), and
+segment n has the same description (label, codes, algorithm) in both; in a LABELMAP highdicom
+adds segment 0, "Background" (DCM 125040), for the pixels of no structure. A reader maps segment
+numbers back to structures through the SEG's SegmentSequence (SegmentLabel, codes).
 
 A fine-tuned model's structures have names of their own. Codes for them come from a file the user
 supplies (``read_codes``; its codes take precedence over the package's). A structure without
@@ -30,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -56,7 +66,9 @@ _REQUIRED_UIDS = (
 )
 _REQUIRED_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 
-# (x, y, z) LPS (DICOM patient coordinates) <-> RAS (the label map's affine): its own inverse.
+#: The encodings of ``write_dicom_seg`` (``--dicom-seg-type``): BINARY is the default.
+SegType = Literal["binary", "labelmap"]
+SEG_TYPES: tuple[SegType, ...] = ("binary", "labelmap")
 
 
 class SnomedCodes(NamedTuple):
@@ -422,8 +434,9 @@ def write_dicom_seg(
     *,
     algorithm: str = "STU-Net",
     codes: Mapping[str, SnomedCodes] | None = None,
+    seg_type: SegType = "binary",
 ) -> Path | None:
-    """Write one DICOM Segmentation instance (BINARY, one segment per structure present).
+    """Write one DICOM Segmentation instance (one segment per structure present).
 
     Args:
         labels: the label map as a nibabel image (uint8, values = label values of ``names``) on the
@@ -435,14 +448,20 @@ def write_dicom_seg(
         codes: structure name -> SNOMED CT codes (e.g. from :func:`read_codes`), used before the
             package's table; a structure in neither is coded generically (``GENERIC_CODES``),
             with one StusegWarning naming every such structure.
+        seg_type: ``"binary"`` (one 1-bit frame per structure per slice) or ``"labelmap"`` (one
+            8-bit frame per slice, pixel value = segment number); the segments are numbered and
+            described alike in both (see the module's docstring).
 
     Returns:
         ``path``, or None (with a warning) when no structure is present: a SEG needs a segment.
 
     Raises:
+        ValueError: ``seg_type`` is not one of ``SEG_TYPES``.
         StusegError: highdicom is not installed (``stuseg[dicom]``).
         OutputError: the labels do not lie on the source images, or the file cannot be written.
     """
+    if seg_type not in SEG_TYPES:
+        raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, not {seg_type!r}")
     hd = _require_highdicom()
     from stuseg import __version__
     from stuseg.io import StusegWarning
@@ -461,6 +480,8 @@ def write_dicom_seg(
         )
         return None
     # Segment numbers are 1..n in label order; everything else (absent, unselected) is background.
+    # A LABELMAP stores this map as it is (pixel value = segment number), a BINARY one frame per
+    # segment number.
     lut = np.zeros(256, np.uint8)
     lut[values] = np.arange(1, len(values) + 1, dtype=np.uint8)
     segment_map = lut[frames]
@@ -472,7 +493,7 @@ def write_dicom_seg(
         seg = hd.seg.Segmentation(
             source_images=list(source.datasets),
             pixel_array=segment_map,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=hd.seg.SegmentationTypeValues[seg_type.upper()],
             segment_descriptions=descriptions,
             series_instance_uid=hd.UID(),
             series_number=series_number,
