@@ -38,6 +38,13 @@ class OutputType(str, Enum):
     DICOM_SEG = "dicom-seg"  # one DICOM Segmentation instance referencing the DICOM series INPUT
 
 
+class DicomSegType(str, Enum):
+    """How a DICOM-SEG stores its segments (``--dicom-seg-type``; ``stuseg.dicomseg.SEG_TYPES``)."""
+
+    BINARY = "binary"  # one 1-bit frame per structure per slice (the default)
+    LABELMAP = "labelmap"  # one 8-bit frame per slice, pixel value = segment number
+
+
 app = typer.Typer(
     name="stuseg",
     help="Segment the 104 TotalSegmentator structures in CT scans with STU-Net.",
@@ -638,6 +645,15 @@ def predict_cmd(
             help="SNOMED CT codes for a model's structures in a DICOM-SEG (CSV or JSON; see the README).",
         ),
     ] = None,
+    dicom_seg_type: Annotated[
+        DicomSegType | None,
+        typer.Option(
+            "--dicom-seg-type",
+            metavar="TYPE",
+            help="For a DICOM-SEG: binary (default; one frame per structure and slice) or labelmap (one "
+            "frame per slice, far smaller for many structures; needs a reader of Label Map Segmentation).",
+        ),
+    ] = None,
 ) -> None:
     """Segment the 104 structures of a CT scan, or a fine-tuned model's structures (--model)."""
     import time
@@ -680,6 +696,9 @@ def predict_cmd(
         codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
     elif codes_file is not None:
         raise fail("--codes applies to --output-type dicom-seg")
+    elif dicom_seg_type is not None:
+        raise fail("--dicom-seg-type applies to --output-type dicom-seg")
+    seg_type = (dicom_seg_type or DicomSegType.BINARY).value
     if multilabel:
         labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite, extra=extras.values())
     else:
@@ -732,7 +751,9 @@ def predict_cmd(
             with outputs.staged_files([*group, *extras.values()]) as temps:
                 if nifti:
                     labelmaps.write_multilabel(temps[:4], labels, header, seg.names, numbering="model")
-                _write_extras(seg, volume, dict(zip(extras, temps[len(group) :])), mode, dicom_source, codes)
+                _write_extras(
+                    seg, volume, dict(zip(extras, temps[len(group) :])), mode, dicom_source, codes, seg_type
+                )
             written = [str(target)] if nifti else []
             written += [str(extras[k]) for k in extras if k != "csv"]
         else:
@@ -742,7 +763,7 @@ def predict_cmd(
                 staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
                 if "dcm" in extras:
                     staged["dcm"] = dicomseg.seg_path_for(stage, False)
-                _write_extras(seg, volume, staged, mode, dicom_source, codes)
+                _write_extras(seg, volume, staged, mode, dicom_source, codes, seg_type)
             written = [f"{len(seg.names)} masks in {target}"] if nifti else []
             written += [str(target / extras[k].name) for k in extras if k != "csv"]
         extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg"))
@@ -1045,11 +1066,18 @@ def _extra_outputs(result: Path, multilabel: bool, *, statistics: bool, preview:
 
 
 def _write_extras(
-    seg: Any, volume: Any, paths: dict[str, Path], mode: str, dicom_source: Any = None, codes: Any = None
+    seg: Any,
+    volume: Any,
+    paths: dict[str, Path],
+    mode: str,
+    dicom_source: Any = None,
+    codes: Any = None,
+    seg_type: str = "binary",
 ) -> None:
     """Write the statistics, preview and DICOM-SEG files named in ``paths`` (staged paths of the result).
 
-    ``codes``: SNOMED CT codes from the user's file for the DICOM-SEG's segments, or None.
+    ``codes``: SNOMED CT codes from the user's file for the DICOM-SEG's segments, or None;
+    ``seg_type``: the DICOM-SEG's encoding, ``binary`` or ``labelmap``.
     """
     import time
 
@@ -1075,7 +1103,13 @@ def _write_extras(
 
         start = time.perf_counter()
         write_dicom_seg(
-            seg.image, seg.names, dicom_source, paths["dcm"], algorithm=f"STU-Net {seg.size}", codes=codes
+            seg.image,
+            seg.names,
+            dicom_source,
+            paths["dcm"],
+            algorithm=f"STU-Net {seg.size}",
+            codes=codes,
+            seg_type=seg_type,
         )
         seg.timings["dicom-seg"] = time.perf_counter() - start
 

@@ -366,13 +366,13 @@ def test_series_files_are_those_read_image_reads() -> None:
 SUBSET = ("aorta", "kidney_left", "liver", "rib_right_10", "spleen", "stomach", "vertebrae_T12")
 
 
-def _fake_segment(ts_labels: np.ndarray):
+def _fake_segment(ts_labels: np.ndarray, keep: tuple[str, ...] = SUBSET):
     """Stands in for the network in Typer-runner tests: TotalSegmentator's real labels, a subset."""
     from stuseg import pipeline
 
     def segment(image, **kwargs):
         volume = read_image(Path(image), series=kwargs.get("series"))
-        names = {labels.index_of(n): n for n in SUBSET}
+        names = {labels.index_of(n): n for n in keep}
         lut = np.zeros(256, np.uint8)
         lut[list(names)] = list(names)
         data = lut[ts_labels]
@@ -678,3 +678,184 @@ def test_bad_json_codes_files(tmp_path: Path) -> None:
     )
     with pytest.raises(InputError, match=r"^cannot read the codes file .*missing\.csv: No such file"):
         dicomseg.read_codes(tmp_path / "missing.csv")
+
+
+# --- LABELMAP: one frame per slice, pixel value = segment number --------------------------------
+
+LABEL_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+# dciodvfy predating the Label Map Segmentation IOD reports "Information Object Not found" for it.
+# Checked against the Segmentation IOD instead (same modules), it then reports exactly what a
+# LABELMAP does differently: its type, the Background segment 0 that highdicom adds, and frames
+# holding every segment (so without a per-frame SegmentIdentificationSequence).
+LABELMAP_ONLY_ERRORS = {
+    "Error - Unrecognized enumerated value <LABELMAP> for value 1 of attribute <Segmentation Type>",
+    "Error - Value is zero for value 1 of attribute <Segment Number>",
+    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence item "
+    "number 1 (from one) with SegmentNumber of 0",
+    "Error - Missing attribute Type 1 Required Element=<SegmentIdentificationSequence> "
+    "Module=<SegmentationMacro>",
+}
+
+
+def labelmap_dciodvfy_errors(path: Path, tmp_path: Path) -> list[str]:
+    """dciodvfy's errors for a LABELMAP SEG, less those only a dciodvfy without its IOD reports."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed; .ci/run installs it")
+    done = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120, check=False)
+    lines = (done.stdout + done.stderr).splitlines()
+    if "Error - Information Object Not found" not in lines:
+        assert any("Segmentation" in line for line in lines), lines
+        return [line for line in lines if line.startswith("Error")]
+    as_seg = pydicom.dcmread(path)
+    as_seg.SOPClassUID = as_seg.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    as_seg.save_as(tmp_path / "as_segmentation.dcm")
+    errors = dciodvfy_errors(tmp_path / "as_segmentation.dcm")
+    assert (
+        "Error - Unrecognized enumerated value <LABELMAP> for value 1 of attribute <Segmentation Type>"
+        in errors
+    )
+    return [line for line in errors if line not in LABELMAP_ONLY_ERRORS]
+
+
+def volume_on_grid(volume: hd.Volume, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """highdicom's volume (LPS affine, its own axis order) placed voxel by voxel on a RAS NIfTI grid
+    through both affines: each of its voxels must land on a voxel of the grid."""
+    to_grid = np.linalg.inv(affine) @ np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
+    index = np.indices(volume.array.shape).reshape(3, -1).astype(np.float64)
+    exact = to_grid[:3, :3] @ index + to_grid[:3, 3:]
+    nearest = np.rint(exact)
+    assert np.max(np.abs(exact - nearest)) < 1e-3  # on the grid
+    ijk = nearest.astype(np.intp)
+    assert ijk.min() >= 0 and all(ijk[a].max() < shape[a] for a in range(3))  # inside it
+    out = np.zeros(shape, volume.array.dtype)
+    out[tuple(ijk)] = volume.array.reshape(-1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def seg_types(tmp_path_factory: pytest.TempPathFactory, ts_labels) -> dict[str, Path]:
+    """``predict --ml --output-type nifti --output-type dicom-seg`` of the whole TotalSegmentator
+    result, once without --dicom-seg-type (binary) and once with labelmap: -> the --ml NIfTI file
+    (the SEG is case.dcm beside it)."""
+    from stuseg import pipeline
+
+    runs = {}
+    for kind in ("default", "labelmap"):
+        out = tmp_path_factory.mktemp(kind) / "case.nii.gz"
+        args = [
+            "predict",
+            str(SERIES),
+            str(out),
+            "--ml",
+            "--output-type",
+            "nifti",
+            "--output-type",
+            "dicom-seg",
+        ]
+        args += ["--dicom-seg-type", kind] if kind != "default" else []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pipeline, "segment", _fake_segment(ts_labels, labels.STRUCTURES))
+            result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.strip().splitlines()[-1].startswith(f"wrote {out} and {out.parent / 'case.dcm'}")
+        runs[kind] = out
+    return runs
+
+
+def test_labelmap_seg_equals_the_nifti_label_map(seg_types: dict[str, Path]) -> None:
+    nifti_path = seg_types["labelmap"]
+    seg_path = nifti_path.parent / "case.dcm"
+    ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    assert ds.SOPClassUID == LABEL_MAP_STORAGE and ds.SegmentationType == "LABELMAP"
+    nifti = nib.load(nifti_path)
+    expected = np.asarray(nifti.dataobj)
+    present = [labels.LABELS[v] for v in np.unique(expected) if v]
+    assert len(present) > 20  # the whole anatomy, not the subset
+    # Segment 0 is the background highdicom adds; the structures are 1..N in label order.
+    assert [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in ds.SegmentSequence] == [
+        (0, "Background"),
+        *enumerate(present, start=1),
+    ]
+    seg = hd.seg.segread(seg_path)
+    volume = seg.get_volume(combine_segments=True)
+    numbers = volume_on_grid(volume, nifti.affine, expected.shape)
+    to_label = np.zeros(len(present) + 1, np.uint8)
+    to_label[1:] = [labels.index_of(name) for name in present]
+    decoded = to_label[numbers]
+    np.testing.assert_array_equal(decoded, expected)
+    # The comparison sees a mirrored or shifted map: the anatomy is not symmetric along any axis.
+    for axis in range(3):
+        assert not np.array_equal(decoded, np.flip(expected, axis)), axis
+        assert not np.array_equal(decoded, np.roll(expected, 1, axis)), axis
+
+
+def test_labelmap_segments_are_described_as_in_binary(seg_types: dict[str, Path]) -> None:
+    binary = pydicom.dcmread(seg_types["default"].parent / "case.dcm", stop_before_pixels=True)
+    labelmap = pydicom.dcmread(seg_types["labelmap"].parent / "case.dcm", stop_before_pixels=True)
+    assert binary.SegmentationType == "BINARY"  # no --dicom-seg-type: binary, as before
+    assert list(labelmap.SegmentSequence)[1:] == list(binary.SegmentSequence)  # numbers, names, codes
+    background = labelmap.SegmentSequence[0]
+    for item in (
+        background.SegmentedPropertyCategoryCodeSequence[0],
+        background.SegmentedPropertyTypeCodeSequence[0],
+    ):
+        assert (item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning) == (
+            "125040",
+            "DCM",
+            "Background",
+        )
+
+
+def test_labelmap_seg_is_smaller_than_binary(seg_types: dict[str, Path]) -> None:
+    binary = (seg_types["default"].parent / "case.dcm").stat().st_size
+    labelmap = (seg_types["labelmap"].parent / "case.dcm").stat().st_size
+    assert labelmap < binary / 2, (labelmap, binary)
+
+
+def test_labelmap_seg_frames_are_the_source_slices(seg_types: dict[str, Path]) -> None:
+    ds = pydicom.dcmread(seg_types["labelmap"].parent / "case.dcm", stop_before_pixels=True)
+    sources = source_headers()
+    assert ds.NumberOfFrames == len(ds.PerFrameFunctionalGroupsSequence) <= len(sources)
+    frame_sources = []
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        assert "SegmentIdentificationSequence" not in item  # one frame holds every segment
+        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        ipp = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(ipp, [float(v) for v in sources[uid].ImagePositionPatient], atol=1e-4)
+        frame_sources.append(uid)
+    assert len(set(frame_sources)) == len(frame_sources)  # one frame per slice
+
+
+def test_labelmap_seg_passes_dciodvfy(seg_types: dict[str, Path], tmp_path: Path) -> None:
+    seg_path = seg_types["labelmap"].parent / "case.dcm"
+    assert labelmap_dciodvfy_errors(seg_path, tmp_path) == []
+    # and the check can fail: the same file without a Type 1 attribute
+    broken = pydicom.dcmread(seg_path)
+    del broken.SegmentSequence[1].SegmentLabel
+    broken.save_as(tmp_path / "broken.dcm")
+    assert any("SegmentLabel" in line for line in labelmap_dciodvfy_errors(tmp_path / "broken.dcm", tmp_path))
+
+
+def test_dicom_seg_type_without_dicom_seg_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from stuseg import pipeline
+
+    monkeypatch.setattr(pipeline, "segment", lambda *a, **k: pytest.fail("segmented anyway"))
+    out = tmp_path / "out"
+    _refused(
+        [str(SERIES), str(out), "--dicom-seg-type", "labelmap"],
+        "stuseg: error: --dicom-seg-type applies to --output-type dicom-seg",
+        out,
+    )
+    result = CliRunner().invoke(app, ["predict", str(SERIES), str(out), "--dicom-seg-type", "rle"])
+    assert result.exit_code == 2 and "'rle' is not one of 'binary', 'labelmap'" in result.output
+
+
+def test_seg_type_choices_and_a_wrong_one(tmp_path: Path, series_volume) -> None:
+    from stuseg.cli import DicomSegType
+
+    assert tuple(t.value for t in DicomSegType) == dicomseg.SEG_TYPES
+    image = label_image(np.zeros(series_volume.data.shape, np.uint8), series_volume.header)
+    source = dicomseg.read_dicom_source(SERIES)
+    with pytest.raises(ValueError, match=r"^seg_type must be one of binary, labelmap, not 'LABELMAP'$"):
+        dicomseg.write_dicom_seg(image, {1: "liver"}, source, tmp_path / "seg.dcm", seg_type="LABELMAP")
