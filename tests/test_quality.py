@@ -10,9 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
+from typer.testing import CliRunner
 
 from stuseg import labels as lbl
 from stuseg import quality, statistics
+from stuseg.cli import app
 
 DATA = Path(__file__).parent / "data"
 TS = DATA / "totalseg_results"
@@ -222,3 +224,85 @@ def test_empty_and_touching_the_edge() -> None:
         "touches_border,empty,fragments,outside_largest_share,stray_share,fragmented,side_offset_mm,wrong_side"
     )
     assert rows[3].endswith(",true,,,,,,")  # aorta: empty, every other flag blank
+
+
+def write_crafted(tmp_path: Path) -> tuple[Path, Path]:
+    """A stuseg multilabel file with the kidneys swapped and a liver in two pieces, and its CT."""
+    image = kidneys(swapped=True)
+    labels = np.asanyarray(image.dataobj).copy()
+    liver = lbl.index_of("liver")
+    labels[4:14, 15:19, 2:8] = liver  # 240 voxels
+    labels[30:34, 16:19, 10:14] = liver  # 48 voxels
+    names = {v: lbl.STRUCTURES[v - 1] for v in np.unique(labels)[1:]}
+    from stuseg import labelmaps
+
+    seg = tmp_path / "seg.nii.gz"
+    labelmaps.save_multilabel(labels, image.header, seg, names)
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(labels.shape, np.int16), image.affine), ct)
+    return seg, ct
+
+
+LINE = (
+    "stuseg: quality: kidney_left on the wrong side of kidney_right; "
+    "liver in 2 pieces (17% outside the largest)"
+)
+
+
+def test_statistics_command_prints_the_quality_line(tmp_path: Path) -> None:
+    seg, ct = write_crafted(tmp_path)
+    result = CliRunner().invoke(app, ["statistics", str(seg), str(ct), "-o", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == LINE
+    result = CliRunner().invoke(app, ["statistics", str(seg), str(ct)])  # CSV on stdout, the line on stderr
+    assert result.stderr.splitlines() == [LINE] and "kidney_left" in result.stdout
+
+
+def test_the_quality_line_names_at_most_six_findings() -> None:
+    labels = np.zeros((60, 8, 8), np.uint8)
+    names = {}
+    for n in range(1, 9):  # eight ribs, each in two halves far apart
+        names[n] = f"rib_left_{n}"
+        labels[n * 3, 2:4, 2:4] = n
+        labels[n * 3 + 30, 2:4, 2:4] = n
+    from stuseg.cli import quality_line
+
+    line = quality_line(statistics.compute(labels, np.eye(4), np.zeros(labels.shape), names))
+    assert line is not None
+    assert line.startswith("stuseg: quality: rib_left_1 in 2 pieces (50% outside the largest); ")
+    assert line.endswith("; and 2 more (see statistics.json)") and line.count(" pieces ") == 6
+    assert quality_line(statistics.compute(labels[:30], np.eye(4), np.zeros((30, 8, 8)), names)) is None
+
+
+@pytest.mark.parametrize("crafted", [True, False])
+def test_predict_with_statistics_prints_the_quality_line_only_when_flagged(
+    tmp_path: Path, make_nifti, monkeypatch: pytest.MonkeyPatch, crafted: bool
+) -> None:
+    """The network is replaced by a fixed label map: the crafted one, or its kidneys the right way
+    round and its liver in one piece."""
+    from stuseg import pipeline
+    from stuseg.io import label_image
+
+    seg_path, _ = write_crafted(tmp_path)
+    made = np.asanyarray(nib.load(seg_path).dataobj)
+    if not crafted:
+        made = np.asanyarray(kidneys(swapped=False).dataobj)
+    ct = make_nifti(shape=made.shape, affine=kidneys(False).affine)
+
+    def fake_segment(image: object, **kwargs: object) -> pipeline.Segmentation:
+        return pipeline.Segmentation(
+            image=label_image(made, image.header),  # type: ignore[attr-defined]
+            names=dict(enumerate(lbl.STRUCTURES, 1)),
+            size="small",
+        )
+
+    monkeypatch.setattr(pipeline, "segment", fake_segment)
+    result = CliRunner().invoke(app, ["predict", str(ct), str(tmp_path / "out"), "--statistics"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("wrote 104 masks")
+    assert [line for line in lines if "quality" in line] == ([LINE] if crafted else [])
+    if crafted:
+        assert lines[-2] == LINE
+    quiet = CliRunner().invoke(app, ["predict", str(ct), str(tmp_path / "q"), "--statistics", "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
