@@ -751,7 +751,7 @@ def predict_cmd(
             with outputs.staged_files([*group, *extras.values()]) as temps:
                 if nifti:
                     labelmaps.write_multilabel(temps[:4], labels, header, seg.names, numbering="model")
-                _write_extras(
+                stats = _write_extras(
                     seg, volume, dict(zip(extras, temps[len(group) :])), mode, dicom_source, codes, seg_type
                 )
             written = [str(target)] if nifti else []
@@ -763,7 +763,7 @@ def predict_cmd(
                 staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
                 if "dcm" in extras:
                     staged["dcm"] = dicomseg.seg_path_for(stage, False)
-                _write_extras(seg, volume, staged, mode, dicom_source, codes, seg_type)
+                stats = _write_extras(seg, volume, staged, mode, dicom_source, codes, seg_type)
             written = [f"{len(seg.names)} masks in {target}"] if nifti else []
             written += [str(target / extras[k].name) for k in extras if k != "csv"]
         extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg"))
@@ -771,6 +771,8 @@ def predict_cmd(
     if not quiet:
         for w in caught:
             say(f"stuseg: warning: {w.message}")
+        if stats is not None and (line := quality_line(stats)):
+            say(line)
         say(_summary(seg, " and ".join(written) or "nothing"))
 
 
@@ -1073,18 +1075,20 @@ def _write_extras(
     dicom_source: Any = None,
     codes: Any = None,
     seg_type: str = "binary",
-) -> None:
+) -> Any:
     """Write the statistics, preview and DICOM-SEG files named in ``paths`` (staged paths of the result).
 
     ``codes``: SNOMED CT codes from the user's file for the DICOM-SEG's segments, or None;
-    ``seg_type``: the DICOM-SEG's encoding, ``binary`` or ``labelmap``.
+    ``seg_type``: the DICOM-SEG's encoding, ``binary`` or ``labelmap``. Returns the
+    ``Statistics`` written, or None when none were asked for.
     """
     import time
 
     from stuseg import statistics as stats_mod
 
+    result = None
     if not paths:
-        return
+        return result
     # The label map's grid is the input's (its header holds the geometry; .affine may be None).
     labels, affine = seg.labels, seg.image.header.get_best_affine()
     if "json" in paths:
@@ -1112,6 +1116,37 @@ def _write_extras(
             seg_type=seg_type,
         )
         seg.timings["dicom-seg"] = time.perf_counter() - start
+    return result
+
+
+# At most this many findings are named in the quality line; statistics.json lists every flag.
+QUALITY_LINE_ITEMS = 6
+
+
+def quality_line(stats: Any) -> str | None:
+    """One line naming the structures flagged ``wrong_side`` or ``fragmented``, or None if none is.
+
+    ``empty`` and ``touches_border`` are not named: most scans show part of a body, so a correct
+    result raises them for many structures (statistics.json lists them).
+    """
+    from stuseg.labels import left_right_pairs
+
+    records = stats.by_name()
+    items = [
+        f"{left} on the wrong side of {right}"
+        for left, right in left_right_pairs(records)
+        if records[left]["wrong_side"] and records[right]["wrong_side"]
+    ]
+    for name in stats.flagged()["fragmented"]:
+        rec = records[name]
+        outside, stray = rec["outside_largest_share"], rec["stray_share"]
+        share = f"{outside:.0%} outside the largest" + ("" if stray == outside else f", {stray:.0%} stray")
+        items.append(f"{name} in {rec['fragments']} pieces ({share})")
+    if not items:
+        return None
+    more = len(items) - QUALITY_LINE_ITEMS
+    shown = items[:QUALITY_LINE_ITEMS] + ([f"and {more} more (see statistics.json)"] if more > 0 else [])
+    return "stuseg: quality: " + "; ".join(shown)
 
 
 SegmentationArg = Annotated[
@@ -1182,11 +1217,16 @@ def statistics_cmd(
         note = "is stored in another axis order than the CT; matched voxel for voxel"
         err.print(f"note: {segmentation} {note}", markup=False)
     result = stats_mod.compute(scan.labels, scan.affine, scan.ct, scan.names)
+    line = quality_line(result)
     if output is None:
         typer.echo(stats_mod.csv_text([(None, result)]), nl=False)
+        if line:
+            say(line)
         return
     with outputs.staged_files([json_path, csv_path]) as (tmp_json, tmp_csv):
         stats_mod.write_statistics(result, tmp_json, tmp_csv)
+    if line:
+        say(line)
     present = sum(1 for r in result.structures if r["voxels"])
     counted = f"{present} of {len(result.structures)} structures present"
     err.print(f"wrote {json_path} and {csv_path} ({counted})", markup=False)

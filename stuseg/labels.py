@@ -174,6 +174,62 @@ GROUPS: dict[str, tuple[str, ...]] = {g.value: tuple(s.name for s in TABLE if s.
 TOTALSEG_V1_INDEX: dict[int, int] = {0: 0, **{s.index: s.totalseg_v1 for s in TABLE}}
 
 _BY_LOWER: dict[str, Structure] = {s.name.lower(): s for s in TABLE}
+
+# ---------------------------------------------------------------------------------------------
+# Anatomical facts the quality flags of stuseg.statistics rely on
+
+#: Structures of the published table that a correct segmentation may show in several pieces
+#: although each is one piece in a body; every other structure is expected in one piece inside
+#: the field of view (pieces cut apart by the field of view's edges are allowed for: see
+#: stuseg.statistics). Why each may be in pieces:
+MAY_BE_IN_PIECES: dict[str, str] = {
+    "colon": "bowel: a collapsed stretch holds no lumen to segment, and loops leave and re-enter a slab",
+    "small_bowel": "bowel loops, as the colon",
+    "duodenum": "bowel, as the colon: a collapsed stretch splits the segmented lumen",
+    "face": "a region drawn for de-identification, not an organ with one outline",
+}
+#: The structures of the published table that are one piece in a body, in model order.
+ONE_PIECE: tuple[str, ...] = tuple(s.name for s in TABLE if s.name not in MAY_BE_IN_PIECES)
+_ONE_PIECE_LOWER = frozenset(n.lower() for n in ONE_PIECE)
+_SIDE = re.compile(r"(?<![a-z0-9])(left|right)(?![a-z0-9])", re.IGNORECASE)
+
+
+def one_piece(name: str) -> bool:
+    """True if ``name`` (case-insensitive) is a structure of the published table that is one piece
+    in a body (``ONE_PIECE``); False for the others and for names not in the table (a fine-tuned
+    model's own structures: nothing is known about their shape)."""
+    return name.strip().lower() in _ONE_PIECE_LOWER
+
+
+def left_right_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """The left/right pairs among ``names``, by the naming rule of the published table.
+
+    A name with exactly one word ``left`` (any case; words are separated by anything but letters
+    and digits, e.g. ``kidney_left``, ``rib_left_3``) pairs with the name that has ``right`` in
+    its place (compared case-insensitively), if that name is among ``names`` too. The rule holds
+    for any label table (TotalSegmentator's v2 names, a model's own names) that follows it.
+
+    Args:
+        names: structure names.
+
+    Returns:
+        ``(left name, right name)`` pairs, in the order of the left names.
+    """
+    names = list(names)
+    by_lower = {n.lower(): n for n in names}
+    pairs = []
+    for name in names:
+        sides = _SIDE.findall(name)
+        if len(sides) != 1 or sides[0].lower() != "left":
+            continue
+        partner = _SIDE.sub("right", name.lower())
+        if partner in by_lower:
+            pairs.append((name, by_lower[partner]))
+    return pairs
+
+
+#: The left/right pairs of the published table (30), in model order of the left member.
+LEFT_RIGHT_PAIRS: tuple[tuple[str, str], ...] = tuple(left_right_pairs(STRUCTURES))
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _LIST_HINT = "run 'stuseg labels' to list the names"
 # What a name of the published table may be confused with: its structures and groups.

@@ -14,6 +14,11 @@ patient's Right, y Anterior, z Superior; negate x and y for DICOM's LPS).
 
 A structure holding NaN voxels gets empty intensity fields (no statistic of them is defined).
 
+Quality flags (``empty``, ``touches_border``, ``fragmented``, ``wrong_side``; see ``COLUMNS``)
+come from the label map alone (``stuseg.quality``: pieces counted inside each structure's
+bounding box, left/right pairs compared along the patient's left-right axis); ``Statistics.flagged``
+lists the flagged structures per flag, written as ``quality`` in ``statistics.json``.
+
 ``write_statistics`` writes ``statistics.json`` (image-level fields and one record per
 structure) and ``statistics.csv`` (tidy: one row per structure, columns in ``COLUMNS``);
 ``write_csv`` writes the same rows for many cases into one cohort table with a ``case`` column.
@@ -33,7 +38,8 @@ import nibabel as nib
 import numpy as np
 from numba import njit
 
-from stuseg import __version__, paths
+from stuseg import __version__, paths, quality
+from stuseg import labels as label_table
 from stuseg.errors import InputError, LabelError
 from stuseg.geometry import same_grid
 
@@ -70,9 +76,31 @@ COLUMNS: dict[str, str] = {
     "bbox_k_max": "bounding box, last voxel index along k (inclusive)",
     "touches_border": "true if the structure reaches a face of the image: cut by the field of view, "
     "so its volume is a lower bound",
+    "empty": "true if the structure has no voxel (absent, or not in the field of view)",
+    "fragments": "number of pieces: connected components of its voxels, 26-connectivity (face, edge or "
+    "corner neighbours)",
+    "outside_largest_share": "share of its voxels outside its largest piece (0 for one piece)",
+    "stray_share": "share of its voxels in stray pieces: outside the largest, except pieces that reach a "
+    "face of the image when the largest does too (one body cut apart by the field of view's edge)",
+    "fragmented": f"true if stray_share > {quality.FRAGMENT_SHARE:g}, for a structure that is one piece in a "
+    "body (stuseg.labels.ONE_PIECE: the published table but "
+    f"{', '.join(label_table.MAY_BE_IN_PIECES)}); empty for other structures and for names outside the "
+    "published table. More than a twentieth in stray pieces is a lost section or a neighbour's voxels, not a "
+    "few islands at the rim",
+    "side_offset_mm": "for a member of a left/right pair (names with the word left and right, both present): "
+    "how far the left member's centroid lies towards the patient's left of the right member's, in mm "
+    "along the patient's left-right axis (RAS -x, LPS +x; same value on both records; negative: the wrong "
+    "way round)",
+    "wrong_side": f"true if side_offset_mm < -{quality.SIDE_MARGIN_MM:g}: the pair lies the wrong way round "
+    f"(swapped labels, or a flipped image); within {quality.SIDE_MARGIN_MM:g} mm of each other, centroids "
+    "say nothing about sides. Empty without a present partner",
 }
 # Fields left empty (CSV) or null (JSON) for a structure without voxels.
-_EMPTY_WHEN_ABSENT = tuple(c for c in COLUMNS if c not in ("structure", "label", "voxels", "volume_ml"))
+_EMPTY_WHEN_ABSENT = tuple(
+    c for c in COLUMNS if c not in ("structure", "label", "voxels", "volume_ml", "empty")
+)
+# The flags, in the order ``Statistics.flagged`` lists them.
+FLAGS = ("empty", "touches_border", "fragmented", "wrong_side")
 
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[0-9][0-9.eE+-]*,?\s*)+)\]")
 
@@ -93,11 +121,16 @@ class Statistics:
         """The records keyed by structure name."""
         return {str(r["structure"]): r for r in self.structures}
 
+    def flagged(self) -> dict[str, list[str]]:
+        """The structures each flag (``FLAGS``) is raised for, in label order."""
+        return {flag: [str(r["structure"]) for r in self.structures if r.get(flag) is True] for flag in FLAGS}
+
     def to_json(self) -> str:
         """The JSON document written as ``statistics.json``."""
         doc = {
             "format": FORMAT,
             "image": self.image,
+            "quality": self.flagged(),
             "units": {k: v for k, v in COLUMNS.items() if k not in ("structure", "label")},
             "structures": self.by_name(),
         }
@@ -386,6 +419,7 @@ def compute(
         for value, fields in _measure_layer(layer, ct).items():
             if value in found:
                 raise LabelError(f"label value {value} occurs in two layers; layers must use disjoint values")
+            fields["_pieces"] = quality.pieces(layer, value, fields["_lo"], fields["_hi"])  # type: ignore[arg-type]
             found[value] = fields
     unnamed = sorted(set(found) - set(names))
     if unnamed:
@@ -400,7 +434,7 @@ def compute(
         rec: dict[str, object] = {"structure": str(names[value]), "label": int(value)}
         fields = found.get(value)
         if fields is None:
-            rec.update({"voxels": 0, "volume_ml": 0.0})
+            rec.update({"voxels": 0, "volume_ml": 0.0, "empty": True})
             rec.update({c: None for c in _EMPTY_WHEN_ABSENT})
         else:
             n = int(fields["voxels"])  # type: ignore[arg-type]
@@ -417,7 +451,16 @@ def compute(
             for a, low, high in zip("ijk", fields["_lo"], fields["_hi"]):  # type: ignore[call-overload]
                 rec[f"bbox_{a}_min"], rec[f"bbox_{a}_max"] = low, high
             rec["touches_border"] = fields["touches_border"]
+            rec["empty"] = False
+            parts: quality.Pieces = fields["_pieces"]  # type: ignore[assignment]
+            rec["fragments"] = parts.count
+            rec["outside_largest_share"] = parts.outside_largest / n
+            rec["stray_share"] = parts.stray / n
+            one_piece = label_table.one_piece(str(names[value]))
+            rec["fragmented"] = parts.stray / n > quality.FRAGMENT_SHARE if one_piece else None
+            rec["side_offset_mm"] = rec["wrong_side"] = None  # set below for the pairs present
         records.append({c: rec[c] for c in COLUMNS})
+    _compare_sides(records)
     image = {
         "shape": [int(s) for s in ct.shape],
         "spacing_mm": [float(s) for s in spacing],
@@ -429,6 +472,21 @@ def compute(
         "mode": mode,
     }
     return Statistics(image=image, structures=records)
+
+
+def _compare_sides(records: list[dict[str, object]]) -> None:
+    """Set ``side_offset_mm`` and ``wrong_side`` on both records of each left/right pair present."""
+    by_name = {str(r["structure"]): r for r in records}
+    for left, right in label_table.left_right_pairs(by_name):
+        a, b = by_name[left], by_name[right]
+        if a["empty"] or b["empty"]:
+            continue
+        offset = quality.side_offset_mm(
+            [a[f"centroid_{c}_ras_mm"] for c in "xyz"],  # type: ignore[misc]
+            [b[f"centroid_{c}_ras_mm"] for c in "xyz"],  # type: ignore[misc]
+        )
+        for rec in (a, b):
+            rec["side_offset_mm"], rec["wrong_side"] = offset, quality.wrong_side(offset)
 
 
 def of_segmentation(

@@ -343,3 +343,33 @@ def test_select_from_lists_at_most_eight_names() -> None:
         "unknown structure 'tumour'; the model's structures are 'class_1', 'class_2', 'class_3', "
         "'class_4', 'class_5', 'class_6', 'class_7', 'class_8', ... (20 in all)"
     )
+
+
+def test_left_right_pairs_of_the_published_table(ref: dict) -> None:
+    """Pairs by replacing 'left' with 'right' in the reference names (a plain string rule written
+    here): 30 pairs, and the one lateral name without a partner is the middle lobe."""
+    names = set(ref["order"][1:])
+    expected = {
+        (n, n.replace("left", "right")) for n in names if "left" in n and n.replace("left", "right") in names
+    }
+    assert set(labels.LEFT_RIGHT_PAIRS) == expected and len(expected) == 30
+    paired = {n for pair in expected for n in pair}
+    assert {n for n in names if ("left" in n or "right" in n) and n not in paired} == {
+        "lung_middle_lobe_right"
+    }
+
+
+def test_left_right_pairs_of_any_names() -> None:
+    names = ["Kidney Left", "kidney right", "rib_left_3", "rib_right_3", "rib_right_4", "left_lung",
+             "leftover", "atrial_appendage_left", "lung_left_left", "lung_right_right"]  # fmt: skip
+    assert labels.left_right_pairs(names) == [("Kidney Left", "kidney right"), ("rib_left_3", "rib_right_3")]
+    assert labels.left_right_pairs(["a_right", "a_left"]) == [("a_left", "a_right")]
+
+
+def test_one_piece_structures() -> None:
+    assert set(labels.MAY_BE_IN_PIECES) <= set(labels.STRUCTURES)
+    assert len(labels.ONE_PIECE) == 104 - len(labels.MAY_BE_IN_PIECES) == 100
+    assert labels.one_piece("liver") and labels.one_piece(" Kidney_Left") and labels.one_piece("vertebrae_L1")
+    assert not labels.one_piece("colon") and not labels.one_piece("small_bowel")
+    # Names outside the published table (TotalSegmentator v2's, a model's own): nothing is known.
+    assert not labels.one_piece("heart") and not labels.one_piece("Liver Tumour")
