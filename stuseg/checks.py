@@ -166,15 +166,17 @@ def check_slice_spacing(
     expected = along[0] + np.sign(along[-1] - along[0]) * step * np.arange(n)
     if step > 0 and np.max(np.abs(along - expected)) <= SLICE_POSITION_TOLERANCE * step:
         return
-    gaps = np.abs(np.diff(along))
+    # The message reads the slices in position order (GDCM falls back to another order when two
+    # slices share a position), numbered the way most of the series' slices go.
+    order = np.argsort(along * np.sign(np.median(np.diff(along)) or 1.0), kind="stable")
+    along, files = along[order], [files[i] for i in order]
+    gaps = np.diff(along)
     usual = float(np.median(gaps))
     k = int(np.argmax(np.abs(gaps - usual)))
     gap = float(gaps[k])
     where = f"between slices {k + 1} and {k + 2} of {n} ({Path(files[k]).name}, {Path(files[k + 1]).name})"
     if usual > 0 and gap < SLICE_POSITION_TOLERANCE * usual:
-        what = (
-            f"two slices at the same position {where}: duplicate slices, or two acquisitions in one series?"
-        )
+        what = f"two slices at the same position {where} (duplicates, or two acquisitions in one series)"
     elif usual > 0 and gap > usual and abs(gap / usual - round(gap / usual)) <= SLICE_POSITION_TOLERANCE:
         missing = round(gap / usual) - 1
         lost = "a slice is" if missing == 1 else f"{missing} slices are"
