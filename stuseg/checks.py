@@ -175,7 +175,9 @@ def check_slice_spacing(
     k = int(np.argmax(np.abs(gaps - usual)))
     gap = float(gaps[k])
     where = f"between slices {k + 1} and {k + 2} of {n} ({Path(files[k]).name}, {Path(files[k + 1]).name})"
-    if usual > 0 and gap < SLICE_POSITION_TOLERANCE * usual:
+    if not np.any(gaps):
+        what = f"all {n} slices at one position (one slice saved {n} times, or a series of repeats)"
+    elif usual > 0 and gap < SLICE_POSITION_TOLERANCE * usual:
         what = f"two slices at the same position {where} (duplicates, or two acquisitions in one series)"
     elif usual > 0 and gap > usual and abs(gap / usual - round(gap / usual)) <= SLICE_POSITION_TOLERANCE:
         missing = round(gap / usual) - 1

@@ -14,6 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 from test_predict_cli import run_cli
 
+from stuseg.checks import check_slice_spacing
 from stuseg.errors import InputError
 from stuseg.io import dicom_series_files, read_image
 from stuseg.pipeline import _check_channels, prepare
@@ -182,6 +183,26 @@ def test_duplicate_slice_names_the_pair(tmp_path: Path) -> None:
         f"({kept[4].name}, copy.dcm) (duplicates, or two acquisitions in one series); export the complete "
         "series or resample it to a regular grid first"
     )
+
+
+@pytest.mark.parametrize(
+    ("along", "what"),
+    [
+        (
+            [0.0, 2.0, 4.0, 7.0, 9.0, 11.0],
+            "uneven slice spacing, 2 to 3 mm (the largest jump between slices 3 and 4 of 6 (f2, f3))",
+        ),
+        ([5.0, 5.0, 5.0], "all 3 slices at one position (one slice saved 3 times, or a series of repeats)"),
+    ],
+)
+def test_slice_spacing_messages(along: list[float], what: str) -> None:
+    positions = np.array([[10.0, -4.0, z] for z in along])
+    with pytest.raises(InputError) as exc:
+        check_slice_spacing(
+            Path("s"), positions, np.array([0.0, 0.0, 1.0]), [f"f{k}" for k in range(len(along))]
+        )
+    end = "export the complete series or resample it to a regular grid first"
+    assert str(exc.value) == f"the DICOM series in s has {what}; {end}"
 
 
 def _mr(k: int, ds: pydicom.Dataset) -> None:
