@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from stuseg.io import StusegWarning, Volume, read_image
+    from stuseg.errors import StusegWarning
+    from stuseg.io import Volume, read_image
     from stuseg.network import build_network
     from stuseg.pipeline import Segmentation, Segmenter, segment
 
@@ -62,7 +63,7 @@ _LAZY = {
     "build_network": "stuseg.network",
     "read_image": "stuseg.io",
     "Volume": "stuseg.io",
-    "StusegWarning": "stuseg.io",
+    "StusegWarning": "stuseg.errors",
 }
 # Submodules a user reaches as ``stuseg.batch.run(...)`` after a plain ``import stuseg``.
 _SUBMODULES = ("batch", "labels", "memory", "statistics", "weights")

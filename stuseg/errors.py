@@ -24,3 +24,7 @@ class WeightsError(StusegError):
 
 class OutputError(StusegError):
     """The output path cannot be written as asked."""
+
+
+class StusegWarning(UserWarning):
+    """Something in the input is unusual but usable; the result may need a second look."""

@@ -23,16 +23,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from stuseg.errors import InputError
+from stuseg.checks import check_gantry_tilt, check_slice_spacing
+from stuseg.errors import InputError, StusegWarning
 from stuseg.geometry import LPS_TO_RAS
 from stuseg.paths import NIFTI_SUFFIXES, SITK_SUFFIXES, image_suffix
 
 # SimpleITK is imported inside the functions that need it: NIfTI input and `stuseg --help` do not
 # pay for its import.
-
-
-class StusegWarning(UserWarning):
-    """Something in the input is unusual but usable; the result may need a second look."""
 
 
 @dataclass
@@ -42,6 +39,8 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header
+    # DICOM Modality (0008,0060) of a series read from DICOM; None for other formats.
+    modality: str | None = None
 
 
 def nifti_header_for(affine: np.ndarray, shape: tuple[int, ...], code: int = 1) -> nib.Nifti1Header:
@@ -107,12 +106,6 @@ SUPPORTED_INPUTS = (
     "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file, "
     "or a folder holding one DICOM series"
 )
-
-# Slices of a DICOM series may sit this far (as a fraction of the slice spacing) from the regular
-# grid that SimpleITK assumes before we refuse the series: beyond it a mask would visibly shift.
-_SLICE_POSITION_TOLERANCE = 0.1
-# Angle between the slice stacking direction and the slice normal (gantry tilt) we still accept.
-_MAX_TILT_DEGREES = 0.5
 
 # Everything that nibabel raises for a damaged, truncated or foreign file.
 _NIBABEL_READ_ERRORS = (
@@ -633,9 +626,15 @@ def _read_dicom_folder(folder: Path, series: str | None) -> Volume:
         )
     positions = _slice_positions(reader, len(files))
     if positions is not None and len(positions) > 2 and img.GetDimension() == 3:
+        # The slice checks (stuseg.checks): tilt first, since a tilted stack is also unevenly
+        # spaced along the normal.
         direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
-        _check_slice_positions(folder, positions, direction[:, 2])
-    return _volume_from_sitk(img, folder)
+        check_gantry_tilt(folder, positions, direction[:, 2], float(min(img.GetSpacing()[:2])))
+        check_slice_spacing(folder, positions, direction[:, 2], files)
+    volume = _volume_from_sitk(img, folder)
+    if reader.HasMetaDataKey(0, "0008|0060"):
+        volume.modality = reader.GetMetaData(0, "0008|0060").strip() or None
+    return volume
 
 
 def _slice_positions(reader, n_files: int) -> np.ndarray | None:
@@ -652,33 +651,3 @@ def _slice_positions(reader, n_files: int) -> np.ndarray | None:
             return None
         positions.append(xyz)
     return np.asarray(positions, dtype=np.float64)
-
-
-def _check_slice_positions(folder: Path, positions: np.ndarray, normal: np.ndarray) -> None:
-    """Refuse a series whose slices do not lie on the regular grid SimpleITK builds from it.
-
-    SimpleITK places slice k at first + k * (last - first) / (n - 1) along the slice normal. A
-    missing or duplicated slice, or slices at varying gaps, would silently shift the image (and
-    the masks) by up to a slice, so that is an error rather than a warning. So is gantry tilt
-    (slices stacked obliquely to their own plane), which a 3D affine without shear cannot hold.
-    """
-    stack = positions[-1] - positions[0]
-    length = float(np.linalg.norm(stack))
-    if length > 0:
-        cos = abs(float(stack @ normal)) / length
-        tilt = float(np.degrees(np.arccos(min(cos, 1.0))))
-        if tilt > _MAX_TILT_DEGREES:
-            raise InputError(
-                f"the DICOM slices in {folder} are stacked at {tilt:.1f} degrees to their normal "
-                "(gantry tilt); resample the series to a regular grid first"
-            )
-    along = positions @ normal
-    gaps = np.abs(np.diff(along))
-    step = abs(along[-1] - along[0]) / (len(along) - 1)
-    expected = along[0] + np.sign(along[-1] - along[0]) * step * np.arange(len(along))
-    if step == 0 or np.max(np.abs(along - expected)) > _SLICE_POSITION_TOLERANCE * step:
-        raise InputError(
-            f"the DICOM series in {folder} has non-uniform slice spacing (gaps from {gaps.min():.4g} "
-            f"to {gaps.max():.4g} mm: missing or duplicate slices?); export the complete series or "
-            "resample it to a regular grid first"
-        )

@@ -22,13 +22,14 @@ import torch
 
 from stuseg import labels as label_table
 from stuseg import memory
+from stuseg.checks import check_field_of_view, check_hounsfield, check_modality, check_slice_thickness
 from stuseg.errors import InputError, StusegError
 from stuseg.geometry import same_grid
 from stuseg.head import ClassProbabilities
 from stuseg.io import StusegWarning, Volume, check_finite, label_image, read_image
 from stuseg.memory import peak_rss_bytes, release_free_memory
 from stuseg.network import STUNet, build_network
-from stuseg.plan import PLAN, Plan
+from stuseg.plan import PLAN, Normalization, Plan
 from stuseg.postprocess import export_labels
 from stuseg.predict import Autocast, Ensemble, Mirrored, PatchPredictor, Timed, mirror_flips, sliding_window
 from stuseg.preprocess import Geometry, preprocess, restore
@@ -142,18 +143,13 @@ def load_model(size: str | None, weights: Path | None, device: torch.device) -> 
     return net.to(device).eval(), loaded.size
 
 
-def check_ct(volume: Volume) -> None:
-    """Warn about inputs the models were not trained for; never refuse them."""
-    # fmin skips NaNs (NaN only if all are), without nanmin's warning: no warnings filter to
-    # change, which would not be thread-safe.
-    lowest = float(np.fmin.reduce(volume.data, axis=None)) if volume.data.size else np.nan
-    if np.isfinite(lowest) and lowest > -500:
-        warnings.warn(
-            "the image has no values below -500, so it may not be a CT in Hounsfield units; "
-            "results will likely be meaningless",
-            StusegWarning,
-            stacklevel=3,
-        )
+def check_ct(
+    volume: Volume, normalization: Normalization = Normalization(), *, what: str = "the image"
+) -> None:
+    """The checks of a CT channel (``stuseg.checks``): its modality, where DICOM says, and its
+    values in Hounsfield units; ``normalization`` is the model's for this channel."""
+    check_modality(volume.modality, what=what)
+    check_hounsfield(volume.data, normalization, what=what)
 
 
 def _predictor(
@@ -524,7 +520,7 @@ def prepare(
     stages = _Stages()
     with stages("read"):
         volumes = [_read(i, series) for i in images]
-        _check_channels(images, volumes, channel_names)
+        _check_channels(images, volumes, channel_names, plan)
     with stages("preprocess"):
         x, geometry, had_nan = preprocess(
             [v.data for v in volumes], volumes[0].affine, plan, thread_count(threads)
@@ -547,8 +543,10 @@ def _read(image: Image, series: str | None) -> Volume:
     return read_image(Path(image), series=series)
 
 
-def _check_channels(images: Sequence[Image], volumes: Sequence[Volume], names: Sequence[str] | None) -> None:
-    """The channels share one grid; the CT channels look like CT."""
+def _check_channels(
+    images: Sequence[Image], volumes: Sequence[Volume], names: Sequence[str] | None, plan: Plan = PLAN
+) -> None:
+    """The channels share one grid; the CT channels look like CT; the grid suits the model."""
     first = volumes[0]
     for image, volume in zip(images[1:], volumes[1:]):
         if not same_grid(first.data.shape[:3], first.affine, volume.data.shape[:3], volume.affine):
@@ -558,7 +556,11 @@ def _check_channels(images: Sequence[Image], volumes: Sequence[Volume], names: S
             )
     for c, volume in enumerate(volumes):
         if names is None or (c < len(names) and names[c].strip().lower() == "ct"):
-            check_ct(volume)
+            norm = plan.channels[c] if c < len(plan.channels) else Normalization()
+            check_ct(volume, norm, what=_label(images[c]))
+    # One grid for all channels: its geometry is checked once.
+    check_slice_thickness(first.affine, plan)
+    check_field_of_view(first.data.shape, first.affine, plan)
 
 
 def _label(image: Image) -> str:

@@ -608,6 +608,11 @@ def test_batch_command_matches_predict_and_goes_on_after_a_corrupt_case(
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
+    # The synthetic cases are a few centimetres wide: each case read gets the field-of-view warning.
+    warned = [line.split(": ", 3) for line in lines if line.startswith("stuseg: warning: ")]
+    assert sorted(w[2] for w in warned) == ["a", "c", "d_series_s6"], done.stderr
+    assert all(w[3].startswith("the field of view across the body is ") for w in warned), done.stderr
+    lines = [line for line in lines if not line.startswith("stuseg: warning: ")]
     assert lines[0].startswith(
         f"stuseg: error: b_corrupt: cannot read {src / 'b_corrupt.nii.gz'}: it is damaged"
     )

@@ -340,8 +340,9 @@ def test_missing_slice_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(InputError) as exc:
         read_image(folder)
     assert str(exc.value) == (
-        f"the DICOM series in {folder} has non-uniform slice spacing (gaps from 2.5 to 5 mm: "
-        "missing or duplicate slices?); export the complete series or resample it to a regular grid first"
+        f"the DICOM series in {folder} has a 5 mm gap between slices 2 and 3 of 5 (gap001.dcm, gap003.dcm) "
+        "where the others are 2.5 mm apart (a slice is missing); export the complete series or resample "
+        "it to a regular grid first"
     )
 
 
@@ -351,8 +352,9 @@ def test_gantry_tilt_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(InputError) as exc:
         read_image(folder)
     assert str(exc.value) == (
-        f"the DICOM slices in {folder} are stacked at 11.3 degrees to their normal (gantry tilt); "
-        "resample the series to a regular grid first"
+        f"the DICOM slices in {folder} are stacked at 11.31 degrees to their normal (gantry tilt: the last "
+        "slice lies 1.50 mm sideways of the first); stuseg does not shear images, so resample the series "
+        "to a regular grid first"
     )
 
 

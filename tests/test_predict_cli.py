@@ -221,7 +221,10 @@ def test_non_ct_warning_is_printed(tmp_path: Path, small_model: Path, make_nifti
         app, ["predict", str(ct), str(tmp_path / "o.nii.gz"), "--ml", "--fast", "--weights", str(small_model)]
     )
     assert result.exit_code == 0, result.output
-    assert "stuseg: warning: the image has no values below -500" in result.stderr
+    assert (
+        f"stuseg: warning: {ct} has no values below -900 (its lowest is 100), so it holds no air and may not "
+        "be a CT in Hounsfield units; results will likely be meaningless\n"
+    ) in result.stderr
 
 
 def test_a_failed_write_leaves_no_output_folder(tmp_path: Path, make_nifti, monkeypatch) -> None:
