@@ -30,11 +30,13 @@ def hermetic_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 @pytest.fixture(autouse=True)
 def allocator_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Undo, after each test, a batch run in this process asking to keep freed pages."""
+    """Each test starts with the allocator policy of a fresh process, and whatever it changes is
+    undone after it: a command run in this process (e.g. by a module-scoped fixture, which runs
+    before this fixture) tunes malloc for good, as the command line does."""
     from stuseg import memory
 
-    monkeypatch.setattr(memory, "_hold_free_pages", memory._hold_free_pages)
-    monkeypatch.setattr(memory, "_process_tuned", memory._process_tuned)
+    monkeypatch.setattr(memory, "_hold_free_pages", False)
+    monkeypatch.setattr(memory, "_process_tuned", False)
 
 
 def make_ct_array(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
