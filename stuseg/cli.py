@@ -637,6 +637,15 @@ def predict_cmd(
             "needs a DICOM series INPUT); repeatable.",
         ),
     ] = None,
+    remove_small_blobs: Annotated[
+        float | None,
+        typer.Option(
+            "--remove-small-blobs",
+            metavar="MM3",
+            help="Drop every piece of a structure smaller than MM3 cubic millimetres (recorded in the "
+            "run marker and the statistics).",
+        ),
+    ] = None,
     codes_file: Annotated[
         Path | None,
         typer.Option(
@@ -671,6 +680,8 @@ def predict_cmd(
             size = canonical_size(size)
         except ValueError as exc:
             raise fail(str(exc)) from None
+    if remove_small_blobs is not None and not remove_small_blobs > 0:
+        raise fail(f"--remove-small-blobs must be a positive volume in mm3, got {remove_small_blobs:g}")
     trained = None
     if model is not None:
         from stuseg.modelstore import resolve_model
@@ -733,6 +744,10 @@ def predict_cmd(
             )
         if volume is not None:
             seg.timings["read"] = seg.timings.get("read", 0.0) + read_s
+        if remove_small_blobs is not None:
+            removed = seg.remove_small_blobs(remove_small_blobs)
+            if not quiet:
+                say(_blobs_line(removed, remove_small_blobs))
         mode = ("fast" if fast else "normal") + ("+tta" if tta else "")
         start = time.perf_counter()
         labels, header = seg.labels, seg.image.header
@@ -774,6 +789,19 @@ def predict_cmd(
         if stats is not None and (line := quality_line(stats)):
             say(line)
         say(_summary(seg, " and ".join(written) or "nothing"))
+
+
+def _blobs_line(removed: dict[str, int], min_mm3: float) -> str:
+    """One line: what ``--remove-small-blobs`` removed."""
+    if not removed:
+        return f"stuseg: no piece of any structure was smaller than {min_mm3:g} mm3; nothing removed"
+    shown = ", ".join(f"{name} {n}" for name, n in list(removed.items())[:6])
+    more = f", and {len(removed) - 6} more" if len(removed) > 6 else ""
+    total = sum(removed.values())
+    return (
+        f"stuseg: removed {total} voxels in pieces smaller than {min_mm3:g} mm3 from "
+        f"{len(removed)} structure(s) ({shown}{more})"
+    )
 
 
 @contextmanager
@@ -1093,7 +1121,9 @@ def _write_extras(
     labels, affine = seg.labels, seg.image.header.get_best_affine()
     if "json" in paths:
         start = time.perf_counter()
-        result = stats_mod.compute(labels, affine, volume.data, seg.names, size=seg.size, mode=mode)
+        result = stats_mod.compute(
+            labels, affine, volume.data, seg.names, size=seg.size, mode=mode, cleanup=seg.cleanup
+        )
         stats_mod.write_statistics(result, paths["json"], paths["csv"])
         seg.timings["statistics"] = time.perf_counter() - start
     if "png" in paths:

@@ -56,11 +56,35 @@ class Segmentation:
     # The Volume the caller passed (its intensities, e.g. for statistics), or None when the
     # input was a path: stuseg does not keep a copy of the input voxels.
     source: Volume | None = None
+    # What was done to the label map after the network (``remove_small_blobs``), or None.
+    cleanup: dict[str, Any] | None = None
 
     @property
     def labels(self) -> np.ndarray:
         """The label map as an array (values = model channel index, 0 = background)."""
         return np.asanyarray(self.image.dataobj)
+
+    def remove_small_blobs(self, min_mm3: float) -> dict[str, int]:
+        """Drop, in place, every piece of a structure smaller than ``min_mm3`` (opt-in clean-up).
+
+        Pieces are 26-connected components (``stuseg.quality.remove_small_blobs``). Recorded in
+        ``cleanup`` (and so in the statistics): the threshold and the voxels removed per structure.
+
+        Returns:
+            structure name -> voxels removed, for the structures that lost any.
+
+        Raises:
+            InputError: ``min_mm3`` is not a positive volume.
+        """
+        from stuseg.quality import remove_small_blobs
+
+        try:
+            removed = remove_small_blobs(self.labels, self.image.affine, min_mm3)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        by_name = {self.names.get(v, f"label_{v}"): n for v, n in sorted(removed.items())}
+        self.cleanup = {"remove_small_blobs_mm3": float(min_mm3), "voxels_removed": by_name}
+        return by_name
 
     def statistics(
         self, ct: str | Path | Volume | np.ndarray | None = None, *, mode: str | None = None

@@ -96,3 +96,39 @@ def wrong_side(offset_mm: float) -> bool:
     """True if a pair whose ``side_offset_mm`` is ``offset_mm`` is the wrong way round by more
     than ``SIDE_MARGIN_MM``."""
     return offset_mm < -SIDE_MARGIN_MM
+
+
+def remove_small_blobs(labels: np.ndarray, affine: np.ndarray, min_mm3: float) -> dict[int, int]:
+    """Set to background, in place, every piece of every structure smaller than ``min_mm3``.
+
+    The opt-in clean-up of ``--remove-small-blobs``: pieces are 26-connected components of one
+    label value (as ``pieces`` counts them); a piece's volume is its voxel count times the voxel
+    volume of ``affine``. A structure made only of small pieces disappears.
+
+    Args:
+        labels: the label map, written in place (a writable integer array).
+        affine: its voxel-to-world matrix (the voxel volume is ``|det|`` of its 3x3 part).
+        min_mm3: pieces below this volume go; must be positive.
+
+    Returns:
+        label value -> voxels removed, for every structure that lost any.
+
+    Raises:
+        ValueError: ``min_mm3`` is not positive.
+    """
+    if not min_mm3 > 0:
+        raise ValueError(f"the smallest blob to keep must be a positive volume, got {min_mm3} mm3")
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(affine, float)[:3, :3])))
+    removed: dict[int, int] = {}
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        region = labels[box]
+        ids, count = ndimage.label(region == index, structure=CONNECTIVITY)
+        sizes = np.bincount(ids.ravel(), minlength=count + 1)
+        small = np.flatnonzero(sizes * voxel_mm3 < min_mm3)
+        small = small[small > 0]  # 0 is everything else in the box
+        if small.size:
+            region[np.isin(ids, small)] = 0
+            removed[index] = int(sizes[small].sum())
+    return removed

@@ -385,6 +385,7 @@ def compute(
     *,
     size: str | None = None,
     mode: str | None = None,
+    cleanup: Mapping[str, object] | None = None,
 ) -> Statistics:
     """Statistics of every named structure of a segmentation, on the CT's own voxels.
 
@@ -397,6 +398,8 @@ def compute(
             not; a value present in ``labels`` without a name is an error.
         size: the model size that made the segmentation, recorded in the image fields.
         mode: ``"fast"`` or ``"normal"``, recorded in the image fields.
+        cleanup: what was done to the label map after the network (``Segmentation.cleanup``),
+            recorded in the image fields as ``cleanup`` (None: nothing).
 
     Returns:
         The image fields and one record per named structure, in label order.
@@ -470,6 +473,7 @@ def compute(
         "stuseg_version": __version__,
         "model_size": size,
         "mode": mode,
+        "cleanup": dict(cleanup) if cleanup else None,
     }
     return Statistics(image=image, structures=records)
 
@@ -499,6 +503,8 @@ def of_segmentation(
         ct: the CT it was made from: a path (anything ``stuseg.io.read_image`` reads), a
             ``stuseg.io.Volume``, or an array of intensities on the segmentation's grid.
         mode: ``"fast"`` or ``"normal"``, recorded in the image fields.
+        cleanup: what was done to the label map after the network (``Segmentation.cleanup``),
+            recorded in the image fields as ``cleanup`` (None: nothing).
 
     Returns:
         The statistics of every structure of ``seg``.
@@ -519,7 +525,10 @@ def of_segmentation(
                 "the CT is not on the segmentation's grid; give the CT the segmentation was made from"
             )
         ct = ct.data
-    return compute(labels, affine, np.asanyarray(ct), seg.names, size=seg.size or None, mode=mode)  # type: ignore[attr-defined]
+    cleanup = getattr(seg, "cleanup", None)
+    return compute(
+        labels, affine, np.asanyarray(ct), seg.names, size=seg.size or None, mode=mode, cleanup=cleanup
+    )  # type: ignore[attr-defined]
 
 
 def _cell(value: object) -> object:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from model_folders import published_arch, write_published_v1_folder, write_v1_folder, write_v2_folder
+from scipy import ndimage
 from test_predict_cli import run_cli
 
 from stuseg import Segmenter, segment
@@ -273,3 +274,45 @@ def test_dicom_seg_of_a_model_carries_the_user_s_codes_and_generic_ones(tmp_path
         assert code == expected.get(label, code)
     assert coded.get("kidney_left", "64033007") != "85756007"
     assert dciodvfy_errors(out / "seg.dcm") == []
+
+
+def test_remove_small_blobs_is_applied_recorded_and_said(tmp_path: Path) -> None:
+    folder = _one_channel_folder(tmp_path / "models")
+    ct = _case(tmp_path)[0]
+    plain, cleaned = tmp_path / "plain", tmp_path / "cleaned"
+    done = run_cli("predict", ct, plain, "--model", folder, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    done = run_cli(
+        "predict",
+        ct,
+        cleaned,
+        "--model",
+        folder,
+        "--device",
+        "cpu",
+        "--statistics",
+        "--remove-small-blobs",
+        "500",
+    )
+    assert done.returncode == 0, done.stderr
+    stats = json.loads((cleaned / "statistics.json").read_text())
+    cleanup = stats["image"]["cleanup"]
+    assert cleanup["remove_small_blobs_mm3"] == 500.0
+    removed = cleanup["voxels_removed"]
+    assert removed, "a random network's label map has small pieces to remove"
+    voxel_mm3 = abs(float(np.linalg.det(nib.load(ct).affine[:3, :3])))
+    for name in ("Liver_Tumour", "kidney_left", "GTVp"):
+        before = np.asanyarray(nib.load(plain / f"{name}.nii.gz").dataobj).astype(bool)
+        after = np.asanyarray(nib.load(cleaned / f"{name}.nii.gz").dataobj).astype(bool)
+        assert not (after & ~before).any()  # only removals
+        assert int((before & ~after).sum()) == removed.get(name, 0)
+        # What is left holds no piece below the threshold.
+        ids, _ = ndimage.label(after, structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(ids.ravel())[1:]
+        assert (sizes * voxel_mm3 >= 500).all()
+    assert f"stuseg: removed {sum(removed.values())} voxels in pieces smaller than 500 mm3" in done.stderr
+    marker = json.loads((cleaned / ".stuseg-run.json").read_text())
+    assert "500" in json.dumps(marker)
+    bad = run_cli("predict", ct, tmp_path / "bad", "--model", folder, "--remove-small-blobs", "0")
+    assert bad.returncode != 0
+    assert bad.stderr.strip() == "stuseg: error: --remove-small-blobs must be a positive volume in mm3, got 0"

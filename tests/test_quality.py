@@ -306,3 +306,26 @@ def test_predict_with_statistics_prints_the_quality_line_only_when_flagged(
         assert lines[-2] == LINE
     quiet = CliRunner().invoke(app, ["predict", str(ct), str(tmp_path / "q"), "--statistics", "-q"])
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_remove_small_blobs_drops_the_pieces_below_the_volume_in_mm3() -> None:
+    from stuseg.quality import remove_small_blobs
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:8, 2:8, 2:8] = 1  # 216 voxels: kept
+    labels[12, 12, 12] = 1  # 1 voxel
+    labels[15:17, 15:17, 15] = 1  # 4 voxels
+    labels[0:2, 18:20, 18:20] = 2  # 8 voxels: all of structure 2
+    labels[10:13, 0:3, 0:3] = 3  # 27 voxels
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])  # 12 mm3 per voxel
+    # Below 60 mm3: pieces of fewer than 5 voxels (1 and 4 voxels of 1); 8 voxels = 96 mm3 stay.
+    kept = labels.copy()
+    kept[12, 12, 12] = 0
+    kept[15:17, 15:17, 15] = 0
+    assert remove_small_blobs(labels, affine, 60.0) == {1: 5}
+    np.testing.assert_array_equal(labels, kept)
+    # Below 100 mm3 structure 2 (96 mm3) goes whole; 27 voxels (324 mm3) stay.
+    assert remove_small_blobs(labels, affine, 100.0) == {2: 8}
+    assert set(np.unique(labels)) == {0, 1, 3}
+    with pytest.raises(ValueError, match="positive volume"):
+        remove_small_blobs(labels, affine, 0.0)
