@@ -78,6 +78,13 @@ class Case:
     id: str
     input: Path
     series: str | None = None
+    # A multi-channel model's further channels (files), in order after ``input`` (channel 0).
+    channels: tuple[Path, ...] = ()
+
+    @property
+    def images(self) -> Path | list[Path]:
+        """What the segmenter reads: ``input``, or every channel's file for a multi-channel case."""
+        return [self.input, *self.channels] if self.channels else self.input
 
     @property
     def source(self) -> str:
@@ -374,6 +381,48 @@ def discover(sources: Iterable[str | Path]) -> Discovery:
             unique.append(f)
     ids = unique_ids(unique)
     return Discovery([Case(i, f.input, f.series) for i, f in zip(ids, unique)], ignored)
+
+
+def group_channels(found: Discovery, count: int) -> Discovery:
+    """The cases of a model with ``count`` input channels: files named as nnU-Net names channels
+    (``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... in one folder) become one case each,
+    with channel 0 as its input and id ``<case>``. A file not named so, a case missing a channel
+    and a channel beyond ``count`` are passed over, each with its reason.
+
+    Args:
+        found: what ``discover`` found (one case per file).
+        count: the model's input channels (2 or more).
+
+    Returns:
+        The grouped cases, in the order of their channel-0 files, and what was passed over.
+    """
+    from stuseg.paths import channel_of
+
+    groups: dict[tuple[Path, str], dict[int, Case]] = {}
+    ignored = list(found.ignored)
+    for case in found.cases:
+        named = channel_of(case.input) if case.series is None else None
+        if named is None:
+            ignored.append(
+                Ignored(case.input, f"not named <case>_<4-digit channel> for a {count}-channel model")
+            )
+            continue
+        groups.setdefault((case.input.parent, named[0]), {})[named[1]] = case
+    cases = []
+    for (_, name), channels in groups.items():
+        missing = [c for c in range(count) if c not in channels]
+        extra = sorted(c for c in channels if c >= count)
+        if missing or extra:
+            why = (
+                f"channel {missing[0]:04d} of {count} is missing"
+                if missing
+                else f"channel {extra[0]:04d} is beyond the model's {count}"
+            )
+            ignored += [Ignored(c.input, f"case {name}: {why}") for c in channels.values()]
+            continue
+        first = channels[0]
+        cases.append(Case(name, first.input, None, tuple(channels[c].input for c in range(1, count))))
+    return Discovery(cases, ignored)
 
 
 def unique_ids(found: Sequence[_Found]) -> list[str]:
@@ -915,11 +964,11 @@ def write_case(
 
     paths = output_paths(output, case.id, settings.multilabel)
     if settings.multilabel:
-        labelmaps.check_multilabel_output(paths[0], inputs=[case.input], overwrite=overwrite)
+        labelmaps.check_multilabel_output(paths[0], inputs=[case.input, *case.channels], overwrite=overwrite)
         with outputs.staged_files(paths) as temps:
             _write_multilabel(seg, temps)
         return paths
-    outputs.check_output(paths[0], inputs=[case.input], kind="folder", overwrite=overwrite)
+    outputs.check_output(paths[0], inputs=[case.input, *case.channels], kind="folder", overwrite=overwrite)
     run = {
         "command": "batch",
         "options": settings.options(),
@@ -1144,7 +1193,9 @@ def run(
                 job = _Job(case, time.perf_counter())
                 with sink.to(job.warnings):
                     try:
-                        job.prepared = segmenter.prepare(case.input, series=case.series, threads=read_threads)
+                        job.prepared = segmenter.prepare(
+                            case.images, series=case.series, threads=read_threads
+                        )
                         job.geometry = _geometry(job.prepared.header)
                     except Exception as exc:
                         job.error, job.traceback = failure(exc)

@@ -141,7 +141,7 @@ class CaseWorker:
         with sink.installed(), sink.to(caught):
             try:
                 read, _, write = _split(self.threads, self.segmenter.device.type)
-                prepared = self.segmenter.prepare(case.input, series=case.series, threads=read)
+                prepared = self.segmenter.prepare(case.images, series=case.series, threads=read)
                 geometry, voxels = _geometry(prepared.header), prepared.geometry.voxels
                 with self.network:
                     inferred = self.segmenter.infer(prepared)

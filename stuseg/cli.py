@@ -912,11 +912,6 @@ def batch_cmd(
             trained = resolve_model(
                 _given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value
             )
-            if trained.plan.in_channels > 1:
-                raise StusegError(
-                    f"this model takes {trained.plan.in_channels} input channels; stuseg batch runs "
-                    "single-channel models, so segment each case with `stuseg predict --model`"
-                )
         elif folds is not None or checkpoint is not CheckpointChoice.FINAL:
             raise StusegError("--folds and --checkpoint apply to a --model")
         elif roi_subset:
@@ -924,10 +919,13 @@ def batch_cmd(
 
             labels.select(roi_subset)
         found = batch.discover(sources)
+        if trained is not None and trained.plan.in_channels > 1:  # one case per <case>_0000, _0001, ...
+            found = batch.group_channels(found, trained.plan.in_channels)
         if not found.cases:
             shown = ", ".join(map(str, sources))
             raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
-        inputs = [*sources, *(c.input for c in found.cases), *([weights_file] if weights_file else [])]
+        inputs = [*sources, *(p for c in found.cases for p in (c.input, *c.channels))]
+        inputs += [weights_file] if weights_file else []
         inputs += [trained.source] if trained is not None else []
         batch.check_batch_output(output, inputs, overwrite=overwrite)
         options = batch.ModelOptions(

@@ -316,3 +316,23 @@ def test_remove_small_blobs_is_applied_recorded_and_said(tmp_path: Path) -> None
     bad = run_cli("predict", ct, tmp_path / "bad", "--model", folder, "--remove-small-blobs", "0")
     assert bad.returncode != 0
     assert bad.stderr.strip() == "stuseg: error: --remove-small-blobs must be a positive volume in mm3, got 0"
+
+
+def test_batch_groups_a_multi_channel_model_s_files_into_cases(tmp_path: Path) -> None:
+    folder = _two_channel_folder(tmp_path / "models")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b"):
+        _case(scans, name)
+    (scans / "c_0000.nii.gz").write_bytes((scans / "a_0000.nii.gz").read_bytes())  # no c_0001
+    done = run_cli("batch", scans, "-o", tmp_path / "batch", "--model", folder, "--ml", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "2 ok, 0 failed" in done.stderr, done.stderr
+    for name in ("a", "b"):
+        alone = segment(sorted(scans.glob(f"{name}_*.nii.gz")), model=folder, device="cpu").labels
+        np.testing.assert_array_equal(
+            np.asanyarray(nib.load(tmp_path / "batch" / f"{name}.nii.gz").dataobj), alone
+        )
+    assert not (tmp_path / "batch" / "c.nii.gz").exists()
+    log = (tmp_path / "batch" / "stuseg-batch.jsonl").read_text()
+    assert "case c: channel 0001 of 2 is missing" in log
