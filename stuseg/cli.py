@@ -502,7 +502,8 @@ def _channels(image: Path, extra: list[Path] | None, count: int) -> list[Path]:
 
     files = [image, *(extra or [])]
     if len(files) == 1 and count > 1:
-        if channel_of(image) is None or channel_of(image)[1] != 0:  # type: ignore[index]
+        named = channel_of(image)
+        if named is None or named[1] != 0:
             raise fail(
                 f"this model takes {count} input channels: give the others with --channel FILE, or name "
                 "the files as nnU-Net does (case_0000.nii.gz, case_0001.nii.gz, ...) and give the first"

@@ -272,10 +272,7 @@ def nonzero_bbox(channels: np.ndarray | Sequence[np.ndarray]) -> tuple[tuple[int
     The reference fills holes in the mask before taking its bounding box; filling holes never
     changes a bounding box, so the fill is skipped.
     """
-    arrays = [channels] if isinstance(channels, np.ndarray) else list(channels)
-    nonzero = arrays[0] != 0
-    for x in arrays[1:]:
-        nonzero |= x != 0
+    nonzero = _nonzero([channels] if isinstance(channels, np.ndarray) else list(channels))
     box = []
     for axis in range(nonzero.ndim):
         other = tuple(a for a in range(nonzero.ndim) if a != axis)
@@ -286,12 +283,17 @@ def nonzero_bbox(channels: np.ndarray | Sequence[np.ndarray]) -> tuple[tuple[int
     return tuple(box)
 
 
+def _nonzero(channels: Sequence[np.ndarray]) -> np.ndarray:
+    """Voxels != 0 in any channel (NaN is nonzero)."""
+    nonzero = channels[0] != 0
+    for x in channels[1:]:
+        nonzero |= x != 0
+    return nonzero
+
+
 def nonzero_mask(channels: Sequence[np.ndarray]) -> np.ndarray:
     """Voxels != 0 in any channel, holes filled: the region nnU-Net normalises with a mask."""
-    mask = channels[0] != 0
-    for x in channels[1:]:
-        mask |= x != 0
-    return ndimage.binary_fill_holes(mask)
+    return ndimage.binary_fill_holes(_nonzero(channels))
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
