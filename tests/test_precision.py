@@ -131,17 +131,18 @@ def test_the_network_runs_in_the_type_asked_for(tmp_path: Path, asked: str, dtyp
     assert Segmenter(model=ConvProbe(), plan=plan, device="cpu").precision == "float32"  # auto
 
 
+@pytest.mark.slow  # oneDNN makes its bfloat16 kernels on first use: seconds on 2 cores
 def test_the_head_softmax_and_sums_stay_float32_under_bfloat16() -> None:
     """The sums a bfloat16 network adds are float32 probabilities: each voxel's sum is the tile
     weight to float32 accuracy (a bfloat16 softmax would be off by ~1e-3), and they are close to
     float32's, but not equal (the network did run in bfloat16)."""
     torch.manual_seed(0)
-    net = build_network(Arch(dims=(4, 8, 8, 8, 8, 8), depths=(1,) * 6, num_classes=5)).eval()
-    x = torch.randn(1, 1, 16, 16, 32)
-    weight = torch.rand(16, 16, 32, 1) + 0.5
+    net = build_network(Arch(dims=(4, 4, 4, 4, 4, 4), depths=(1,) * 6, num_classes=5)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    weight = torch.rand(32, 32, 32, 1) + 0.5
     sums = {}
     for name, autocast in (("float32", None), ("bfloat16", torch.bfloat16)):
-        target = torch.zeros(16, 16, 32, 5)
+        target = torch.zeros(32, 32, 32, 5)
         with torch.inference_mode():
             ClassProbabilities(net, autocast=autocast).accumulate(x, [target], weight)
         assert target.dtype == torch.float32
