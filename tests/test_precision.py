@@ -2,9 +2,11 @@
 runs in the type asked for while the sums stay float32, where the choice is recorded, and how far
 bfloat16's labels agree with float32's on the decisive test weights and the real scans.
 
-The agreement: random STU-Nets whose classes each win somewhere (the decisive weights of
-``test_model_v2_vs_nnunet``: PyTorch's initialisation with the heads' biases at zero) in nnU-Net v2
-model folders, on the real abdomen and chest CTs of ``tests/data``, normal and ``--fast``. The
+The agreement: random STU-Nets whose classes each win somewhere (the decisive weights of the
+agreement tests of ``test_model_v2_vs_nnunet``: PyTorch's initialisation with the heads' biases at
+zero, so that the class follows the features) in nnU-Net v2 model folders, on the real abdomen
+and chest CTs of ``tests/data``, normal and ``--fast``. No trained weights can be had here (the
+hub is unreachable), and the real scans with the published plan and random weights are noise. The
 target for ``auto`` to pick bfloat16 on the CPU is >= 99.9% of voxels equal and a mean
 per-structure Dice >= 0.995. It is not met (98.6-99.8%, 0.983-0.993 when measured): that test is
 an expected failure, strict, so that the day it holds the suite says so and ``auto`` can change.
@@ -16,13 +18,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_model_v2_vs_nnunet import Case, _folder, _images
+from model_folders import write_v2_folder
 
 from stuseg import batch, precision
 from stuseg.errors import InputError
@@ -170,26 +173,63 @@ def test_a_bad_precision_on_the_command_line_is_one_usage_line(tmp_path: Path) -
     assert not (tmp_path / "out").exists()
 
 
-# A small model folder on a block of the real abdomen: a few seconds a run.
-QUICK = Case(
-    "abdomen_thick_x",
-    spacing=(3.6, 1.0, 1.0),
-    patch=(16, 48, 64),
-    strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 1, 1)),
-    labels=("organ", "vessel"),
-    channels=("MR",),
-    use_mask=(True,),
-    transpose=(2, 0, 1),
-    mirror_axes=(1, 2),
+DATA = Path(__file__).parent / "data"
+S = (1, 1, 1)
+DOWN = (S, (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), S)  # the first conv's stride, then 4 halvings
+
+
+@dataclass(frozen=True)
+class Model:
+    """A decisive model folder (see the module's docstring) for a real CT of tests/data."""
+
+    image: str
+    spacing: tuple[float, float, float]
+    patch: tuple[int, int, int]
+    labels: tuple[str, ...]
+    block: tuple[slice, ...] | None = None  # a part of the image, for a quick test
+
+
+def _decisive(arch: Arch) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = build_network(arch)
+    with torch.no_grad():
+        for head in net.seg_outputs:
+            head.bias.zero_()
+    return net.state_dict()
+
+
+def _folder(model: Model, tmp: Path) -> Path:
+    arch = Arch((4, 8, 16, 32, 64, 64), (1,) * 6, DOWN[1:], 1, len(model.labels) + 1)
+    return write_v2_folder(
+        tmp / "models",
+        _decisive(arch),
+        spacing=model.spacing,
+        patch_size=model.patch,
+        strides=DOWN,
+        labels=model.labels,
+    )
+
+
+def _image(model: Model, tmp: Path) -> Path:
+    img = nib.load(DATA / model.image)
+    data = np.asarray(img.dataobj).astype(np.float32)
+    path = tmp / "case_0000.nii.gz"
+    nib.save(nib.Nifti1Image(data[model.block] if model.block else data, img.affine), path)
+    return path
+
+
+# A 60^3 block of the real abdomen, 3 mm: a few seconds a run.
+QUICK = Model(
+    "abdomen_ct_3mm.nii.gz", (3.0, 3.0, 3.0), (32, 32, 32), ("organ", "vessel"), np.s_[30:90, 20:80, 26:86]
 )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("asked", ["bfloat16", "auto"])
 def test_predict_records_the_precision_it_ran_in(tmp_path: Path, asked: str) -> None:
-    folder, images = _folder(QUICK, tmp_path), _images(QUICK, tmp_path)
+    folder, image = _folder(QUICK, tmp_path), _image(QUICK, tmp_path)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stuseg", "predict", str(images[0]), str(out), "--model", str(folder)]
+    cmd = [sys.executable, "-m", "stuseg", "predict", str(image), str(out), "--model", str(folder)]
     cmd += ["--device", "cpu", "--precision", asked, "--statistics"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=600)
     assert done.returncode == 0, done.stderr
@@ -204,8 +244,8 @@ def test_predict_records_the_precision_it_ran_in(tmp_path: Path, asked: str) -> 
 
 @pytest.mark.slow
 def test_a_batch_resumed_in_another_precision_redoes_its_cases(tmp_path: Path) -> None:
-    folder, images = _folder(QUICK, tmp_path), _images(QUICK, tmp_path)
-    cases = batch.discover(images).cases
+    folder, image = _folder(QUICK, tmp_path), _image(QUICK, tmp_path)
+    cases = batch.discover([image]).cases
     out = tmp_path / "out"
     in_bf16 = Segmenter(model=folder, device="cpu", precision="bfloat16")
     assert [r.status for r in batch.run(cases, in_bf16, out)] == ["ok"]
@@ -224,14 +264,12 @@ def test_a_batch_resumed_in_another_precision_redoes_its_cases(tmp_path: Path) -
 
 # --- agreement, bfloat16 against float32 ------------------------------------------------------
 
-S = (1, 1, 1)
-DOWN = (S, (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), S)
 REAL = {
-    "abdomen 3 mm": Case(
-        "abdomen_ct_3mm.nii.gz", (3.0, 3.0, 3.0), (64, 64, 64), DOWN, ("liver", "spleen", "kidney", "bone")
+    "abdomen 3 mm": Model(
+        "abdomen_ct_3mm.nii.gz", (3.0, 3.0, 3.0), (64, 64, 64), ("liver", "spleen", "kidney", "bone")
     ),
-    "chest 1.5 mm, LPS": Case(
-        "chest_ct_1p5mm_lps.nii.gz", (2.5, 2.5, 2.5), (48, 48, 48), DOWN, ("lung", "heart", "bone")
+    "chest 1.5 mm, LPS": Model(
+        "chest_ct_1p5mm_lps.nii.gz", (2.5, 2.5, 2.5), (48, 48, 48), ("lung", "heart", "bone")
     ),
 }
 _MEASURED: dict[tuple[str, bool], tuple[float, float]] = {}
@@ -240,10 +278,10 @@ _MEASURED: dict[tuple[str, bool], tuple[float, float]] = {}
 def _agreement(name: str, fast: bool, tmp_path: Path) -> tuple[float, float]:
     """(share of voxels equal, mean Dice over the structures either labels), bfloat16 vs float32."""
     if (name, fast) not in _MEASURED:
-        case = REAL[name]
-        folder, images = _folder(case, tmp_path), _images(case, tmp_path)
-        a = segment(images[0], model=folder, device="cpu", fast=fast, precision="float32").labels
-        b = segment(images[0], model=folder, device="cpu", fast=fast, precision="bfloat16").labels
+        model = REAL[name]
+        folder, image = _folder(model, tmp_path), _image(model, tmp_path)
+        a = segment(image, model=folder, device="cpu", fast=fast, precision="float32").labels
+        b = segment(image, model=folder, device="cpu", fast=fast, precision="bfloat16").labels
         present = [v for v in np.union1d(np.unique(a), np.unique(b)) if v > 0]
         assert len(present) >= 3, f"{name}: only labels {present}: the weights are not decisive"
         dice = [2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in present]
