@@ -18,12 +18,10 @@ whole or not at all.
 
 from __future__ import annotations
 
-import colorsys
 import io
 import json
 import os
 import re
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ import numpy as np
 
 from stuseg import labels as lbl
 from stuseg import outputs
+from stuseg.colors import label_colors
 from stuseg.errors import InputError, LabelError, OutputError
 from stuseg.geometry import same_grid
 from stuseg.io import check_pixel_kind, label_image, load_nifti, spatial_shape
@@ -225,38 +224,6 @@ def save_masks(
 
 # ---------------------------------------------------------------------------------------------
 # Writing multilabel files with names
-
-
-def _color(key: int) -> tuple[int, int, int]:
-    """The colour of colour key ``key``: the hue steps by the golden ratio (0.618...) per key,
-    which keeps neighbours far apart on the colour wheel; the brightness alternates too."""
-    hue = (key * 0.618033988749895) % 1.0
-    value = 0.95 if key % 2 else 0.75  # 104 hues alone are close
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.7, value)
-    return round(r * 255), round(g * 255), round(b * 255)
-
-
-def label_colors(names: Mapping[int, str]) -> dict[int, tuple[int, int, int]]:
-    """A distinct, stable RGB colour per label value, keyed by the structure's name.
-
-    A published structure's colour key is its model index, so it keeps its colour in every
-    numbering. Any other name's key comes from its name alone (CRC-32 of its case-folded UTF-8,
-    beyond the published indices), so a model's structure keeps its colour across numberings,
-    subsets and runs; where that colour is already taken in this table (by a published structure
-    or another name, taken in name order), the key steps on until the colour is free. No two
-    values of one table share a colour.
-    """
-    known = {n.lower(): i for i, n in enumerate(lbl.LABELS)}
-    colors = {v: _color(known[n.lower()]) for v, n in names.items() if n.lower() in known}
-    used = set(colors.values())
-    others = sorted((str(n).casefold(), v) for v, n in names.items() if v not in colors)
-    for folded, value in others:
-        key = len(lbl.LABELS) + zlib.crc32(folded.encode("utf-8", "surrogatepass"))
-        while _color(key) in used:
-            key += 1
-        colors[value] = _color(key)
-        used.add(colors[value])
-    return {v: colors[v] for v in names}
 
 
 def names_json(names: Mapping[int, str], numbering: str | None = None) -> str:
