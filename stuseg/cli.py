@@ -211,6 +211,14 @@ def labels_cmd(
 
 
 OVERWRITE_HELP = "Replace an existing OUTPUT even if stuseg did not write it (a folder as a whole)."
+NamesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--names",
+        metavar="FILE.json",
+        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
+    ),
+]
 
 
 @app.command("export-labels")
@@ -245,6 +253,7 @@ def export_labels_cmd(
         str | None,
         typer.Option("--combine", metavar="NAME", help="Write the union of the selection as NAME.nii.gz."),
     ] = None,
+    names_file: NamesOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export some structures of a segmentation: masks, one multilabel file, or their union."""
@@ -253,17 +262,24 @@ def export_labels_cmd(
     patterns = [*(names or []), *(g.value for g in groups or [])]
     if not patterns:
         raise fail("name the structures to export with --labels or --group (see 'stuseg labels')")
-    # A model's own structures (its --ml file carries their names) are selected from that table.
-    table = labelmaps.own_table(segmentation)
+    # Another tool's values are named by --names; a model's own structures by the table its --ml
+    # file carries; either way they are selected from that table.
+    if names_file is not None:
+        table = labelmaps.read_table_file(names_file)
+    else:
+        table = labelmaps.own_table(segmentation)
     result = labelmaps.export_labels(
         segmentation,
         output,
-        labels.select(patterns) if table is None else labels.select_from(table, patterns),
+        labels.select(patterns)
+        if table is None
+        else labels.select_from(table, patterns, groups=names_file is not None),
         ml=ml,
         numbering=numbering,
         combine=combine,
         overwrite=overwrite,
-        table=table,
+        table=None if names_file is not None else table,
+        names_file=names_file,
     )
 
     def some(names: list[str]) -> str:  # keep the note one readable line
@@ -1188,14 +1204,6 @@ SegmentationArg = Annotated[
 CtArg = Annotated[
     Path,
     typer.Argument(metavar="CT", help="The CT it was made from: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
-]
-NamesOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--names",
-        metavar="FILE.json",
-        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
-    ),
 ]
 SeriesOption = Annotated[
     str | None,

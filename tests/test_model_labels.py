@@ -209,8 +209,8 @@ def test_export_labels_selects_from_the_files_own_names(tmp_path: Path, own_file
         ),
         (
             ["-l", "GTVp", "--ml", "--numbering", "totalsegmentator-v1"],
-            "--numbering totalsegmentator-v1 applies to the published structures only; {seg} names its "
-            "own, so choose model or compact",
+            "--numbering totalsegmentator-v1 applies to the published structures only; {seg} is named "
+            "by its label table, so choose model or compact",
         ),
         (
             ["-l", "GTVp", "--combine", "gtvp"],
