@@ -30,6 +30,8 @@ from stuseg.errors import StusegError
 from stuseg.finetune.cli import app as finetune_app
 from stuseg.labels import Group, Numbering
 
+__all__ = ["app", "main"]
+
 
 class OutputType(str, Enum):
     """What ``stuseg predict`` writes; ``--output-type`` is repeatable."""

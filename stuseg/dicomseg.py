@@ -49,6 +49,23 @@ from stuseg.colors import label_colors
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.geometry import LPS_TO_RAS
 
+__all__ = [
+    "CODE_COLUMNS",
+    "GENERIC_CODES",
+    "INSTALL_HINT",
+    "SEG_TYPES",
+    "DicomSource",
+    "SegType",
+    "SnomedCodes",
+    "coding_of",
+    "label_frames",
+    "read_codes",
+    "read_dicom_source",
+    "seg_path_for",
+    "snomed_table",
+    "write_dicom_seg",
+]
+
 INSTALL_HINT = 'pip install "stuseg[dicom]"'
 
 # A source pixel centre may sit this far (in voxels, on each axis) from a voxel centre of the label

@@ -38,6 +38,36 @@ from stuseg.geometry import same_grid
 from stuseg.io import check_pixel_kind, label_image, load_nifti, spatial_shape
 from stuseg.paths import NIFTI_SUFFIXES, nifti_stem
 
+__all__ = [
+    "FORMAT",
+    "ExportResult",
+    "check_mask_folder_output",
+    "check_multilabel_output",
+    "companion_paths",
+    "export_labels",
+    "itksnap_text",
+    "label_colors",
+    "load_named_labels",
+    "load_named_masks",
+    "load_own_labels",
+    "load_segmentation",
+    "multilabel_paths",
+    "names_json",
+    "nifti_gz_bytes",
+    "own_table",
+    "read_names",
+    "read_table_file",
+    "save_masks",
+    "save_multilabel",
+    "segmentation_inputs",
+    "slicer_ctbl",
+    "value_counts",
+    "write_masks",
+    "write_multilabel",
+    "write_nifti",
+    "writer_threads",
+]
+
 FORMAT = "stuseg-labels/1"  # marks the JSON label table in header extensions and sidecars
 # NIfTI extension code 6 is "comment": free text that header dump tools show as is.
 _COMMENT_CODE = 6

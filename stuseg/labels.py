@@ -28,6 +28,32 @@ from typing import NamedTuple
 
 from stuseg.errors import LabelError
 
+__all__ = [
+    "FALLBACK_NAME",
+    "GROUPS",
+    "LABELS",
+    "LEFT_RIGHT_PAIRS",
+    "MAY_BE_IN_PIECES",
+    "NAME_BYTES",
+    "ONE_PIECE",
+    "STRUCTURES",
+    "TABLE",
+    "TOTALSEG_V1_INDEX",
+    "Group",
+    "Numbering",
+    "Structure",
+    "describe",
+    "file_name",
+    "index_of",
+    "left_right_pairs",
+    "lookup",
+    "model_names",
+    "one_piece",
+    "renumbering",
+    "select",
+    "select_from",
+]
+
 
 class Group(str, Enum):
     """Anatomical groups, as in the TotalSegmentator paper."""

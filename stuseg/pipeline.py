@@ -35,6 +35,21 @@ from stuseg.predict import Autocast, Ensemble, Mirrored, PatchPredictor, Timed, 
 from stuseg.preprocess import Geometry, preprocess, restore
 from stuseg.threads import limit_threads, thread_count
 
+__all__ = [
+    "Image",
+    "Inferred",
+    "Prepared",
+    "Progress",
+    "Segmentation",
+    "Segmenter",
+    "check_ct",
+    "keep_freed_memory",
+    "load_model",
+    "prepare",
+    "resolve_device",
+    "segment",
+]
+
 if TYPE_CHECKING:
     from stuseg.modelfolder import TrainedModel
 

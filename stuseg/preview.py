@@ -31,6 +31,17 @@ from stuseg.colors import label_colors
 from stuseg.errors import InputError
 from stuseg.statistics import jit, label_counts
 
+__all__ = [
+    "FILL_ALPHA",
+    "VIEW_PIXELS",
+    "WINDOW_LEVEL_HU",
+    "WINDOW_WIDTH_HU",
+    "Views",
+    "draw_views",
+    "render",
+    "write_preview",
+]
+
 if TYPE_CHECKING:
     from PIL import Image
 

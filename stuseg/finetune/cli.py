@@ -15,6 +15,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+__all__ = ["app"]
+
 app = typer.Typer(
     name="finetune",
     help="Fine-tune a pretrained STU-Net on your labelled CT scans (nnU-Net v2 trains it).",
