@@ -28,6 +28,7 @@ from rich.console import Console
 from stuseg import __version__
 from stuseg.errors import StusegError
 from stuseg.finetune.cli import app as finetune_app
+from stuseg.helptext import App
 from stuseg.labels import Group, Numbering
 
 __all__ = ["app", "main"]
@@ -47,7 +48,7 @@ class DicomSegType(str, Enum):
     LABELMAP = "labelmap"  # one 8-bit frame per slice, pixel value = segment number
 
 
-app = typer.Typer(
+app = App(
     name="stuseg",
     help="Segment the 104 TotalSegmentator structures in CT scans with STU-Net.",
     no_args_is_help=True,
@@ -461,11 +462,19 @@ SizeOption = Annotated[
     ),
 ]
 FastOption = Annotated[
-    bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
+    bool,
+    typer.Option(
+        "--fast",
+        help="Argmax at 1.5 mm, then resample the labels: same network time, a slightly "
+        "cheaper export (see the README).",
+    ),
 ]
 TtaOption = Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")]
 StepSizeOption = Annotated[
-    float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
+    float,
+    typer.Option(
+        "--step-size", metavar="FRACTION", min=0.05, max=1.0, help="Tile step as a fraction of the patch."
+    ),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 WeightsFileOption = Annotated[
