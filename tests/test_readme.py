@@ -82,3 +82,23 @@ def test_every_python_example_runs_as_written(user_folder: Path) -> None:
     results = user_folder / "results"
     assert sorted(p.name for p in results.iterdir() if p.is_dir()) == ["a", "b"]
     assert (results / "stuseg-batch.jsonl").is_file()
+
+
+def _bash_blocks() -> list[str]:
+    return re.findall(r"^```bash\n(.*?)^```", README.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
+
+
+def test_the_set_up_commands_come_first_and_the_user_install_names_real_extras() -> None:
+    blocks = _bash_blocks()
+    assert blocks[0].splitlines() == [
+        'python3 -m pip install -c constraints-cpu.txt -e ".[test]"',
+        'python3 -m pytest -m "not slow" -q',
+    ]
+    install = next(b for b in blocks if "download.pytorch.org/whl/cpu" in b)
+    assert install.index("pip install torch") < install.index("pip install .")  # torch first
+    project = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    section = project.split("[project.optional-dependencies]")[1].split("\n[")[0]
+    extras = set(re.findall(r"^(\w+) = \[", section, re.MULTILINE))  # tomllib is Python 3.11+
+    named = set(re.findall(r'"\.\[(\w+)\]"', install)) | set(re.findall(r"add (\w+) for", install))
+    named |= set(re.findall(r", (\w+) for", install))
+    assert named == {"dicom", "ray", "finetune"} and named <= set(extras)
