@@ -134,6 +134,10 @@ def _neighbour_pairs() -> set[frozenset[str]]:
     pairs += [("aorta", v) for v in spine[7:]] + [("inferior_vena_cava", v) for v in spine[16:]]
     pairs += [("esophagus", v) for v in spine[:12]] + [("trachea", v) for v in spine[:9]]
     pairs += [("brain", "face"), ("face", "vertebrae_C1"), ("face", "vertebrae_C2")]
+    # Left and right halves that meet at the midline (behind the spinous processes, at the pubic
+    # symphysis, at the aortic bifurcation and the caval confluence).
+    for structure in ("autochthon", "hip", "iliac_artery", "iliac_vena", "gluteus_maximus"):
+        pairs += [(f"{structure}_left", f"{structure}_right")]
     known = set(lbl.STRUCTURES)
     assert all(a in known and b in known for a, b in pairs), [p for p in pairs if not set(p) <= known]
     return {frozenset(p) for p in pairs}
