@@ -28,7 +28,10 @@ from rich.console import Console
 from stuseg import __version__
 from stuseg.errors import StusegError
 from stuseg.finetune.cli import app as finetune_app
+from stuseg.helptext import App
 from stuseg.labels import Group, Numbering
+
+__all__ = ["app", "main"]
 
 
 class OutputType(str, Enum):
@@ -45,7 +48,7 @@ class DicomSegType(str, Enum):
     LABELMAP = "labelmap"  # one 8-bit frame per slice, pixel value = segment number
 
 
-app = typer.Typer(
+app = App(
     name="stuseg",
     help="Segment the 104 TotalSegmentator structures in CT scans with STU-Net.",
     no_args_is_help=True,
@@ -211,6 +214,14 @@ def labels_cmd(
 
 
 OVERWRITE_HELP = "Replace an existing OUTPUT even if stuseg did not write it (a folder as a whole)."
+NamesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--names",
+        metavar="FILE.json",
+        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
+    ),
+]
 
 
 @app.command("export-labels")
@@ -245,6 +256,7 @@ def export_labels_cmd(
         str | None,
         typer.Option("--combine", metavar="NAME", help="Write the union of the selection as NAME.nii.gz."),
     ] = None,
+    names_file: NamesOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export some structures of a segmentation: masks, one multilabel file, or their union."""
@@ -253,17 +265,24 @@ def export_labels_cmd(
     patterns = [*(names or []), *(g.value for g in groups or [])]
     if not patterns:
         raise fail("name the structures to export with --labels or --group (see 'stuseg labels')")
-    # A model's own structures (its --ml file carries their names) are selected from that table.
-    table = labelmaps.own_table(segmentation)
+    # Another tool's values are named by --names; a model's own structures by the table its --ml
+    # file carries; either way they are selected from that table.
+    if names_file is not None:
+        table = labelmaps.read_table_file(names_file)
+    else:
+        table = labelmaps.own_table(segmentation)
     result = labelmaps.export_labels(
         segmentation,
         output,
-        labels.select(patterns) if table is None else labels.select_from(table, patterns),
+        labels.select(patterns)
+        if table is None
+        else labels.select_from(table, patterns, groups=names_file is not None),
         ml=ml,
         numbering=numbering,
         combine=combine,
         overwrite=overwrite,
-        table=table,
+        table=None if names_file is not None else table,
+        names_file=names_file,
     )
 
     def some(names: list[str]) -> str:  # keep the note one readable line
@@ -443,11 +462,19 @@ SizeOption = Annotated[
     ),
 ]
 FastOption = Annotated[
-    bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
+    bool,
+    typer.Option(
+        "--fast",
+        help="Argmax at 1.5 mm, then resample the labels: same network time, a slightly "
+        "cheaper export (see the README).",
+    ),
 ]
 TtaOption = Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")]
 StepSizeOption = Annotated[
-    float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
+    float,
+    typer.Option(
+        "--step-size", metavar="FRACTION", min=0.05, max=1.0, help="Tile step as a fraction of the patch."
+    ),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 WeightsFileOption = Annotated[
@@ -1188,14 +1215,6 @@ SegmentationArg = Annotated[
 CtArg = Annotated[
     Path,
     typer.Argument(metavar="CT", help="The CT it was made from: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
-]
-NamesOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--names",
-        metavar="FILE.json",
-        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
-    ),
 ]
 SeriesOption = Annotated[
     str | None,

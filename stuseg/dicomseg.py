@@ -45,8 +45,26 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from stuseg import paths
+from stuseg.colors import label_colors
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.geometry import LPS_TO_RAS
+
+__all__ = [
+    "CODE_COLUMNS",
+    "GENERIC_CODES",
+    "INSTALL_HINT",
+    "SEG_TYPES",
+    "DicomSource",
+    "SegType",
+    "SnomedCodes",
+    "coding_of",
+    "label_frames",
+    "read_codes",
+    "read_dicom_source",
+    "seg_path_for",
+    "snomed_table",
+    "write_dicom_seg",
+]
 
 INSTALL_HINT = 'pip install "stuseg[dicom]"'
 
@@ -397,6 +415,8 @@ def _segment_descriptions(
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm, family=dcm_codes.DCM.ArtificialIntelligence, version=version, source="stuseg"
     )
+    # The colours of the preview and the viewer tables, as RecommendedDisplayCIELabValue (0062,000D).
+    colors = label_colors(dict(enumerate(names, start=1)))
     descriptions = []
     for number, (name, sct) in enumerate(zip(names, coding), start=1):
         desc = hd.seg.SegmentDescription(
@@ -407,6 +427,7 @@ def _segment_descriptions(
             segmented_property_type=CodedConcept(*_concept(sct or GENERIC_CODES, "type")),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification,
+            display_color=hd.color.CIELabColor.from_rgb(*colors[number]),
         )
         if sct is None or len(name) > _MEANING_CHARS:
             desc.SegmentDescription = name  # ST: up to 1024 characters
