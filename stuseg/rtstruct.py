@@ -174,10 +174,23 @@ def _patient_points(points: np.ndarray, ds: Any) -> np.ndarray:
     return position + points[:, 1:2] * along_col + points[:, 0:1] * along_row
 
 
-def _ds_values(points: np.ndarray) -> list[float]:
-    """Coordinates for a DS element, rounded to a micrometre (far below a pixel): pydicom writes a
-    float as its shortest repr, which then fits DS's 16 characters (e.g. -1234.567)."""
-    return (np.round(points, 3) + 0.0).ravel().tolist()  # + 0.0: no "-0.0"
+def _contour_data(points: np.ndarray) -> Any:
+    """ContourData (3006,0050) as an encoded element: the coordinates rounded to a micrometre (far
+    below a pixel), each written as its shortest repr (e.g. -1234.567; DS allows 16 characters).
+
+    A raw element, written as it is: pydicom would otherwise make and validate one DS object per
+    coordinate, most of the writer's time for a CT of a few hundred slices (about 30 s for 300).
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    values = (np.round(points, 3) + 0.0).ravel().tolist()  # + 0.0: no "-0.0"
+    text = "\\".join(map(repr, values)).encode("ascii")
+    if len(text) % 2:
+        text += b" "  # DICOM values have an even length; DS pads with a space
+    return RawDataElement(
+        Tag(0x3006, 0x0050), "DS", len(text), text, 0, is_implicit_VR=True, is_little_endian=True
+    )
 
 
 def _image_ref(ds: Any) -> Any:
@@ -263,6 +276,7 @@ def _add_rois(
     description: str,
 ) -> None:
     """Fill the Structure Set ROI, ROI Contour and RT ROI Observations sequences, ROI n = rois[n-1]."""
+    from pydicom.charset import default_encoding
     from pydicom.dataset import Dataset
 
     roi_items, contour_items, observations = [], [], []
@@ -284,7 +298,11 @@ def _add_rois(
             contour.ContourImageSequence = [_image_ref(image)]
             contour.ContourGeometricType = "CLOSED_PLANAR"
             contour.NumberOfContourPoints = len(points)
-            contour.ContourData = _ds_values(points)
+            contour[0x30060050] = _contour_data(points)
+            # The encoding the raw ContourData is in, so that pydicom writes it without decoding it
+            # (Dataset.set_original_encoding's purpose): the file's transfer syntax, and the
+            # character set pydicom gives a new item (ASCII digits read the same in any).
+            contour.set_original_encoding(True, True, default_encoding)
             item.ContourSequence.append(contour)
         contour_items.append(item)
         observation = Dataset()

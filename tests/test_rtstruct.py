@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from fabricate import small_checkpoint
 from matplotlib.path import Path as PolygonPath
 from test_dicomseg import SUBSET, _fake_segment, ts_on_series_grid
 from typer.testing import CliRunner
@@ -176,6 +177,24 @@ def ctbl_colors(path: Path) -> dict[str, tuple[int, int, int]]:
         _, name, r, g, b, _a = line.split()
         colors[name] = (int(r), int(g), int(b))
     return colors
+
+
+def check_against_masks(filled: dict[str, dict[str, np.ndarray]], out: Path, sources) -> None:
+    """Every ROI, filled again, equals its NIfTI mask in ``out`` slice by slice, and every
+    non-empty mask has its ROI."""
+    affine = read_image(SERIES).affine
+    # The premises of this axial series on its RAS grid: i runs R->L (LPS +x), j A->P (LPS +y), k
+    # up, so pixel (row m, column n) of the slice at height z is voxel (n, m, (z - z0) / dz).
+    assert affine[0, 0] < 0 and affine[1, 1] < 0 and affine[2, 2] > 0
+    assert np.count_nonzero(affine[:3, :3] - np.diag(np.diag(affine[:3, :3]))) == 0
+    for path in sorted(out.glob("*.nii.gz")):
+        name = path.name.removesuffix(".nii.gz")
+        mask = np.asarray(nib.load(path).dataobj).astype(bool)
+        assert (name in filled) == mask.any(), name
+        for uid, got in filled.get(name, {}).items():
+            k = round((float(sources[uid].ImagePositionPatient[2]) - affine[2, 3]) / affine[2, 2])
+            np.testing.assert_array_equal(got, mask[:, :, k].T, err_msg=name)
+        assert sum(m.sum() for m in filled.get(name, {}).values()) == mask.sum(), name
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -367,6 +386,7 @@ def test_rtstruct_path_for() -> None:
 # --- the command line -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 6 s on 2 cores
 def test_cli_writes_masks_seg_and_rtstruct_together(tmp_path: Path, monkeypatch, ts_labels, sources) -> None:
     from stuseg import pipeline
 
@@ -384,14 +404,7 @@ def test_cli_writes_masks_seg_and_rtstruct_together(tmp_path: Path, monkeypatch,
     )
     filled = rasterise(out / "rtstruct.dcm", sources)
     assert sorted(filled) == sorted(n for n in SUBSET if n != "kidney_left")  # kidney_left: absent
-    vol = read_image(SERIES)
-    for name, by_uid in filled.items():
-        mask = np.asarray(nib.load(out / f"{name}.nii.gz").dataobj).astype(bool)
-        # this axial series: pixel (row m, column n) of the slice at height z is voxel (n, m, k)
-        for uid, got in by_uid.items():
-            k = round((float(sources[uid].ImagePositionPatient[2]) - vol.affine[2, 3]) / vol.affine[2, 2])
-            np.testing.assert_array_equal(got, mask[:, :, k].T, err_msg=name)
-        assert sum(m.sum() for m in by_uid.values()) == mask.sum(), name
+    check_against_masks(filled, out, sources)
 
 
 def test_cli_ml_rtstruct_colours_are_the_viewer_tables(tmp_path: Path, monkeypatch, ts_labels) -> None:
@@ -413,6 +426,17 @@ def test_cli_ml_rtstruct_colours_are_the_viewer_tables(tmp_path: Path, monkeypat
     }
     assert len(shown) == 6
     assert shown == {n: table[n] for n in shown}
+
+
+def test_cli_rtstruct_alone(tmp_path: Path, monkeypatch, ts_labels) -> None:
+    from stuseg import pipeline
+
+    monkeypatch.setattr(pipeline, "segment", _fake_segment(ts_labels))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(SERIES), str(out), "--output-type", "rtstruct"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().startswith(f"wrote {out / 'rtstruct.dcm'} (small on cpu)")
+    assert sorted(p.name for p in out.iterdir()) == [".stuseg-run.json", "rtstruct.dcm"]
 
 
 def test_cli_a_failing_rtstruct_leaves_nothing(tmp_path: Path, monkeypatch, ts_labels) -> None:
@@ -444,3 +468,92 @@ def test_cli_nifti_input_is_refused_in_one_line(tmp_path: Path) -> None:
         f"but {CT_NIFTI} is not one; use --output-type nifti for this input"
     ]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# --- a series turned in-plane, with non-square pixels ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def turned_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test series with every slice turned a quarter turn in its plane (a row runs towards the
+    patient's back, a column towards the patient's right) and pixels 0.6 mm wide, 0.8 mm high;
+    the pixel data are unchanged, so the scan lies differently in the patient, as a scanner would
+    have stored it."""
+    folder = tmp_path_factory.mktemp("turned")
+    for f in sorted(SERIES.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.ImageOrientationPatient = [0, 1, 0, -1, 0, 0]
+        ds.PixelSpacing = [0.8, 0.6]  # between rows, between columns
+        ds.save_as(folder / f.name)
+    return folder
+
+
+def shapes_at(lps: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Label 1 in a ball of 15 mm radius 50 mm to the patient's left of ``centre``, label 2 in a box
+    to the patient's right and 20 mm in front (LPS: +x left, -y anterior)."""
+    out = np.zeros(lps.shape[:-1], np.uint8)
+    d = lps - centre
+    out[np.sum((d - [50.0, 0.0, 0.0]) ** 2, axis=-1) < 15.0**2] = 1
+    box = (np.abs(d[..., 0] + 60.3) < 25.1) & (np.abs(d[..., 1] + 20.2) < 10.1) & (np.abs(d[..., 2]) < 9.9)
+    out[box] = 2
+    return out
+
+
+def test_contours_follow_each_slices_own_orientation(tmp_path: Path, turned_series: Path) -> None:
+    """Shapes defined in patient millimetres, labelled on the grid stuseg reads from the turned
+    series, come back from the RTSTRUCT on exactly the pixels whose centres lie in them (computed
+    from each slice's header here), on the patient's correct side."""
+    sources = {
+        str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in sorted(turned_series.iterdir()))
+    }
+    centres = {}
+    for uid, ds in sources.items():
+        ipp, along_row, along_col, row_spacing, col_spacing = slice_frame(ds)
+        m, n = np.mgrid[0 : int(ds.Rows), 0 : int(ds.Columns)]
+        centres[uid] = ipp + n[..., None] * col_spacing * along_row + m[..., None] * row_spacing * along_col
+    middle = np.mean([c.reshape(-1, 3).mean(axis=0) for c in centres.values()], axis=0)
+    vol = read_image(turned_series)
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in vol.data.shape], indexing="ij"), axis=-1)
+    ras = ijk @ vol.affine[:3, :3].T + vol.affine[:3, 3]
+    labels_map = shapes_at(ras * np.array([-1.0, -1.0, 1.0]), middle)
+    path = tmp_path / "rt.dcm"
+    source = dicomseg.read_dicom_source(turned_series, output="rtstruct")
+    rtstruct.write_rtstruct(
+        label_image(labels_map, vol.header), {1: "ball_left", 2: "box_right"}, source, path
+    )
+    assert dciodvfy_errors(path) == []
+    filled = rasterise(path, sources)
+    for value, name in ((1, "ball_left"), (2, "box_right")):
+        expected = {uid: shapes_at(c, middle) == value for uid, c in centres.items()}
+        assert sum(e.sum() for e in expected.values()) >= MIN_VOXELS
+        for uid, truth in expected.items():
+            got = filled[name].get(uid, np.zeros_like(truth))
+            np.testing.assert_array_equal(got, truth, err_msg=f"{name} on {uid}")
+    ds = pydicom.dcmread(path)
+    mean_x = [
+        np.mean([float(v) for c in item.ContourSequence for v in c.ContourData[0::3]])
+        for item in ds.ROIContourSequence
+    ]
+    assert mean_x[0] > middle[0] + 40 and mean_x[1] < middle[0] - 40  # ball left, box right
+
+
+# --- one real run: the fabricated small model, as a user runs it --------------------------------
+
+
+@pytest.mark.slow
+def test_real_run_rtstruct_equals_its_nifti_masks(tmp_path_factory: pytest.TempPathFactory, sources) -> None:
+    """``stuseg predict`` in a subprocess, with random weights (many ragged structures: a hard case
+    for the outlines): the RTSTRUCT is valid and filled again equals the masks written beside it."""
+    model = small_checkpoint(lambda: tmp_path_factory.mktemp("fabricated"))
+    out = tmp_path_factory.mktemp("run") / "out"
+    cmd = [sys.executable, "-m", "stuseg", "predict", str(SERIES), str(out), "--output-type", "nifti"]
+    cmd += ["--output-type", "rtstruct", "--weights", str(model), "--step-size", "1.0", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "STUSEG_HOME": str(tmp_path_factory.mktemp("home"))}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"{out / 'rtstruct.dcm'} (small on cpu)" in done.stderr.splitlines()[-1]
+    assert dciodvfy_errors(out / "rtstruct.dcm") == []
+    filled = rasterise(out / "rtstruct.dcm", sources)
+    assert len(filled) >= 5
+    check_against_masks(filled, out, sources)
