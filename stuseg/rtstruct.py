@@ -52,8 +52,9 @@ from stuseg.dicomseg import DicomSource, label_frames
 from stuseg.errors import OutputError
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-# The SOP class an RT Referenced Study Sequence item names (PS3.3 C.8.8.5: the Study Component
-# Management SOP class, retired elsewhere, kept for this reference).
+# The SOP class an RT Referenced Study Sequence item gives for a study. No current SOP class stands
+# for a study; writers of RTSTRUCTs use the retired Study Component Management (this one) or
+# Detached Study Management (1.2.840.10008.3.1.2.3.1) SOP class; dciodvfy accepts this one.
 _STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.2"
 
 # Direction of each edge of an outline as a (row, column) step: east, south, west, north. Walking

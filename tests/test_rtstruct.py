@@ -557,3 +557,20 @@ def test_real_run_rtstruct_equals_its_nifti_masks(tmp_path_factory: pytest.TempP
     filled = rasterise(out / "rtstruct.dcm", sources)
     assert len(filled) >= 5
     check_against_masks(filled, out, sources)
+
+
+def test_cli_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = (
+        "import sys; sys.modules['pydicom'] = None; from stuseg.cli import main; "
+        f"sys.argv = ['stuseg', 'predict', {str(SERIES)!r}, {str(out)!r}, '--output-type', 'rtstruct']; "
+        "main()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "stuseg: error: --output-type rtstruct needs the optional DICOM support; install it with: "
+        'pip install "stuseg[dicom]"'
+    ]
+    assert not out.exists()
