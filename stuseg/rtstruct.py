@@ -180,7 +180,7 @@ def _contour_data(points: np.ndarray) -> Any:
     below a pixel), each written as its shortest repr (e.g. -1234.567; DS allows 16 characters).
 
     A raw element, written as it is: pydicom would otherwise make and validate one DS object per
-    coordinate, most of the writer's time for a CT of a few hundred slices (about 30 s for 300).
+    coordinate (0.6 million for a 300-slice abdomen), the largest item in the writer's profile.
     """
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag
