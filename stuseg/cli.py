@@ -39,6 +39,7 @@ class OutputType(str, Enum):
 
     NIFTI = "nifti"  # masks (or the --ml file) as NIfTI
     DICOM_SEG = "dicom-seg"  # one DICOM Segmentation instance referencing the DICOM series INPUT
+    RTSTRUCT = "rtstruct"  # one RT Structure Set (contours) referencing the DICOM series INPUT
 
 
 class DicomSegType(str, Enum):
@@ -661,8 +662,9 @@ def predict_cmd(
         typer.Option(
             "--output-type",
             metavar="TYPE",
-            help="nifti (default) and/or dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz; "
-            "needs a DICOM series INPUT); repeatable.",
+            help="nifti (default), dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz) and/or "
+            "rtstruct (rtstruct.dcm, or OUT_rtstruct.dcm); the DICOM types need a DICOM series INPUT; "
+            "repeatable.",
         ),
     ] = None,
     remove_small_blobs: Annotated[
@@ -726,17 +728,21 @@ def predict_cmd(
     types = set(output_types or [OutputType.NIFTI])
     extras = _extra_outputs(target, multilabel, statistics=with_statistics, preview=with_preview)
     dicom_source = codes = None
-    if OutputType.DICOM_SEG in types:
-        from stuseg import dicomseg
+    dicom_types = [t.value for t in (OutputType.DICOM_SEG, OutputType.RTSTRUCT) if t in types]
+    if dicom_types:
+        from stuseg import dicomseg, rtstruct
 
         # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
-        dicom_source = dicomseg.read_dicom_source(image, series)
+        dicom_source = dicomseg.read_dicom_source(image, series, output=dicom_types[0])
+    if OutputType.DICOM_SEG in types:
         extras["dcm"] = dicomseg.seg_path_for(target, multilabel)
         codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
     elif codes_file is not None:
         raise fail("--codes applies to --output-type dicom-seg")
     elif dicom_seg_type is not None:
         raise fail("--dicom-seg-type applies to --output-type dicom-seg")
+    if OutputType.RTSTRUCT in types:
+        extras["rtstruct"] = rtstruct.rtstruct_path_for(target, multilabel)
     seg_type = (dicom_seg_type or DicomSegType.BINARY).value
     if multilabel:
         labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite, extra=extras.values())
@@ -779,13 +785,11 @@ def predict_cmd(
         mode = ("fast" if fast else "normal") + ("+tta" if tta else "")
         start = time.perf_counter()
         labels, header = seg.labels, seg.image.header
-        if dicom_source is not None and not labels.any():
-            warnings.warn(
-                "no structure was found, so no DICOM-SEG was written (it needs at least one segment)",
-                StusegWarning,
-                stacklevel=1,
-            )
-            extras.pop("dcm")
+        empty = {"dcm": "DICOM-SEG was written (it needs at least one segment)",
+                 "rtstruct": "RTSTRUCT was written (it needs at least one ROI)"}  # fmt: skip
+        for key in [k for k in empty if k in extras and not labels.any()]:
+            warnings.warn(f"no structure was found, so no {empty[key]}", StusegWarning, stacklevel=1)
+            extras.pop(key)
         nifti = OutputType.NIFTI in types
         # One result, written whole or not at all: the masks (or the --ml file group) and the
         # extra files appear together.
@@ -806,10 +810,14 @@ def predict_cmd(
                 staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
                 if "dcm" in extras:
                     staged["dcm"] = dicomseg.seg_path_for(stage, False)
+                if "rtstruct" in extras:
+                    staged["rtstruct"] = rtstruct.rtstruct_path_for(stage, False)
                 stats = _write_extras(seg, volume, staged, mode, dicom_source, codes, seg_type)
             written = [f"{len(seg.names)} masks in {target}"] if nifti else []
             written += [str(target / extras[k].name) for k in extras if k != "csv"]
-        extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg"))
+        extra_seconds = sum(
+            seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg", "rtstruct")
+        )
         seg.timings["write"] = time.perf_counter() - start - extra_seconds
     if not quiet:
         for w in caught:
@@ -853,7 +861,7 @@ def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
 def _summary(seg: Any, what: str) -> str:
     """One line: what was written, time per stage and peak memory."""
     order = ("read", "load", "preprocess", "network", "softmax", "export", "write", "statistics", "preview",
-             "dicom-seg")  # fmt: skip
+             "dicom-seg", "rtstruct")  # fmt: skip
     times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
     memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
     if seg.peak_gpu_bytes is not None:
@@ -1130,7 +1138,7 @@ def _write_extras(
     codes: Any = None,
     seg_type: str = "binary",
 ) -> Any:
-    """Write the statistics, preview and DICOM-SEG files named in ``paths`` (staged paths of the result).
+    """Write the statistics, preview, DICOM-SEG and RTSTRUCT files named in ``paths`` (staged paths).
 
     ``codes``: SNOMED CT codes from the user's file for the DICOM-SEG's segments, or None;
     ``seg_type``: the DICOM-SEG's encoding, ``binary`` or ``labelmap``. Returns the
@@ -1172,6 +1180,12 @@ def _write_extras(
             seg_type=seg_type,
         )
         seg.timings["dicom-seg"] = time.perf_counter() - start
+    if "rtstruct" in paths:
+        from stuseg.rtstruct import write_rtstruct
+
+        start = time.perf_counter()
+        write_rtstruct(seg.image, seg.names, dicom_source, paths["rtstruct"], algorithm=f"STU-Net {seg.size}")
+        seg.timings["rtstruct"] = time.perf_counter() - start
     return result
 
 
