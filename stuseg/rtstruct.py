@@ -51,6 +51,8 @@ from stuseg import paths
 from stuseg.dicomseg import DicomSource, label_frames
 from stuseg.errors import OutputError
 
+__all__ = ["RT_STRUCTURE_SET_STORAGE", "outlines", "rtstruct_path_for", "write_rtstruct"]
+
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # The SOP class an RT Referenced Study Sequence item gives for a study. No current SOP class stands
 # for a study; writers of RTSTRUCTs use the retired Study Component Management (this one) or
