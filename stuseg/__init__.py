@@ -41,9 +41,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from stuseg.errors import InputError, LabelError, OutputError, StusegError, WeightsError
-from stuseg.threads import spin_briefly_on_import
+from stuseg.threads import spin_briefly_on_import as _spin_briefly_on_import
 
-spin_briefly_on_import()  # before torch loads, or not at all: see its docstring
+_spin_briefly_on_import()  # before torch loads, or not at all: see its docstring
 
 __version__ = "0.1.0"
 

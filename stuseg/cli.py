@@ -28,7 +28,10 @@ from rich.console import Console
 from stuseg import __version__
 from stuseg.errors import StusegError
 from stuseg.finetune.cli import app as finetune_app
+from stuseg.helptext import App
 from stuseg.labels import Group, Numbering
+
+__all__ = ["app", "main"]
 
 
 class OutputType(str, Enum):
@@ -36,6 +39,7 @@ class OutputType(str, Enum):
 
     NIFTI = "nifti"  # masks (or the --ml file) as NIfTI
     DICOM_SEG = "dicom-seg"  # one DICOM Segmentation instance referencing the DICOM series INPUT
+    RTSTRUCT = "rtstruct"  # one RT Structure Set (contours) referencing the DICOM series INPUT
 
 
 class DicomSegType(str, Enum):
@@ -45,7 +49,7 @@ class DicomSegType(str, Enum):
     LABELMAP = "labelmap"  # one 8-bit frame per slice, pixel value = segment number
 
 
-app = typer.Typer(
+app = App(
     name="stuseg",
     help="Segment the 104 TotalSegmentator structures in CT scans with STU-Net.",
     no_args_is_help=True,
@@ -211,6 +215,14 @@ def labels_cmd(
 
 
 OVERWRITE_HELP = "Replace an existing OUTPUT even if stuseg did not write it (a folder as a whole)."
+NamesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--names",
+        metavar="FILE.json",
+        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
+    ),
+]
 
 
 @app.command("export-labels")
@@ -245,6 +257,7 @@ def export_labels_cmd(
         str | None,
         typer.Option("--combine", metavar="NAME", help="Write the union of the selection as NAME.nii.gz."),
     ] = None,
+    names_file: NamesOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export some structures of a segmentation: masks, one multilabel file, or their union."""
@@ -253,17 +266,24 @@ def export_labels_cmd(
     patterns = [*(names or []), *(g.value for g in groups or [])]
     if not patterns:
         raise fail("name the structures to export with --labels or --group (see 'stuseg labels')")
-    # A model's own structures (its --ml file carries their names) are selected from that table.
-    table = labelmaps.own_table(segmentation)
+    # Another tool's values are named by --names; a model's own structures by the table its --ml
+    # file carries; either way they are selected from that table.
+    if names_file is not None:
+        table = labelmaps.read_table_file(names_file)
+    else:
+        table = labelmaps.own_table(segmentation)
     result = labelmaps.export_labels(
         segmentation,
         output,
-        labels.select(patterns) if table is None else labels.select_from(table, patterns),
+        labels.select(patterns)
+        if table is None
+        else labels.select_from(table, patterns, groups=names_file is not None),
         ml=ml,
         numbering=numbering,
         combine=combine,
         overwrite=overwrite,
-        table=table,
+        table=None if names_file is not None else table,
+        names_file=names_file,
     )
 
     def some(names: list[str]) -> str:  # keep the note one readable line
@@ -443,11 +463,19 @@ SizeOption = Annotated[
     ),
 ]
 FastOption = Annotated[
-    bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
+    bool,
+    typer.Option(
+        "--fast",
+        help="Argmax at 1.5 mm, then resample the labels: same network time, a slightly "
+        "cheaper export (see the README).",
+    ),
 ]
 TtaOption = Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")]
 StepSizeOption = Annotated[
-    float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
+    float,
+    typer.Option(
+        "--step-size", metavar="FRACTION", min=0.05, max=1.0, help="Tile step as a fraction of the patch."
+    ),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 WeightsFileOption = Annotated[
@@ -654,8 +682,9 @@ def predict_cmd(
         typer.Option(
             "--output-type",
             metavar="TYPE",
-            help="nifti (default) and/or dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz; "
-            "needs a DICOM series INPUT); repeatable.",
+            help="nifti (default), dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz) and/or "
+            "rtstruct (rtstruct.dcm, or OUT_rtstruct.dcm); the DICOM types need a DICOM series INPUT; "
+            "repeatable.",
         ),
     ] = None,
     remove_small_blobs: Annotated[
@@ -719,17 +748,21 @@ def predict_cmd(
     types = set(output_types or [OutputType.NIFTI])
     extras = _extra_outputs(target, multilabel, statistics=with_statistics, preview=with_preview)
     dicom_source = codes = None
-    if OutputType.DICOM_SEG in types:
-        from stuseg import dicomseg
+    dicom_types = [t.value for t in (OutputType.DICOM_SEG, OutputType.RTSTRUCT) if t in types]
+    if dicom_types:
+        from stuseg import dicomseg, rtstruct
 
         # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
-        dicom_source = dicomseg.read_dicom_source(image, series)
+        dicom_source = dicomseg.read_dicom_source(image, series, output=dicom_types[0])
+    if OutputType.DICOM_SEG in types:
         extras["dcm"] = dicomseg.seg_path_for(target, multilabel)
         codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
     elif codes_file is not None:
         raise fail("--codes applies to --output-type dicom-seg")
     elif dicom_seg_type is not None:
         raise fail("--dicom-seg-type applies to --output-type dicom-seg")
+    if OutputType.RTSTRUCT in types:
+        extras["rtstruct"] = rtstruct.rtstruct_path_for(target, multilabel)
     seg_type = (dicom_seg_type or DicomSegType.BINARY).value
     if multilabel:
         labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite, extra=extras.values())
@@ -774,13 +807,11 @@ def predict_cmd(
         mode = ("fast" if fast else "normal") + ("+tta" if tta else "")
         start = time.perf_counter()
         labels, header = seg.labels, seg.image.header
-        if dicom_source is not None and not labels.any():
-            warnings.warn(
-                "no structure was found, so no DICOM-SEG was written (it needs at least one segment)",
-                StusegWarning,
-                stacklevel=1,
-            )
-            extras.pop("dcm")
+        empty = {"dcm": "DICOM-SEG was written (it needs at least one segment)",
+                 "rtstruct": "RTSTRUCT was written (it needs at least one ROI)"}  # fmt: skip
+        for key in [k for k in empty if k in extras and not labels.any()]:
+            warnings.warn(f"no structure was found, so no {empty[key]}", StusegWarning, stacklevel=1)
+            extras.pop(key)
         nifti = OutputType.NIFTI in types
         # One result, written whole or not at all: the masks (or the --ml file group) and the
         # extra files appear together.
@@ -801,10 +832,14 @@ def predict_cmd(
                 staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
                 if "dcm" in extras:
                     staged["dcm"] = dicomseg.seg_path_for(stage, False)
+                if "rtstruct" in extras:
+                    staged["rtstruct"] = rtstruct.rtstruct_path_for(stage, False)
                 stats = _write_extras(seg, volume, staged, mode, dicom_source, codes, seg_type)
             written = [f"{len(seg.names)} masks in {target}"] if nifti else []
             written += [str(target / extras[k].name) for k in extras if k != "csv"]
-        extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg"))
+        extra_seconds = sum(
+            seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg", "rtstruct")
+        )
         seg.timings["write"] = time.perf_counter() - start - extra_seconds
     if not quiet:
         for w in caught:
@@ -848,7 +883,7 @@ def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
 def _summary(seg: Any, what: str) -> str:
     """One line: what was written, time per stage and peak memory."""
     order = ("read", "load", "preprocess", "network", "softmax", "export", "write", "statistics", "preview",
-             "dicom-seg")  # fmt: skip
+             "dicom-seg", "rtstruct")  # fmt: skip
     times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
     memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
     if seg.peak_gpu_bytes is not None:
@@ -1128,7 +1163,7 @@ def _write_extras(
     codes: Any = None,
     seg_type: str = "binary",
 ) -> Any:
-    """Write the statistics, preview and DICOM-SEG files named in ``paths`` (staged paths of the result).
+    """Write the statistics, preview, DICOM-SEG and RTSTRUCT files named in ``paths`` (staged paths).
 
     ``codes``: SNOMED CT codes from the user's file for the DICOM-SEG's segments, or None;
     ``seg_type``: the DICOM-SEG's encoding, ``binary`` or ``labelmap``. Returns the
@@ -1177,6 +1212,12 @@ def _write_extras(
             seg_type=seg_type,
         )
         seg.timings["dicom-seg"] = time.perf_counter() - start
+    if "rtstruct" in paths:
+        from stuseg.rtstruct import write_rtstruct
+
+        start = time.perf_counter()
+        write_rtstruct(seg.image, seg.names, dicom_source, paths["rtstruct"], algorithm=f"STU-Net {seg.size}")
+        seg.timings["rtstruct"] = time.perf_counter() - start
     return result
 
 
@@ -1220,14 +1261,6 @@ SegmentationArg = Annotated[
 CtArg = Annotated[
     Path,
     typer.Argument(metavar="CT", help="The CT it was made from: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
-]
-NamesOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--names",
-        metavar="FILE.json",
-        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
-    ),
 ]
 SeriesOption = Annotated[
     str | None,

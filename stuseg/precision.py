@@ -46,6 +46,16 @@ from stuseg.errors import InputError
 if TYPE_CHECKING:
     import torch
 
+__all__ = [
+    "CHOICES",
+    "PROC_CPUINFO",
+    "check",
+    "dtype",
+    "native_bfloat16",
+    "resolve",
+    "slow_on_this_cpu",
+]
+
 CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 # CPU flags of native bfloat16 arithmetic, by the names torch.cpu.get_capabilities() and Linux's
