@@ -1,6 +1,10 @@
 """Time and memory of `stuseg predict` on a synthetic CT, one fresh process per run.
 
     python3 benchmarks/bench_predict.py --mode fast --mode normal [--size small] [--device cpu]
+        [--precision float32 --precision bfloat16] [--rounds 1]
+
+Every mode runs in every precision (repeatable; default auto), the precisions alternating
+within a mode, and the whole again for each of ``--rounds``: back to back on one machine.
 
 Each run happens in a child process (so its peak RSS is its own): it reads the CT, segments
 it, writes the 104 masks, and prints one JSON line with the wall time, the time per stage and
@@ -41,6 +45,7 @@ def child(args: argparse.Namespace) -> None:
         tta=args.tta,
         device=args.device,
         weights=args.weights,
+        precision=args.precision[0],
     )
     t0 = time.perf_counter()
     labelmaps.save_masks(args.output, seg.labels, seg.image.header, seg.names)
@@ -55,6 +60,7 @@ def child(args: argparse.Namespace) -> None:
                 "tta": args.tta,
                 "size": args.size,
                 "device": seg.device,
+                "precision": seg.precision,
                 "wall_s": round(wall, 2),
                 "stages_s": {k: round(v, 2) for k, v in seg.timings.items()},
                 "outside_network_fraction": round(not_network / wall, 4),
@@ -76,6 +82,10 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.0])
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--precision", action="append", choices=["auto", "float32", "bfloat16", "float16"], help="repeatable"
+    )
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -88,7 +98,13 @@ def main() -> None:
     with scratch(args.size) as (work, weights, env):
         ct = work / "ct.nii.gz"
         make_ct(ct, tuple(args.shape), tuple(args.spacing))
-        for mode in args.mode or ["fast"]:
+        runs = [
+            (m, p)
+            for _ in range(args.rounds)
+            for m in args.mode or ["fast"]
+            for p in args.precision or ["auto"]
+        ]
+        for mode, precision in runs:
             cmd = [
                 sys.executable,
                 __file__,
@@ -102,12 +118,21 @@ def main() -> None:
             ]
             cmd += ["--input", str(ct), "--output", str(work / f"out-{mode}"), "--weights", str(weights)]
             cmd += ["--tta"] if args.tta else []
+            cmd += ["--precision", precision]
             done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result.update(
-                input={"shape": args.shape, "spacing_mm": args.spacing}, torch_threads=_torch_threads()
+                input={"shape": args.shape, "spacing_mm": args.spacing},
+                torch_threads=_torch_threads(),
+                native_bfloat16=_native_bfloat16(),
             )
             record(result, args.results)
+
+
+def _native_bfloat16() -> str | None:
+    from stuseg.precision import native_bfloat16
+
+    return native_bfloat16()
 
 
 def _torch_threads() -> int:

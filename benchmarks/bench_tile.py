@@ -1,17 +1,31 @@
 """One sliding-window tile through the network: FLOPs, seconds and the share of the CPU's peak.
 
-    python3 benchmarks/bench_tile.py [--size small] [--repeats 3]
+    python3 benchmarks/bench_tile.py [--size small] [--repeats 3] [--precision float32]
+        [--compile] [--threads N] [--profile]
 
 FLOPs are the network's own count (``torch.utils.flop_counter``: 2 per multiply-add of every
 convolution, the only ops it counts) for one 1 x 1 x 128^3 tile. Each variant (float32 as
 stuseg runs it, channels-last layouts, and bfloat16 ones where the CPU has a bfloat16
-instruction set: see ``_variants``) runs one warm-up pass, then ``--repeats`` timed passes,
-alternating, in this one process with the command's malloc tuning
-(``stuseg.memory.tune_process``). The CPU's theoretical float32 peak
-is printed beside it from what the machine says: cores x the clock ``/proc/cpuinfo`` reports x
-FLOPs per cycle of its widest vector unit (AVX-512: 2 FMA units x 16 lanes x 2 = 64; AVX2: 32),
-an estimate where the clock under load differs from the reported one. ``--profile`` prints, for
-each variant, the operators that took the most time in one more pass (torch.profiler).
+instruction set: see ``_variants``; ``--precision`` keeps one type's) runs one warm-up pass,
+then ``--repeats`` timed passes, alternating, in this one process with the command's malloc
+tuning (``stuseg.memory.tune_process``). ``--compile`` adds each variant compiled by
+``torch.compile`` (inductor, which fuses each norm with its activation; the first pass, which
+compiles, is the warm-up). ``--threads N`` sets torch's intra-op threads (default: every CPU
+the process may use).
+
+The CPU's theoretical peak is printed beside each result (``cpu_facts``): cores x the clock
+``/proc/cpuinfo`` reports x FLOPs per cycle per core of the unit that type runs on:
+
+- float32: FMA units x lanes x 2. Intel with AVX-512: 2 units x 16 lanes x 2 = 64 (Xeons
+  with one 512-bit unit have half); AMD Zen 4 (family 25 with AVX-512): two 256-bit units,
+  32; Zen 5 (family 26): 64; AVX2 only: 2 x 8 x 2 = 32.
+- bfloat16: AMX-BF16: 1024 per core (one TMUL: a 16 x 32 by 32 x 16 bfloat16 tile product,
+  16 x 16 x 32 x 2 = 16384 FLOPs, every 16 cycles); AVX512_BF16 (``vdpbf16ps``: two bfloat16
+  products per float32 lane): twice float32's; without either, float32's (emulated).
+
+An estimate where the clock under load differs from the reported one (turbo, or a VM that
+reports its host's base clock). ``--profile`` prints, for each variant, the operators that took
+the most time in one more pass (torch.profiler).
 """
 
 from __future__ import annotations
@@ -26,19 +40,32 @@ from common import RESULTS, record
 
 
 def cpu_facts() -> dict[str, object]:
-    """Cores this process may use, the reported clock and vector flags, from /proc/cpuinfo."""
+    """Cores this process may use, the reported clock, vector flags and the peaks they give
+    (see the module's docstring), from /proc/cpuinfo."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    mhz = re.search(r"cpu MHz\s*:\s*([\d.]+)", text)
-    flags = set((re.search(r"flags\s*:\s*(.*)", text) or [None, ""])[1].split())
-    width = 64 if "avx512f" in flags else 32 if "avx2" in flags else None
+
+    def field(name: str) -> str:
+        found = re.search(rf"^{name}\s*:\s*(.*)$", text, re.MULTILINE)
+        return found[1].strip() if found else ""
+
+    flags = set(field("flags").split())
+    amd_family = int(field("cpu family") or 0) if field("vendor_id") == "AuthenticAMD" else None
+    fp32 = (32 if amd_family == 25 else 64) if "avx512f" in flags else 32 if "avx2" in flags else None
+    bf16 = 1024 if "amx_bf16" in flags else (2 * fp32 if fp32 and "avx512_bf16" in flags else fp32)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ghz = float(mhz[1]) / 1000 if mhz else None
-    peak = cores * ghz * width if ghz and width else None
+    ghz = float(field("cpu MHz")) / 1000 if field("cpu MHz") else None
+
+    def peak(per_cycle: int | None) -> float | None:
+        return round(cores * ghz * per_cycle, 1) if ghz and per_cycle and cores else None
+
     return {
+        "cpu_model": field("model name"),
         "cores": cores,
         "reported_ghz": ghz,
-        "fp32_flops_per_cycle": width,
-        "fp32_peak_gflops_at_reported_clock": round(peak, 1) if peak else None,
+        "fp32_flops_per_cycle": fp32,
+        "bf16_flops_per_cycle": bf16,
+        "fp32_peak_gflops_at_reported_clock": peak(fp32),
+        "bf16_peak_gflops_at_reported_clock": peak(bf16),
         "bf16_flags": sorted(f for f in flags if "bf16" in f or f.startswith("amx")),
     }
 
@@ -51,6 +78,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--profile", action="store_true", help="print the top operators per variant")
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], help="only this type's variants")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd variants")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads")
     args = parser.parse_args()
 
     from stuseg.threads import limit_spin_waiting
@@ -63,6 +93,8 @@ def main() -> None:
     from stuseg.network import build_network
 
     memory.tune_process()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = build_network(args.size).eval()
     x = torch.randn(1, 1, 128, 128, 128)
@@ -71,6 +103,10 @@ def main() -> None:
     flops = counter.get_total_flops()
     facts = cpu_facts()
     variants = _variants(torch, net, x, bool(facts["bf16_flags"]))
+    if args.precision:
+        variants = {k: v for k, v in variants.items() if k.startswith(args.precision)}
+    if args.compile:
+        variants |= {f"{k}-compiled": (torch.compile(n), t, a) for k, (n, t, a) in variants.items()}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
 
     def one(name: str) -> float:
@@ -95,6 +131,11 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6))
     for name in variants:
         best = min(seconds[name])
+        peak = facts[
+            "bf16_peak_gflops_at_reported_clock"
+            if "bfloat16" in name
+            else "fp32_peak_gflops_at_reported_clock"
+        ]
         record(
             {
                 "benchmark": "tile",
@@ -103,6 +144,7 @@ def main() -> None:
                 "gflop_per_tile": round(flops / 1e9, 1),
                 "seconds": [round(s, 3) for s in seconds[name]],
                 "gflops_best": round(flops / 1e9 / best, 1),
+                "share_of_peak": round(flops / 1e9 / best / peak, 3) if peak else None,
                 "torch_threads": torch.get_num_threads(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 **facts,

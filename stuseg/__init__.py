@@ -23,6 +23,17 @@ The public API::
 Importing ``stuseg`` imports neither torch nor numba: ``segment``, ``Segmenter`` and
 ``build_network`` are resolved on first access (PEP 562), so the command line's ``--help``,
 ``labels`` and ``export-labels`` start quickly.
+
+What stuseg changes in the process, so that a library call is as fast as the command line:
+
+- On import, if torch is not imported yet and neither ``OMP_WAIT_POLICY`` nor
+  ``GOMP_SPINCOUNT`` is set: ``GOMP_SPINCOUNT=10000`` in ``os.environ`` (idle OpenMP threads
+  sleep sooner; ``stuseg.threads.spin_briefly_on_import``). Opt out: ``STUSEG_TUNE_OPENMP=0``.
+- While a ``Segmenter`` runs the network on the CPU: glibc's malloc keeps large blocks in the
+  heap, its defaults are restored afterwards (``stuseg.memory.tuned``). Opt out:
+  ``STUSEG_TUNE_MALLOC=0``.
+- While a call runs: torch's and numba's thread counts (``stuseg.threads.limit_threads``),
+  restored afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +41,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from stuseg.errors import InputError, LabelError, OutputError, StusegError, WeightsError
+from stuseg.threads import spin_briefly_on_import as _spin_briefly_on_import
+
+_spin_briefly_on_import()  # before torch loads, or not at all: see its docstring
 
 __version__ = "0.1.0"
 

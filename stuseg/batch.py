@@ -558,6 +558,7 @@ class ModelOptions:
     model: str | None = None  # a fine-tuned model: folder or registered name
     folds: tuple[str, ...] | None = None
     checkpoint: str = "final"
+    precision: str = "auto"
 
     def load(self, threads: int | None = None) -> Any:
         """A ``stuseg.Segmenter`` with these options (loads the network now).
@@ -580,6 +581,7 @@ class ModelOptions:
             folds=list(self.folds) if self.folds else None,
             checkpoint=self.checkpoint,
             threads=threads,
+            precision=self.precision,
         )
 
 
@@ -595,6 +597,12 @@ class Settings:
     ``classes`` that model's number of structures; both stay empty (0) for the published table,
     so the published models' records are as before. A model's names are compared too: they
     name its output files.
+
+    ``precision`` is the type the network ran in (``stuseg.precision``, resolved). float32 and
+    float16 are the original pipeline's own (CPU, CUDA) and count as one, as the devices do;
+    bfloat16 enters the fingerprint, so a batch resumed in another precision than bfloat16
+    results were made in (or the reverse) redoes those cases, and records made before the
+    option existed still resume a float32 or float16 batch.
     """
 
     size: str
@@ -608,18 +616,23 @@ class Settings:
     device: str = ""
     names: tuple[str, ...] = ()
     classes: int = 0
+    precision: str = "float32"
 
     def fingerprint(self) -> dict[str, Any]:
         """The part of the settings that must match for an earlier result to be reused."""
-        return {
-            "size": self.size,
-            "weights_sha256": self.weights_sha256,
-            "fast": self.fast,
-            "tta": self.tta,
-            "step_size": self.step_size,
-            "labels": list(self.labels),
-            "multilabel": self.multilabel,
-        } | ({"names": list(self.names)} if self.names else {})
+        return (
+            {
+                "size": self.size,
+                "weights_sha256": self.weights_sha256,
+                "fast": self.fast,
+                "tta": self.tta,
+                "step_size": self.step_size,
+                "labels": list(self.labels),
+                "multilabel": self.multilabel,
+            }
+            | ({"names": list(self.names)} if self.names else {})
+            | ({"precision": self.precision} if self.precision == "bfloat16" else {})
+        )
 
     def options(self) -> dict[str, Any]:
         """Everything, for the log (``roi_subset``: the names kept, None for all of the model's)."""
@@ -639,6 +652,7 @@ class Settings:
             "roi_subset": subset,
             "multilabel": self.multilabel,
             "device": self.device,
+            "precision": self.precision,
         }
 
 
@@ -676,6 +690,7 @@ def settings_of(
         device=str(segmenter.device),
         names=names,
         classes=classes,
+        precision=str(getattr(segmenter, "precision", "float32")),
     )
 
 

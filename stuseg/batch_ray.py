@@ -119,6 +119,7 @@ class CaseWorker:
             "labels": [int(v) for v in self.segmenter.keep],
             "names": list(names),
             "classes": classes,
+            "precision": self.segmenter.precision,
         }
 
     def process(
@@ -433,6 +434,7 @@ def _results(
             device=first["device"],
             names=tuple(first["names"]),
             classes=int(first["classes"]),
+            precision=first["precision"],
         )
         recorder = _Recorder(settings, output, run_id)
         latest = latest_ok(read_log(output / LOG_NAME))

@@ -71,12 +71,25 @@ class ClassProbabilities(PatchPredictor):
 
     ``breakdown`` reports the seconds spent so far in the softmax and in adding into the
     buffers (CPU path), so that the timing report can show them apart from the network.
+
+    ``autocast`` (e.g. ``torch.bfloat16``; ``stuseg.precision``) runs the network, up to the
+    features, under ``torch.autocast`` in that type. On the CPU the features are then made
+    float32 again, so that the head, the softmax and the sums stay float32 and take the
+    streamed path above.
     """
 
-    def __init__(self, net: torch.nn.Module, chunk: int = 32768, *, softmax: bool = True) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        chunk: int = 32768,
+        *,
+        softmax: bool = True,
+        autocast: torch.dtype | None = None,
+    ) -> None:
         self.net = net
         self.chunk = chunk
         self.softmax = softmax
+        self.autocast = autocast
         self.features = getattr(net, "features", None)
         self.head = net.seg_outputs[-1] if self.features is not None else None  # type: ignore[index]
         self.seconds = {"softmax": 0.0, "accumulate": 0.0}
@@ -139,11 +152,24 @@ class ClassProbabilities(PatchPredictor):
     def _cpu_path(f: torch.Tensor) -> bool:
         return f.device.type == "cpu" and f.dtype == torch.float32
 
+    def _network(self, x: torch.Tensor, features: bool) -> torch.Tensor:
+        """The features (``features``) or the whole network's logits, under ``autocast`` if set;
+        on the CPU back in float32."""
+        fn = self.features if features else self.net
+        assert fn is not None
+        if self.autocast is None:
+            return fn(x)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            out = fn(x)
+        # float32 from here on: the head is a 1x1 convolution (cheap beside the network), and
+        # the softmax and the sums must not round to 8 bits of mantissa.
+        return out.float() if out.device.type == "cpu" else out
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.features is None or self.head is None:
-            logits = self.net(x).movedim(1, -1).contiguous()
+            logits = self._network(x, features=False).movedim(1, -1).contiguous()
             return softmax_last_(logits) if self.softmax else logits.float()
-        f = self.features(x)
+        f = self._network(x, features=True)
         if not self._cpu_path(f):
             return self._whole(f)
         out = torch.empty((*f.shape[:1], *f.shape[2:], self.head.weight.shape[0]), dtype=torch.float32)
@@ -157,7 +183,7 @@ class ClassProbabilities(PatchPredictor):
     def accumulate(self, x: torch.Tensor, targets: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
         if self.features is None:
             return super().accumulate(x, targets, weight)
-        f = self.features(x)
+        f = self._network(x, features=True)
         if not self._cpu_path(f):
             for target, tile in zip(targets, self._whole(f)):
                 target.add_(tile.mul_(weight))

@@ -74,6 +74,14 @@ def recording(command: str, options: Mapping[str, Any]) -> Iterator[None]:
         _RUN.reset(token)
 
 
+def record_option(name: str, value: Any) -> None:
+    """Set one option of the current recording to what it resolved to (e.g. ``precision``: the
+    type ``auto`` chose), for the markers written after this in the block; outside one, nothing."""
+    run = _RUN.get()
+    if run is not None:
+        _RUN.set({**run, "options": {**run.get("options", {}), name: _jsonable(value)}})
+
+
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value

@@ -22,6 +22,7 @@ import torch
 
 from stuseg import labels as label_table
 from stuseg import memory
+from stuseg import precision as precisions
 from stuseg.checks import check_field_of_view, check_hounsfield, check_modality, check_slice_thickness
 from stuseg.errors import InputError, StusegError
 from stuseg.geometry import same_grid
@@ -73,6 +74,8 @@ class Segmentation:
     source: Volume | None = None
     # What was done to the label map after the network (``remove_small_blobs``), or None.
     cleanup: dict[str, Any] | None = None
+    # The type the network's convolutions ran in: float32, bfloat16 or float16 (stuseg.precision).
+    precision: str = "float32"
 
     @property
     def labels(self) -> np.ndarray:
@@ -192,16 +195,28 @@ def check_ct(
 
 
 def _predictor(
-    nets: Sequence[torch.nn.Module], device: torch.device, tta: bool, plan: Plan = PLAN
+    nets: Sequence[torch.nn.Module],
+    device: torch.device,
+    tta: bool,
+    plan: Plan = PLAN,
+    precision: str = "float32",
 ) -> PatchPredictor:
-    """What predicts a batch of tiles: network -> softmax (nnU-Net v1) or logits (v2), with float16
-    convolutions on CUDA as the originals' autocast (softmax in float32), averaged over the
-    mirrorings the plan allows with ``tta``, and over the folds (one network each)."""
+    """What predicts a batch of tiles: network -> softmax (nnU-Net v1) or logits (v2), averaged over
+    the mirrorings the plan allows with ``tta``, and over the folds (one network each).
+
+    ``precision`` (resolved, ``stuseg.precision``): on CUDA a reduced type autocasts the whole
+    predictor as the originals' float16 autocast does (softmax in float32); on the CPU only the
+    network up to its features, the head, softmax and sums staying float32 (``stuseg.head``).
+    """
+    dtype = precisions.dtype(precision)
     members: list[PatchPredictor] = []
     for net in nets:
-        member: PatchPredictor = ClassProbabilities(net, softmax=plan.framework == "v1")
-        if device.type == "cuda":
-            member = Autocast(member, "cuda")
+        v1 = plan.framework == "v1"
+        member: PatchPredictor
+        if device.type == "cuda" and dtype is not None:
+            member = Autocast(ClassProbabilities(net, softmax=v1), "cuda", dtype)
+        else:
+            member = ClassProbabilities(net, softmax=v1, autocast=dtype)
         if tta:
             member = Mirrored(member, mirror_flips(plan.mirror_axes, plan.framework))
         members.append(member)
@@ -222,6 +237,7 @@ def _run_network(
     batch_size: int,
     progress: Progress | None,
     stages: _Stages,
+    precision: str = "float32",
 ) -> np.ndarray:
     """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams.
 
@@ -230,7 +246,7 @@ def _run_network(
     """
     start = time.perf_counter()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    timed = Timed(_predictor(nets, device, tta, plan), sync)
+    timed = Timed(_predictor(nets, device, tta, plan, precision), sync)
     with torch.inference_mode():
         slabs = sliding_window(
             torch.from_numpy(x).to(device),
@@ -336,13 +352,17 @@ class Segmenter:
             ``class_2``, ... and ``roi_subset`` (which names published structures) cannot be used.
         batch_size: tiles per forward pass (default 2 on CUDA, else 1).
         threads: CPU threads for this work (default ``stuseg.threads.available_cpus()``).
+        precision: the type of the network's convolutions: ``auto`` (float16 on CUDA, bfloat16
+            on a CPU that computes it natively, else float32), ``float32``, ``bfloat16`` or
+            ``float16`` (CUDA only); see ``stuseg.precision``. The resolved choice is
+            ``self.precision`` and each Segmentation's ``precision``.
 
     While the network runs on the CPU, glibc's malloc serves large blocks from the heap and its
     defaults come back afterwards (see ``stuseg.memory``; ``STUSEG_TUNE_MALLOC=0`` leaves malloc
     alone), so a library call is as fast as the command line.
 
     Raises:
-        InputError: a bad option (step size, device, thread count).
+        InputError: a bad option (step size, device, thread count, precision).
         LabelError: an unknown name in ``roi_subset``.
         WeightsError: the weights cannot be found, downloaded, verified or loaded.
     """
@@ -363,6 +383,7 @@ class Segmenter:
         plan: Plan = PLAN,
         batch_size: int | None = None,
         threads: int | None = None,
+        precision: str = "auto",
     ) -> None:
         start = time.perf_counter()
         self.trained = (
@@ -381,6 +402,14 @@ class Segmenter:
             step_size, roi_subset, device, threads, plan, labels
         )
         self.plan = plan
+        self.precision = precisions.resolve(precision, self.device)
+        if precisions.slow_on_this_cpu(self.precision, self.device):
+            warnings.warn(
+                "this CPU has no native bfloat16 (AMX-BF16, AVX512_BF16 or Arm BF16): --precision "
+                "bfloat16 is emulated here and slower than float32",
+                StusegWarning,
+                stacklevel=2,
+            )
         self.names = {v: _class_name(v, plan, labels) for v in range(1, plan.num_classes)}
         self.fast, self.tta, self.step_size = fast, tta, step_size
         self.batch_size = batch_size or (2 if self.device.type == "cuda" else 1)
@@ -455,6 +484,7 @@ class Segmenter:
                     batch_size=self.batch_size,
                     progress=progress,
                     stages=stages,
+                    precision=self.precision,
                 )
         except torch.cuda.OutOfMemoryError:
             raise StusegError(
@@ -485,6 +515,7 @@ class Segmenter:
             device=str(self.device),
             size=self.size,
             source=inferred.source,
+            precision=self.precision,
         )
 
 
@@ -650,6 +681,7 @@ def segment(
     batch_size: int | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
+    precision: str = "auto",
 ) -> Segmentation:
     """Segment a CT: a path (NIfTI, NRRD, MHA/MHD, DICOM folder) or a ``Volume``; for a model with
     several input channels, one per channel in the model's order.
@@ -670,9 +702,10 @@ def segment(
     )
     if trained is not None:
         plan, model = trained.plan, trained
-    _check_options(
+    _, dev, _ = _check_options(
         step_size, roi_subset, device, threads, plan, trained.labels if trained is not None else None
     )
+    precisions.resolve(precision, dev)  # a bad precision fails before the image is read
     names = trained.channel_names if trained is not None else None
     prepared = prepare(image, series=series, threads=threads, plan=plan, channel_names=names)
     segmenter = Segmenter(
@@ -689,6 +722,7 @@ def segment(
         plan=plan,
         batch_size=batch_size,
         threads=threads,
+        precision=precision,
     )
     prepared.timings["load"] = segmenter.load_seconds
     return segmenter.finish(segmenter.infer(prepared, progress=progress))

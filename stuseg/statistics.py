@@ -407,6 +407,7 @@ def compute(
     size: str | None = None,
     mode: str | None = None,
     cleanup: Mapping[str, object] | None = None,
+    precision: str | None = None,
 ) -> Statistics:
     """Statistics of every named structure of a segmentation, on the CT's own voxels.
 
@@ -421,6 +422,8 @@ def compute(
         mode: ``"fast"`` or ``"normal"``, recorded in the image fields.
         cleanup: what was done to the label map after the network (``Segmentation.cleanup``),
             recorded in the image fields as ``cleanup`` (None: nothing).
+        precision: the type the network ran in (``Segmentation.precision``), recorded in the
+            image fields.
 
     Returns:
         The image fields and one record per named structure, in label order.
@@ -494,6 +497,7 @@ def compute(
         "stuseg_version": __version__,
         "model_size": size,
         "mode": mode,
+        "precision": precision,
         "cleanup": dict(cleanup) if cleanup else None,
     }
     return Statistics(image=image, structures=records)
@@ -547,9 +551,17 @@ def of_segmentation(
             )
         ct = ct.data
     cleanup = getattr(seg, "cleanup", None)
+    precision = getattr(seg, "precision", None)
     return compute(
-        labels, affine, np.asanyarray(ct), seg.names, size=seg.size or None, mode=mode, cleanup=cleanup
-    )  # type: ignore[attr-defined]
+        labels,
+        affine,
+        np.asanyarray(ct),
+        seg.names,  # type: ignore[attr-defined]
+        size=seg.size or None,  # type: ignore[attr-defined]
+        mode=mode,
+        cleanup=cleanup,
+        precision=precision,
+    )
 
 
 def _cell(value: object) -> object:

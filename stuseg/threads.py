@@ -9,6 +9,8 @@ more threads than there are CPUs to run them.
 
 ``limit_spin_waiting()`` is for processes that exist to run stuseg (the command line, a
 batch worker): see its docstring for why an idle OpenMP thread must not spin for long.
+``import stuseg`` applies it too, but only where that cannot surprise the host: see
+``spin_briefly_on_import``.
 
 ``limit_threads(n)`` applies a count to torch and numba for the duration of a block and
 restores the previous counts afterwards, so a library call does not change its host process's
@@ -29,12 +31,14 @@ from stuseg.errors import InputError
 __all__ = [
     "CGROUP_ROOT",
     "ENV_VAR",
+    "OPENMP_OPT_OUT",
     "PROC_SELF_CGROUP",
     "SPIN_COUNT",
     "available_cpus",
     "cgroup_cpu_quota",
     "limit_spin_waiting",
     "limit_threads",
+    "spin_briefly_on_import",
     "thread_count",
 ]
 
@@ -218,3 +222,40 @@ def limit_spin_waiting(environ: dict[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
         env["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+
+
+OPENMP_OPT_OUT = "STUSEG_TUNE_OPENMP"  # set to 0 and ``import stuseg`` leaves OpenMP's settings alone
+
+
+def spin_briefly_on_import(
+    environ: dict[str, str] | None = None, modules: dict[str, object] | None = None
+) -> bool:
+    """What ``import stuseg`` does for OpenMP: ``limit_spin_waiting``, where it can still work and
+    the host has not chosen.
+
+    It sets ``GOMP_SPINCOUNT=10000`` in the process's environment when all of these hold:
+    torch is not imported yet (its libgomp reads the variable once, when it loads: later it
+    would change nothing but child processes), neither ``OMP_WAIT_POLICY`` nor
+    ``GOMP_SPINCOUNT`` is set (the user's choice wins), and ``STUSEG_TUNE_OPENMP`` is not ``0``.
+    Why: the same as for the command line (``limit_spin_waiting``), and so that the library
+    shares the CPUs as the command does (a batch's stages in their threads, two notebooks on one
+    machine). What it changes for the host: every OpenMP runtime of GNU's loaded afterwards in
+    this process (torch's, numba's, any other library's) and every child process started
+    afterwards lets an idle thread spin 10000 loops (well under a millisecond) instead of
+    300000 before it sleeps; a lone run measured the same either way (benchmarks/RESULTS.md).
+
+    Args:
+        environ: the environment to read and fill in (default ``os.environ``).
+        modules: the imported modules (default ``sys.modules``).
+
+    Returns:
+        Whether the variable was set.
+    """
+    env = os.environ if environ is None else environ
+    loaded = sys.modules if modules is None else modules
+    if env.get(OPENMP_OPT_OUT, "").strip() == "0" or "torch" in loaded:
+        return False
+    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+        return False
+    limit_spin_waiting(env)
+    return True

@@ -190,3 +190,41 @@ print(seg.peak_rss_bytes, seg.labels.shape)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "None (20, 22, 18)"
+
+
+def test_import_sets_the_short_spin_only_before_torch_and_when_nobody_chose() -> None:
+    clean: dict[str, str] = {}
+    assert threads.spin_briefly_on_import(clean, {}) is True
+    assert clean == {"GOMP_SPINCOUNT": "10000"}
+    for env, modules in (
+        ({}, {"torch": object()}),  # torch's libgomp has read its settings already
+        ({"STUSEG_TUNE_OPENMP": "0"}, {}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, {}),
+        ({"GOMP_SPINCOUNT": "300000"}, {}),
+    ):
+        before = dict(env)
+        assert threads.spin_briefly_on_import(env, modules) is False
+        assert env == before
+
+
+def test_import_stuseg_in_a_fresh_process_sets_the_short_spin() -> None:
+    """As a notebook does: ``import stuseg`` first sets it, after torch it does not."""
+    report = "import os, sys; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base = {**base, "PYTHONPATH": str(REPO)}
+    cases = (
+        ("import stuseg", {}, "10000 False"),
+        ("import torch, stuseg", {}, "None True"),
+        ("import stuseg", {"STUSEG_TUNE_OPENMP": "0"}, "None False"),
+        ("import stuseg", {"OMP_WAIT_POLICY": "PASSIVE"}, "None False"),
+    )
+    for code, extra, expect in cases:
+        done = subprocess.run(
+            [sys.executable, "-c", f"{code}; {report}"],
+            capture_output=True,
+            text=True,
+            env={**base, **extra},
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == expect, code

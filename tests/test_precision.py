@@ -1,0 +1,321 @@
+"""``--precision``: what ``auto`` picks, how native bfloat16 is detected, that the network really
+runs in the type asked for while the sums stay float32, where the choice is recorded, and how far
+bfloat16's labels agree with float32's on the decisive test weights and the real scans.
+
+The agreement: random STU-Nets whose classes each win somewhere (the decisive weights of the
+agreement tests of ``test_model_v2_vs_nnunet``: PyTorch's initialisation with the heads' biases at
+zero, so that the class follows the features) in nnU-Net v2 model folders, on the real abdomen
+and chest CTs of ``tests/data``, normal and ``--fast``. No trained weights can be had here (the
+hub is unreachable), and the real scans with the published plan and random weights are noise. The
+target for ``auto`` to pick bfloat16 on the CPU is >= 99.9% of voxels equal and a mean
+per-structure Dice >= 0.995. It is not met (99.1-99.6%, 0.985-0.994 when measured): that test is
+an expected failure, strict, so that the day it holds the suite says so and ``auto`` can change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from model_folders import write_v2_folder
+
+from stuseg import batch, precision
+from stuseg.errors import InputError
+from stuseg.head import ClassProbabilities
+from stuseg.network import Arch, build_network
+from stuseg.outputs import MARKER
+from stuseg.pipeline import Segmenter, segment
+
+NO_BF16 = "this CPU has no native bfloat16 (AMX-BF16, AVX512_BF16 or Arm BF16); bfloat16 would be emulated"
+needs_bf16 = pytest.mark.skipif(precision.native_bfloat16() is None, reason=NO_BF16)
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+
+
+def test_auto_is_float16_on_cuda_and_float32_on_the_cpu_and_mps() -> None:
+    assert precision.resolve("auto", CUDA) == "float16"
+    assert precision.resolve("AUTO", CPU) == "float32"  # whatever the CPU: see stuseg.precision
+    assert precision.resolve("auto", MPS) == "float32"
+    assert precision.resolve("bfloat16", CPU) == "bfloat16"
+    assert precision.resolve("float32", CUDA) == "float32"
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "says"),
+    [
+        ("float16", CPU, "float16 is for CUDA GPUs"),
+        ("bfloat16", MPS, "not supported on MPS"),
+        ("half", CPU, "use one of auto, float32, bfloat16, float16"),
+    ],
+)
+def test_what_a_device_cannot_run_is_refused_in_one_line(name: str, device: torch.device, says: str) -> None:
+    with pytest.raises(InputError, match=says) as info:
+        precision.resolve(name, device)
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture
+def cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Point the detection at a fabricated /proc/cpuinfo, with torch's own answer out of the way."""
+
+    def write(text: str) -> str | None:
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        monkeypatch.setattr(precision, "PROC_CPUINFO", path)
+        monkeypatch.setattr(precision, "_torch_flags", lambda: None)
+        monkeypatch.setattr(precision.sys, "platform", "linux")
+        precision.native_bfloat16.cache_clear()
+        return precision.native_bfloat16()
+
+    yield write
+    precision.native_bfloat16.cache_clear()
+
+
+def test_native_bfloat16_is_read_from_the_kernels_cpu_flags(cpuinfo) -> None:
+    skylake = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    neoverse_n1 = "processor\t: 0\nFeatures\t: fp asimd atomics fphp asimdhp\n"
+    assert cpuinfo(skylake) is None  # AVX-512 alone: torch says "AVX512" here too
+    assert cpuinfo(sapphire) == "amx_bf16"
+    assert cpuinfo(zen4) == "avx512_bf16"
+    assert cpuinfo(graviton3) == "bf16"
+    assert cpuinfo(neoverse_n1) is None
+    assert cpuinfo("") is None
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo (not Linux)")
+def test_torch_and_the_kernel_agree_about_this_cpu() -> None:
+    flags = precision._linux_flags()
+    by_kernel = bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    assert (precision.native_bfloat16() is not None) == by_kernel
+
+
+class ConvProbe(torch.nn.Module):
+    """A convolution that records the type of what it computed; logits classes-first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, 1)
+        self.seen: set[torch.dtype] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        self.seen.add(y.dtype)
+        return y
+
+
+def _volume(tmp_path: Path, shape: tuple[int, int, int] = (20, 22, 18)) -> Path:
+    data = np.random.default_rng(0).normal(0, 300, shape).astype(np.float32) - 500
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 1.5, 1.0])), path)
+    return path
+
+
+@pytest.mark.parametrize(("asked", "dtype"), [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_the_network_runs_in_the_type_asked_for(tmp_path: Path, asked: str, dtype: torch.dtype) -> None:
+    import dataclasses
+
+    from stuseg.plan import PLAN
+
+    probe = ConvProbe()
+    plan = dataclasses.replace(PLAN, num_classes=3)
+    seg = segment(_volume(tmp_path), model=probe, plan=plan, device="cpu", precision=asked)
+    assert probe.seen == {dtype}
+    assert seg.precision == asked
+    assert Segmenter(model=ConvProbe(), plan=plan, device="cpu").precision == "float32"  # auto
+
+
+@pytest.mark.slow  # oneDNN makes its bfloat16 kernels on first use: seconds on 2 cores
+def test_the_head_softmax_and_sums_stay_float32_under_bfloat16() -> None:
+    """The sums a bfloat16 network adds are float32 probabilities: each voxel's sum is the tile
+    weight to float32 accuracy (a bfloat16 softmax would be off by ~1e-3), and they are close to
+    float32's, but not equal (the network did run in bfloat16)."""
+    torch.manual_seed(0)
+    net = build_network(Arch(dims=(4, 4, 4, 4, 4, 4), depths=(1,) * 6, num_classes=5)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    weight = torch.rand(32, 32, 32, 1) + 0.5
+    sums = {}
+    for name, autocast in (("float32", None), ("bfloat16", torch.bfloat16)):
+        target = torch.zeros(32, 32, 32, 5)
+        with torch.inference_mode():
+            ClassProbabilities(net, autocast=autocast).accumulate(x, [target], weight)
+        assert target.dtype == torch.float32
+        torch.testing.assert_close(target.sum(-1, keepdim=True), weight, rtol=1e-5, atol=1e-6)
+        sums[name] = target
+    difference = (sums["bfloat16"] - sums["float32"]).abs()
+    assert 0 < difference.max() < 0.2
+
+
+def test_a_bad_precision_on_the_command_line_is_one_usage_line(tmp_path: Path) -> None:
+    ct = _volume(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-m", "stuseg", "predict", str(ct), str(tmp_path / "out")]
+    run = {"capture_output": True, "text": True, "env": env, "timeout": 300}
+    done = subprocess.run([*base, "--precision", "half"], **run)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "Invalid value for '--precision'" in done.stderr and "'half' is not one of" in done.stderr
+    cmd = [*base, "--precision", "float16", "--device", "cpu"]
+    done = subprocess.run(cmd, **run)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "stuseg: error: --precision float16 is for CUDA GPUs; on the CPU use bfloat16 (a CPU with "
+        "native bfloat16 runs it faster) or float32"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+DATA = Path(__file__).parent / "data"
+S = (1, 1, 1)
+DOWN = (S, (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), S)  # the first conv's stride, then 4 halvings
+
+
+@dataclass(frozen=True)
+class Model:
+    """A decisive model folder (see the module's docstring) for a real CT of tests/data."""
+
+    image: str
+    spacing: tuple[float, float, float]
+    patch: tuple[int, int, int]
+    labels: tuple[str, ...]
+    block: tuple[slice, ...] | None = None  # a part of the image, for a quick test
+
+
+def _decisive(arch: Arch) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = build_network(arch)
+    with torch.no_grad():
+        for head in net.seg_outputs:
+            head.bias.zero_()
+    return net.state_dict()
+
+
+def _folder(model: Model, tmp: Path) -> Path:
+    arch = Arch((4, 8, 16, 32, 64, 64), (1,) * 6, DOWN[1:], 1, len(model.labels) + 1)
+    return write_v2_folder(
+        tmp / "models",
+        _decisive(arch),
+        spacing=model.spacing,
+        patch_size=model.patch,
+        strides=DOWN,
+        labels=model.labels,
+    )
+
+
+def _image(model: Model, tmp: Path) -> Path:
+    img = nib.load(DATA / model.image)
+    data = np.asarray(img.dataobj).astype(np.float32)
+    path = tmp / "case_0000.nii.gz"
+    nib.save(nib.Nifti1Image(data[model.block] if model.block else data, img.affine), path)
+    return path
+
+
+# A 60^3 block of the real abdomen, 3 mm: a few seconds a run.
+QUICK = Model(
+    "abdomen_ct_3mm.nii.gz", (3.0, 3.0, 3.0), (32, 32, 32), ("organ", "vessel"), np.s_[30:90, 20:80, 26:86]
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asked", ["bfloat16", "auto"])
+def test_predict_records_the_precision_it_ran_in(tmp_path: Path, asked: str) -> None:
+    folder, image = _folder(QUICK, tmp_path), _image(QUICK, tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stuseg", "predict", str(image), str(out), "--model", str(folder)]
+    cmd += ["--device", "cpu", "--precision", asked, "--statistics"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert done.returncode == 0, done.stderr
+    ran = "bfloat16" if asked == "bfloat16" else "float32"
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["options"]["precision"] == ran  # what ran, not what was asked
+    stats = json.loads((out / "statistics.json").read_text())
+    assert stats["image"]["precision"] == ran
+    summary = done.stderr.strip().splitlines()[-1]
+    assert ("on cpu, bfloat16)" in summary) == (ran == "bfloat16")
+
+
+@pytest.mark.slow
+def test_a_batch_resumed_in_another_precision_redoes_its_cases(tmp_path: Path) -> None:
+    folder, image = _folder(QUICK, tmp_path), _image(QUICK, tmp_path)
+    cases = batch.discover([image]).cases
+    out = tmp_path / "out"
+    in_bf16 = Segmenter(model=folder, device="cpu", precision="bfloat16")
+    assert [r.status for r in batch.run(cases, in_bf16, out)] == ["ok"]
+    assert [r.status for r in batch.run(cases, in_bf16, out)] == ["skipped"]
+    in_fp32 = Segmenter(model=folder, device="cpu", precision="float32")
+    assert [r.status for r in batch.run(cases, in_fp32, out)] == ["ok"]
+    assert [r.status for r in batch.run(cases, in_fp32, out)] == ["skipped"]
+    records = batch.read_log(out / batch.LOG_NAME)
+    assert [r["options"]["precision"] for r in records] == ["bfloat16"] * 2 + ["float32"] * 2
+    assert records[0]["fingerprint"]["precision"] == "bfloat16"
+    # float32 keeps the fingerprint of records made before the option existed, which resume it.
+    assert "precision" not in records[-1]["fingerprint"]
+    marker = json.loads((out / cases[0].id / MARKER).read_text())
+    assert marker["options"]["precision"] == "float32"
+
+
+# --- agreement, bfloat16 against float32 ------------------------------------------------------
+
+REAL = {
+    "abdomen 3 mm": Model(
+        "abdomen_ct_3mm.nii.gz", (3.0, 3.0, 3.0), (64, 64, 64), ("liver", "spleen", "kidney", "bone")
+    ),
+    "chest 1.5 mm, LPS": Model(
+        "chest_ct_1p5mm_lps.nii.gz", (2.5, 2.5, 2.5), (48, 48, 48), ("lung", "heart", "bone")
+    ),
+}
+_MEASURED: dict[tuple[str, bool], tuple[float, float]] = {}
+
+
+def _agreement(name: str, fast: bool, tmp_path: Path) -> tuple[float, float]:
+    """(share of voxels equal, mean Dice over the structures either labels), bfloat16 vs float32."""
+    if (name, fast) not in _MEASURED:
+        model = REAL[name]
+        folder, image = _folder(model, tmp_path), _image(model, tmp_path)
+        a = segment(image, model=folder, device="cpu", fast=fast, precision="float32").labels
+        b = segment(image, model=folder, device="cpu", fast=fast, precision="bfloat16").labels
+        present = [v for v in np.union1d(np.unique(a), np.unique(b)) if v > 0]
+        assert len(present) >= 3, f"{name}: only labels {present}: the weights are not decisive"
+        dice = [2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in present]
+        _MEASURED[name, fast] = float((a == b).mean()), float(np.mean(dice))
+        # The figures themselves, for the record (``pytest -s``).
+        print(
+            f"{name}, {'fast' if fast else 'normal'}: {_MEASURED[name, fast][0]:.4%} of voxels equal, "
+            f"mean Dice {_MEASURED[name, fast][1]:.4f} over {len(present)} structures"
+        )
+    return _MEASURED[name, fast]
+
+
+@pytest.mark.slow
+@needs_bf16
+@pytest.mark.parametrize("fast", [False, True], ids=["normal", "fast"])
+@pytest.mark.parametrize("name", list(REAL))
+def test_bfloat16_stays_close_to_float32_on_real_scans(name: str, fast: bool, tmp_path: Path) -> None:
+    """A guard on the bfloat16 path (a wrong layout, a head or sums in 8 bits would fall far
+    below): what was measured, less a margin."""
+    equal, dice = _agreement(name, fast, tmp_path)
+    assert equal >= 0.98, f"{name}: {equal:.4%} of voxels equal"
+    assert dice >= 0.97, f"{name}: mean Dice {dice:.4f}"
+
+
+@pytest.mark.slow
+@needs_bf16
+@pytest.mark.xfail(
+    strict=True,
+    reason="on random decisive weights bfloat16 agrees with float32 on 99.1-99.6% of voxels (mean "
+    "Dice 0.985-0.994): why auto stays float32 on the CPU",
+)
+@pytest.mark.parametrize("fast", [False, True], ids=["normal", "fast"])
+@pytest.mark.parametrize("name", list(REAL))
+def test_bfloat16_meets_the_target_for_auto(name: str, fast: bool, tmp_path: Path) -> None:
+    equal, dice = _agreement(name, fast, tmp_path)
+    assert equal >= 0.999, f"{name}: {equal:.4%} of voxels equal"
+    assert dice >= 0.995, f"{name}: mean Dice {dice:.4f}"
