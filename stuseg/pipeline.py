@@ -24,6 +24,7 @@ from stuseg import labels as label_table
 from stuseg import memory
 from stuseg.checks import check_field_of_view, check_hounsfield, check_modality, check_slice_thickness
 from stuseg.errors import InputError, StusegError
+from stuseg.fixedsums import MAX_ADDITIONS
 from stuseg.geometry import same_grid
 from stuseg.head import ClassProbabilities
 from stuseg.io import StusegWarning, Volume, check_finite, label_image, read_image
@@ -31,7 +32,16 @@ from stuseg.memory import peak_rss_bytes, release_free_memory
 from stuseg.network import STUNet, build_network
 from stuseg.plan import PLAN, Normalization, Plan
 from stuseg.postprocess import export_labels
-from stuseg.predict import Autocast, Ensemble, Mirrored, PatchPredictor, Timed, mirror_flips, sliding_window
+from stuseg.predict import (
+    Autocast,
+    Ensemble,
+    Mirrored,
+    PatchPredictor,
+    Timed,
+    mirror_flips,
+    sliding_window,
+    tile_overlap,
+)
 from stuseg.preprocess import Geometry, preprocess, restore
 from stuseg.threads import limit_threads, thread_count
 
@@ -193,6 +203,19 @@ def _predictor(
     return members[0] if len(members) == 1 else Ensemble(members)
 
 
+def _sums_dtype(
+    shape: Sequence[int], n_nets: int, device: torch.device, plan: Plan, step_size: float
+) -> torch.dtype:
+    """uint16 fixed-point sums (half the sliding window's memory, ``stuseg.fixedsums``) for
+    probabilities on the CPU, where a voxel gets at most ``MAX_ADDITIONS`` terms (tiles over it
+    times folds: every step of 0.5 and above with up to 2 folds); float32 otherwise (logits,
+    accelerators, fine steps)."""
+    additions = tile_overlap(shape, plan.patch_size, step_size) * n_nets
+    if device.type == "cpu" and plan.framework == "v1" and additions <= MAX_ADDITIONS:
+        return torch.uint16
+    return torch.float32
+
+
 def _run_network(
     x: np.ndarray,
     nets: Sequence[torch.nn.Module],
@@ -225,6 +248,7 @@ def _run_network(
             step_size,
             batch_size,
             on_tile=progress,
+            sums_dtype=_sums_dtype(x.shape[1:], len(nets), device, plan, step_size),
         )
         labels = export_labels(slabs, x.shape[1:], out_shape, separate_axis, plan.num_classes, fast=fast)
     inside = timed.breakdown
