@@ -203,6 +203,12 @@ def _predictor(
     return members[0] if len(members) == 1 else Ensemble(members)
 
 
+# Normal mode: the export holds a slab's mean scores (float32, K per voxel) and the row or two
+# before it; slabs of about 48 MiB of scores (2 rows of a 224 x 202 plane of 105 classes) instead
+# of 128 MiB keep about 0.1 GB less held on a 244 x 202 x 224 volume.
+_NORMAL_SLAB_BYTES = 48 * 2**20
+
+
 def _sums_dtype(
     shape: Sequence[int], n_nets: int, device: torch.device, plan: Plan, step_size: float
 ) -> torch.dtype:
@@ -249,6 +255,7 @@ def _run_network(
             batch_size,
             on_tile=progress,
             sums_dtype=_sums_dtype(x.shape[1:], len(nets), device, plan, step_size),
+            slab_bytes=_NORMAL_SLAB_BYTES if not fast else 128 * 2**20,
         )
         labels = export_labels(slabs, x.shape[1:], out_shape, separate_axis, plan.num_classes, fast=fast)
     inside = timed.breakdown

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stuseg.fixedsums import TileWeights, add_rounded, max_overlap
+from stuseg.fixedsums import FIXED_ONE, TileWeights, add_rounded, max_overlap
 
 # nnU-Net v1 flips these tensor dims for mirror TTA, in this order (dims 2, 3, 4 = z, y, x).
 MIRROR_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (4, 3), (2,), (4, 2), (3, 2), (4, 3, 2))
@@ -271,8 +271,9 @@ class Slab:
 
     ``sums`` (*spatial, K) are the weighted class scores and ``norm`` (*spatial) the summed
     tile weights; their quotient is the sliding-window mean. ``sums`` is float32, or uint16
-    fixed-point sums (``stuseg.fixedsums``: then each voxel's weights are scaled so that
-    ``norm`` is about ``FIXED_ONE`` everywhere, and the quotient is still the mean). Both are
+    fixed-point sums (``stuseg.fixedsums``: then each voxel's weights are scaled to sum to
+    ``FIXED_ONE``, ``norm`` is that constant as a broadcast view, and the quotient is still the
+    mean). Both are
     views into the sliding window's buffers, valid until the next slab is requested.
     """
 
@@ -361,10 +362,14 @@ def sliding_window(
     tile_weights = TileWeights(padded, patch, starts, gaussian=tiles_total > 1) if fixed else None
 
     # Row buffers in the volume's own axis order, one patch deep along the stream axis:
-    # class scores (*window, K) and the summed tile weights (*window).
+    # class scores (*window, K) and the summed tile weights (*window). Fixed-point sums need no
+    # buffer for the weights: those over a voxel sum to FIXED_ONE (a broadcast view of it).
     window = [patch[d] if d == a else padded[d] for d in range(3)]
     acc = torch.zeros((*window, num_classes), dtype=sums_dtype, device=device)
-    norm = torch.zeros(window, dtype=torch.float32, device=device)
+    if fixed:
+        norm = torch.full((1, 1, 1), float(FIXED_ONE)).expand(window)
+    else:
+        norm = torch.zeros(window, dtype=torch.float32, device=device)
     weight_k = weight.unsqueeze(-1)
     other = [d for d in range(3) if d != a]
     plane = math.prod(spatial[d] for d in other)
@@ -392,15 +397,13 @@ def sliding_window(
                 for pos in chunk
             ]
             if tile_weights is None:
-                weights = [weight] * len(chunk)
                 batch_weight = weight_k
+                for region in regions:
+                    norm[region].add_(weight)
             else:  # each tile its own weights, g_t / N scaled to FIXED_ONE
-                weights = [tile_weights(pos) for pos in chunk]
-                batch_weight = torch.stack(weights).unsqueeze(-1)
+                batch_weight = torch.stack([tile_weights(pos) for pos in chunk]).unsqueeze(-1)
             predictor.accumulate(batch, [acc[region] for region in regions], batch_weight)
             del batch, batch_weight
-            for region, w in zip(regions, weights):
-                norm[region].add_(w)
             done += len(chunk)
             if on_tile is not None:
                 on_tile(done, tiles_total)
@@ -409,7 +412,8 @@ def sliding_window(
         yield from _finish(acc, norm, row, final_until - row, pads, spatial, a, rows_per_slab)
         if r + 1 < len(row_starts):
             _shift(acc, a, final_until - row)
-            _shift(norm, a, final_until - row)
+            if not fixed:
+                _shift(norm, a, final_until - row)
 
 
 def _finish(
