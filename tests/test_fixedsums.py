@@ -174,3 +174,20 @@ def test_fixed_point_sums_are_refused_for_other_dtypes() -> None:
                 torch.zeros(1, 16, 16, 16), softmax_conv(2, 1.0), 2, (16, 16, 16), sums_dtype=torch.float16
             )
         )
+
+
+def test_the_pipeline_uses_fixed_point_only_for_probabilities_on_the_cpu_with_few_terms() -> None:
+    """v1 (softmax) on the CPU at step 0.5: uint16. Logits (v2), an accelerator, a fine step or
+    many folds (more than MAX_ADDITIONS terms over a voxel, 27 tiles at most at step 0.5): float32."""
+    import dataclasses
+
+    from stuseg.pipeline import _sums_dtype
+    from stuseg.plan import PLAN
+
+    cpu, shape = torch.device("cpu"), (244, 202, 224)
+    assert _sums_dtype(shape, 1, cpu, PLAN, 0.5) == torch.uint16
+    assert _sums_dtype(shape, 2, cpu, PLAN, 0.5) == torch.uint16
+    assert _sums_dtype(shape, 1, cpu, dataclasses.replace(PLAN, framework="v2"), 0.5) == torch.float32
+    assert _sums_dtype(shape, 1, torch.device("cuda"), PLAN, 0.5) == torch.float32
+    assert _sums_dtype(shape, 1, cpu, PLAN, 0.2) == torch.float32
+    assert _sums_dtype(shape, 5, cpu, PLAN, 0.5) == torch.float32  # up to 27 tiles over a voxel, x 5
