@@ -19,9 +19,11 @@ float64) to the nearest integer: an error of at most 0.5 units, plus the float32
 weight itself (relative 2^-22, so under 0.01 units for a term of at most FIXED_ONE). **Bound:** a
 voxel that receives ``n`` additions (tiles covering it, times the members of an ensemble) has
 every class's mean probability within ``0.51 * n / FIXED_ONE + 1e-6`` of the exact float64 mean
-(7.3e-5 for 8 tiles, the most at step 0.5 away from the thin-volume cases, 2.1e-4 for the 27 of
-those); an argmax can differ from the exact one only where the top two exact means are within
-twice that. ``FIXED_ONE`` leaves 255 units of headroom below 65535 for the additions' rounding up
+(7.3e-5 for 8 tiles; at step 0.5 at most 27 tiles cover a voxel, where each axis holds three
+tiles that all overlap some positions: 2.1e-4); an argmax can differ from the exact one only
+where the top two exact means are within twice that. The 1e-6 covers the float32 weights'
+rounding, which makes them sum to FIXED_ONE within a relative 1e-6 (the mean is read as the
+sum over FIXED_ONE). ``FIXED_ONE`` leaves 255 units of headroom below 65535 for the additions' rounding up
 and for probabilities a few ulps above 1; the kernel clamps instead of wrapping in any case.
 
 Only for probabilities (nnU-Net v1's softmax); logits (v2) are unbounded and stay float32.
