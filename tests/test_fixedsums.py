@@ -191,3 +191,24 @@ def test_the_pipeline_uses_fixed_point_only_for_probabilities_on_the_cpu_with_fe
     assert _sums_dtype(shape, 1, torch.device("cuda"), PLAN, 0.5) == torch.float32
     assert _sums_dtype(shape, 1, cpu, PLAN, 0.2) == torch.float32
     assert _sums_dtype(shape, 5, cpu, PLAN, 0.5) == torch.float32  # up to 27 tiles over a voxel, x 5
+
+
+def test_batches_of_tiles_add_the_same_integers_as_single_tiles() -> None:
+    """Each tile in a batch gets its own weights: batching changes nothing, bit for bit (a pointwise
+    function, whose values cannot depend on the batch)."""
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        v = t[:, 0]
+        return torch.softmax(torch.stack([v, 2 * v, -v, v * v], dim=-1), dim=-1)
+
+    x = torch.from_numpy(np.random.default_rng(5).normal(size=(1, 20, 36, 28)).astype(np.float32))
+
+    def sums(batch_size: int) -> list[np.ndarray]:
+        with torch.inference_mode():
+            return [
+                s.sums.numpy().copy()
+                for s in sliding_window(x, fn, 4, (16, 16, 16), 0.5, batch_size, sums_dtype=torch.uint16)
+            ]
+
+    for one, three in zip(sums(1), sums(3), strict=True):
+        np.testing.assert_array_equal(one, three)
