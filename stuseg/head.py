@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from stuseg.predict import PatchPredictor
+from stuseg.fixedsums import add_rounded
+from stuseg.predict import PatchPredictor, add_weighted, item_weights
 
 __all__ = ["ClassProbabilities", "softmax_last_"]
 
@@ -184,15 +185,21 @@ class ClassProbabilities(PatchPredictor):
         if self.features is None:
             return super().accumulate(x, targets, weight)
         f = self._network(x, features=True)
+        weights = item_weights(weight, len(targets))
         if not self._cpu_path(f):
-            for target, tile in zip(targets, self._whole(f)):
-                target.add_(tile.mul_(weight))
+            for target, tile, w in zip(targets, self._whole(f), weights):
+                add_weighted(target, tile, w)
             return None
         adding = 0.0
         for item, lo, hi, exps, total in self._head_chunks(f):
             start = time.perf_counter()
             # probabilities * tile weight = exps * (weight / total), added in one fused pass.
-            targets[item][lo:hi].addcmul_(exps, weight[lo:hi] if total is None else weight[lo:hi] / total)
+            w = weights[item][lo:hi] if total is None else weights[item][lo:hi] / total
+            target = targets[item][lo:hi]
+            if target.dtype == torch.uint16:  # fixed-point sums: each term rounded to nearest
+                add_rounded(target, exps, w)
+            else:
+                target.addcmul_(exps, w)
             adding += time.perf_counter() - start
         self.seconds["accumulate"] += adding
         return None

@@ -1,4 +1,4 @@
-"""Per-voxel loops of the exports, compiled with numba.
+"""Per-voxel loops of the exports and of the sliding window's fixed-point sums, compiled with numba.
 
 Each of these visits a voxel's 105 class scores or its 8 interpolation corners once, with
 early exits (most output voxels lie where all corners agree). As whole-array operations the
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["argmax_of_mean", "interpolate_argmax", "mean_top2", "vote_labels"]
+__all__ = ["add_rounded", "argmax_of_mean", "interpolate_argmax", "mean_top2", "vote_labels"]
 
 
 def _jit(parallel: bool = True) -> Callable[[Callable], Callable]:
@@ -103,6 +103,34 @@ def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:
                     if row[k] / n == q:
                         out[i, j, m] = k
                         break
+
+
+@_jit()
+def add_rounded(
+    flat: np.ndarray, s0: int, s1: int, s2: int, values: np.ndarray, scale: np.ndarray
+) -> None:  # pragma: no cover
+    """``flat[i*s0 + j*s1 + m*s2 + k] += round(values[i, j, m, k] * scale[i, j, m])``, clamped to uint16.
+
+    ``flat`` is a 1D uint16 array holding a (a, b, c, K) view with strides ``s0, s1, s2, 1`` (in
+    elements) from its first element; ``values`` (a, b, c, K) float32, ``scale`` (a, b, c)
+    float32, both C-contiguous. The product of two float32 is exact in float64, so each term is
+    that exact product rounded to the nearest integer (halves up); the product is clamped to
+    [0, 65536] first and the sum to [0, 65535] after, so nothing wraps. One contiguous row of K
+    per voxel: the inner loop vectorizes.
+    """
+    a, b, c, n_classes = values.shape
+    for ij in prange(a * b):
+        i = ij // b
+        j = ij - i * b
+        for m in range(c):
+            s = np.float64(scale[i, j, m])
+            base = i * s0 + j * s1 + m * s2
+            target = flat[base : base + n_classes]
+            row = values[i, j, m]
+            for k in range(n_classes):
+                x = min(max(np.float64(row[k]) * s, 0.0), 65536.0)
+                total = np.int32(x + 0.5) + np.int32(target[k])
+                target[k] = np.uint16(min(total, 65535))
 
 
 _LOWEST = np.float32(np.finfo(np.float32).min)

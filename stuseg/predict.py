@@ -13,7 +13,8 @@ and the argmax run at memory speed on the CPU.
 The average is streamed: tiles are visited row by row along the largest axis, and every slab
 that no later tile can touch is normalized and handed out at once. Only one row of tiles
 (patch-deep along that axis) of the K-channel accumulator is ever held, instead of the whole
-volume.
+volume. For probabilities on the CPU that row can be held as uint16 fixed-point sums, half the
+memory of float32, within a stated bound of the float32 means (``stuseg.fixedsums``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from stuseg.fixedsums import FIXED_ONE, TileWeights, add_rounded, max_overlap
+
 __all__ = [
     "MIRROR_FLIPS",
     "Autocast",
@@ -37,12 +40,15 @@ __all__ = [
     "PatchPredictor",
     "Slab",
     "Timed",
+    "add_weighted",
     "as_predictor",
     "gaussian_importance",
+    "item_weights",
     "mirror_flips",
     "pad_amounts",
     "sliding_window",
     "stream_axis",
+    "tile_overlap",
     "tile_starts",
 ]
 
@@ -90,8 +96,12 @@ class PatchPredictor:
     ``predictor(x)`` maps patches (B, C_in, *patch) to per-class scores with the classes last,
     (B, *patch, K), float32. ``predictor.accumulate(x, targets, weight)`` adds
     ``predictor(x)[b] * weight`` into ``targets[b]`` (one (*patch, K) view of the sliding
-    window's buffer per batch item); the default computes the scores and adds them, a
-    subclass may override it to add in place without materialising a whole tile. ``breakdown``
+    window's buffer per batch item); ``weight`` is (*patch, 1), the same for every item, or
+    (B, *patch, 1), one per item (``item_weights`` gives either as a list). A float32 target is
+    added to in float32; a uint16 target holds fixed-point sums (``stuseg.fixedsums``) and each
+    term is rounded to the nearest integer (``add_weighted`` does either). The default computes
+    the scores and adds them, a subclass may override it to add in place without materialising
+    a whole tile. ``breakdown``
     names the seconds a predictor spent in parts of its own work so far (e.g. ``softmax``),
     for the timing reports; the default is empty.
 
@@ -102,9 +112,8 @@ class PatchPredictor:
         raise NotImplementedError
 
     def accumulate(self, x: torch.Tensor, targets: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
-        for target, tile in zip(targets, self(x)):
-            # Product rounded to float32, then summed: the reference's two roundings.
-            target.add_(tile.mul_(weight))
+        for target, tile, w in zip(targets, self(x), item_weights(weight, len(targets))):
+            add_weighted(target, tile, w)
 
     @property
     def accumulates_in_place(self) -> bool:
@@ -114,6 +123,24 @@ class PatchPredictor:
     @property
     def breakdown(self) -> dict[str, float]:
         return {}
+
+
+def item_weights(weight: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Each of ``n`` batch items' (*patch, 1) weights: ``weight`` itself when it is one (*patch, 1)
+    tensor for all, else its (B, *patch, 1) rows."""
+    return list(weight) if weight.dim() == 5 else [weight] * n
+
+
+def add_weighted(target: torch.Tensor, tile: torch.Tensor, weight: torch.Tensor) -> None:
+    """``target += tile * weight``; ``tile`` may be overwritten.
+
+    float32: the product rounded to float32, then summed (the reference's two roundings). uint16
+    (fixed-point sums): each term rounded to the nearest integer (``fixedsums.add_rounded``).
+    """
+    if target.dtype == torch.uint16:
+        add_rounded(target, tile, weight)
+    else:
+        target.add_(tile.mul_(weight))
 
 
 class FunctionPredictor(PatchPredictor):
@@ -196,7 +223,7 @@ class Ensemble(PatchPredictor):
         return total.div_(len(self.members))
 
     def accumulate(self, x: torch.Tensor, targets: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
-        share = weight / len(self.members)
+        share = weight / len(self.members)  # for fixed-point sums, each member's terms round apart
         for member in self.members:
             member.accumulate(x, targets, share)
 
@@ -264,8 +291,11 @@ class Slab:
     """Final sums for ``[start, stop)`` along ``axis`` (unpadded coordinates).
 
     ``sums`` (*spatial, K) are the weighted class scores and ``norm`` (*spatial) the summed
-    tile weights; their quotient is the sliding-window mean. Both are views into the sliding
-    window's buffers, valid until the next slab is requested.
+    tile weights; their quotient is the sliding-window mean. ``sums`` is float32, or uint16
+    fixed-point sums (``stuseg.fixedsums``: then each voxel's weights are scaled to sum to
+    ``FIXED_ONE``, ``norm`` is that constant as a broadcast view, and the quotient is still the
+    mean). Both are
+    views into the sliding window's buffers, valid until the next slab is requested.
     """
 
     axis: int
@@ -288,6 +318,13 @@ def pad_amounts(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, i
     return pads
 
 
+def tile_overlap(shape: Sequence[int], patch: Sequence[int], step_size: float) -> int:
+    """The most tiles of ``sliding_window`` over (*spatial) ``shape`` that cover any one voxel."""
+    padded = [s + before + after for s, (before, after) in zip(shape, pad_amounts(shape, patch))]
+    starts = [tile_starts(s, p, step_size) for s, p in zip(padded, patch)]
+    return max_overlap(padded, patch, starts)
+
+
 def stream_axis(shape: Sequence[int]) -> int:
     """The axis to stream along: the largest, so the held row of tiles is smallest."""
     return int(np.argmax(shape))
@@ -303,6 +340,7 @@ def sliding_window(
     axis: int | None = None,
     on_tile: Callable[[int, int], None] | None = None,
     slab_bytes: int = 128 * 2**20,
+    sums_dtype: torch.dtype = torch.float32,
 ) -> Iterator[Slab]:
     """Gaussian-weighted sliding-window average of ``fn`` over ``x`` (C_in, *spatial).
 
@@ -314,6 +352,12 @@ def sliding_window(
     Accumulators are float32 on ``x.device``; each yielded slab covers at most about
     ``slab_bytes`` of scores, as views into them that the next step overwrites: use a slab
     before asking for the next. ``on_tile(done, total)`` reports progress.
+
+    ``sums_dtype=torch.uint16`` (CPU, scores that are probabilities in [0, 1]) holds the class
+    sums as fixed-point integers, half the memory: each voxel's tile weights are scaled to sum
+    to ``fixedsums.FIXED_ONE`` and every term is rounded to the nearest integer, so a mean
+    differs from the exact one by at most ``0.51 * n / FIXED_ONE + 1e-6`` where a voxel receives
+    ``n`` additions (``stuseg.fixedsums``).
     """
     patch = tuple(int(p) for p in patch)
     spatial = tuple(int(s) for s in x.shape[1:])
@@ -326,17 +370,27 @@ def sliding_window(
     starts = [tile_starts(s, p, step_size) for s, p in zip(padded, patch)]
     tiles_total = math.prod(len(s) for s in starts)
     device = x.device
+    if sums_dtype not in (torch.float32, torch.uint16):
+        raise ValueError(f"sums are float32 or uint16 (fixed point), not {sums_dtype}")
+    fixed = sums_dtype == torch.uint16
+    if fixed and device.type != "cpu":
+        raise ValueError("fixed-point (uint16) sums are for the CPU")
     # The Gaussian only when tiles overlap: a single tile keeps uniform weights, as in nnU-Net.
     if tiles_total > 1:
         weight = torch.from_numpy(gaussian_importance(patch)).to(device)
     else:
         weight = torch.ones(patch, dtype=torch.float32, device=device)
+    tile_weights = TileWeights(padded, patch, starts, gaussian=tiles_total > 1) if fixed else None
 
     # Row buffers in the volume's own axis order, one patch deep along the stream axis:
-    # class scores (*window, K) and the summed tile weights (*window).
+    # class scores (*window, K) and the summed tile weights (*window). Fixed-point sums need no
+    # buffer for the weights: those over a voxel sum to FIXED_ONE (a broadcast view of it).
     window = [patch[d] if d == a else padded[d] for d in range(3)]
-    acc = torch.zeros((*window, num_classes), dtype=torch.float32, device=device)
-    norm = torch.zeros(window, dtype=torch.float32, device=device)
+    acc = torch.zeros((*window, num_classes), dtype=sums_dtype, device=device)
+    if fixed:
+        norm = torch.full((1, 1, 1), float(FIXED_ONE)).expand(window)
+    else:
+        norm = torch.zeros(window, dtype=torch.float32, device=device)
     weight_k = weight.unsqueeze(-1)
     other = [d for d in range(3) if d != a]
     plane = math.prod(spatial[d] for d in other)
@@ -363,10 +417,14 @@ def sliding_window(
                 )
                 for pos in chunk
             ]
-            predictor.accumulate(batch, [acc[region] for region in regions], weight_k)
-            del batch
-            for region in regions:
-                norm[region].add_(weight)
+            if tile_weights is None:
+                batch_weight = weight_k
+                for region in regions:
+                    norm[region].add_(weight)
+            else:  # each tile its own weights, g_t / N scaled to FIXED_ONE
+                batch_weight = torch.stack([tile_weights(pos) for pos in chunk]).unsqueeze(-1)
+            predictor.accumulate(batch, [acc[region] for region in regions], batch_weight)
+            del batch, batch_weight
             done += len(chunk)
             if on_tile is not None:
                 on_tile(done, tiles_total)
@@ -375,7 +433,8 @@ def sliding_window(
         yield from _finish(acc, norm, row, final_until - row, pads, spatial, a, rows_per_slab)
         if r + 1 < len(row_starts):
             _shift(acc, a, final_until - row)
-            _shift(norm, a, final_until - row)
+            if not fixed:
+                _shift(norm, a, final_until - row)
 
 
 def _finish(
