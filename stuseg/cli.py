@@ -1121,7 +1121,14 @@ def _write_extras(
     if "json" in paths:
         start = time.perf_counter()
         result = stats_mod.compute(
-            labels, affine, volume.data, seg.names, size=seg.size, mode=mode, cleanup=seg.cleanup
+            labels,
+            affine,
+            volume.data,
+            seg.names,
+            size=seg.size,
+            mode=mode,
+            cleanup=seg.cleanup,
+            confidence=seg.confidence,
         )
         stats_mod.write_statistics(result, paths["json"], paths["csv"])
         seg.timings["statistics"] = time.perf_counter() - start
@@ -1153,12 +1160,14 @@ QUALITY_LINE_ITEMS = 6
 
 
 def quality_line(stats: Any) -> str | None:
-    """One line naming the structures flagged ``wrong_side`` or ``fragmented``, or None if none is.
+    """One line naming the structures flagged ``wrong_side``, ``fragmented`` or ``low_confidence``,
+    or None if none is.
 
     ``empty`` and ``touches_border`` are not named: most scans show part of a body, so a correct
     result raises them for many structures (statistics.json lists them).
     """
     from stuseg.labels import left_right_pairs
+    from stuseg.quality import LOW_PROBABILITY
 
     records = stats.by_name()
     items = [
@@ -1171,6 +1180,12 @@ def quality_line(stats: Any) -> str | None:
         outside, stray = rec["outside_largest_share"], rec["stray_share"]
         share = f"{outside:.0%} outside the largest" + ("" if stray == outside else f", {stray:.0%} stray")
         items.append(f"{name} in {rec['fragments']} pieces ({share})")
+    for name in stats.flagged()["low_confidence"]:
+        rec = records[name]
+        items.append(
+            f"{name} unsure ({rec['low_probability_share']:.0%} of voxels below "
+            f"p {LOW_PROBABILITY:g}, mean p {rec['mean_probability']:.2f})"
+        )
     if not items:
         return None
     more = len(items) - QUALITY_LINE_ITEMS

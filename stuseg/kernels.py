@@ -23,6 +23,8 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
+from stuseg.quality import LOW_PROBABILITY
+
 
 def _jit(parallel: bool = True) -> Callable[[Callable], Callable]:
     """numba's ``njit``, cached on disk; without the cache where no cache folder is writable
@@ -78,9 +80,44 @@ def _seen_before(lab, c) -> bool:  # pragma: no cover
     return False
 
 
+@_jit(parallel=False)
+def _top_probability(row, n, top, arg, logits) -> float:  # pragma: no cover
+    """The probability of class ``arg`` of a voxel whose mean scores are ``row / n`` with maximum
+    ``top``: the score itself for probabilities; for logits, their softmax at ``arg``,
+    ``1 / sum_k exp(l_k - l_max)`` (in float64; every term is at most 1, so nothing overflows)."""
+    if not logits:
+        return top
+    total = 0.0
+    for k in range(row.shape[0]):
+        total += np.exp(np.float64(row[k] / n) - np.float64(top))
+    return 1.0 / total
+
+
+@_jit(parallel=False)
+def _tally(conf_sum, conf_low, conf_count, r, k, p) -> None:  # pragma: no cover
+    """Count one voxel of class ``k`` (not background) with winning probability ``p`` in row ``r``
+    of the per-row tallies (each row is written by one thread only)."""
+    if k == 0:
+        return
+    conf_sum[r, k] += p
+    conf_count[r, k] += 1
+    if p < LOW_PROBABILITY:
+        conf_low[r, k] += 1
+
+
 @_jit()
-def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    """``out = argmax_k(sums[..., k] / norm)`` per voxel, float32, ties to the lowest class.
+def argmax_of_mean(
+    sums: np.ndarray,
+    norm: np.ndarray,
+    out: np.ndarray,
+    logits: bool,
+    conf_sum: np.ndarray,
+    conf_low: np.ndarray,
+    conf_count: np.ndarray,
+) -> None:  # pragma: no cover
+    """``out = argmax_k(sums[..., k] / norm)`` per voxel, float32, ties to the lowest class;
+    each labelled voxel's winning probability tallied by class into row ``i`` of the
+    (a, K) tallies ``conf_*`` (see ``_tally``; scores are ``logits`` or probabilities).
 
     ``sums`` (a, b, c, K), ``norm`` (a, b, c), ``out`` (a, b, c) uint8. Dividing by the same
     positive ``norm`` keeps the order of the classes, so the maximum quotient is the quotient
@@ -100,6 +137,10 @@ def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:
                 for k in range(n_classes):
                     if row[k] / n == q:
                         out[i, j, m] = k
+                        if k != 0:
+                            _tally(
+                                conf_sum, conf_low, conf_count, i, k, _top_probability(row, n, q, k, logits)
+                            )
                         break
 
 
@@ -108,9 +149,17 @@ _LOWEST = np.float32(np.finfo(np.float32).min)
 
 @_jit()
 def mean_top2(
-    sums: np.ndarray, norm: np.ndarray, scores: np.ndarray, labels: np.ndarray, second: np.ndarray
+    sums: np.ndarray,
+    norm: np.ndarray,
+    logits: bool,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    second: np.ndarray,
+    top: np.ndarray,
 ) -> None:  # pragma: no cover
-    """``scores = sums / norm`` (float32), its argmax (ties to the lowest class) and second-largest value.
+    """``scores = sums / norm`` (float32), its argmax (ties to the lowest class), second-largest
+    value, and ``top``: for probabilities the argmax's own (its score), for ``logits`` its margin
+    over the second-largest (``interpolate_argmax`` bounds the softmax with it).
 
     ``second`` is the largest score of any class but the argmax (float32's lowest value with a
     single class). Scores may be probabilities or logits of any sign: the search starts below
@@ -137,6 +186,7 @@ def mean_top2(
                         runner_up = v
                 labels[i, j, m] = arg
                 second[i, j, m] = runner_up
+                top[i, j, m] = best - runner_up if logits else best
 
 
 @_jit()
@@ -192,11 +242,56 @@ def vote_labels(
                 out[o0, o1, o2] = best_label
 
 
+# Where the softmax of interpolated logits is 1 to within this, it is taken as 1 without the
+# sum over the classes (a bound on the sum: see ``_class_probability``).
+_NEGLIGIBLE = 1e-7
+
+
+@_jit(parallel=False)
+def _class_probability(scores, labels, top, at, wt, k, logits, agree, acc) -> float:  # pragma: no cover
+    """The probability of class ``k`` at an output voxel with corners ``at`` and weights ``wt``.
+
+    Probabilities: class ``k``'s interpolated (the value the argmax compared; at corners whose
+    argmax is ``k`` that is their ``top``). Logits (nnU-Net v2): the softmax of the interpolated
+    logits at ``k``, ``1 / sum_j exp(L_j - L_k)``, as v2 takes the softmax after resampling.
+    Where every corner's argmax is ``k`` (``agree``), each other class lies below ``k`` by at
+    least the corner's margin ``top``, so every term ``j != k`` is at most ``exp(-M)`` for the
+    interpolated margin M; when ``(K - 1) exp(-M)`` is below ``_NEGLIGIBLE`` the probability is
+    1 to within that, and the sum over the classes is skipped. ``acc`` is scratch (K float64).
+    """
+    if not logits:
+        p = 0.0
+        for e in range(8):
+            i, j, m = at[e, 0], at[e, 1], at[e, 2]
+            q = top[i, j, m] if labels[i, j, m] == k else scores[i, j, m, k]
+            p += wt[e] * q
+        return p
+    n_classes = scores.shape[3]
+    if agree:
+        margin = 0.0
+        for e in range(8):
+            margin += wt[e] * top[at[e, 0], at[e, 1], at[e, 2]]
+        if (n_classes - 1) * np.exp(-margin) < _NEGLIGIBLE:
+            return 1.0
+    acc[:] = 0.0
+    for e in range(8):
+        row = scores[at[e, 0], at[e, 1], at[e, 2]]
+        w = wt[e]
+        for c in range(n_classes):
+            acc[c] += w * row[c]
+    total = 0.0
+    for c in range(n_classes):
+        total += np.exp(acc[c] - acc[k])
+    return 1.0 / total
+
+
 @_jit()
 def interpolate_argmax(
     scores: np.ndarray,
     labels: np.ndarray,
     second: np.ndarray,
+    top: np.ndarray,
+    logits: bool,
     idx0: np.ndarray,
     w0: np.ndarray,
     idx1: np.ndarray,
@@ -204,12 +299,16 @@ def interpolate_argmax(
     idx2: np.ndarray,
     w2: np.ndarray,
     out: np.ndarray,
+    conf_sum: np.ndarray,
+    conf_low: np.ndarray,
+    conf_count: np.ndarray,
 ) -> None:  # pragma: no cover
     """Normal-mode export: argmax of the linearly interpolated class scores, per output voxel.
 
-    ``scores`` (a, b, c, K) float32 with their argmax ``labels`` and ``second``-largest value
-    per source voxel. Interpolated values are summed in float64 and rounded to float32 before
-    the argmax (ties to the lowest class), as the reference resizes in float64 and casts.
+    ``scores`` (a, b, c, K) float32 with their argmax ``labels``, ``second``-largest value and
+    ``top`` (``mean_top2``) per source voxel. Interpolated values are
+    summed in float64 and rounded to float32 before the argmax (ties to the lowest class), as
+    the reference resizes in float64 and casts.
 
     Three levels, each exact:
     - all corners share their argmax: that class is at least as large as any other at every
@@ -218,6 +317,10 @@ def interpolate_argmax(
       second-largest score at every corner, so at most the same interpolation of ``second``:
       where the best candidate beats that bound, it wins;
     - else every class is interpolated.
+
+    Each output voxel of a class other than 0 is tallied (``_tally``, row ``o0``) with the
+    probability of its class (``_class_probability``): for probabilities the interpolated value
+    that won the argmax; for ``logits`` the softmax of the interpolated logits at the winner.
     """
     n_classes = scores.shape[3]
     for o0 in prange(out.shape[0]):
@@ -228,7 +331,12 @@ def interpolate_argmax(
         for o1 in range(out.shape[1]):
             for o2 in range(out.shape[2]):
                 if not _corners(labels, idx0, idx1, idx2, o0, o1, o2, lab, at):
-                    out[o0, o1, o2] = lab[0]
+                    k = lab[0]
+                    out[o0, o1, o2] = k
+                    if k != 0:
+                        _corner_weights(w0, w1, w2, o0, o1, o2, wt)
+                        p = _class_probability(scores, labels, top, at, wt, k, logits, True, acc)
+                        _tally(conf_sum, conf_low, conf_count, o0, k, p)
                     continue
                 _corner_weights(w0, w1, w2, o0, o1, o2, wt)
                 best = np.float32(-np.inf)
@@ -247,20 +355,21 @@ def interpolate_argmax(
                 bound = 0.0
                 for e in range(8):
                     bound += wt[e] * second[at[e, 0], at[e, 1], at[e, 2]]
-                if best > np.float32(bound):
-                    out[o0, o1, o2] = best_class
-                    continue
-                acc[:] = 0.0
-                for e in range(8):
-                    row = scores[at[e, 0], at[e, 1], at[e, 2]]
-                    w = wt[e]
-                    for k in range(n_classes):
-                        acc[k] += w * row[k]
-                top = np.float32(acc[0])
-                arg = 0
-                for k in range(1, n_classes):
-                    v32 = np.float32(acc[k])
-                    if v32 > top:
-                        top = v32
-                        arg = k
-                out[o0, o1, o2] = arg
+                if not best > np.float32(bound):
+                    acc[:] = 0.0
+                    for e in range(8):
+                        row = scores[at[e, 0], at[e, 1], at[e, 2]]
+                        w = wt[e]
+                        for k in range(n_classes):
+                            acc[k] += w * row[k]
+                    top32 = np.float32(acc[0])
+                    best_class = 0
+                    for k in range(1, n_classes):
+                        v32 = np.float32(acc[k])
+                        if v32 > top32:
+                            top32 = v32
+                            best_class = k
+                out[o0, o1, o2] = best_class
+                if best_class != 0:
+                    p = _class_probability(scores, labels, top, at, wt, best_class, logits, False, acc)
+                    _tally(conf_sum, conf_low, conf_count, o0, best_class, p)

@@ -33,6 +33,7 @@ from stuseg.plan import PLAN, Normalization, Plan
 from stuseg.postprocess import export_labels
 from stuseg.predict import Autocast, Ensemble, Mirrored, PatchPredictor, Timed, mirror_flips, sliding_window
 from stuseg.preprocess import Geometry, preprocess, restore
+from stuseg.quality import Confidence
 from stuseg.threads import limit_threads, thread_count
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class Segmentation:
     source: Volume | None = None
     # What was done to the label map after the network (``remove_small_blobs``), or None.
     cleanup: dict[str, Any] | None = None
+    # The network's winning probabilities tallied per label value while the export streamed
+    # (before any clean-up); None for a label map not made here.
+    confidence: Confidence | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -207,8 +211,9 @@ def _run_network(
     batch_size: int,
     progress: Progress | None,
     stages: _Stages,
-) -> np.ndarray:
-    """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams.
+) -> tuple[np.ndarray, Confidence]:
+    """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams,
+    with the tallies of the labelled voxels' winning probabilities (``stuseg.quality.Confidence``).
 
     Timings: ``network`` is the forward passes alone; the softmax is reported apart, and the
     accumulation into the sliding-window buffers counts as ``export`` with the rest.
@@ -226,7 +231,16 @@ def _run_network(
             batch_size,
             on_tile=progress,
         )
-        labels = export_labels(slabs, x.shape[1:], out_shape, separate_axis, plan.num_classes, fast=fast)
+        # nnU-Net v2 averages logits over tiles (the probability is their softmax), v1 probabilities.
+        labels, confidence = export_labels(
+            slabs,
+            x.shape[1:],
+            out_shape,
+            separate_axis,
+            plan.num_classes,
+            fast=fast,
+            logits=plan.framework != "v1",
+        )
     inside = timed.breakdown
     softmax = inside.get("softmax", 0.0)
     network = timed.seconds - softmax - inside.get("accumulate", 0.0)
@@ -234,7 +248,7 @@ def _run_network(
     if softmax:  # only the CPU path times its softmax apart
         stages.add("softmax", softmax)
     stages.add("export", time.perf_counter() - start - network - softmax)
-    return labels
+    return labels, confidence
 
 
 def keep_freed_memory(device: str = "cpu", *, many_images: bool = False) -> bool:
@@ -290,6 +304,7 @@ class Inferred:
     source: Volume | None
     timings: dict[str, float]
     peak_gpu_bytes: int | None
+    confidence: Confidence | None = None  # the winning probabilities' tallies per label value
 
 
 class Segmenter:
@@ -427,7 +442,7 @@ class Segmenter:
             # On the CPU, glibc's malloc keeps the tiles' large blocks in the heap meanwhile
             # (stuseg.memory.tuned: 1.6x faster on 2 cores), as the command line does.
             with limit_threads(self.threads), _tuned(dev):
-                labels = _run_network(
+                labels, confidence = _run_network(
                     prepared.x,
                     self.nets,
                     dev,
@@ -449,7 +464,7 @@ class Segmenter:
         release_free_memory(prepared.geometry.voxels)
         peak_gpu = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         g, h, s = prepared.geometry, prepared.header, prepared.source
-        return Inferred(labels, g, h, s, stages.seconds, peak_gpu)
+        return Inferred(labels, g, h, s, stages.seconds, peak_gpu, confidence)
 
     def finish(self, inferred: Inferred) -> Segmentation:
         """Put the label map back on the input grid and keep only the selected structures."""
@@ -470,6 +485,7 @@ class Segmenter:
             device=str(self.device),
             size=self.size,
             source=inferred.source,
+            confidence=inferred.confidence,
         )
 
 

@@ -16,8 +16,11 @@ A structure holding NaN voxels gets empty intensity fields (no statistic of them
 
 Quality flags (``empty``, ``touches_border``, ``fragmented``, ``wrong_side``; see ``COLUMNS``)
 come from the label map alone (``stuseg.quality``: pieces counted inside each structure's
-bounding box, left/right pairs compared along the patient's left-right axis); ``Statistics.flagged``
-lists the flagged structures per flag, written as ``quality`` in ``statistics.json``.
+bounding box, left/right pairs compared along the patient's left-right axis); ``low_confidence``
+and its figures from the network's probabilities, tallied by the export
+(``stuseg.quality.Confidence``), when the segmentation was made in this process.
+``Statistics.flagged`` lists the flagged structures per flag, written as ``quality`` in
+``statistics.json``.
 
 ``write_statistics`` writes ``statistics.json`` (image-level fields and one record per
 structure) and ``statistics.csv`` (tidy: one row per structure, columns in ``COLUMNS``);
@@ -94,13 +97,24 @@ COLUMNS: dict[str, str] = {
     "wrong_side": f"true if side_offset_mm < -{quality.SIDE_MARGIN_MM:g}: the pair lies the wrong way round "
     f"(swapped labels, or a flipped image); within {quality.SIDE_MARGIN_MM:g} mm of each other, centroids "
     "say nothing about sides. Empty without a present partner",
+    "mean_probability": "mean, over the structure's voxels, of the network's probability for the "
+    "structure's class (its winning probability), as the export resampled it: nnU-Net v1 models' softmax "
+    "averaged over tiles, interpolated; v2 models' averaged logits interpolated, then the softmax; with "
+    "--fast, over the network-resolution voxels before the label map is resampled. Counted before any "
+    "--remove-small-blobs; empty where no probabilities were seen (the statistics command)",
+    "low_probability_share": "share of those voxels whose winning probability is below "
+    f"{quality.LOW_PROBABILITY:g}: there the network gives the other classes together more weight than "
+    "this one",
+    "low_confidence": f"true if low_probability_share > {quality.LOW_CONFIDENCE_SHARE:g}: a calibrated "
+    "network then expects over a tenth of the structure's voxels to be wrong; at a rim between two classes "
+    f"the winner keeps at least {quality.LOW_PROBABILITY:g}, so rims alone do not raise it",
 }
 # Fields left empty (CSV) or null (JSON) for a structure without voxels.
 _EMPTY_WHEN_ABSENT = tuple(
     c for c in COLUMNS if c not in ("structure", "label", "voxels", "volume_ml", "empty")
 )
 # The flags, in the order ``Statistics.flagged`` lists them.
-FLAGS = ("empty", "touches_border", "fragmented", "wrong_side")
+FLAGS = ("empty", "touches_border", "fragmented", "wrong_side", "low_confidence")
 
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[0-9][0-9.eE+-]*,?\s*)+)\]")
 
@@ -386,6 +400,7 @@ def compute(
     size: str | None = None,
     mode: str | None = None,
     cleanup: Mapping[str, object] | None = None,
+    confidence: quality.Confidence | None = None,
 ) -> Statistics:
     """Statistics of every named structure of a segmentation, on the CT's own voxels.
 
@@ -400,6 +415,9 @@ def compute(
         mode: ``"fast"`` or ``"normal"``, recorded in the image fields.
         cleanup: what was done to the label map after the network (``Segmentation.cleanup``),
             recorded in the image fields as ``cleanup`` (None: nothing).
+        confidence: the network's winning probabilities tallied per label value while the
+            label map was made (``Segmentation.confidence``); None: the confidence fields stay
+            empty.
 
     Returns:
         The image fields and one record per named structure, in label order.
@@ -462,6 +480,7 @@ def compute(
             one_piece = label_table.one_piece(str(names[value]))
             rec["fragmented"] = parts.stray / n > quality.FRAGMENT_SHARE if one_piece else None
             rec["side_offset_mm"] = rec["wrong_side"] = None  # set below for the pairs present
+            _set_confidence(rec, confidence.of(value) if confidence is not None else None)
         records.append({c: rec[c] for c in COLUMNS})
     _compare_sides(records)
     image = {
@@ -474,8 +493,19 @@ def compute(
         "model_size": size,
         "mode": mode,
         "cleanup": dict(cleanup) if cleanup else None,
+        "confidence": confidence.describe() if confidence is not None else None,
     }
     return Statistics(image=image, structures=records)
+
+
+def _set_confidence(rec: dict[str, object], figures: tuple[float, float] | None) -> None:
+    """The confidence fields of a present structure from its (mean, low share), or empty."""
+    if figures is None:  # no probabilities seen, or none for this label (e.g. a clean-up's leftovers)
+        rec["mean_probability"] = rec["low_probability_share"] = rec["low_confidence"] = None
+        return
+    mean, low_share = figures
+    rec["mean_probability"], rec["low_probability_share"] = mean, low_share
+    rec["low_confidence"] = quality.low_confidence(low_share)
 
 
 def _compare_sides(records: list[dict[str, object]]) -> None:
@@ -527,8 +557,15 @@ def of_segmentation(
         ct = ct.data
     cleanup = getattr(seg, "cleanup", None)
     return compute(
-        labels, affine, np.asanyarray(ct), seg.names, size=seg.size or None, mode=mode, cleanup=cleanup
-    )  # type: ignore[attr-defined]
+        labels,
+        affine,
+        np.asanyarray(ct),
+        seg.names,  # type: ignore[attr-defined]
+        size=seg.size or None,  # type: ignore[attr-defined]
+        mode=mode,
+        cleanup=cleanup,
+        confidence=getattr(seg, "confidence", None),
+    )
 
 
 def _cell(value: object) -> object:
