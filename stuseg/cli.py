@@ -434,6 +434,18 @@ def weights_cmd(
 
 
 # Options that predict and batch share, with the same meaning.
+QaFailOption = Annotated[
+    bool,
+    typer.Option(
+        "--qa-fail",
+        help="Treat a result that raises a quality flag for review (wrong_side, fragmented, "
+        "low_confidence) as a failure: the result is kept; predict exits with status 3, batch logs the "
+        "case as failed.",
+    ),
+]
+# predict --qa-fail's exit status when a quality flag is raised (1 is an error, 2 a usage error).
+QA_FAIL_EXIT = 3
+
 SizeOption = Annotated[
     str | None,
     typer.Option(
@@ -655,6 +667,7 @@ def predict_cmd(
             help="SNOMED CT codes for a model's structures in a DICOM-SEG (CSV or JSON; see the README).",
         ),
     ] = None,
+    qa_fail: QaFailOption = False,
     dicom_seg_type: Annotated[
         DicomSegType | None,
         typer.Option(
@@ -790,6 +803,12 @@ def predict_cmd(
         if stats is not None and (line := quality_line(stats)):
             say(line)
         say(_summary(seg, " and ".join(written) or "nothing"))
+    if qa_fail:
+        from stuseg import quality
+
+        reason = quality.review_reason(quality.summarize(stats) if stats else quality.case_summary(seg))
+        if reason:
+            raise fail(f"{reason}; the result is kept ({' and '.join(written) or 'nothing'})", QA_FAIL_EXIT)
 
 
 def _blobs_line(removed: dict[str, int], min_mm3: float) -> str:
@@ -886,6 +905,7 @@ def batch_cmd(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    qa_fail: QaFailOption = False,
 ) -> None:
     """Segment many CT scans with one model load: stages overlapped, resumable, one log line per case."""
     import contextlib
@@ -898,6 +918,8 @@ def batch_cmd(
 
     if workers is not None and ray_address is None:
         raise fail("--workers applies only with --ray ADDRESS", code=2)
+    if qa_fail and ray_address is not None:
+        raise fail("--qa-fail is not available with --ray yet; run the batch on this machine", code=2)
     try:
         if size is not None:
             from stuseg.network import canonical_size
@@ -973,6 +995,7 @@ def batch_cmd(
                 overwrite=overwrite,
                 ignored=found.ignored,
                 progress=progress,
+                qa_fail=qa_fail,
             )
     except StusegError as exc:
         raise usage(exc) from None
@@ -980,6 +1003,7 @@ def batch_cmd(
     log = output / batch.LOG_NAME
     log_size = log.stat().st_size if log.is_file() else 0  # what the log held before this run
     counts = {"ok": 0, "failed": 0, "skipped": 0}
+    qa_failed = 0  # of the failed, those written but failed on their quality flags (--qa-fail)
     start = time.perf_counter()
     try:
         with (
@@ -990,6 +1014,7 @@ def batch_cmd(
             tiles.append(bars)
             for result in results:
                 counts[result.status] += 1
+                qa_failed += result.status == "failed" and bool(result.outputs)
                 name = result.case.id if result.case else "?"
                 if result.status == "failed":
                     bars.print(f"stuseg: error: {name}: {result.error}")
@@ -1014,7 +1039,9 @@ def batch_cmd(
             f" ({counts['ok'] / (seconds / 60):.2f} scans per minute)" if counts["ok"] and seconds > 0 else ""
         )
         say(
-            f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
+            f"batch: {counts['ok']} ok, {counts['failed']} failed"
+            + (f" ({qa_failed} on quality flags)" if qa_failed else "")
+            + f", {counts['skipped']} skipped "
             f"in {_duration(seconds)}{rate}; "
             + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
             + f"log: {log}"

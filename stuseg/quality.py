@@ -212,3 +212,54 @@ class Confidence:
 def low_confidence(low_share: float) -> bool:
     """True if a structure whose share of low-probability voxels is ``low_share`` is flagged."""
     return low_share > LOW_CONFIDENCE_SHARE
+
+
+# The flags that say a result needs a look: those the terminal's quality line names and
+# ``--qa-fail`` fails a case on. ``empty`` and ``touches_border`` are not among them: most scans
+# show part of a body, so a correct result raises them for many structures.
+REVIEW_FLAGS = ("wrong_side", "fragmented", "low_confidence")
+
+
+def case_summary(seg: object) -> dict[str, object]:
+    """A segmentation's quality flags in brief, for a batch's run log (one record per case).
+
+    Computed from its label map and the probabilities tallied while it was made (no CT needed):
+    the structures raising each of ``REVIEW_FLAGS`` by name, how many structures are ``empty``
+    or ``touches_border``, and the least confident structure present (lowest mean winning
+    probability; None where no probabilities were seen).
+
+    Args:
+        seg: a ``stuseg.pipeline.Segmentation``.
+
+    Returns:
+        ``{"wrong_side": [...], "fragmented": [...], "low_confidence": [...], "empty": n,
+        "touches_border": n, "least_confident": {"structure": ..., "mean_probability": ...}}``.
+    """
+    from stuseg.statistics import of_segmentation  # built on this module: imported when used
+
+    return summarize(of_segmentation(seg, None))
+
+
+def summarize(stats: object) -> dict[str, object]:
+    """``case_summary`` of statistics already computed (a ``stuseg.statistics.Statistics``)."""
+    flagged = stats.flagged()  # type: ignore[attr-defined]
+    summary: dict[str, object] = {flag: flagged[flag] for flag in REVIEW_FLAGS}
+    summary |= {flag: len(flagged[flag]) for flag in ("empty", "touches_border")}
+    rated = {str(r["structure"]): float(r["mean_probability"]) for r in stats.structures  # type: ignore
+             if r["mean_probability"] is not None}  # fmt: skip
+    least = min(rated, key=rated.__getitem__, default=None)
+    summary["least_confident"] = (
+        None if least is None else {"structure": least, "mean_probability": round(rated[least], 4)}
+    )
+    return summary
+
+
+def review_reason(summary: dict[str, object]) -> str | None:
+    """One line naming the structures a ``case_summary`` flags for review, or None if none."""
+    parts = []
+    for flag in REVIEW_FLAGS:
+        names = list(summary.get(flag) or [])  # type: ignore[call-overload]
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{flag}: {', '.join(names[:3])}{more}")
+    return f"quality flags raised ({'; '.join(parts)})" if parts else None

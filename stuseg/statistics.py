@@ -109,6 +109,7 @@ COLUMNS: dict[str, str] = {
     "network then expects over a tenth of the structure's voxels to be wrong; at a rim between two classes "
     f"the winner keeps at least {quality.LOW_PROBABILITY:g}, so rims alone do not raise it",
 }
+_INTENSITY = ("mean_hu", "std_hu", "median_hu", "min_hu", "max_hu", "p05_hu", "p95_hu")
 # Fields left empty (CSV) or null (JSON) for a structure without voxels.
 _EMPTY_WHEN_ABSENT = tuple(
     c for c in COLUMNS if c not in ("structure", "label", "voxels", "volume_ml", "empty")
@@ -394,7 +395,7 @@ def align_to(
 def compute(
     labels: np.ndarray | Sequence[np.ndarray],
     header_or_affine: nib.Nifti1Header | np.ndarray,
-    ct: np.ndarray,
+    ct: np.ndarray | None,
     names: Mapping[int, str],
     *,
     size: str | None = None,
@@ -408,7 +409,9 @@ def compute(
         labels: an integer label map on the CT's grid, or several (layers) whose label values
             are disjoint, for masks that overlap.
         header_or_affine: the segmentation's NIfTI header or its 4x4 voxel-to-RAS affine.
-        ct: the intensities, same shape as ``labels`` (e.g. ``stuseg.io.read_image(ct).data``).
+        ct: the intensities, same shape as ``labels`` (e.g. ``stuseg.io.read_image(ct).data``);
+            None: no intensity fields (left empty), the rest as usual (e.g. the quality flags
+            of a batch, which keeps no copy of the CT).
         names: label value -> structure name. Every named structure gets a record, present or
             not; a value present in ``labels`` without a name is an error.
         size: the model size that made the segmentation, recorded in the image fields.
@@ -428,7 +431,8 @@ def compute(
     """
     affine = affine_of(header_or_affine)
     layers = [labels] if isinstance(labels, np.ndarray) else list(labels)
-    ct = np.asanyarray(ct)
+    without_ct = ct is None
+    ct = np.asanyarray(layers[0] if ct is None else ct)
     for layer in layers:
         if layer.shape != ct.shape or layer.ndim != 3:
             raise InputError(
@@ -437,7 +441,10 @@ def compute(
             )
     found: dict[int, dict[str, object]] = {}
     for layer in layers:
-        for value, fields in _measure_layer(layer, ct).items():
+        # Without a CT the label map stands in for the intensities (no copy), which are dropped.
+        for value, fields in _measure_layer(layer, layer if without_ct else ct).items():
+            if without_ct:
+                fields.update(dict.fromkeys(_INTENSITY))
             if value in found:
                 raise LabelError(f"label value {value} occurs in two layers; layers must use disjoint values")
             fields["_pieces"] = quality.pieces(layer, value, fields["_lo"], fields["_hi"])  # type: ignore[arg-type]
@@ -463,7 +470,7 @@ def compute(
             xyz = nib.affines.apply_affine(affine, ijk)
             rec["voxels"] = n
             rec["volume_ml"] = n * voxel_mm3 / 1000.0  # mm^3 -> ml
-            for c in ("mean_hu", "std_hu", "median_hu", "min_hu", "max_hu", "p05_hu", "p95_hu"):
+            for c in _INTENSITY:
                 rec[c] = fields[c]
             rec.update(
                 {f"centroid_{a}_ras_mm": float(v) for a, v in zip("xyz", xyz)}
@@ -524,14 +531,15 @@ def _compare_sides(records: list[dict[str, object]]) -> None:
 
 
 def of_segmentation(
-    seg: object, ct: str | Path | np.ndarray | object, *, mode: str | None = None
+    seg: object, ct: str | Path | np.ndarray | object | None, *, mode: str | None = None
 ) -> Statistics:
     """``compute`` for a ``stuseg.pipeline.Segmentation`` (``seg.statistics(ct)`` delegates here).
 
     Args:
         seg: a Segmentation (``image``: its uint8 label map as a NIfTI image, ``names``, ``size``).
         ct: the CT it was made from: a path (anything ``stuseg.io.read_image`` reads), a
-            ``stuseg.io.Volume``, or an array of intensities on the segmentation's grid.
+            ``stuseg.io.Volume``, or an array of intensities on the segmentation's grid; None: no
+            intensity fields.
         mode: ``"fast"`` or ``"normal"``, recorded in the image fields.
         cleanup: what was done to the label map after the network (``Segmentation.cleanup``),
             recorded in the image fields as ``cleanup`` (None: nothing).
@@ -559,7 +567,7 @@ def of_segmentation(
     return compute(
         labels,
         affine,
-        np.asanyarray(ct),
+        None if ct is None else np.asanyarray(ct),
         seg.names,  # type: ignore[attr-defined]
         size=seg.size or None,  # type: ignore[attr-defined]
         mode=mode,

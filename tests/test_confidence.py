@@ -17,6 +17,7 @@ import reference_pipeline
 import scipy.ndimage as ndi
 import torch
 
+from stuseg.cli import quality_line
 from stuseg.pipeline import Segmenter
 from stuseg.plan import Normalization, Plan
 from stuseg.postprocess import ProbabilityExport, export_labels
@@ -139,6 +140,11 @@ def test_statistics_carry_the_figures_and_flag_low_confidence(make_nifti) -> Non
             assert (rec["mean_probability"], rec["low_probability_share"]) == (mean, share)
             assert rec["low_confidence"] is (share > LOW_CONFIDENCE_SHARE) is flagged
         assert stats.flagged()["low_confidence"] == (["class_1", "class_2", "class_3"] if flagged else [])
+        line = quality_line(stats)
+        if flagged:  # near-uniform over 4 classes: every voxel below 0.5, mean about 1/4
+            assert line.startswith("stuseg: quality: class_1 unsure (100% of voxels below p 0.5, mean p 0.2")
+        else:
+            assert line is None or "unsure" not in line
 
 
 def test_a_label_map_from_files_has_no_confidence(tmp_path: Path) -> None:
