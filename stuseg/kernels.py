@@ -81,12 +81,9 @@ def _seen_before(lab, c) -> bool:  # pragma: no cover
 
 
 @_jit(parallel=False)
-def _top_probability(row, n, top, arg, logits) -> float:  # pragma: no cover
-    """The probability of class ``arg`` of a voxel whose mean scores are ``row / n`` with maximum
-    ``top``: the score itself for probabilities; for logits, their softmax at ``arg``,
-    ``1 / sum_k exp(l_k - l_max)`` (in float64; every term is at most 1, so nothing overflows)."""
-    if not logits:
-        return top
+def _softmax_at_max(row, n, top) -> float:  # pragma: no cover
+    """The softmax, at its largest class, of the mean logits ``row / n`` whose maximum is ``top``:
+    ``1 / sum_k exp(l_k - l_max)``, in float64 (every term is at most 1: nothing overflows)."""
     total = 0.0
     for k in range(row.shape[0]):
         total += np.exp(np.float64(row[k] / n) - np.float64(top))
@@ -138,9 +135,8 @@ def argmax_of_mean(
                     if row[k] / n == q:
                         out[i, j, m] = k
                         if k != 0:
-                            _tally(
-                                conf_sum, conf_low, conf_count, i, k, _top_probability(row, n, q, k, logits)
-                            )
+                            p = _softmax_at_max(row, n, q) if logits else q
+                            _tally(conf_sum, conf_low, conf_count, i, k, p)
                         break
 
 

@@ -121,8 +121,16 @@ def slab_labels(
     scores = slab.scores()
     labels = scores.argmax(-1)
     out[...] = _host(labels.to(torch.uint8))
-    if confidence is None:
-        return
+    if confidence is not None:
+        confidence.add(*tensor_tallies(scores, labels, logits=logits))
+
+
+def tensor_tallies(
+    scores: torch.Tensor, labels: torch.Tensor, *, logits: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The confidence tallies of voxels with mean ``scores`` (..., K) and argmax ``labels`` (...),
+    with torch operators on the tensors' own device (a GPU's slab); as (1, K) host arrays."""
+    k = scores.shape[-1]
     top = scores.amax(-1)
     probability = 1.0 / torch.exp(scores - top.unsqueeze(-1)).sum(-1) if logits else top
     labels, probability = labels.reshape(-1), probability.reshape(-1).double()
@@ -132,18 +140,18 @@ def slab_labels(
     sums, lows, voxels = (_host(t)[None].copy() for t in tallies)
     for t in (sums, lows, voxels):
         t[:, 0] = 0  # background is not tallied
-    confidence.add(sums, lows, voxels)
+    return sums, lows, voxels.astype(np.int64)
 
 
 class ProbabilityExport:
     """Consume score slabs in order along one axis; produce the argmax label map at ``out_shape``.
 
     Each slab's mean scores are held, with their argmax, second-largest value and winning
-    probability, until every output row interpolating from them is done
+    probability (or logit margin), until every output row interpolating from them is done
     (``kernels.interpolate_argmax``), so the K-channel volume at output resolution never exists,
     and at network resolution only a slab and the one or two rows before it.
 
-    ``confidence`` tallies the output voxels' winning probabilities by class (input grid);
+    ``.confidence`` tallies the output voxels' winning probabilities by class (input grid);
     ``logits``: the scores are averaged logits (nnU-Net v2), else probabilities.
     """
 
@@ -166,7 +174,8 @@ class ProbabilityExport:
         self.logits = logits
         self.confidence = Confidence.zeros(num_classes, "input", logits)
         # Held source rows [held_lo, held_lo + rows) along ``axis``, at the front of reused buffers:
-        # mean scores, their argmax, their second-largest value and the argmax's probability.
+        # mean scores, their argmax, their second-largest value and ``top`` (kernels.mean_top2:
+        # the argmax's probability, or its margin over the second-largest logit).
         self._buffers: tuple[np.ndarray, ...] | None = None
         self._rows = 0
         self._held_lo = 0

@@ -20,9 +20,9 @@ import torch
 from stuseg.cli import quality_line
 from stuseg.pipeline import Segmenter
 from stuseg.plan import Normalization, Plan
-from stuseg.postprocess import ProbabilityExport, export_labels
+from stuseg.postprocess import ProbabilityExport, export_labels, tensor_tallies
 from stuseg.predict import Slab
-from stuseg.quality import LOW_CONFIDENCE_SHARE, LOW_PROBABILITY
+from stuseg.quality import LOW_CONFIDENCE_SHARE, LOW_PROBABILITY, Confidence
 
 CENTRES = (-1000.0, 40.0, 300.0, 700.0)  # class k wins nearest CENTRES[k] (HU)
 
@@ -217,3 +217,25 @@ def test_streamed_export_tallies_equal_the_whole_volume(logits: bool, in_shape, 
     for value, (mean, share) in per_label(argmax, p.max(0), k).items():
         assert tallies.of(value)[0] == pytest.approx(mean, rel=1e-6)
         assert tallies.of(value)[1] == pytest.approx(share, abs=1e-9)
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_the_accelerator_tallies_equal_the_compiled_ones(logits: bool) -> None:
+    """The torch tallies a GPU slab takes (run here on CPU tensors) against the kernel's."""
+    rng = np.random.default_rng(7)
+    raw = rng.normal(0, 2, (5, 6, 7, 5))
+    scores = torch.from_numpy(
+        (raw if logits else softmax(raw.transpose(3, 0, 1, 2)).transpose(1, 2, 3, 0)).astype(np.float32)
+    )
+    norm = torch.ones(scores.shape[:-1])
+    compiled = Confidence.zeros(5, "network", logits)
+    from stuseg.postprocess import slab_labels
+
+    out = np.zeros(scores.shape[:-1], np.uint8)
+    slab_labels(Slab(0, 0, 5, scores, norm), out, compiled, logits=logits)
+    device = Confidence.zeros(5, "network", logits)
+    device.add(*tensor_tallies(scores, scores.argmax(-1), logits=logits))
+    np.testing.assert_allclose(device.probability_sum, compiled.probability_sum, rtol=1e-6)
+    np.testing.assert_array_equal(device.low, compiled.low)
+    np.testing.assert_array_equal(device.voxels, compiled.voxels)
+    assert compiled.voxels[1:].sum() == (out > 0).sum() and compiled.low[1:].sum() > 0
