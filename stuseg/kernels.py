@@ -80,13 +80,33 @@ def _seen_before(lab, c) -> bool:  # pragma: no cover
     return False
 
 
+_LOWEST = np.float32(np.finfo(np.float32).min)
+
+# Where a softmax is 1 to within this, it is taken as 1 without the sum over the classes (a bound
+# on the sum: see ``_softmax_at_max`` and ``_class_probability``).
+_NEGLIGIBLE = 1e-7
+
+
 @_jit(parallel=False)
 def _softmax_at_max(row, n, top) -> float:  # pragma: no cover
     """The softmax, at its largest class, of the mean logits ``row / n`` whose maximum is ``top``:
-    ``1 / sum_k exp(l_k - l_max)``, in float64 (every term is at most 1: nothing overflows)."""
+    ``1 / sum_k exp(l_k - l_max)``. Every term is at most 1 (nothing overflows); summed in
+    float64 from float32 terms (float32's ``exp`` is the fast one; a probability needs no more).
+    When the second-largest logit lies so far below that the other terms add less than
+    ``_NEGLIGIBLE``, the probability is 1 to within that and the exponentials are skipped."""
+    second = _LOWEST
+    seen_top = False
+    for k in range(row.shape[0]):
+        v = row[k] / n
+        if v == top and not seen_top:
+            seen_top = True
+        elif v > second:
+            second = v
+    if (row.shape[0] - 1) * np.exp(np.float64(second) - np.float64(top)) < _NEGLIGIBLE:
+        return 1.0
     total = 0.0
     for k in range(row.shape[0]):
-        total += np.exp(np.float64(row[k] / n) - np.float64(top))
+        total += np.exp(row[k] / n - top)
     return 1.0 / total
 
 
@@ -138,9 +158,6 @@ def argmax_of_mean(
                             p = _softmax_at_max(row, n, q) if logits else q
                             _tally(conf_sum, conf_low, conf_count, i, k, p)
                         break
-
-
-_LOWEST = np.float32(np.finfo(np.float32).min)
 
 
 @_jit()
@@ -236,11 +253,6 @@ def vote_labels(
                         elif label < best_label:
                             best_label = label
                 out[o0, o1, o2] = best_label
-
-
-# Where the softmax of interpolated logits is 1 to within this, it is taken as 1 without the
-# sum over the classes (a bound on the sum: see ``_class_probability``).
-_NEGLIGIBLE = 1e-7
 
 
 @_jit(parallel=False)
