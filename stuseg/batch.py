@@ -900,6 +900,7 @@ class _Recorder:
         device: str | None = None,
         warnings_: Sequence[str] = (),
         worker: str | None = None,
+        quality: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         s = self.settings
         rec: dict[str, Any] = {
@@ -925,6 +926,8 @@ class _Recorder:
         rec["options"] = s.options() | ({"device": device} if device else {})
         rec["fingerprint"] = s.fingerprint()
         rec["warnings"] = list(warnings_)
+        if quality is not None:  # the case's quality flags in brief (stuseg.quality.case_summary)
+            rec["quality"] = dict(quality)
         rec["run"] = self.run_id
         rec["host"] = worker or self.host
         rec["time"] = _now()
@@ -1094,6 +1097,7 @@ def run(
     ignored: Sequence[Ignored] = (),
     progress: Callable[[Case, int, int], None] | None = None,
     threads: int | None = None,
+    qa_fail: bool = False,
 ) -> Iterator[CaseResult]:
     """Segment ``cases`` with a loaded ``stuseg.Segmenter``, stages overlapped; yield each result.
 
@@ -1126,6 +1130,8 @@ def run(
         progress: ``progress(case, tiles_done, tiles_total)`` from the network stage.
         threads: CPUs to share between the stages (default ``segmenter.threads``); see
             ``split_threads``.
+        qa_fail: a case whose result raises a quality flag for review
+            (``stuseg.quality.REVIEW_FLAGS``) is logged as ``failed``, its result kept.
 
     Yields:
         One ``CaseResult`` per case as it finishes (skipped ones first), then stops.
@@ -1229,7 +1235,7 @@ def run(
 
         def _finish(job: _Job) -> CaseResult:
             paths: list[Path] = []
-            seg = None
+            seg = summary = None
             if job.error is None:
                 voxels = job.inferred.geometry.voxels
                 with sink.to(job.warnings):
@@ -1247,6 +1253,7 @@ def run(
                             run_id=recorder.run_id,
                         )
                         seg.timings["write"] = seg.timings.get("write", 0.0) + time.perf_counter() - start
+                        summary, job.error = _quality_of(seg, qa_fail)
                     except Exception as exc:
                         job.error, job.traceback = failure(exc)
                         paths = []
@@ -1267,6 +1274,7 @@ def run(
                 peak_gpu=seg.peak_gpu_bytes if seg is not None else None,
                 device=seg.device if seg is not None else None,
                 warnings_=job.warnings,
+                quality=summary,
             )
             return CaseResult(job.case, status, paths, job.error, rec)
 
@@ -1314,6 +1322,16 @@ def run(
                 stop.set()
                 writer.join()
                 reader.join(timeout=0.1)  # reading has no side effects; it ends after its case
+
+
+def _quality_of(seg: Any, qa_fail: bool) -> tuple[dict[str, Any], str | None]:
+    """A written case's quality flags in brief, and with ``qa_fail`` the reason to fail it (or None)."""
+    from stuseg import quality
+
+    start = time.perf_counter()
+    summary = quality.case_summary(seg)
+    seg.timings["quality"] = time.perf_counter() - start
+    return summary, quality.review_reason(summary) if qa_fail else None
 
 
 def _fatal_error(exc: BaseException) -> BaseException:
@@ -1389,6 +1407,7 @@ def run_local(
     overwrite: bool = False,
     ignored: Sequence[Ignored] = (),
     progress: Callable[[Case, int, int], None] | None = None,
+    qa_fail: bool = False,
 ) -> Iterator[CaseResult]:
     """Load the model once (now), then return ``run``'s iterator over the cases' results.
 
@@ -1399,7 +1418,7 @@ def run_local(
         cases: from ``discover``.
         output: the batch folder.
         options: the model and its options (default: ``ModelOptions()``).
-        multilabel, overwrite, ignored, progress: as for ``run``.
+        multilabel, overwrite, ignored, progress, qa_fail: as for ``run``.
 
     Raises:
         WeightsError, InputError, LabelError: the model or an option cannot be used; raised here,
@@ -1417,6 +1436,7 @@ def run_local(
         weights=options.weights,
         ignored=ignored,
         progress=progress,
+        qa_fail=qa_fail,
     )
 
 

@@ -454,6 +454,18 @@ def weights_cmd(
 
 
 # Options that predict and batch share, with the same meaning.
+QaFailOption = Annotated[
+    bool,
+    typer.Option(
+        "--qa-fail",
+        help="Treat a result that raises a quality flag for review (wrong_side, fragmented, "
+        "low_confidence) as a failure: the result is kept; predict exits with status 3, batch logs the "
+        "case as failed.",
+    ),
+]
+# predict --qa-fail's exit status when a quality flag is raised (1 is an error, 2 a usage error).
+QA_FAIL_EXIT = 3
+
 SizeOption = Annotated[
     str | None,
     typer.Option(
@@ -704,6 +716,7 @@ def predict_cmd(
             help="SNOMED CT codes for a model's structures in a DICOM-SEG (CSV or JSON; see the README).",
         ),
     ] = None,
+    qa_fail: QaFailOption = False,
     dicom_seg_type: Annotated[
         DicomSegType | None,
         typer.Option(
@@ -847,6 +860,12 @@ def predict_cmd(
         if stats is not None and (line := quality_line(stats)):
             say(line)
         say(_summary(seg, " and ".join(written) or "nothing"))
+    if qa_fail:
+        from stuseg import quality
+
+        reason = quality.review_reason(quality.summarize(stats) if stats else quality.case_summary(seg))
+        if reason:
+            raise fail(f"{reason}; the result is kept ({' and '.join(written) or 'nothing'})", QA_FAIL_EXIT)
 
 
 def _blobs_line(removed: dict[str, int], min_mm3: float) -> str:
@@ -945,6 +964,7 @@ def batch_cmd(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    qa_fail: QaFailOption = False,
 ) -> None:
     """Segment many CT scans with one model load: stages overlapped, resumable, one log line per case."""
     import contextlib
@@ -957,6 +977,8 @@ def batch_cmd(
 
     if workers is not None and ray_address is None:
         raise fail("--workers applies only with --ray ADDRESS", code=2)
+    if qa_fail and ray_address is not None:
+        raise fail("--qa-fail is not available with --ray yet; run the batch on this machine", code=2)
     try:
         if size is not None:
             from stuseg.network import canonical_size
@@ -1033,6 +1055,7 @@ def batch_cmd(
                 overwrite=overwrite,
                 ignored=found.ignored,
                 progress=progress,
+                qa_fail=qa_fail,
             )
     except StusegError as exc:
         raise usage(exc) from None
@@ -1040,6 +1063,7 @@ def batch_cmd(
     log = output / batch.LOG_NAME
     log_size = log.stat().st_size if log.is_file() else 0  # what the log held before this run
     counts = {"ok": 0, "failed": 0, "skipped": 0}
+    qa_failed = 0  # of the failed, those written but failed on their quality flags (--qa-fail)
     start = time.perf_counter()
     try:
         with (
@@ -1050,6 +1074,7 @@ def batch_cmd(
             tiles.append(bars)
             for result in results:
                 counts[result.status] += 1
+                qa_failed += result.status == "failed" and bool(result.outputs)
                 name = result.case.id if result.case else "?"
                 if result.status == "failed":
                     bars.print(f"stuseg: error: {name}: {result.error}")
@@ -1074,7 +1099,9 @@ def batch_cmd(
             f" ({counts['ok'] / (seconds / 60):.2f} scans per minute)" if counts["ok"] and seconds > 0 else ""
         )
         say(
-            f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
+            f"batch: {counts['ok']} ok, {counts['failed']} failed"
+            + (f" ({qa_failed} on quality flags)" if qa_failed else "")
+            + f", {counts['skipped']} skipped "
             f"in {_duration(seconds)}{rate}; "
             + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
             + f"log: {log}"
@@ -1189,6 +1216,7 @@ def _write_extras(
             mode=mode,
             cleanup=seg.cleanup,
             precision=seg.precision,
+            confidence=seg.confidence,
         )
         stats_mod.write_statistics(result, paths["json"], paths["csv"])
         seg.timings["statistics"] = time.perf_counter() - start
@@ -1226,12 +1254,14 @@ QUALITY_LINE_ITEMS = 6
 
 
 def quality_line(stats: Any) -> str | None:
-    """One line naming the structures flagged ``wrong_side`` or ``fragmented``, or None if none is.
+    """One line naming the structures flagged ``wrong_side``, ``fragmented`` or ``low_confidence``,
+    or None if none is.
 
     ``empty`` and ``touches_border`` are not named: most scans show part of a body, so a correct
     result raises them for many structures (statistics.json lists them).
     """
     from stuseg.labels import left_right_pairs
+    from stuseg.quality import LOW_PROBABILITY
 
     records = stats.by_name()
     items = [
@@ -1244,6 +1274,12 @@ def quality_line(stats: Any) -> str | None:
         outside, stray = rec["outside_largest_share"], rec["stray_share"]
         share = f"{outside:.0%} outside the largest" + ("" if stray == outside else f", {stray:.0%} stray")
         items.append(f"{name} in {rec['fragments']} pieces ({share})")
+    for name in stats.flagged()["low_confidence"]:
+        rec = records[name]
+        items.append(
+            f"{name} unsure ({rec['low_probability_share']:.0%} of voxels below "
+            f"p {LOW_PROBABILITY:g}, mean p {rec['mean_probability']:.2f})"
+        )
     if not items:
         return None
     more = len(items) - QUALITY_LINE_ITEMS

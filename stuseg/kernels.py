@@ -23,6 +23,8 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
+from stuseg.quality import LOW_PROBABILITY
+
 __all__ = ["add_rounded", "argmax_of_mean", "interpolate_argmax", "mean_top2", "vote_labels"]
 
 
@@ -80,9 +82,61 @@ def _seen_before(lab, c) -> bool:  # pragma: no cover
     return False
 
 
+_LOWEST = np.float32(np.finfo(np.float32).min)
+
+# Where a softmax is 1 to within this, it is taken as 1 without the sum over the classes (a bound
+# on the sum: see ``_softmax_at_max`` and ``_class_probability``).
+_NEGLIGIBLE = 1e-7
+
+
+@_jit(parallel=False)
+def _softmax_at_max(row, n, top) -> float:  # pragma: no cover
+    """The softmax, at its largest class, of the mean logits ``row / n`` whose maximum is ``top``:
+    ``1 / sum_k exp(l_k - l_max)``. Every term is at most 1 (nothing overflows); summed in
+    float64 from float32 terms (float32's ``exp`` is the fast one; a probability needs no more).
+    When the second-largest logit lies so far below that the other terms add less than
+    ``_NEGLIGIBLE``, the probability is 1 to within that and the exponentials are skipped."""
+    second = _LOWEST
+    seen_top = False
+    for k in range(row.shape[0]):
+        v = row[k] / n
+        if v == top and not seen_top:
+            seen_top = True
+        elif v > second:
+            second = v
+    if (row.shape[0] - 1) * np.exp(np.float64(second) - np.float64(top)) < _NEGLIGIBLE:
+        return 1.0
+    total = 0.0
+    for k in range(row.shape[0]):
+        total += np.exp(row[k] / n - top)
+    return 1.0 / total
+
+
+@_jit(parallel=False)
+def _tally(conf_sum, conf_low, conf_count, r, k, p) -> None:  # pragma: no cover
+    """Count one voxel of class ``k`` (not background) with winning probability ``p`` in row ``r``
+    of the per-row tallies (each row is written by one thread only)."""
+    if k == 0:
+        return
+    conf_sum[r, k] += p
+    conf_count[r, k] += 1
+    if p < LOW_PROBABILITY:
+        conf_low[r, k] += 1
+
+
 @_jit()
-def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    """``out = argmax_k(sums[..., k] / norm)`` per voxel, float32, ties to the lowest class.
+def argmax_of_mean(
+    sums: np.ndarray,
+    norm: np.ndarray,
+    out: np.ndarray,
+    logits: bool,
+    conf_sum: np.ndarray,
+    conf_low: np.ndarray,
+    conf_count: np.ndarray,
+) -> None:  # pragma: no cover
+    """``out = argmax_k(sums[..., k] / norm)`` per voxel, float32, ties to the lowest class;
+    each labelled voxel's winning probability tallied by class into row ``i`` of the
+    (a, K) tallies ``conf_*`` (see ``_tally``; scores are ``logits`` or probabilities).
 
     ``sums`` (a, b, c, K), ``norm`` (a, b, c), ``out`` (a, b, c) uint8. Dividing by the same
     positive ``norm`` keeps the order of the classes, so the maximum quotient is the quotient
@@ -102,6 +156,9 @@ def argmax_of_mean(sums: np.ndarray, norm: np.ndarray, out: np.ndarray) -> None:
                 for k in range(n_classes):
                     if row[k] / n == q:
                         out[i, j, m] = k
+                        if k != 0:
+                            p = _softmax_at_max(row, n, q) if logits else q
+                            _tally(conf_sum, conf_low, conf_count, i, k, p)
                         break
 
 
@@ -138,9 +195,17 @@ _LOWEST = np.float32(np.finfo(np.float32).min)
 
 @_jit()
 def mean_top2(
-    sums: np.ndarray, norm: np.ndarray, scores: np.ndarray, labels: np.ndarray, second: np.ndarray
+    sums: np.ndarray,
+    norm: np.ndarray,
+    logits: bool,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    second: np.ndarray,
+    top: np.ndarray,
 ) -> None:  # pragma: no cover
-    """``scores = sums / norm`` (float32), its argmax (ties to the lowest class) and second-largest value.
+    """``scores = sums / norm`` (float32), its argmax (ties to the lowest class), second-largest
+    value, and ``top``: for probabilities the argmax's own (its score), for ``logits`` its margin
+    over the second-largest (``interpolate_argmax`` bounds the softmax with it).
 
     ``second`` is the largest score of any class but the argmax (float32's lowest value with a
     single class). Scores may be probabilities or logits of any sign: the search starts below
@@ -167,6 +232,7 @@ def mean_top2(
                         runner_up = v
                 labels[i, j, m] = arg
                 second[i, j, m] = runner_up
+                top[i, j, m] = best - runner_up if logits else best
 
 
 @_jit()
@@ -222,11 +288,51 @@ def vote_labels(
                 out[o0, o1, o2] = best_label
 
 
+@_jit(parallel=False)
+def _class_probability(scores, labels, top, at, wt, k, logits, agree, acc) -> float:  # pragma: no cover
+    """The probability of class ``k`` at an output voxel with corners ``at`` and weights ``wt``.
+
+    Probabilities: class ``k``'s interpolated (the value the argmax compared; at corners whose
+    argmax is ``k`` that is their ``top``). Logits (nnU-Net v2): the softmax of the interpolated
+    logits at ``k``, ``1 / sum_j exp(L_j - L_k)``, as v2 takes the softmax after resampling.
+    Where every corner's argmax is ``k`` (``agree``), each other class lies below ``k`` by at
+    least the corner's margin ``top``, so every term ``j != k`` is at most ``exp(-M)`` for the
+    interpolated margin M; when ``(K - 1) exp(-M)`` is below ``_NEGLIGIBLE`` the probability is
+    1 to within that, and the sum over the classes is skipped. ``acc`` is scratch (K float64).
+    """
+    if not logits:
+        p = 0.0
+        for e in range(8):
+            i, j, m = at[e, 0], at[e, 1], at[e, 2]
+            q = top[i, j, m] if labels[i, j, m] == k else scores[i, j, m, k]
+            p += wt[e] * q
+        return p
+    n_classes = scores.shape[3]
+    if agree:
+        margin = 0.0
+        for e in range(8):
+            margin += wt[e] * top[at[e, 0], at[e, 1], at[e, 2]]
+        if (n_classes - 1) * np.exp(-margin) < _NEGLIGIBLE:
+            return 1.0
+    acc[:] = 0.0
+    for e in range(8):
+        row = scores[at[e, 0], at[e, 1], at[e, 2]]
+        w = wt[e]
+        for c in range(n_classes):
+            acc[c] += w * row[c]
+    total = 0.0
+    for c in range(n_classes):
+        total += np.exp(acc[c] - acc[k])
+    return 1.0 / total
+
+
 @_jit()
 def interpolate_argmax(
     scores: np.ndarray,
     labels: np.ndarray,
     second: np.ndarray,
+    top: np.ndarray,
+    logits: bool,
     idx0: np.ndarray,
     w0: np.ndarray,
     idx1: np.ndarray,
@@ -234,12 +340,16 @@ def interpolate_argmax(
     idx2: np.ndarray,
     w2: np.ndarray,
     out: np.ndarray,
+    conf_sum: np.ndarray,
+    conf_low: np.ndarray,
+    conf_count: np.ndarray,
 ) -> None:  # pragma: no cover
     """Normal-mode export: argmax of the linearly interpolated class scores, per output voxel.
 
-    ``scores`` (a, b, c, K) float32 with their argmax ``labels`` and ``second``-largest value
-    per source voxel. Interpolated values are summed in float64 and rounded to float32 before
-    the argmax (ties to the lowest class), as the reference resizes in float64 and casts.
+    ``scores`` (a, b, c, K) float32 with their argmax ``labels``, ``second``-largest value and
+    ``top`` (``mean_top2``) per source voxel. Interpolated values are
+    summed in float64 and rounded to float32 before the argmax (ties to the lowest class), as
+    the reference resizes in float64 and casts.
 
     Three levels, each exact:
     - all corners share their argmax: that class is at least as large as any other at every
@@ -248,6 +358,10 @@ def interpolate_argmax(
       second-largest score at every corner, so at most the same interpolation of ``second``:
       where the best candidate beats that bound, it wins;
     - else every class is interpolated.
+
+    Each output voxel of a class other than 0 is tallied (``_tally``, row ``o0``) with the
+    probability of its class (``_class_probability``): for probabilities the interpolated value
+    that won the argmax; for ``logits`` the softmax of the interpolated logits at the winner.
     """
     n_classes = scores.shape[3]
     for o0 in prange(out.shape[0]):
@@ -258,7 +372,12 @@ def interpolate_argmax(
         for o1 in range(out.shape[1]):
             for o2 in range(out.shape[2]):
                 if not _corners(labels, idx0, idx1, idx2, o0, o1, o2, lab, at):
-                    out[o0, o1, o2] = lab[0]
+                    k = lab[0]
+                    out[o0, o1, o2] = k
+                    if k != 0:
+                        _corner_weights(w0, w1, w2, o0, o1, o2, wt)
+                        p = _class_probability(scores, labels, top, at, wt, k, logits, True, acc)
+                        _tally(conf_sum, conf_low, conf_count, o0, k, p)
                     continue
                 _corner_weights(w0, w1, w2, o0, o1, o2, wt)
                 best = np.float32(-np.inf)
@@ -277,20 +396,21 @@ def interpolate_argmax(
                 bound = 0.0
                 for e in range(8):
                     bound += wt[e] * second[at[e, 0], at[e, 1], at[e, 2]]
-                if best > np.float32(bound):
-                    out[o0, o1, o2] = best_class
-                    continue
-                acc[:] = 0.0
-                for e in range(8):
-                    row = scores[at[e, 0], at[e, 1], at[e, 2]]
-                    w = wt[e]
-                    for k in range(n_classes):
-                        acc[k] += w * row[k]
-                top = np.float32(acc[0])
-                arg = 0
-                for k in range(1, n_classes):
-                    v32 = np.float32(acc[k])
-                    if v32 > top:
-                        top = v32
-                        arg = k
-                out[o0, o1, o2] = arg
+                if not best > np.float32(bound):
+                    acc[:] = 0.0
+                    for e in range(8):
+                        row = scores[at[e, 0], at[e, 1], at[e, 2]]
+                        w = wt[e]
+                        for k in range(n_classes):
+                            acc[k] += w * row[k]
+                    top32 = np.float32(acc[0])
+                    best_class = 0
+                    for k in range(1, n_classes):
+                        v32 = np.float32(acc[k])
+                        if v32 > top32:
+                            top32 = v32
+                            best_class = k
+                out[o0, o1, o2] = best_class
+                if best_class != 0:
+                    p = _class_probability(scores, labels, top, at, wt, best_class, logits, False, acc)
+                    _tally(conf_sum, conf_low, conf_count, o0, best_class, p)

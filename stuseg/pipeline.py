@@ -44,6 +44,7 @@ from stuseg.predict import (
     tile_overlap,
 )
 from stuseg.preprocess import Geometry, preprocess, restore
+from stuseg.quality import Confidence
 from stuseg.threads import limit_threads, thread_count
 
 __all__ = [
@@ -86,6 +87,9 @@ class Segmentation:
     cleanup: dict[str, Any] | None = None
     # The type the network's convolutions ran in: float32, bfloat16 or float16 (stuseg.precision).
     precision: str = "float32"
+    # The network's winning probabilities tallied per label value while the export streamed
+    # (before any clean-up); None for a label map not made here.
+    confidence: Confidence | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -267,8 +271,9 @@ def _run_network(
     progress: Progress | None,
     stages: _Stages,
     precision: str = "float32",
-) -> np.ndarray:
-    """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams.
+) -> tuple[np.ndarray, Confidence]:
+    """Sliding window over the preprocessed volume, reduced to labels at ``out_shape`` as it streams,
+    with the tallies of the labelled voxels' winning probabilities (``stuseg.quality.Confidence``).
 
     Timings: ``network`` is the forward passes alone; the softmax is reported apart, and the
     accumulation into the sliding-window buffers counts as ``export`` with the rest.
@@ -288,7 +293,16 @@ def _run_network(
             sums_dtype=_sums_dtype(x.shape[1:], len(nets), device, plan, step_size),
             slab_bytes=_NORMAL_SLAB_BYTES if not fast else 128 * 2**20,
         )
-        labels = export_labels(slabs, x.shape[1:], out_shape, separate_axis, plan.num_classes, fast=fast)
+        # nnU-Net v2 averages logits over tiles (the probability is their softmax), v1 probabilities.
+        labels, confidence = export_labels(
+            slabs,
+            x.shape[1:],
+            out_shape,
+            separate_axis,
+            plan.num_classes,
+            fast=fast,
+            logits=plan.framework != "v1",
+        )
     inside = timed.breakdown
     softmax = inside.get("softmax", 0.0)
     network = timed.seconds - softmax - inside.get("accumulate", 0.0)
@@ -296,7 +310,7 @@ def _run_network(
     if softmax:  # only the CPU path times its softmax apart
         stages.add("softmax", softmax)
     stages.add("export", time.perf_counter() - start - network - softmax)
-    return labels
+    return labels, confidence
 
 
 def keep_freed_memory(device: str = "cpu", *, many_images: bool = False) -> bool:
@@ -352,6 +366,7 @@ class Inferred:
     source: Volume | None
     timings: dict[str, float]
     peak_gpu_bytes: int | None
+    confidence: Confidence | None = None  # the winning probabilities' tallies per label value
 
 
 class Segmenter:
@@ -502,7 +517,7 @@ class Segmenter:
             # On the CPU, glibc's malloc keeps the tiles' large blocks in the heap meanwhile
             # (stuseg.memory.tuned: 1.6x faster on 2 cores), as the command line does.
             with limit_threads(self.threads), _tuned(dev):
-                labels = _run_network(
+                labels, confidence = _run_network(
                     prepared.x,
                     self.nets,
                     dev,
@@ -525,7 +540,7 @@ class Segmenter:
         release_free_memory(prepared.geometry.voxels)
         peak_gpu = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         g, h, s = prepared.geometry, prepared.header, prepared.source
-        return Inferred(labels, g, h, s, stages.seconds, peak_gpu)
+        return Inferred(labels, g, h, s, stages.seconds, peak_gpu, confidence)
 
     def finish(self, inferred: Inferred) -> Segmentation:
         """Put the label map back on the input grid and keep only the selected structures."""
@@ -547,6 +562,7 @@ class Segmenter:
             size=self.size,
             source=inferred.source,
             precision=self.precision,
+            confidence=inferred.confidence,
         )
 
 

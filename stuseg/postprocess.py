@@ -15,6 +15,13 @@ Two exports, as nnU-Net v1's ``normal`` and ``fast`` modes:
 The per-voxel work runs in the compiled loops of ``stuseg.kernels``; this module prepares
 their index and weight tables and streams the slabs.
 
+Both also tally, per class, the winning probability of the voxels they label
+(``stuseg.quality.Confidence``): normal mode on the output voxels, the probability of each
+voxel's class as the export resampled it; fast mode on the network-resolution voxels, before
+their label map is resampled. ``logits``: the scores are averaged logits (nnU-Net v2), and the
+probability is their softmax after resampling (or at the network voxel, in fast mode); otherwise
+they are probabilities (v1).
+
 Both resample each axis on the pixel-area grid (source coordinate ``(o + 0.5) * n_in / n_out
 - 0.5``, clamped at the edges), linearly, or with nearest neighbour along the separate
 low-resolution axis of strongly anisotropic images.
@@ -31,6 +38,7 @@ import torch
 from stuseg.kernels import argmax_of_mean, interpolate_argmax, mean_top2, vote_labels
 from stuseg.predict import Slab
 from stuseg.preprocess import axis_slice, nearest_indices
+from stuseg.quality import LOW_PROBABILITY, Confidence
 
 __all__ = [
     "AxisMap",
@@ -42,6 +50,7 @@ __all__ = [
     "nearest_map",
     "resample_labels",
     "slab_labels",
+    "tensor_tallies",
 ]
 
 
@@ -101,21 +110,62 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def slab_labels(slab: Slab, out: np.ndarray) -> None:
-    """Write the argmax class of ``slab``'s mean scores into ``out`` (uint8, the slab's spatial shape)."""
+def _tallies(rows: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed per-row confidence tallies for the kernels: probability sums, low and all voxels."""
+    return np.zeros((rows, num_classes)), *(np.zeros((rows, num_classes), np.int64) for _ in range(2))
+
+
+def slab_labels(
+    slab: Slab, out: np.ndarray, confidence: Confidence | None = None, *, logits: bool = False
+) -> None:
+    """Write the argmax class of ``slab``'s mean scores into ``out`` (uint8, the slab's spatial shape).
+
+    With ``confidence``, each voxel's winning probability is tallied there by its class: the
+    winning mean score, or with ``logits`` the softmax of the mean logits at the winner.
+    """
+    k = slab.sums.shape[-1]
     if slab.sums.device.type == "cpu":
-        argmax_of_mean(_host(slab.sums), _host(slab.norm), out)
-    else:  # on the accelerator: only the labels travel to the host
-        out[...] = _host(slab.scores().argmax(-1).to(torch.uint8))
+        tallies = _tallies(out.shape[0], k)
+        argmax_of_mean(_host(slab.sums), _host(slab.norm), out, logits, *tallies)
+        if confidence is not None:
+            confidence.add(*tallies)
+        return
+    # On the accelerator: only the labels and K-long tallies travel to the host.
+    scores = slab.scores()
+    labels = scores.argmax(-1)
+    out[...] = _host(labels.to(torch.uint8))
+    if confidence is not None:
+        confidence.add(*tensor_tallies(scores, labels, logits=logits))
+
+
+def tensor_tallies(
+    scores: torch.Tensor, labels: torch.Tensor, *, logits: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The confidence tallies of voxels with mean ``scores`` (..., K) and argmax ``labels`` (...),
+    with torch operators on the tensors' own device (a GPU's slab); as (1, K) host arrays."""
+    k = scores.shape[-1]
+    top = scores.amax(-1)
+    probability = 1.0 / torch.exp(scores - top.unsqueeze(-1)).sum(-1) if logits else top
+    labels, probability = labels.reshape(-1), probability.reshape(-1).double()
+    low = labels[probability < LOW_PROBABILITY]
+    tallies = [torch.bincount(labels, weights=probability, minlength=k), torch.bincount(low, minlength=k)]
+    tallies.append(torch.bincount(labels, minlength=k))
+    sums, lows, voxels = (_host(t)[None].copy() for t in tallies)
+    for t in (sums, lows, voxels):
+        t[:, 0] = 0  # background is not tallied
+    return sums, lows, voxels.astype(np.int64)
 
 
 class ProbabilityExport:
     """Consume score slabs in order along one axis; produce the argmax label map at ``out_shape``.
 
-    Each slab's mean scores are held, with their argmax and second-largest value, until every
-    output row interpolating from them is done (``kernels.interpolate_argmax``), so the
-    K-channel volume at output resolution never exists, and at network resolution only a slab
-    and the one or two rows before it.
+    Each slab's mean scores are held, with their argmax, second-largest value and winning
+    probability (or logit margin), until every output row interpolating from them is done
+    (``kernels.interpolate_argmax``), so the K-channel volume at output resolution never exists,
+    and at network resolution only a slab and the one or two rows before it.
+
+    ``.confidence`` tallies the output voxels' winning probabilities by class (input grid);
+    ``logits``: the scores are averaged logits (nnU-Net v2), else probabilities.
     """
 
     def __init__(
@@ -125,6 +175,8 @@ class ProbabilityExport:
         separate_axis: int | None,
         axis: int,
         num_classes: int,
+        *,
+        logits: bool = False,
     ):
         self.maps = axis_maps(in_shape, out_shape, separate_axis)
         self.tables = corner_tables(self.maps)
@@ -132,9 +184,12 @@ class ProbabilityExport:
         self.out_shape = out_shape
         self.num_classes = num_classes
         self.labels = np.zeros(out_shape, np.uint8)
+        self.logits = logits
+        self.confidence = Confidence.zeros(num_classes, "input", logits)
         # Held source rows [held_lo, held_lo + rows) along ``axis``, at the front of reused buffers:
-        # mean scores, their argmax and their second-largest value.
-        self._buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # mean scores, their argmax, their second-largest value and ``top`` (kernels.mean_top2:
+        # the argmax's probability, or its margin over the second-largest logit).
+        self._buffers: tuple[np.ndarray, ...] | None = None
         self._rows = 0
         self._held_lo = 0
         self._expected: int | None = None  # where the next slab must start
@@ -162,12 +217,14 @@ class ProbabilityExport:
                 np.empty((*spatial, self.num_classes), np.float32),
                 np.empty(spatial, np.uint8),
                 np.empty(spatial, np.float32),
+                np.empty(spatial, np.float32),
             )
             if self._buffers is not None:
                 for new, old in zip(grown, self._held()):
                     axis_slice(new, d, slice(0, self._rows))[...] = old
             self._buffers = grown
-        mean_top2(sums, norm, *(axis_slice(b, d, slice(self._rows, rows)) for b in self._buffers))
+        new_rows = (axis_slice(b, d, slice(self._rows, rows)) for b in self._buffers)
+        mean_top2(sums, norm, self.logits, *new_rows)
         self._rows = rows
         held_hi = slab.stop
         amap = self.maps[d]
@@ -201,7 +258,11 @@ class ProbabilityExport:
         # This block's rows along the stream axis, indexed into the held rows.
         tables[2 * d] = tables[2 * d][:, lo:hi] - self._held_lo
         tables[2 * d + 1] = np.ascontiguousarray(tables[2 * d + 1][:, lo:hi])
-        interpolate_argmax(*self._held(), *tables, axis_slice(self.labels, d, slice(lo, hi)))
+        out = axis_slice(self.labels, d, slice(lo, hi))
+        scores, labels, second, top = self._held()
+        tallies = _tallies(out.shape[0], self.num_classes)
+        interpolate_argmax(scores, labels, second, top, self.logits, *tables, out, *tallies)
+        self.confidence.add(*tallies)
 
     def result(self) -> np.ndarray:
         if self._next != self.out_shape[self.axis]:
@@ -233,8 +294,9 @@ def export_labels(
     num_classes: int,
     *,
     fast: bool,
-) -> np.ndarray:
-    """Consume the sliding window's slabs (in order) and return the uint8 label map at ``out_shape``.
+    logits: bool = False,
+) -> tuple[np.ndarray, Confidence]:
+    """Consume the sliding window's slabs (in order); the uint8 label map at ``out_shape`` and its confidence.
 
     Args:
         slabs: the score slabs of a (z, y, x) volume of ``in_shape``, as ``sliding_window`` yields
@@ -244,24 +306,30 @@ def export_labels(
         separate_axis: the axis resampled by nearest neighbour, or None.
         num_classes: K, the number of class scores per voxel.
         fast: argmax at ``in_shape`` then ``resample_labels``; else ``ProbabilityExport``.
+        logits: the slabs' scores are averaged logits (nnU-Net v2), else probabilities (v1).
 
     Returns:
-        The label map, values = class index.
+        The label map (values = class index), and the tallies of its voxels' winning
+        probabilities by class (on the output voxels, or with ``fast`` on the
+        network-resolution voxels).
     """
     if fast:
         net_labels = np.empty(in_shape, np.uint8)
+        tallies = Confidence.zeros(num_classes, "network", logits)
         for slab in slabs:
             index = [slice(None)] * 3
             index[slab.axis] = slice(slab.start, slab.stop)
-            slab_labels(slab, net_labels[tuple(index)])
+            slab_labels(slab, net_labels[tuple(index)], tallies, logits=logits)
             del slab
-        return resample_labels(net_labels, out_shape, separate_axis)
+        return resample_labels(net_labels, out_shape, separate_axis), tallies
     normal = None
     for slab in slabs:
         if normal is None:
-            normal = ProbabilityExport(in_shape, out_shape, separate_axis, slab.axis, num_classes)
+            normal = ProbabilityExport(
+                in_shape, out_shape, separate_axis, slab.axis, num_classes, logits=logits
+            )
         normal.add(slab)
         del slab
     if normal is None:
         raise ValueError("no slabs to export")
-    return normal.result()
+    return normal.result(), normal.confidence

@@ -16,8 +16,11 @@ A structure holding NaN voxels gets empty intensity fields (no statistic of them
 
 Quality flags (``empty``, ``touches_border``, ``fragmented``, ``wrong_side``; see ``COLUMNS``)
 come from the label map alone (``stuseg.quality``: pieces counted inside each structure's
-bounding box, left/right pairs compared along the patient's left-right axis); ``Statistics.flagged``
-lists the flagged structures per flag, written as ``quality`` in ``statistics.json``.
+bounding box, left/right pairs compared along the patient's left-right axis); ``low_confidence``
+and its figures from the network's probabilities, tallied by the export
+(``stuseg.quality.Confidence``), when the segmentation was made in this process.
+``Statistics.flagged`` lists the flagged structures per flag, written as ``quality`` in
+``statistics.json``.
 
 ``write_statistics`` writes ``statistics.json`` (image-level fields and one record per
 structure) and ``statistics.csv`` (tidy: one row per structure, columns in ``COLUMNS``);
@@ -115,13 +118,25 @@ COLUMNS: dict[str, str] = {
     "wrong_side": f"true if side_offset_mm < -{quality.SIDE_MARGIN_MM:g}: the pair lies the wrong way round "
     f"(swapped labels, or a flipped image); within {quality.SIDE_MARGIN_MM:g} mm of each other, centroids "
     "say nothing about sides. Empty without a present partner",
+    "mean_probability": "mean, over the structure's voxels, of the network's probability for the "
+    "structure's class (its winning probability), as the export resampled it: nnU-Net v1 models' softmax "
+    "averaged over tiles, interpolated; v2 models' averaged logits interpolated, then the softmax; with "
+    "--fast, over the network-resolution voxels before the label map is resampled. Counted before any "
+    "--remove-small-blobs; empty where no probabilities were seen (the statistics command)",
+    "low_probability_share": "share of those voxels whose winning probability is below "
+    f"{quality.LOW_PROBABILITY:g}: there the network gives the other classes together more weight than "
+    "this one",
+    "low_confidence": f"true if low_probability_share > {quality.LOW_CONFIDENCE_SHARE:g}: a calibrated "
+    "network then expects over a tenth of the structure's voxels to be wrong; at a rim between two classes "
+    f"the winner keeps at least {quality.LOW_PROBABILITY:g}, so rims alone do not raise it",
 }
+_INTENSITY = ("mean_hu", "std_hu", "median_hu", "min_hu", "max_hu", "p05_hu", "p95_hu")
 # Fields left empty (CSV) or null (JSON) for a structure without voxels.
 _EMPTY_WHEN_ABSENT = tuple(
     c for c in COLUMNS if c not in ("structure", "label", "voxels", "volume_ml", "empty")
 )
 # The flags, in the order ``Statistics.flagged`` lists them.
-FLAGS = ("empty", "touches_border", "fragmented", "wrong_side")
+FLAGS = ("empty", "touches_border", "fragmented", "wrong_side", "low_confidence")
 
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[0-9][0-9.eE+-]*,?\s*)+)\]")
 
@@ -401,13 +416,14 @@ def align_to(
 def compute(
     labels: np.ndarray | Sequence[np.ndarray],
     header_or_affine: nib.Nifti1Header | np.ndarray,
-    ct: np.ndarray,
+    ct: np.ndarray | None,
     names: Mapping[int, str],
     *,
     size: str | None = None,
     mode: str | None = None,
     cleanup: Mapping[str, object] | None = None,
     precision: str | None = None,
+    confidence: quality.Confidence | None = None,
 ) -> Statistics:
     """Statistics of every named structure of a segmentation, on the CT's own voxels.
 
@@ -415,7 +431,9 @@ def compute(
         labels: an integer label map on the CT's grid, or several (layers) whose label values
             are disjoint, for masks that overlap.
         header_or_affine: the segmentation's NIfTI header or its 4x4 voxel-to-RAS affine.
-        ct: the intensities, same shape as ``labels`` (e.g. ``stuseg.io.read_image(ct).data``).
+        ct: the intensities, same shape as ``labels`` (e.g. ``stuseg.io.read_image(ct).data``);
+            None: no intensity fields (left empty), the rest as usual (e.g. the quality flags
+            of a batch, which keeps no copy of the CT).
         names: label value -> structure name. Every named structure gets a record, present or
             not; a value present in ``labels`` without a name is an error.
         size: the model size that made the segmentation, recorded in the image fields.
@@ -424,6 +442,9 @@ def compute(
             recorded in the image fields as ``cleanup`` (None: nothing).
         precision: the type the network ran in (``Segmentation.precision``), recorded in the
             image fields.
+        confidence: the network's winning probabilities tallied per label value while the
+            label map was made (``Segmentation.confidence``); None: the confidence fields stay
+            empty.
 
     Returns:
         The image fields and one record per named structure, in label order.
@@ -434,7 +455,8 @@ def compute(
     """
     affine = affine_of(header_or_affine)
     layers = [labels] if isinstance(labels, np.ndarray) else list(labels)
-    ct = np.asanyarray(ct)
+    without_ct = ct is None
+    ct = np.asanyarray(layers[0] if ct is None else ct)
     for layer in layers:
         if layer.shape != ct.shape or layer.ndim != 3:
             raise InputError(
@@ -443,7 +465,10 @@ def compute(
             )
     found: dict[int, dict[str, object]] = {}
     for layer in layers:
-        for value, fields in _measure_layer(layer, ct).items():
+        # Without a CT the label map stands in for the intensities (no copy), which are dropped.
+        for value, fields in _measure_layer(layer, layer if without_ct else ct).items():
+            if without_ct:
+                fields.update(dict.fromkeys(_INTENSITY))
             if value in found:
                 raise LabelError(f"label value {value} occurs in two layers; layers must use disjoint values")
             fields["_pieces"] = quality.pieces(layer, value, fields["_lo"], fields["_hi"])  # type: ignore[arg-type]
@@ -469,7 +494,7 @@ def compute(
             xyz = nib.affines.apply_affine(affine, ijk)
             rec["voxels"] = n
             rec["volume_ml"] = n * voxel_mm3 / 1000.0  # mm^3 -> ml
-            for c in ("mean_hu", "std_hu", "median_hu", "min_hu", "max_hu", "p05_hu", "p95_hu"):
+            for c in _INTENSITY:
                 rec[c] = fields[c]
             rec.update(
                 {f"centroid_{a}_ras_mm": float(v) for a, v in zip("xyz", xyz)}
@@ -486,6 +511,7 @@ def compute(
             one_piece = label_table.one_piece(str(names[value]))
             rec["fragmented"] = parts.stray / n > quality.FRAGMENT_SHARE if one_piece else None
             rec["side_offset_mm"] = rec["wrong_side"] = None  # set below for the pairs present
+            _set_confidence(rec, confidence.of(value) if confidence is not None else None)
         records.append({c: rec[c] for c in COLUMNS})
     _compare_sides(records)
     image = {
@@ -499,8 +525,19 @@ def compute(
         "mode": mode,
         "precision": precision,
         "cleanup": dict(cleanup) if cleanup else None,
+        "confidence": confidence.describe() if confidence is not None else None,
     }
     return Statistics(image=image, structures=records)
+
+
+def _set_confidence(rec: dict[str, object], figures: tuple[float, float] | None) -> None:
+    """The confidence fields of a present structure from its (mean, low share), or empty."""
+    if figures is None:  # no probabilities seen, or none for this label (e.g. a clean-up's leftovers)
+        rec["mean_probability"] = rec["low_probability_share"] = rec["low_confidence"] = None
+        return
+    mean, low_share = figures
+    rec["mean_probability"], rec["low_probability_share"] = mean, low_share
+    rec["low_confidence"] = quality.low_confidence(low_share)
 
 
 def _compare_sides(records: list[dict[str, object]]) -> None:
@@ -519,14 +556,15 @@ def _compare_sides(records: list[dict[str, object]]) -> None:
 
 
 def of_segmentation(
-    seg: object, ct: str | Path | np.ndarray | object, *, mode: str | None = None
+    seg: object, ct: str | Path | np.ndarray | object | None, *, mode: str | None = None
 ) -> Statistics:
     """``compute`` for a ``stuseg.pipeline.Segmentation`` (``seg.statistics(ct)`` delegates here).
 
     Args:
         seg: a Segmentation (``image``: its uint8 label map as a NIfTI image, ``names``, ``size``).
         ct: the CT it was made from: a path (anything ``stuseg.io.read_image`` reads), a
-            ``stuseg.io.Volume``, or an array of intensities on the segmentation's grid.
+            ``stuseg.io.Volume``, or an array of intensities on the segmentation's grid; None: no
+            intensity fields.
         mode: ``"fast"`` or ``"normal"``, recorded in the image fields.
         cleanup: what was done to the label map after the network (``Segmentation.cleanup``),
             recorded in the image fields as ``cleanup`` (None: nothing).
@@ -555,12 +593,13 @@ def of_segmentation(
     return compute(
         labels,
         affine,
-        np.asanyarray(ct),
+        None if ct is None else np.asanyarray(ct),
         seg.names,  # type: ignore[attr-defined]
         size=seg.size or None,  # type: ignore[attr-defined]
         mode=mode,
         cleanup=cleanup,
         precision=precision,
+        confidence=getattr(seg, "confidence", None),
     )
 
 

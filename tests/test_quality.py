@@ -215,15 +215,17 @@ def test_empty_and_touching_the_edge() -> None:
         "touches_border": ["liver"],
         "fragmented": [],
         "wrong_side": [],
+        "low_confidence": [],  # no probabilities seen: never flagged
     }
     doc = json.loads(result.to_json())
     assert doc["quality"] == result.flagged()
     assert "fragmented" in doc["units"] and "wrong_side" in doc["units"]
     rows = statistics.csv_text([(None, result)]).splitlines()
     assert rows[0].endswith(
-        "touches_border,empty,fragments,outside_largest_share,stray_share,fragmented,side_offset_mm,wrong_side"
+        "touches_border,empty,fragments,outside_largest_share,stray_share,fragmented,side_offset_mm,wrong_side,"
+        "mean_probability,low_probability_share,low_confidence"
     )
-    assert rows[3].endswith(",true,,,,,,")  # aorta: empty, every other flag blank
+    assert rows[3].endswith(",true,,,,,,,,,")  # aorta: empty, every other flag blank
 
 
 def write_crafted(tmp_path: Path) -> tuple[Path, Path]:
