@@ -50,6 +50,13 @@ _LEFTOVER = re.compile(r"\.stuseg-(?:staging|replaced)-(?P<host>[^-]+)-(?P<pid>\
 # files a "written by stuseg" comment. Only that much of a file is read to recognise it.
 _SIGNATURES = (b'"format": "stuseg-', b"written by stuseg")
 _SNIFF_BYTES = 1 << 16
+_FORMAT = re.compile(rb'"format": "(stuseg-[a-z-]+)/[0-9]+"')
+# What each kind of stuseg document is, for messages (the part of "format" before the version).
+KINDS = {
+    "stuseg-labels": "label table",
+    "stuseg-statistics": "statistics file",
+    "stuseg-run": "run marker",
+}
 
 # The run being recorded in markers: set by the command line for the duration of a command.
 _RUN: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("stuseg_run", default=None)
@@ -103,6 +110,7 @@ def check_output(
     kind: Literal["folder", "file"],
     overwrite: bool = False,
     hint: str = "",
+    document: str | None = None,
 ) -> None:
     """Refuse an output that cannot be written safely, before any work is done.
 
@@ -119,6 +127,10 @@ def check_output(
         kind: ``"folder"`` for a folder of results, ``"file"`` for one file.
         overwrite: allow replacing an existing folder or file that stuseg did not write.
         hint: appended to the message for a path of the wrong kind, e.g. ", or add --ml ...".
+        document: the kind of stuseg document written to a file output (``stuseg-labels``,
+            ``stuseg-statistics``; see ``KINDS``): an existing stuseg document of another kind
+            is refused too unless ``overwrite`` (a label table is never silently replaced by
+            statistics, or the reverse).
 
     Raises:
         OutputError: the output is unsafe or impossible; the message says what to do instead.
@@ -152,7 +164,7 @@ def check_output(
     if kind == "folder":
         _check_folder(raw, out, overwrite, hint)
     else:
-        _check_file(raw, out, overwrite, hint)
+        _check_file(raw, out, overwrite, hint, document)
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(f"the folder {parent} does not exist; create it first (mkdir -p '{parent}')")
@@ -194,14 +206,29 @@ def _check_folder(raw: str, out: Path, overwrite: bool, hint: str) -> None:
         )
 
 
-def _check_file(raw: str, out: Path, overwrite: bool, hint: str) -> None:
+def _check_file(raw: str, out: Path, overwrite: bool, hint: str, document: str | None) -> None:
     if out.is_dir():
         raise OutputError(f"the output {raw} is a folder, but a file is written here; give a file name{hint}")
-    if os.path.lexists(out) and not overwrite and not written_by_stuseg(out):
+    if not os.path.lexists(out) or overwrite:
+        return
+    if not written_by_stuseg(out):
         raise OutputError(
             f"the file {raw} exists and was not written by stuseg; give a new file name, "
             "or add --overwrite to replace it"
         )
+    found = document_kind(out)
+    if document is not None and found is not None and found != document:
+        raise OutputError(
+            f"the file {raw} is a {KINDS.get(found, found)} that stuseg wrote for another result, "
+            f"not a {KINDS.get(document, document)}; give a new file name, or add --overwrite to replace it"
+        )
+
+
+def document_kind(path: Path) -> str | None:
+    """The kind of stuseg document ``path`` is (``stuseg-labels``, ``stuseg-statistics``, ...,
+    from its ``"format"``; gzip is looked into), or None for another file or one without a kind."""
+    match = _FORMAT.search(_head(path))
+    return match[1].decode() if match else None
 
 
 def foreign_entries(folder: Path, limit: int | None = None) -> list[str]:
@@ -266,18 +293,26 @@ def written_by_stuseg(path: Path) -> bool:
     Returns:
         True if its first 64 KiB (decompressed for ``.gz``) carry a stuseg signature.
     """
+    head = _head(path)
+    return any(sig in head for sig in _SIGNATURES)
+
+
+def _head(path: Path) -> bytes:
+    """The first 64 KiB of a file (decompressed for ``.gz``); empty if it cannot be read."""
     try:
         if path.name.lower().endswith(".gz"):
             from isal import igzip
+            from isal.igzip_lib import IsalError
 
-            with igzip.open(path, "rb") as fh:
-                head = fh.read(_SNIFF_BYTES)
-        else:
-            with open(path, "rb") as fh:
-                head = fh.read(_SNIFF_BYTES)
-    except Exception:  # unreadable or damaged: not recognisably ours
-        return False
-    return any(sig in head for sig in _SIGNATURES)
+            try:
+                with igzip.open(path, "rb") as fh:
+                    return fh.read(_SNIFF_BYTES)
+            except IsalError:  # damaged compressed data
+                return b""
+        with open(path, "rb") as fh:
+            return fh.read(_SNIFF_BYTES)
+    except (OSError, EOFError, ValueError):  # unreadable or damaged gzip: not recognisably ours
+        return b""
 
 
 # ---------------------------------------------------------------------------------------------
