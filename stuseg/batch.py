@@ -25,13 +25,14 @@ import socket
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from stuseg import crash, memory, paths
 from stuseg.errors import InputError, OutputError, StusegError
+from stuseg.results import Layout, Request, Sources, dicom_source, mode_name, read_ct, write_result
 
 LOG_NAME = "stuseg-batch.jsonl"
 Status = Literal["ok", "failed", "skipped"]
@@ -608,6 +609,16 @@ class Settings:
     device: str = ""
     names: tuple[str, ...] = ()
     classes: int = 0
+    # What each case's result holds (NIfTI, statistics, preview, DICOM-SEG): not part of the
+    # fingerprint (the segmentation does not depend on it), checked apart on resume.
+    request: Request = field(default_factory=Request)
+
+    def wanted(self, case: Case) -> list[str]:
+        """The outputs this run wants of ``case``, as results record them (``product_tags``): a
+        DICOM-SEG only for a DICOM series (a file case gets the rest, the SEG left out with a
+        logged reason)."""
+        products = [p for p in self.request.products if p != "dicom-seg" or case.series is not None]
+        return product_tags(products, self.request)
 
     def fingerprint(self) -> dict[str, Any]:
         """The part of the settings that must match for an earlier result to be reused."""
@@ -639,7 +650,21 @@ class Settings:
             "roi_subset": subset,
             "multilabel": self.multilabel,
             "device": self.device,
-        }
+            "outputs": list(self.request.products),
+        } | ({"dicom_seg_type": self.request.seg_type} if self.request.dicom_seg else {})
+
+
+def product_tags(products: Sequence[str], request: Request) -> list[str]:
+    """How a result records the outputs it holds: the product names, the DICOM-SEG with its
+    encoding (``dicom-seg:binary``), so a resume asking for another encoding redoes it."""
+    return [f"{p}:{request.seg_type}" if p == "dicom-seg" else p for p in products]
+
+
+def holds(recorded: Any, wanted: Sequence[str]) -> bool:
+    """Whether a result that records ``recorded`` (its ``products``; none recorded: the masks
+    only, as results made before outputs were recorded) holds every output ``wanted``."""
+    have = set(recorded) if isinstance(recorded, list) else {"nifti"}
+    return set(wanted) <= have
 
 
 def model_table(segmenter: Any) -> tuple[tuple[str, ...], int]:
@@ -660,13 +685,19 @@ def model_table(segmenter: Any) -> tuple[tuple[str, ...], int]:
 
 
 def settings_of(
-    segmenter: Any, *, weights_sha256: str, multilabel: bool = False, weights: Path | None = None
+    segmenter: Any,
+    *,
+    multilabel: bool = False,
+    weights: Path | None = None,
+    request: Request | None = None,
 ) -> Settings:
-    """The ``Settings`` of a loaded ``stuseg.Segmenter``."""
+    """The ``Settings`` of a loaded ``stuseg.Segmenter`` (its ``weights_sha256`` identifies the
+    weights, whatever loaded them)."""
     names, classes = model_table(segmenter)
     return Settings(
         size=segmenter.size,
-        weights_sha256=weights_sha256,
+        weights_sha256=segmenter.weights_sha256,
+        request=request or Request(),
         fast=bool(segmenter.fast),
         tta=bool(segmenter.tta),
         step_size=float(segmenter.step_size),
@@ -679,58 +710,15 @@ def settings_of(
     )
 
 
-def weights_sha256(size: str | None, weights: Path | None) -> str | None:
-    """The sha256 that identifies the weights a batch uses, without loading them; None if unknown.
-
-    For ``weights`` (a file): the file's sha256, or the ``source_sha256`` recorded in a
-    safetensors file that stuseg converted. For a cached ``size``: the sha256 of the original
-    checkpoint recorded in the cache file (the manifest's, for a verified download). None when
-    the cache holds no weights of that size yet.
-    """
-    from stuseg import weights as weights_module
-
-    path = Path(weights) if weights is not None else weights_module.cached_path(size or "base")
-    if not path.is_file():
-        return None
-    if path.name.endswith(".safetensors"):
-        with contextlib.suppress(Exception):  # not a valid safetensors file: hash its bytes below
-            from safetensors import safe_open
-
-            with safe_open(str(path), "numpy") as fh:
-                recorded = (fh.metadata() or {}).get("source_sha256")
-            if recorded:
-                return recorded
-    return weights_module.sha256_file(path)
+def case_layout(output: Path, case_id: str, settings: Settings) -> Layout:
+    """Where a case's result goes: ``OUTPUT/<id>/`` or ``OUTPUT/<id>.nii.gz`` with its files beside."""
+    target = Path(output) / (f"{case_id}.nii.gz" if settings.multilabel else case_id)
+    return Layout(target, settings.multilabel, settings.request.products)
 
 
-def identity_of(segmenter: Any, weights: Path | None) -> str | None:
-    """The weights' sha256 for the log and resume: what the loader knows (a model folder's
-    checkpoints), else the published or ``weights`` file's (``weights_sha256``)."""
-    return getattr(segmenter, "weights_sha256", None) or weights_sha256(segmenter.size, weights)
-
-
-def model_sha256(segmenter: Any) -> str:
-    """A sha256 over the loaded network's parameters and buffers (names, dtypes, shapes, bytes).
-
-    For a ``Segmenter`` built around a model object, which has no weights file.
-    """
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(segmenter.net.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def output_paths(output: Path, case_id: str, multilabel: bool) -> list[Path]:
-    """Where a case's result goes: ``OUTPUT/<id>/`` or ``OUTPUT/<id>.nii.gz`` and its sidecars."""
-    if not multilabel:
-        return [Path(output) / case_id]
-    from stuseg.labelmaps import multilabel_paths
-
-    return multilabel_paths(Path(output) / f"{case_id}.nii.gz")
+def output_paths(output: Path, case_id: str, settings: Settings) -> list[Path]:
+    """The paths of a case's result: its folder, or the multilabel file and every file beside it."""
+    return case_layout(output, case_id, settings).all_files()
 
 
 def cases_done(output: Path, cases: Sequence[Case], since: int = 0) -> int:
@@ -771,11 +759,14 @@ def done_before(
     """Whether ``case``'s complete result is in ``output``, made with the same weights and options.
 
     A folder of masks says so itself: its marker (``.stuseg-run.json``, written before the folder
-    was moved into place) records the case's input and the settings' fingerprint, and lists its
-    files. A multilabel file is judged by the case's latest ``ok`` record in the run log
-    (``latest``, from ``latest_ok``): same input and fingerprint, every listed file present.
+    was moved into place) records the case's input, the settings' fingerprint and the outputs it
+    holds, and lists its files. A multilabel file is judged by the case's latest ``ok`` record in
+    the run log (``latest``, from ``latest_ok``): same input and fingerprint, every listed file
+    present. A result without an output this run asks for (``Settings.wanted``: statistics, a
+    preview, a DICOM-SEG or its encoding) is not done: the case is segmented and written again.
     """
     output = Path(output)
+    wanted = settings.wanted(case)
     if settings.multilabel:
         record = latest.get(case.id)
         return bool(
@@ -783,6 +774,7 @@ def done_before(
             and record.get("input") == case.source
             and record.get("series") == case.series
             and record.get("fingerprint") == settings.fingerprint()
+            and holds(record.get("products"), wanted)
             and isinstance(record.get("outputs"), list)
             and record["outputs"]
             and all((output / rel).is_file() for rel in record["outputs"])
@@ -802,6 +794,7 @@ def done_before(
         and batch.get("fingerprint") == settings.fingerprint()
         and batch.get("input") == case.source
         and batch.get("series") == case.series
+        and holds(batch.get("products"), wanted)
         and all((output / case.id / f).is_file() for f in files)
     )
 
@@ -846,9 +839,9 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
-def failure(exc: BaseException) -> tuple[str, str | None]:
-    """A failed case's one-line reason (``one_line``) and, for a bug, its traceback for the run log."""
-    return one_line(exc), crash.bug_traceback(exc)
+def failure(exc: BaseException) -> tuple[str, str]:
+    """A failed case's one-line reason (``one_line``) and its traceback, kept in the run log."""
+    return one_line(exc), crash.traceback_text(exc)
 
 
 def _now() -> str:
@@ -873,6 +866,7 @@ class _Recorder:
         status: Status,
         *,
         outputs: Sequence[Path] = (),
+        products: Sequence[str] = (),
         error: str | None = None,
         traceback: str | None = None,
         reason: str | None = None,
@@ -899,6 +893,8 @@ class _Recorder:
         if reason is not None:
             rec["reason"] = reason
         rec["outputs"] = [p.relative_to(self.output).as_posix() for p in outputs]
+        if products:
+            rec["products"] = list(products)
         rec.update(geometry or {"shape": None, "spacing": None})
         rec["seconds"] = {k: round(float(v), 3) for k, v in (seconds or {}).items()}
         rec["wall_seconds"] = round(wall, 3) if wall is not None else None
@@ -923,52 +919,33 @@ def _geometry(header: Any) -> dict[str, Any]:
     return {"shape": shape, "spacing": spacing}
 
 
-def _write_masks(seg: Any, folder: Path, threads: int) -> None:
-    """One mask per structure into ``folder`` (the staged folder of a case), as predict writes them."""
-    from stuseg import labelmaps
-
-    labelmaps.write_masks(folder, seg.labels, seg.image.header, seg.names, threads=threads)
-
-
-def _write_multilabel(seg: Any, targets: Sequence[Path]) -> None:
-    """The multilabel file and its sidecars into ``targets`` (staged files), as predict --ml writes them."""
-    from stuseg import labelmaps
-
-    labelmaps.write_multilabel(targets, seg.labels, seg.image.header, seg.names, numbering="model")
-
-
 def write_case(
     seg: Any,
     case: Case,
     output: Path,
     settings: Settings,
     *,
+    sources: Sources | None = None,
     overwrite: bool = False,
-    threads: int = 1,
     run_id: str = "",
-) -> list[Path]:
-    """Write one case's result into ``output`` so that it appears whole or not at all.
+) -> tuple[list[Path], list[str]]:
+    """Write one case's result into ``output`` through ``stuseg.results.write_result``, so that it
+    is what ``stuseg predict`` writes for the same scan, and appears whole or not at all.
 
-    Masks go into a staged folder moved to ``OUTPUT/<id>/`` when complete; its marker records the
-    case's input and settings (what ``done_before`` reads). With ``settings.multilabel``, the file
-    and its sidecars are staged and renamed together.
+    A mask folder's marker records the case's input, the settings' fingerprint and the outputs
+    it holds (what ``done_before`` reads).
 
     Returns:
-        The paths written (the case folder, or the multilabel file and its sidecars).
+        The paths written (the case folder, or the multilabel file and the files beside it), and
+        the outputs the result holds (``product_tags``).
 
     Raises:
         OutputError: the case's output is unsafe (e.g. a folder of the user's own files, without
             ``overwrite``) or cannot be written (disk full); nothing of it was written then.
     """
-    from stuseg import labelmaps, outputs
-
-    paths = output_paths(output, case.id, settings.multilabel)
-    if settings.multilabel:
-        labelmaps.check_multilabel_output(paths[0], inputs=[case.input, *case.channels], overwrite=overwrite)
-        with outputs.staged_files(paths) as temps:
-            _write_multilabel(seg, temps)
-        return paths
-    outputs.check_output(paths[0], inputs=[case.input, *case.channels], kind="folder", overwrite=overwrite)
+    layout = case_layout(output, case.id, settings)
+    layout.check([case.input, *case.channels], overwrite=overwrite)
+    products = settings.wanted(case)
     run = {
         "command": "batch",
         "options": settings.options(),
@@ -978,12 +955,12 @@ def write_case(
             "input": case.source,
             "series": case.series,
             "fingerprint": settings.fingerprint(),
+            "products": products,
             "run": run_id,
         },
     }
-    with outputs.staged_folder(paths[0], run=run) as stage:
-        _write_masks(seg, stage, threads)
-    return paths
+    written = write_result(layout, seg, settings.request, sources, run=run)
+    return written.paths, products
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1047,17 +1024,135 @@ class _Warnings:
 
 
 @dataclass
-class _Job:
-    """A case travelling through the stages."""
+class CaseJob:
+    """One case on its way: read and preprocessed (``read``), through the network (``infer``),
+    back on its grid, written and recorded (``finish``). The local runner runs the three stages
+    in three threads across cases; a Ray worker runs them in turn (``process``). A failure in any
+    stage is kept (its one-line reason and traceback) and the later stages pass it on, so the
+    case ends as one ``failed`` record."""
 
     case: Case
-    started: float
+    started: float = field(default_factory=time.perf_counter)
     prepared: Any = None
     inferred: Any = None
+    sources: Sources | None = None
     error: str | None = None
-    traceback: str | None = None  # a bug's, for the run log
+    traceback: str | None = None
     geometry: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    voxels: int | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.error, self.traceback = failure(exc)
+
+    def read(self, segmenter: Any, settings: Settings, threads: int | None = None) -> None:
+        """Read and preprocess the case; with statistics or a preview, keep its CT volume; for a
+        DICOM-SEG of a DICOM series, read the headers the SEG will reference."""
+        request, case = settings.request, self.case
+        try:
+            images: Any = case.images
+            volume = None
+            if request.needs_ct:
+                volume, _ = read_ct(case.input, case.series)
+                images = [volume, *case.channels] if case.channels else volume
+            dicom = dicom_source(case.input, case.series) if request.dicom_seg and case.series else None
+            self.sources = Sources(ct=volume, dicom=dicom, mode=mode_name(settings.fast, settings.tta))
+            self.prepared = segmenter.prepare(images, series=case.series, threads=threads)
+            self.geometry = _geometry(self.prepared.header)
+            self.voxels = self.prepared.geometry.voxels
+        except Exception as exc:
+            self.fail(exc)
+
+    def infer(self, segmenter: Any, progress: Callable[[Case, int, int], None] | None = None) -> None:
+        """The network on the prepared case (dropped afterwards)."""
+        if self.error is None:
+            try:
+                tiles = (lambda d, t, c=self.case: progress(c, d, t)) if progress else None
+                self.inferred = segmenter.infer(self.prepared, progress=tiles)
+            except Exception as exc:
+                self.fail(exc)
+                _free_device(segmenter)
+        self.prepared = None
+
+    def finish(
+        self,
+        segmenter: Any,
+        output: Path,
+        recorder: _Recorder,
+        *,
+        overwrite: bool,
+        threads: int | None = None,
+        worker: str | None = None,
+    ) -> CaseResult:
+        """Back to the input grid, ``write_case`` (``threads`` writers), and the case's log record."""
+        paths: list[Path] = []
+        products: list[str] = []
+        seg = None
+        if self.error is None:
+            try:
+                if self.sources is not None:
+                    self.sources.threads = threads
+                seg = segmenter.finish(self.inferred)
+                self.inferred = None
+                paths, products = write_case(
+                    seg,
+                    self.case,
+                    output,
+                    recorder.settings,
+                    sources=self.sources,
+                    overwrite=overwrite,
+                    run_id=recorder.run_id,
+                )
+            except Exception as exc:
+                self.fail(exc)
+                paths, products = [], []
+            finally:
+                self.inferred = self.sources = None
+                memory.release_free_memory(self.voxels)
+        status: Status = "ok" if self.error is None else "failed"
+        rec = recorder.record(
+            self.case,
+            status,
+            outputs=paths,
+            products=products,
+            error=self.error,
+            traceback=self.traceback,
+            geometry=self.geometry,
+            seconds=seg.timings if seg is not None else None,
+            wall=time.perf_counter() - self.started,
+            peak_rss=seg.peak_rss_bytes if seg is not None else memory.peak_rss_bytes(),
+            peak_gpu=seg.peak_gpu_bytes if seg is not None else None,
+            device=seg.device if seg is not None else str(segmenter.device),
+            warnings_=self.warnings,
+            worker=worker,
+        )
+        return CaseResult(self.case, status, paths, self.error, rec)
+
+
+def process(
+    case: Case,
+    segmenter: Any,
+    output: Path,
+    recorder: _Recorder,
+    *,
+    overwrite: bool = False,
+    threads: int | None = None,
+    network: contextlib.AbstractContextManager[Any] | None = None,
+    worker: str | None = None,
+) -> CaseResult:
+    """One case from start to end in the calling thread (read, network, write, record): what a
+    Ray worker does with each case it is given. ``network`` is held around the network stage
+    (a lock, when several cases share one model). Warnings are kept in the record."""
+    job = CaseJob(case)
+    sink = _Warnings()
+    read_threads, _, write_threads = split_threads(threads or _available_cpus(), segmenter.device.type)
+    with sink.installed(), sink.to(job.warnings):
+        job.read(segmenter, recorder.settings, threads=read_threads)
+        with network or contextlib.nullcontext():
+            job.infer(segmenter)
+        return job.finish(
+            segmenter, output, recorder, overwrite=overwrite, threads=write_threads, worker=worker
+        )
 
 
 _END = object()  # closes a queue
@@ -1074,8 +1169,8 @@ def run(
     *,
     multilabel: bool = False,
     overwrite: bool = False,
-    weights_sha256: str | None = None,
     weights: Path | None = None,
+    request: Request | None = None,
     ignored: Sequence[Ignored] = (),
     progress: Callable[[Case, int, int], None] | None = None,
     threads: int | None = None,
@@ -1089,7 +1184,11 @@ def run(
     as ``skipped`` first, unless ``overwrite``. Every result is appended to
     ``OUTPUT/stuseg-batch.jsonl`` (see ``RunLog``) before it is yielded, with the objects in
     ``ignored`` first. A case that fails (unreadable input, GPU out of memory, disk full) is
-    logged as ``failed`` with a one-line reason, leaves no output, and the batch goes on.
+    logged as ``failed`` with a one-line reason and its traceback, leaves no output, and the
+    batch goes on.
+
+    The weights are identified by ``segmenter.weights_sha256``, the same whatever loaded them, so
+    a batch begun here resumes from the command line, and the reverse.
 
     Stopping the iteration (``break``, Ctrl-C in the calling thread) stops the batch: the case in
     the network is dropped, a case being written is finished (its output is whole), the others
@@ -1104,9 +1203,9 @@ def run(
         output: the batch folder (created if missing; its parent must exist).
         multilabel: write ``<id>.nii.gz`` multilabel files instead of mask folders.
         overwrite: redo cases already done, and replace case outputs stuseg did not write.
-        weights_sha256: identifies the weights in the log and for resuming (the CLI passes the
-            weights file's sha256); default: a sha256 over the loaded parameters.
         weights: the weights file, recorded in the log's options.
+        request: what each case's result holds (``stuseg.results.Request``: masks, statistics,
+            preview, DICOM-SEG), written as ``stuseg predict`` writes it; default the masks.
         ignored: objects ``discover`` passed over, logged as ``skipped`` with their reason.
         progress: ``progress(case, tiles_done, tiles_total)`` from the network stage.
         threads: CPUs to share between the stages (default ``segmenter.threads``); see
@@ -1117,8 +1216,25 @@ def run(
 
     Raises:
         OutputError: the run log cannot be written (the batch stops; finished cases stay).
-        InputError: two cases share an id.
+        InputError: two cases share an id, or the request writes nothing.
     """
+    settings = settings_of(segmenter, multilabel=multilabel, weights=weights, request=request)
+    cases, output = _begin(cases, output, settings)
+    recorder = _Recorder(settings, output, uuid4_hex())
+    total = threads or int(getattr(segmenter, "threads", 0) or 0) or _available_cpus()
+    with RunLog(output / LOG_NAME) as log:
+        todo = yield from skip_done(cases, output, recorder, log, overwrite=overwrite, ignored=ignored)
+        if todo:
+            yield from _overlapped(todo, segmenter, output, recorder, log, overwrite, progress, total)
+
+
+def _begin(
+    cases: Iterable[Case], output: str | os.PathLike[str], settings: Settings
+) -> tuple[list[Case], Path]:
+    """The cases as a list (ids checked unique) and the batch folder (created)."""
+    from stuseg.results import check_request
+
+    check_request(settings.request)
     cases = list(cases)
     ids = [c.id.casefold() for c in cases]
     if len(set(ids)) != len(ids):
@@ -1128,177 +1244,150 @@ def run(
         output.mkdir(exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the batch folder {output}: {exc.strerror or exc}") from None
-    sha = weights_sha256 or model_sha256(segmenter)
-    settings = settings_of(segmenter, weights_sha256=sha, multilabel=multilabel, weights=weights)
-    recorder = _Recorder(settings, output, uuid4_hex())
+    return cases, output
+
+
+def skip_done(
+    cases: Sequence[Case],
+    output: Path,
+    recorder: _Recorder,
+    log: RunLog,
+    *,
+    overwrite: bool,
+    ignored: Sequence[Ignored] = (),
+) -> Generator[CaseResult, None, list[Case]]:
+    """Log the ``ignored`` objects, then log and yield each case done before as ``skipped``;
+    return the cases still to do (every case with ``overwrite``). Local and Ray runs alike."""
+    settings = recorder.settings
     latest = latest_ok(read_log(output / LOG_NAME))
-    total = threads or int(getattr(segmenter, "threads", 0) or 0) or _available_cpus()
+    for item in ignored:
+        log.write(recorder.record(None, "skipped", reason=item.reason, input_path=item.path))
+    todo: list[Case] = []
+    for case in cases:
+        if overwrite or not done_before(case, output, settings, latest):
+            todo.append(case)
+            continue
+        paths = output_paths(output, case.id, settings)
+        reason = "done before with the same weights and options"
+        rec = recorder.record(case, "skipped", outputs=paths, reason=reason)
+        log.write(rec)
+        yield CaseResult(case, "skipped", paths, None, rec)
+    return todo
+
+
+def _overlapped(
+    todo: Sequence[Case],
+    segmenter: Any,
+    output: Path,
+    recorder: _Recorder,
+    log: RunLog,
+    overwrite: bool,
+    progress: Callable[[Case, int, int], None] | None,
+    total: int,
+) -> Iterator[CaseResult]:
+    """The three stages of ``CaseJob`` in three threads joined by queues of one item."""
     read_threads, _, write_threads = split_threads(total, segmenter.device.type)
+    sink = _Warnings()
+    stop = threading.Event()
+    fatal: list[BaseException] = []
+    prepared_q: queue.Queue[Any] = queue.Queue(maxsize=1)
+    inferred_q: queue.Queue[Any] = queue.Queue(maxsize=1)
+    results: queue.Queue[CaseResult] = queue.Queue()
+    put, get = _queue_ops(stop)
 
-    with RunLog(output / LOG_NAME) as log:
-        for item in ignored:
-            log.write(recorder.record(None, "skipped", reason=item.reason, input_path=item.path))
-        todo: list[Case] = []
-        for case in cases:
-            if overwrite or not done_before(case, output, settings, latest):
-                todo.append(case)
-                continue
-            paths = output_paths(output, case.id, multilabel)
-            rec = recorder.record(
-                case, "skipped", outputs=paths, reason="done before with the same weights and options"
-            )
-            log.write(rec)
-            yield CaseResult(case, "skipped", paths, None, rec)
-        if not todo:
-            return
+    def read_stage() -> None:
+        for case in todo:
+            if stop.is_set():
+                return
+            job = CaseJob(case)
+            with sink.to(job.warnings):
+                job.read(segmenter, recorder.settings, threads=read_threads)
+            if not put(prepared_q, job):
+                return
+        put(prepared_q, _END)
 
-        sink = _Warnings()
-        stop = threading.Event()
-        fatal: list[BaseException] = []
-        prepared_q: queue.Queue[Any] = queue.Queue(maxsize=1)
-        inferred_q: queue.Queue[Any] = queue.Queue(maxsize=1)
-        results: queue.Queue[CaseResult] = queue.Queue()
+    def write_stage() -> None:
+        while (job := get(inferred_q)) is not _END:
+            with sink.to(job.warnings):
+                result = job.finish(segmenter, output, recorder, overwrite=overwrite, threads=write_threads)
+            log.write(result.record)
+            results.put(result)
 
-        def put(q: queue.Queue[Any], item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def get(q: queue.Queue[Any]) -> Any:
-            while not stop.is_set():
-                try:
-                    return q.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-            return _END
-
-        def guarded(body: Callable[[], None]) -> Callable[[], None]:
-            def target() -> None:
-                try:
-                    body()
-                except BaseException as exc:  # a bug or the log failing: stop everything
-                    fatal.append(exc)
-                    stop.set()
-
-            return target
-
-        def read_stage() -> None:
-            for case in todo:
-                if stop.is_set():
-                    return
-                job = _Job(case, time.perf_counter())
-                with sink.to(job.warnings):
-                    try:
-                        job.prepared = segmenter.prepare(
-                            case.images, series=case.series, threads=read_threads
-                        )
-                        job.geometry = _geometry(job.prepared.header)
-                    except Exception as exc:
-                        job.error, job.traceback = failure(exc)
-                if not put(prepared_q, job):
-                    return
-            put(prepared_q, _END)
-
-        def write_stage() -> None:
-            while True:
-                job = get(inferred_q)
-                if job is _END:
-                    return
-                result = _finish(job)
-                log.write(result.record)
-                results.put(result)
-
-        def _finish(job: _Job) -> CaseResult:
-            paths: list[Path] = []
-            seg = None
-            if job.error is None:
-                voxels = job.inferred.geometry.voxels
-                with sink.to(job.warnings):
-                    try:
-                        seg = segmenter.finish(job.inferred)
-                        job.inferred = None
-                        start = time.perf_counter()
-                        paths = write_case(
-                            seg,
-                            job.case,
-                            output,
-                            settings,
-                            overwrite=overwrite,
-                            threads=write_threads,
-                            run_id=recorder.run_id,
-                        )
-                        seg.timings["write"] = seg.timings.get("write", 0.0) + time.perf_counter() - start
-                    except Exception as exc:
-                        job.error, job.traceback = failure(exc)
-                        paths = []
-                    finally:
-                        job.inferred = None
-                        memory.release_free_memory(voxels)
-            status: Status = "ok" if job.error is None else "failed"
-            rec = recorder.record(
-                job.case,
-                status,
-                outputs=paths,
-                error=job.error,
-                traceback=job.traceback,
-                geometry=job.geometry,
-                seconds=seg.timings if seg is not None else None,
-                wall=time.perf_counter() - job.started,
-                peak_rss=seg.peak_rss_bytes if seg is not None else memory.peak_rss_bytes(),
-                peak_gpu=seg.peak_gpu_bytes if seg is not None else None,
-                device=seg.device if seg is not None else None,
-                warnings_=job.warnings,
-            )
-            return CaseResult(job.case, status, paths, job.error, rec)
-
-        def drain() -> Iterator[CaseResult]:
-            while True:
-                try:
-                    yield results.get_nowait()
-                except queue.Empty:
-                    break
-            if fatal:
-                raise _fatal_error(fatal[0])
-
-        reader = threading.Thread(target=guarded(read_stage), name="stuseg-batch-read", daemon=True)
-        writer = threading.Thread(target=guarded(write_stage), name="stuseg-batch-write", daemon=True)
-        with sink.installed():
+    def drain() -> Iterator[CaseResult]:
+        while True:
             try:
-                reader.start()
-                writer.start()
-                while True:
-                    job = get(prepared_q)
-                    yield from drain()
-                    if job is _END:
-                        break
-                    if job.error is None:
-                        with sink.to(job.warnings):
-                            try:
-                                tiles = (lambda d, t, c=job.case: progress(c, d, t)) if progress else None
-                                job.inferred = segmenter.infer(job.prepared, progress=tiles)
-                            except Exception as exc:
-                                job.error, job.traceback = failure(exc)
-                                _free_device(segmenter)
-                            finally:
-                                job.prepared = None
-                    if not put(inferred_q, job):
-                        break
-                    yield from drain()
-                put(inferred_q, _END)
-                while writer.is_alive():
-                    writer.join(timeout=0.1)
-                    yield from drain()
+                yield results.get_nowait()
+            except queue.Empty:
+                break
+        if fatal:
+            raise _fatal_error(fatal[0])
+
+    reader = threading.Thread(target=_guarded(read_stage, fatal, stop), name="stuseg-batch-read", daemon=True)
+    writer = threading.Thread(
+        target=_guarded(write_stage, fatal, stop), name="stuseg-batch-write", daemon=True
+    )
+    with sink.installed():
+        try:
+            reader.start()
+            writer.start()
+            while (job := get(prepared_q)) is not _END:
                 yield from drain()
-            finally:
-                # Ctrl-C, a closed iterator or a fatal error: no new work; a case being written is
-                # finished (its output appears whole) before returning, the others are dropped.
-                stop.set()
-                writer.join()
-                reader.join(timeout=0.1)  # reading has no side effects; it ends after its case
+                with sink.to(job.warnings):
+                    job.infer(segmenter, progress)
+                if not put(inferred_q, job):
+                    break
+                yield from drain()
+            put(inferred_q, _END)
+            while writer.is_alive():
+                writer.join(timeout=0.1)
+                yield from drain()
+            yield from drain()
+        finally:
+            # Ctrl-C, a closed iterator or a fatal error: no new work; a case being written is
+            # finished (its output appears whole) before returning, the others are dropped.
+            stop.set()
+            writer.join()
+            reader.join(timeout=0.1)  # reading has no side effects; it ends after its case
+
+
+def _queue_ops(
+    stop: threading.Event,
+) -> tuple[Callable[[queue.Queue[Any], Any], bool], Callable[[queue.Queue[Any]], Any]]:
+    """``put`` and ``get`` that give up once ``stop`` is set (``put`` -> False, ``get`` -> _END)."""
+
+    def put(q: queue.Queue[Any], item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(q: queue.Queue[Any]) -> Any:
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _END
+
+    return put, get
+
+
+def _guarded(
+    body: Callable[[], None], fatal: list[BaseException], stop: threading.Event
+) -> Callable[[], None]:
+    """``body`` for a stage thread: whatever escapes it (a bug, the log failing) stops everything."""
+
+    def target() -> None:
+        try:
+            body()
+        except BaseException as exc:
+            fatal.append(exc)
+            stop.set()
+
+    return target
 
 
 def _fatal_error(exc: BaseException) -> BaseException:
@@ -1372,19 +1461,17 @@ def run_local(
     *,
     multilabel: bool = False,
     overwrite: bool = False,
+    request: Request | None = None,
     ignored: Sequence[Ignored] = (),
     progress: Callable[[Case, int, int], None] | None = None,
 ) -> Iterator[CaseResult]:
     """Load the model once (now), then return ``run``'s iterator over the cases' results.
 
-    The weights are identified by the sha256 of their file (see ``weights_sha256``), so a later
-    run with the same weights, from the cache or from the same file, resumes this one.
-
     Args:
         cases: from ``discover``.
         output: the batch folder.
         options: the model and its options (default: ``ModelOptions()``).
-        multilabel, overwrite, ignored, progress: as for ``run``.
+        multilabel, overwrite, request, ignored, progress: as for ``run``.
 
     Raises:
         WeightsError, InputError, LabelError: the model or an option cannot be used; raised here,
@@ -1398,8 +1485,8 @@ def run_local(
         output,
         multilabel=multilabel,
         overwrite=overwrite,
-        weights_sha256=identity_of(segmenter, options.weights),
         weights=options.weights,
+        request=request,
         ignored=ignored,
         progress=progress,
     )

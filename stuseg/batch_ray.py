@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from stuseg import crash, memory
+from stuseg import crash
 from stuseg.batch import (
     LOG_NAME,
     Case,
@@ -35,18 +35,13 @@ from stuseg.batch import (
     RunLog,
     Settings,
     Status,
-    _geometry,
     _Recorder,
-    _Warnings,
-    done_before,
-    failure,
-    latest_ok,
-    output_paths,
-    read_log,
+    process,
+    skip_done,
     uuid4_hex,
-    write_case,
 )
 from stuseg.errors import InputError, OutputError, StusegError
+from stuseg.results import Request
 
 EXTRA = 'pip install "stuseg[ray]"'
 TOKEN_PREFIX = ".stuseg-batch-token-"
@@ -107,14 +102,14 @@ class CaseWorker:
     def identity(self) -> dict[str, Any]:
         """Host, pid, model size, weights sha256, device and selected labels (with a model's own
         names, see ``stuseg.batch.model_table``) of this actor."""
-        from stuseg.batch import identity_of, model_table
+        from stuseg.batch import model_table
 
         names, classes = model_table(self.segmenter)
         return {
             "host": self.host,
             "pid": os.getpid(),
             "size": self.segmenter.size,
-            "weights_sha256": identity_of(self.segmenter, self.weights),
+            "weights_sha256": self.segmenter.weights_sha256,
             "device": str(self.segmenter.device),
             "labels": [int(v) for v in self.segmenter.keep],
             "names": list(names),
@@ -124,67 +119,24 @@ class CaseWorker:
     def process(
         self, case: Case, settings: Settings, overwrite: bool, run_id: str
     ) -> tuple[Status, list[str], str | None, dict[str, Any]]:
-        """Segment and write one case; failures are returned, not raised (Ray retries only deaths).
+        """Segment and write one case (``stuseg.batch.process``, as the local runner's stages do);
+        failures are returned, not raised (Ray retries only deaths).
 
         Returns:
             (status, output paths, one-line error, log record).
         """
         recorder = _Recorder(settings, self.output, run_id)
-        started = time.perf_counter()
-        caught: list[str] = []
-        sink = _Warnings()
-        geometry = None
-        voxels = None  # the input's, once read: small inputs keep their freed pages
-        seg = None
-        paths: list[Path] = []
-        error = traceback = None
-        with sink.installed(), sink.to(caught):
-            try:
-                read, _, write = _split(self.threads, self.segmenter.device.type)
-                prepared = self.segmenter.prepare(case.images, series=case.series, threads=read)
-                geometry, voxels = _geometry(prepared.header), prepared.geometry.voxels
-                with self.network:
-                    inferred = self.segmenter.infer(prepared)
-                del prepared
-                seg = self.segmenter.finish(inferred)
-                del inferred
-                start = time.perf_counter()
-                paths = write_case(
-                    seg, case, self.output, settings, overwrite=overwrite, threads=write, run_id=run_id
-                )
-                seg.timings["write"] = time.perf_counter() - start
-            except Exception as exc:
-                error, traceback = failure(exc)
-                paths = []
-                if self.segmenter.device.type == "cuda":
-                    import torch
-
-                    torch.cuda.empty_cache()
-            finally:
-                memory.release_free_memory(voxels)
-        status: Status = "ok" if error is None else "failed"
-        record = recorder.record(
+        result = process(
             case,
-            status,
-            outputs=paths,
-            error=error,
-            traceback=traceback,
-            geometry=geometry,
-            seconds=seg.timings if seg is not None else None,
-            wall=time.perf_counter() - started,
-            peak_rss=seg.peak_rss_bytes if seg is not None else memory.peak_rss_bytes(),
-            peak_gpu=seg.peak_gpu_bytes if seg is not None else None,
-            device=seg.device if seg is not None else str(self.segmenter.device),
-            warnings_=caught,
+            self.segmenter,
+            self.output,
+            recorder,
+            overwrite=overwrite,
+            threads=self.threads,
+            network=self.network,
             worker=f"{self.host}:{os.getpid()}",
         )
-        return status, [str(p) for p in paths], error, record
-
-
-def _split(threads: int, device_type: str) -> tuple[int, int, int]:
-    from stuseg.batch import split_threads
-
-    return split_threads(threads, device_type)
+        return result.status, [str(p) for p in result.outputs], result.error, result.record
 
 
 def check_shared_folder(output: Path, token: tuple[str, str], host: str) -> None:
@@ -293,6 +245,7 @@ def run(
     workers: int | None = None,
     multilabel: bool = False,
     overwrite: bool = False,
+    request: Request | None = None,
     ignored: Sequence[Ignored] = (),
     progress: Callable[[Case, int, int], None] | None = None,
 ) -> Iterator[CaseResult]:
@@ -356,6 +309,7 @@ def run(
         options,
         multilabel,
         overwrite,
+        request or Request(),
         ignored,
         run_id,
         connected,
@@ -411,6 +365,7 @@ def _results(
     options: ModelOptions,
     multilabel: bool,
     overwrite: bool,
+    request: Request,
     ignored: Sequence[Ignored],
     run_id: str,
     connected: bool,
@@ -433,22 +388,11 @@ def _results(
             device=first["device"],
             names=tuple(first["names"]),
             classes=int(first["classes"]),
+            request=request,
         )
         recorder = _Recorder(settings, output, run_id)
-        latest = latest_ok(read_log(output / LOG_NAME))
         with RunLog(output / LOG_NAME) as log:
-            for item in ignored:
-                log.write(recorder.record(None, "skipped", reason=item.reason, input_path=item.path))
-            todo: list[Case] = []
-            for case in cases:
-                if overwrite or not done_before(case, output, settings, latest):
-                    todo.append(case)
-                    continue
-                paths = output_paths(output, case.id, multilabel)
-                reason = "done before with the same weights and options"
-                rec = recorder.record(case, "skipped", outputs=paths, reason=reason)
-                log.write(rec)
-                yield CaseResult(case, "skipped", paths, None, rec)
+            todo = yield from skip_done(cases, output, recorder, log, overwrite=overwrite, ignored=ignored)
             yield from _dispatch(ray, actors, todo, settings, overwrite, run_id, recorder, log, output)
     finally:
         _stop(ray, actors, identities, output, disconnect=connected)

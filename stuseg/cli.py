@@ -666,21 +666,12 @@ def predict_cmd(
     ] = None,
 ) -> None:
     """Segment the 104 structures of a CT scan, or a fine-tuned model's structures (--model)."""
-    import time
     import warnings
 
-    from stuseg import labelmaps, outputs
-    from stuseg.io import StusegWarning
+    from stuseg import results
 
     image = _given(input_path, "INPUT")
-    target = Path(output)
-    if size is not None:
-        from stuseg.network import canonical_size
-
-        try:
-            size = canonical_size(size)
-        except ValueError as exc:
-            raise fail(str(exc)) from None
+    size = _canonical_size(size)
     if remove_small_blobs is not None and not remove_small_blobs > 0:
         raise fail(f"--remove-small-blobs must be a positive volume in mm3, got {remove_small_blobs:g}")
     trained = None
@@ -696,38 +687,18 @@ def predict_cmd(
     inputs = [*images, *([weights_file] if weights_file is not None else [])]
     if trained is not None:
         inputs.append(trained.source)
-    types = set(output_types or [OutputType.NIFTI])
-    extras = _extra_outputs(target, multilabel, statistics=with_statistics, preview=with_preview)
-    dicom_source = codes = None
-    if OutputType.DICOM_SEG in types:
-        from stuseg import dicomseg
-
-        # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
-        dicom_source = dicomseg.read_dicom_source(image, series)
-        extras["dcm"] = dicomseg.seg_path_for(target, multilabel)
-        codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
-    elif codes_file is not None:
-        raise fail("--codes applies to --output-type dicom-seg")
-    elif dicom_seg_type is not None:
-        raise fail("--dicom-seg-type applies to --output-type dicom-seg")
-    seg_type = (dicom_seg_type or DicomSegType.BINARY).value
-    if multilabel:
-        labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite, extra=extras.values())
-    else:
-        labelmaps.check_mask_folder_output(output, inputs=inputs, overwrite=overwrite)
+    request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
+    layout = results.Layout(output, multilabel, request.products)
+    # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
+    dicom = results.dicom_source(image, series) if request.dicom_seg else None
+    layout.check(inputs, overwrite=overwrite)
     from stuseg import pipeline
 
     pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # --statistics / --preview need the CT's intensities: read it here and keep it.
-        volume = None
-        if with_statistics or with_preview:
-            from stuseg.io import read_image
-
-            start = time.perf_counter()
-            volume = read_image(image, series=series)
-            read_s = time.perf_counter() - start
+        volume, read_s = results.read_ct(image, series) if request.needs_ct else (None, 0.0)
         first = volume if volume is not None else input_path
         with _tile_bar(quiet) as progress:
             seg = pipeline.segment(
@@ -749,47 +720,72 @@ def predict_cmd(
             removed = seg.remove_small_blobs(remove_small_blobs)
             if not quiet:
                 say(_blobs_line(removed, remove_small_blobs))
-        mode = ("fast" if fast else "normal") + ("+tta" if tta else "")
-        start = time.perf_counter()
-        labels, header = seg.labels, seg.image.header
-        if dicom_source is not None and not labels.any():
-            warnings.warn(
-                "no structure was found, so no DICOM-SEG was written (it needs at least one segment)",
-                StusegWarning,
-                stacklevel=1,
-            )
-            extras.pop("dcm")
-        nifti = OutputType.NIFTI in types
-        # One result, written whole or not at all: the masks (or the --ml file group) and the
-        # extra files appear together.
-        if multilabel:
-            group = labelmaps.multilabel_paths(target) if nifti else []
-            with outputs.staged_files([*group, *extras.values()]) as temps:
-                if nifti:
-                    labelmaps.write_multilabel(temps[:4], labels, header, seg.names, numbering="model")
-                stats = _write_extras(
-                    seg, volume, dict(zip(extras, temps[len(group) :])), mode, dicom_source, codes, seg_type
-                )
-            written = [str(target)] if nifti else []
-            written += [str(extras[k]) for k in extras if k != "csv"]
-        else:
-            with outputs.staged_folder(target) as stage:
-                if nifti:
-                    labelmaps.write_masks(stage, labels, header, seg.names)
-                staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
-                if "dcm" in extras:
-                    staged["dcm"] = dicomseg.seg_path_for(stage, False)
-                stats = _write_extras(seg, volume, staged, mode, dicom_source, codes, seg_type)
-            written = [f"{len(seg.names)} masks in {target}"] if nifti else []
-            written += [str(target / extras[k].name) for k in extras if k != "csv"]
-        extra_seconds = sum(seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg"))
-        seg.timings["write"] = time.perf_counter() - start - extra_seconds
+        sources = results.Sources(ct=volume, dicom=dicom, mode=results.mode_name(fast, tta))
+        written = results.write_result(layout, seg, request, sources)
     if not quiet:
         for w in caught:
             say(f"stuseg: warning: {w.message}")
-        if stats is not None and (line := quality_line(stats)):
+        if written.statistics is not None and (line := quality_line(written.statistics)):
             say(line)
-        say(_summary(seg, " and ".join(written) or "nothing"))
+        say(_summary(seg, _what_was_written(layout, written, len(seg.names))))
+
+
+def _canonical_size(size: str | None) -> str | None:
+    """``--size`` as the model table names it (``S`` -> ``small``); an unknown one ends the command."""
+    if size is None:
+        return None
+    from stuseg.manifest import canonical_size
+
+    try:
+        return canonical_size(size)
+    except StusegError as exc:
+        raise fail(str(exc)) from None
+
+
+def _request(
+    output_types: list[OutputType] | None,
+    statistics: bool,
+    preview: bool,
+    seg_type: DicomSegType | None,
+    codes_file: Path | None,
+) -> Any:
+    """The outputs asked for by predict's and batch's options (``stuseg.results.Request``)."""
+    from stuseg import results
+
+    types = set(output_types or [OutputType.NIFTI])
+    dicom_seg = OutputType.DICOM_SEG in types
+    if not dicom_seg and codes_file is not None:
+        raise StusegError("--codes applies to --output-type dicom-seg")
+    if not dicom_seg and seg_type is not None:
+        raise StusegError("--dicom-seg-type applies to --output-type dicom-seg")
+    codes = None
+    if dicom_seg:
+        from stuseg import dicomseg
+
+        dicomseg.require_highdicom()  # the extra, before any work
+        codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
+    return results.Request(
+        nifti=OutputType.NIFTI in types,
+        statistics=statistics,
+        preview=preview,
+        dicom_seg=dicom_seg,
+        seg_type=(seg_type or DicomSegType.BINARY).value,
+        codes=codes,
+    )
+
+
+def _what_was_written(layout: Any, written: Any, structures: int) -> str:
+    """``104 masks in out and out/preview.png`` or ``seg.nii.gz and seg.statistics.json``."""
+    files = layout.__class__(layout.target, layout.multilabel, written.products).files()
+    shown = []
+    if "nifti" in files:
+        shown.append(
+            f"{structures} masks in {layout.target}" if not layout.multilabel else str(layout.target)
+        )
+    for name, paths in files.items():
+        if name != "nifti":
+            shown.append(str(paths[0]))  # statistics: the JSON stands for its CSV twin
+    return " and ".join(shown) or "nothing"
 
 
 def _blobs_line(removed: dict[str, int], min_mm3: float) -> str:
@@ -886,6 +882,34 @@ def batch_cmd(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    with_statistics: Annotated[
+        bool,
+        typer.Option("--statistics", help="Also write each case's statistics.json/.csv, as predict does."),
+    ] = False,
+    with_preview: Annotated[
+        bool, typer.Option("--preview", help="Also write each case's preview.png, as predict does.")
+    ] = False,
+    output_types: Annotated[
+        list[OutputType] | None,
+        typer.Option(
+            "--output-type",
+            metavar="TYPE",
+            help="nifti (default) and/or dicom-seg per case, as predict writes them; repeatable. A case that "
+            "is no DICOM series gets no SEG (the reason is in the log).",
+        ),
+    ] = None,
+    dicom_seg_type: Annotated[
+        DicomSegType | None,
+        typer.Option(
+            "--dicom-seg-type", metavar="TYPE", help="For a DICOM-SEG: binary (default) or labelmap."
+        ),
+    ] = None,
+    codes_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--codes", metavar="FILE", help="SNOMED CT codes for a model's structures in a DICOM-SEG."
+        ),
+    ] = None,
 ) -> None:
     """Segment many CT scans with one model load: stages overlapped, resumable, one log line per case."""
     import contextlib
@@ -900,12 +924,10 @@ def batch_cmd(
         raise fail("--workers applies only with --ray ADDRESS", code=2)
     try:
         if size is not None:
-            from stuseg.network import canonical_size
+            from stuseg.manifest import canonical_size
 
-            try:
-                size = canonical_size(size)
-            except ValueError as exc:
-                raise StusegError(str(exc)) from None
+            size = canonical_size(size)
+        request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
         trained = None
         if model is not None:
             from stuseg.modelstore import resolve_model
@@ -958,6 +980,7 @@ def batch_cmd(
                 workers=workers,
                 multilabel=multilabel,
                 overwrite=overwrite,
+                request=request,
                 ignored=found.ignored,
             )
         else:
@@ -971,6 +994,7 @@ def batch_cmd(
                 options,
                 multilabel=multilabel,
                 overwrite=overwrite,
+                request=request,
                 ignored=found.ignored,
                 progress=progress,
             )
@@ -1084,70 +1108,6 @@ def _batch_bars(quiet: bool, total: int) -> Iterator[_BatchBars]:
 # Statistics and preview
 
 
-def _extra_outputs(result: Path, multilabel: bool, *, statistics: bool, preview: bool) -> dict[str, Path]:
-    """The files ``--statistics`` / ``--preview`` add to a result, by kind (json, csv, png)."""
-    from stuseg.statistics import sidecar_paths
-
-    wanted = {"json": statistics, "csv": statistics, "png": preview}
-    if not any(wanted.values()):
-        return {}
-    return {k: v for k, v in sidecar_paths(result, multilabel).items() if wanted[k]}
-
-
-def _write_extras(
-    seg: Any,
-    volume: Any,
-    paths: dict[str, Path],
-    mode: str,
-    dicom_source: Any = None,
-    codes: Any = None,
-    seg_type: str = "binary",
-) -> Any:
-    """Write the statistics, preview and DICOM-SEG files named in ``paths`` (staged paths of the result).
-
-    ``codes``: SNOMED CT codes from the user's file for the DICOM-SEG's segments, or None;
-    ``seg_type``: the DICOM-SEG's encoding, ``binary`` or ``labelmap``. Returns the
-    ``Statistics`` written, or None when none were asked for.
-    """
-    import time
-
-    from stuseg import statistics as stats_mod
-
-    result = None
-    if not paths:
-        return result
-    # The label map's grid is the input's (its header holds the geometry; .affine may be None).
-    labels, affine = seg.labels, seg.image.header.get_best_affine()
-    if "json" in paths:
-        start = time.perf_counter()
-        result = stats_mod.compute(
-            labels, affine, volume.data, seg.names, size=seg.size, mode=mode, cleanup=seg.cleanup
-        )
-        stats_mod.write_statistics(result, paths["json"], paths["csv"])
-        seg.timings["statistics"] = time.perf_counter() - start
-    if "png" in paths:
-        from stuseg.preview import write_preview
-
-        start = time.perf_counter()
-        write_preview(labels, affine, volume.data, seg.names, paths["png"])
-        seg.timings["preview"] = time.perf_counter() - start
-    if "dcm" in paths:
-        from stuseg.dicomseg import write_dicom_seg
-
-        start = time.perf_counter()
-        write_dicom_seg(
-            seg.image,
-            seg.names,
-            dicom_source,
-            paths["dcm"],
-            algorithm=f"STU-Net {seg.size}",
-            codes=codes,
-            seg_type=seg_type,
-        )
-        seg.timings["dicom-seg"] = time.perf_counter() - start
-    return result
-
-
 # At most this many findings are named in the quality line; statistics.json lists every flag.
 QUALITY_LINE_ITEMS = 6
 
@@ -1203,27 +1163,45 @@ SeriesOption = Annotated[
 ]
 
 
-def _check_file_output(path: Path, suffix: str, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse an output file path before any work: wrong suffix, or unsafe (``outputs.check_output``)."""
+def _check_file_output(
+    path: Path, suffix: str, inputs: list[Path], overwrite: bool, document: str | None = None
+) -> None:
+    """Refuse an output file path before any work: wrong suffix, or unsafe (``outputs.check_output``,
+    which also refuses a stuseg document of another kind than ``document``)."""
     from stuseg import outputs
 
     if not path.name.lower().endswith(suffix):
         raise fail(f"{path} must end in {suffix}")
-    outputs.check_output(path, inputs=inputs, kind="file", overwrite=overwrite)
+    outputs.check_output(path, inputs=inputs, kind="file", overwrite=overwrite, document=document)
 
 
 @app.command("statistics")
 @user_errors
 def statistics_cmd(
-    segmentation: SegmentationArg,
-    ct: CtArg,
+    segmentation: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SEGMENTATION",
+            help="Folder of <structure>.nii.gz masks (stuseg's or TotalSegmentator's), a multilabel file, or "
+            "a batch folder (stuseg batch --output) for the cohort tables.",
+        ),
+    ],
+    ct: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[CT]",
+            help="The CT it was made from: NIfTI, NRRD, MHA/MHD or a DICOM folder (not for a batch folder).",
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
-            metavar="FILE.json",
-            help="Write FILE.json and FILE.csv (default: CSV to stdout).",
+            metavar="FILE",
+            help="Write FILE.json and FILE.csv (default: CSV to stdout); for a batch folder, the cohort "
+            "tables FILE.csv and FILE.cases.csv (default: stuseg-cohort.csv and stuseg-cohort.cases.csv "
+            "in it).",
         ),
     ] = None,
     names: NamesOption = None,
@@ -1234,9 +1212,12 @@ def statistics_cmd(
     from stuseg import outputs
     from stuseg import statistics as stats_mod
 
+    if ct is None:
+        _cohort(segmentation, output, overwrite, names, series)
+        return
     inputs = [segmentation, ct, *([names] if names is not None else [])]
     if output is not None:
-        _check_file_output(output, ".json", inputs, overwrite)
+        _check_file_output(output, ".json", inputs, overwrite, stats_mod.DOCUMENT)
         json_path, csv_path = stats_mod.output_paths(output)
         # The CSV carries no signature of its own: it is stuseg's when its JSON twin is.
         ours = json_path.is_file() and outputs.written_by_stuseg(json_path)
@@ -1259,6 +1240,30 @@ def statistics_cmd(
     present = sum(1 for r in result.structures if r["voxels"])
     counted = f"{present} of {len(result.structures)} structures present"
     err.print(f"wrote {json_path} and {csv_path} ({counted})", markup=False)
+
+
+def _cohort(
+    folder: Path, output: Path | None, overwrite: bool, names: Path | None, series: str | None
+) -> None:
+    """``stuseg statistics RESULTS/``: the cohort tables of a batch folder (``stuseg.cohort``)."""
+    from stuseg import cohort, outputs
+
+    if not cohort.is_batch_folder(folder):
+        raise fail(f"give the CT that {folder} was made from (only a batch folder needs none)")
+    if names is not None or series is not None:
+        raise fail("--names and --series apply to one segmentation, not to a batch folder")
+    table, cases = (output, cohort.cases_path(output)) if output is not None else cohort.default_paths(folder)
+    for path in (table, cases):
+        if not path.name.lower().endswith(".csv"):
+            raise fail(f"{path} must end in .csv")
+        ours = path.is_file() and cohort.written_by_cohort(path)
+        outputs.check_output(path, inputs=[], kind="file", overwrite=overwrite or ours)
+    result = cohort.cohort_of(folder)
+    with outputs.staged_files([table, cases]) as (tmp_table, tmp_cases):
+        tmp_table.write_text(result.structures, encoding="utf-8")
+        tmp_cases.write_text(result.cases, encoding="utf-8")
+    counted = f"{result.ok} case(s) ok, {result.failed} failed"
+    err.print(f"wrote {table} and {cases} ({counted})", markup=False)
 
 
 @app.command("preview")
