@@ -776,7 +776,9 @@ def _request(
 
 def _what_was_written(layout: Any, written: Any, structures: int) -> str:
     """``104 masks in out and out/preview.png`` or ``seg.nii.gz and seg.statistics.json``."""
-    files = layout.__class__(layout.target, layout.multilabel, written.products).files()
+    from stuseg.results import Layout
+
+    files = Layout(layout.target, layout.multilabel, written.products).files()
     shown = []
     if "nifti" in files:
         shown.append(

@@ -203,7 +203,7 @@ def test_batch_writes_every_output_exactly_as_predict(tmp_path: Path, small_mode
     done = run_cli("batch", src, "-o", out, "--weights", small_model, *COMMON, *options)
     assert done.returncode == 0, done.stderr
     records = {r["case"]: r for r in batch.read_log(out / batch.LOG_NAME)}
-    assert set(records) == {"a", "series_s2"} or len(records) == 2, records
+    assert len(records) == 2 and "a" in records, records
     series_case = next(c for c in records if c != "a")
     # The NIfTI case: everything but the SEG, which is left out with the reason in its record.
     assert any("the input is not a DICOM series" in w for w in records["a"]["warnings"])
