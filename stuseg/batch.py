@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from stuseg import crash, memory, paths
 from stuseg.errors import InputError, OutputError, StusegError
-from stuseg.results import Layout, Request, Sources, dicom_source, mode_name, read_ct, write_result
+from stuseg.results import PRODUCTS, Layout, Request, Sources, dicom_source, mode_name, read_ct, write_result
 
 LOG_NAME = "stuseg-batch.jsonl"
 Status = Literal["ok", "failed", "skipped"]
@@ -617,7 +617,7 @@ class Settings:
         """The outputs this run wants of ``case``, as results record them (``product_tags``): a
         DICOM-SEG only for a DICOM series (a file case gets the rest, the SEG left out with a
         logged reason)."""
-        products = [p for p in self.request.products if p != "dicom-seg" or case.series is not None]
+        products = [p for p in self.request.products if not PRODUCTS[p].dicom or case.series is not None]
         return product_tags(products, self.request)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -1055,7 +1055,7 @@ class CaseJob:
             if request.needs_ct:
                 volume, _ = read_ct(case.input, case.series)
                 images = [volume, *case.channels] if case.channels else volume
-            dicom = dicom_source(case.input, case.series) if request.dicom_seg and case.series else None
+            dicom = dicom_source(case.input, case.series) if request.needs_dicom and case.series else None
             self.sources = Sources(ct=volume, dicom=dicom, mode=mode_name(settings.fast, settings.tta))
             self.prepared = segmenter.prepare(images, series=case.series, threads=threads)
             self.geometry = _geometry(self.prepared.header)

@@ -90,7 +90,6 @@ class CaseWorker:
         limit_spin_waiting()
         self.host = socket.gethostname()
         self.output = Path(output)
-        self.weights = options.weights
         check_shared_folder(self.output, token, self.host)
         from stuseg.pipeline import keep_freed_memory
 

@@ -690,7 +690,7 @@ def predict_cmd(
     request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
     layout = results.Layout(output, multilabel, request.products)
     # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
-    dicom = results.dicom_source(image, series) if request.dicom_seg else None
+    dicom = results.dicom_source(image, series) if request.needs_dicom else None
     layout.check(inputs, overwrite=overwrite)
     from stuseg import pipeline
 

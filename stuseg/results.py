@@ -76,6 +76,11 @@ class Request:
         return tuple(name for name in PRODUCTS if wanted.get(name))
 
     @property
+    def needs_dicom(self) -> bool:
+        """Whether an output is a DICOM object referencing the input series (a DICOM-SEG)."""
+        return any(PRODUCTS[p].dicom for p in self.products)
+
+    @property
     def needs_ct(self) -> bool:
         """Whether an output needs the CT's intensities (statistics, preview)."""
         return self.statistics or self.preview
@@ -176,7 +181,7 @@ def _seg_paths(target: Path, multilabel: bool) -> list[Path]:
     return [target.with_name(paths.stem(target) + ".dcm")] if multilabel else [target / "seg.dcm"]
 
 
-def _write_nifti(seg: Any, files: list[Path], folder: Path | None, src: Sources) -> None:
+def _write_nifti(seg: Any, files: list[Path], folder: Path | None, src: Sources, request: Request) -> None:
     from stuseg import labelmaps
 
     if folder is not None:
@@ -185,7 +190,9 @@ def _write_nifti(seg: Any, files: list[Path], folder: Path | None, src: Sources)
         labelmaps.write_multilabel(files, seg.labels, seg.image.header, seg.names, numbering="model")
 
 
-def _write_statistics(seg: Any, files: list[Path], folder: Path | None, src: Sources) -> Any:
+def _write_statistics(
+    seg: Any, files: list[Path], folder: Path | None, src: Sources, request: Request
+) -> Any:
     from stuseg import statistics
 
     affine = seg.image.header.get_best_affine()
@@ -196,7 +203,7 @@ def _write_statistics(seg: Any, files: list[Path], folder: Path | None, src: Sou
     return stats
 
 
-def _write_preview(seg: Any, files: list[Path], folder: Path | None, src: Sources) -> None:
+def _write_preview(seg: Any, files: list[Path], folder: Path | None, src: Sources, request: Request) -> None:
     from stuseg.preview import write_preview
 
     write_preview(seg.labels, seg.image.header.get_best_affine(), src.ct.data, seg.names, files[0])
@@ -220,25 +227,22 @@ def _write_seg(seg: Any, files: list[Path], folder: Path | None, src: Sources, r
 class Product:
     """One output type: where its files go (``place(target, multilabel)``), what writes them
     (``write(seg, files, mask folder or None, sources, request)``, into staged paths), the
-    stuseg document kind of its first file (compared before replacing one), its timing name."""
+    stuseg document kind of its first file (compared before replacing one), its timing name,
+    and, for a DICOM object (``dicom``: what people call it), that it needs a DICOM series as
+    input and at least one structure (else it is left out, with the reason)."""
 
     place: Callable[[Path, bool], list[Path]]
     write: Callable[..., Any]
     document: str | None = None
     stage: str = ""
-
-
-def _with_request(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return lambda seg, files, folder, src, request: fn(seg, files, folder, src)
+    dicom: str | None = None
 
 
 PRODUCTS: dict[str, Product] = {
-    "nifti": Product(_nifti_paths, _with_request(_write_nifti), "stuseg-labels", "write"),
-    "statistics": Product(
-        _statistics_paths, _with_request(_write_statistics), "stuseg-statistics", "statistics"
-    ),
-    "preview": Product(_beside("preview", ".png"), _with_request(_write_preview), None, "preview"),
-    "dicom-seg": Product(_seg_paths, _write_seg, None, "dicom-seg"),
+    "nifti": Product(_nifti_paths, _write_nifti, "stuseg-labels", "write"),
+    "statistics": Product(_statistics_paths, _write_statistics, "stuseg-statistics", "statistics"),
+    "preview": Product(_beside("preview", ".png"), _write_preview, None, "preview"),
+    "dicom-seg": Product(_seg_paths, _write_seg, None, "dicom-seg", dicom="DICOM-SEG"),
 }
 
 
@@ -304,12 +308,15 @@ class Layout:
 def _left_out(layout: Layout, seg: Any, src: Sources) -> dict[str, str]:
     """Outputs that cannot be made for this scan, with the reason (warned)."""
     reasons = {}
-    if "dicom-seg" in layout.products:
+    for name in layout.products:
+        what = PRODUCTS[name].dicom
+        if what is None:
+            continue
         if src.dicom is None:
-            reasons["dicom-seg"] = "no DICOM-SEG was written: the input is not a DICOM series"
+            reasons[name] = f"no {what} was written: the input is not a DICOM series"
         elif not seg.labels.any():
-            reasons["dicom-seg"] = (
-                "no structure was found, so no DICOM-SEG was written (it needs at least one segment)"
+            reasons[name] = (
+                f"no structure was found, so no {what} was written (it needs at least one segment)"
             )
     if any(p in layout.products for p in ("statistics", "preview")) and src.ct is None:
         raise InputError("statistics and preview need the CT's intensities: pass Sources(ct=volume)")
