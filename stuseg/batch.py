@@ -34,6 +34,47 @@ from stuseg import crash, memory, paths
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.results import PRODUCTS, Layout, Request, Sources, dicom_source, mode_name, read_ct, write_result
 
+__all__ = [
+    "LIST_SUFFIXES",
+    "LOG_NAME",
+    "WHAT_IS_FOUND",
+    "Case",
+    "CaseJob",
+    "CaseResult",
+    "Discovery",
+    "Ignored",
+    "Interrupted",
+    "ModelOptions",
+    "RunLog",
+    "Settings",
+    "case_layout",
+    "cases_done",
+    "check_batch_output",
+    "discover",
+    "done_before",
+    "failure",
+    "group_channels",
+    "holds",
+    "latest_ok",
+    "model_table",
+    "one_line",
+    "output_paths",
+    "process",
+    "product_tags",
+    "read_list",
+    "read_log",
+    "run",
+    "run_local",
+    "safe_id",
+    "settings_of",
+    "signals_interrupt",
+    "skip_done",
+    "split_threads",
+    "unique_ids",
+    "uuid4_hex",
+    "write_case",
+]
+
 LOG_NAME = "stuseg-batch.jsonl"
 Status = Literal["ok", "failed", "skipped"]
 
@@ -1055,7 +1096,9 @@ class CaseJob:
             if request.needs_ct:
                 volume, _ = read_ct(case.input, case.series)
                 images = [volume, *case.channels] if case.channels else volume
-            dicom = dicom_source(case.input, case.series) if request.needs_dicom and case.series else None
+            dicom = None
+            if request.needs_dicom and case.series:
+                dicom = dicom_source(case.input, case.series, output=request.dicom_products[0])
             self.sources = Sources(ct=volume, dicom=dicom, mode=mode_name(settings.fast, settings.tta))
             self.prepared = segmenter.prepare(images, series=case.series, threads=threads)
             self.geometry = _geometry(self.prepared.header)

@@ -43,6 +43,18 @@ from stuseg.batch import (
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.results import Request
 
+__all__ = [
+    "ACTOR_RESTARTS",
+    "EXTRA",
+    "TASK_RETRIES",
+    "TOKEN_PREFIX",
+    "CaseWorker",
+    "case_failure",
+    "check_shared_folder",
+    "require_ray",
+    "run",
+]
+
 EXTRA = 'pip install "stuseg[ray]"'
 TOKEN_PREFIX = ".stuseg-batch-token-"
 # A case whose actor dies is run again on the restarted actor this many times before it is

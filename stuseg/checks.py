@@ -44,6 +44,21 @@ import numpy as np
 from stuseg.errors import InputError, StusegWarning
 from stuseg.plan import Normalization, Plan
 
+__all__ = [
+    "AIR_HU",
+    "CT_MODALITIES",
+    "MAX_TILT_DEGREES",
+    "RAW_MAX",
+    "SLICE_POSITION_TOLERANCE",
+    "THICK_FACTOR",
+    "check_field_of_view",
+    "check_gantry_tilt",
+    "check_hounsfield",
+    "check_modality",
+    "check_slice_spacing",
+    "check_slice_thickness",
+]
+
 AIR_HU = -900.0
 RAW_MAX = 2000.0
 # Normalisation schemes that do not depend on the image's offset and scale.

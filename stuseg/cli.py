@@ -28,7 +28,10 @@ from rich.console import Console
 from stuseg import __version__
 from stuseg.errors import StusegError
 from stuseg.finetune.cli import app as finetune_app
+from stuseg.helptext import App
 from stuseg.labels import Group, Numbering
+
+__all__ = ["app", "main"]
 
 
 class OutputType(str, Enum):
@@ -36,6 +39,7 @@ class OutputType(str, Enum):
 
     NIFTI = "nifti"  # masks (or the --ml file) as NIfTI
     DICOM_SEG = "dicom-seg"  # one DICOM Segmentation instance referencing the DICOM series INPUT
+    RTSTRUCT = "rtstruct"  # one RT Structure Set (contours) referencing the DICOM series INPUT
 
 
 class DicomSegType(str, Enum):
@@ -45,7 +49,7 @@ class DicomSegType(str, Enum):
     LABELMAP = "labelmap"  # one 8-bit frame per slice, pixel value = segment number
 
 
-app = typer.Typer(
+app = App(
     name="stuseg",
     help="Segment the 104 TotalSegmentator structures in CT scans with STU-Net.",
     no_args_is_help=True,
@@ -211,6 +215,14 @@ def labels_cmd(
 
 
 OVERWRITE_HELP = "Replace an existing OUTPUT even if stuseg did not write it (a folder as a whole)."
+NamesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--names",
+        metavar="FILE.json",
+        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
+    ),
+]
 
 
 @app.command("export-labels")
@@ -245,6 +257,7 @@ def export_labels_cmd(
         str | None,
         typer.Option("--combine", metavar="NAME", help="Write the union of the selection as NAME.nii.gz."),
     ] = None,
+    names_file: NamesOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Export some structures of a segmentation: masks, one multilabel file, or their union."""
@@ -253,17 +266,24 @@ def export_labels_cmd(
     patterns = [*(names or []), *(g.value for g in groups or [])]
     if not patterns:
         raise fail("name the structures to export with --labels or --group (see 'stuseg labels')")
-    # A model's own structures (its --ml file carries their names) are selected from that table.
-    table = labelmaps.own_table(segmentation)
+    # Another tool's values are named by --names; a model's own structures by the table its --ml
+    # file carries; either way they are selected from that table.
+    if names_file is not None:
+        table = labelmaps.read_table_file(names_file)
+    else:
+        table = labelmaps.own_table(segmentation)
     result = labelmaps.export_labels(
         segmentation,
         output,
-        labels.select(patterns) if table is None else labels.select_from(table, patterns),
+        labels.select(patterns)
+        if table is None
+        else labels.select_from(table, patterns, groups=names_file is not None),
         ml=ml,
         numbering=numbering,
         combine=combine,
         overwrite=overwrite,
-        table=table,
+        table=None if names_file is not None else table,
+        names_file=names_file,
     )
 
     def some(names: list[str]) -> str:  # keep the note one readable line
@@ -443,11 +463,19 @@ SizeOption = Annotated[
     ),
 ]
 FastOption = Annotated[
-    bool, typer.Option("--fast", help="Argmax at 1.5 mm, then resample labels: far less memory.")
+    bool,
+    typer.Option(
+        "--fast",
+        help="Argmax at 1.5 mm, then resample the labels: same network time, a slightly "
+        "cheaper export (see the README).",
+    ),
 ]
 TtaOption = Annotated[bool, typer.Option("--tta", help="Average over the 8 mirrorings (8x slower).")]
 StepSizeOption = Annotated[
-    float, typer.Option("--step-size", min=0.05, max=1.0, help="Tile step as a fraction of the patch.")
+    float,
+    typer.Option(
+        "--step-size", metavar="FRACTION", min=0.05, max=1.0, help="Tile step as a fraction of the patch."
+    ),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 WeightsFileOption = Annotated[
@@ -634,8 +662,9 @@ def predict_cmd(
         typer.Option(
             "--output-type",
             metavar="TYPE",
-            help="nifti (default) and/or dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz; "
-            "needs a DICOM series INPUT); repeatable.",
+            help="nifti (default), dicom-seg (seg.dcm in OUTPUT, or OUT.dcm beside --ml OUT.nii.gz) and/or "
+            "rtstruct (rtstruct.dcm, or OUT_rtstruct.dcm); the DICOM types need a DICOM series INPUT; "
+            "repeatable.",
         ),
     ] = None,
     remove_small_blobs: Annotated[
@@ -690,7 +719,9 @@ def predict_cmd(
     request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
     layout = results.Layout(output, multilabel, request.products)
     # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
-    dicom = results.dicom_source(image, series) if request.needs_dicom else None
+    dicom = None
+    if request.needs_dicom:
+        dicom = results.dicom_source(image, series, output=request.dicom_products[0])
     layout.check(inputs, overwrite=overwrite)
     from stuseg import pipeline
 
@@ -759,16 +790,18 @@ def _request(
     if not dicom_seg and seg_type is not None:
         raise StusegError("--dicom-seg-type applies to --output-type dicom-seg")
     codes = None
-    if dicom_seg:
+    dicom_types = [t.value for t in (OutputType.DICOM_SEG, OutputType.RTSTRUCT) if t in types]
+    if dicom_types:
         from stuseg import dicomseg
 
-        dicomseg.require_highdicom()  # the extra, before any work
+        dicomseg.require_highdicom(dicom_types[0])  # the extra, before any work
         codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
     return results.Request(
         nifti=OutputType.NIFTI in types,
         statistics=statistics,
         preview=preview,
         dicom_seg=dicom_seg,
+        rtstruct=OutputType.RTSTRUCT in types,
         seg_type=(seg_type or DicomSegType.BINARY).value,
         codes=codes,
     )
@@ -824,7 +857,7 @@ def _tile_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
 def _summary(seg: Any, what: str) -> str:
     """One line: what was written, time per stage and peak memory."""
     order = ("read", "load", "preprocess", "network", "softmax", "export", "write", "statistics", "preview",
-             "dicom-seg")  # fmt: skip
+             "dicom-seg", "rtstruct")  # fmt: skip
     times = ", ".join(f"{k} {seg.timings[k]:.1f}s" for k in order if k in seg.timings)
     memory = f"peak RAM {seg.peak_rss_bytes / 2**30:.2f} GB" if seg.peak_rss_bytes else "peak RAM unknown"
     if seg.peak_gpu_bytes is not None:
@@ -896,8 +929,8 @@ def batch_cmd(
         typer.Option(
             "--output-type",
             metavar="TYPE",
-            help="nifti (default) and/or dicom-seg per case, as predict writes them; repeatable. A case that "
-            "is no DICOM series gets no SEG (the reason is in the log).",
+            help="nifti (default), dicom-seg and/or rtstruct per case, as predict writes them; repeatable. "
+            "A case that is no DICOM series gets no SEG or RTSTRUCT (the reason is in the log).",
         ),
     ] = None,
     dicom_seg_type: Annotated[
@@ -1150,14 +1183,6 @@ SegmentationArg = Annotated[
 CtArg = Annotated[
     Path,
     typer.Argument(metavar="CT", help="The CT it was made from: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
-]
-NamesOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--names",
-        metavar="FILE.json",
-        help='Label table of a multilabel file from another tool: {"1": "spleen", ...}.',
-    ),
 ]
 SeriesOption = Annotated[
     str | None,

@@ -39,7 +39,7 @@ __all__ = [
 
 # The stages a case's seconds are reported for, in pipeline order; others follow sorted.
 STAGES = ("read", "load", "preprocess", "network", "softmax", "export", "write", "statistics", "preview",
-          "dicom-seg")  # fmt: skip
+          "dicom-seg", "rtstruct")  # fmt: skip
 _LEAD = ("case", "input", "size", "mode", "weights_sha256")
 CASE_COLUMNS = (
     "case", "input", "series", "status", "error", "shape_i", "shape_j", "shape_k", "spacing_i_mm",

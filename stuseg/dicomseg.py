@@ -44,8 +44,26 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from stuseg.colors import label_colors
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.geometry import LPS_TO_RAS
+
+__all__ = [
+    "CODE_COLUMNS",
+    "GENERIC_CODES",
+    "INSTALL_HINT",
+    "SEG_TYPES",
+    "DicomSource",
+    "SegType",
+    "SnomedCodes",
+    "coding_of",
+    "label_frames",
+    "read_codes",
+    "read_dicom_source",
+    "require_highdicom",
+    "snomed_table",
+    "write_dicom_seg",
+]
 
 INSTALL_HINT = 'pip install "stuseg[dicom]"'
 
@@ -68,6 +86,10 @@ _REQUIRED_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelS
 #: The encodings of ``write_dicom_seg`` (``--dicom-seg-type``): BINARY is the default.
 SegType = Literal["binary", "labelmap"]
 SEG_TYPES: tuple[SegType, ...] = ("binary", "labelmap")
+
+# How the errors of read_dicom_source name the file an --output-type writes.
+_WHAT = {"dicom-seg": "a DICOM-SEG", "rtstruct": "an RTSTRUCT"}
+_SHORT = {"dicom-seg": "SEG", "rtstruct": "RTSTRUCT"}
 
 
 class SnomedCodes(NamedTuple):
@@ -210,14 +232,14 @@ def coding_of(
     return found
 
 
-def require_highdicom() -> Any:
+def require_highdicom(output: str = "dicom-seg") -> Any:
     """Import highdicom (and pydicom with it), or explain in one line how to install them."""
     try:
         import highdicom
         import pydicom  # noqa: F401
     except ImportError:
         raise StusegError(
-            f"--output-type dicom-seg needs the optional DICOM support; install it with: {INSTALL_HINT}"
+            f"--output-type {output} needs the optional DICOM support; install it with: {INSTALL_HINT}"
         ) from None
     return highdicom
 
@@ -231,12 +253,17 @@ class DicomSource:
     datasets: tuple[Any, ...]  # pydicom Datasets without pixel data, one per file
 
 
-def read_dicom_source(input_path: Path, series: str | None = None) -> DicomSource:
-    """Read and check the headers of the series a DICOM-SEG will reference, before any other work.
+def read_dicom_source(
+    input_path: Path, series: str | None = None, *, output: str = "dicom-seg"
+) -> DicomSource:
+    """Read and check the headers of the series a DICOM-SEG (or RTSTRUCT) will reference, before any
+    other work.
 
     Args:
         input_path: the INPUT of ``stuseg predict``; must be a folder holding a DICOM series.
         series: the SeriesInstanceUID that picks a series in a folder holding several.
+        output: the ``--output-type`` that needs the series (``dicom-seg`` or ``rtstruct``), named
+            in the errors.
 
     Returns:
         The series' files and headers, to pass to :func:`write_dicom_seg`.
@@ -247,13 +274,13 @@ def read_dicom_source(input_path: Path, series: str | None = None) -> DicomSourc
             geometry that a SEG must reference (a badly anonymised series); or they disagree on
             the study, series or frame of reference.
     """
-    require_highdicom()
+    require_highdicom(output)
     import pydicom
 
     path = Path(input_path)
     if not path.is_dir():
         raise InputError(
-            f"--output-type dicom-seg needs a folder holding a DICOM series as INPUT, but {path} is "
+            f"--output-type {output} needs a folder holding a DICOM series as INPUT, but {path} is "
             "not one; use --output-type nifti for this input"
         )
     from stuseg.io import dicom_series_files
@@ -272,9 +299,9 @@ def read_dicom_source(input_path: Path, series: str | None = None) -> DicomSourc
     ]
     if missing:
         raise InputError(
-            f"cannot write a DICOM-SEG for {path}: its files have no (or an empty) {', '.join(missing)}, "
-            "which the SEG must reference (a badly anonymised series?); fill them in with a DICOM "
-            "tool, or leave out --output-type dicom-seg"
+            f"cannot write {_WHAT.get(output, output)} for {path}: its files have no (or an empty) "
+            f"{', '.join(missing)}, which the {_SHORT.get(output, output)} must reference (a badly "
+            f"anonymised series?); fill them in with a DICOM tool, or leave out --output-type {output}"
         )
     for name in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         if len({str(ds.get(name)) for ds in datasets}) > 1:
@@ -309,12 +336,12 @@ def _frame_indices(
         if np.max(np.abs(exact - nearest)) > _GRID_TOLERANCE:
             raise OutputError(
                 f"the DICOM image {ds.SOPInstanceUID} does not lie on the grid of the label map; "
-                "a DICOM-SEG can only be written for the series that was segmented"
+                "a DICOM-SEG or RTSTRUCT can only be written for the series that was segmented"
             )
         if nearest.min() < 0 or nearest.max() > shape[axis] - 1:
             raise OutputError(
                 f"the DICOM image {ds.SOPInstanceUID} reaches outside the label map; "
-                "a DICOM-SEG can only be written for the series that was segmented"
+                "a DICOM-SEG or RTSTRUCT can only be written for the series that was segmented"
             )
         indices.append(np.broadcast_to(nearest.astype(np.intp), (rows, cols)))
     return tuple(indices)
@@ -345,7 +372,7 @@ def label_frames(labels: np.ndarray, affine: np.ndarray, datasets: Sequence[Any]
     for f, ds in enumerate(datasets):
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
             raise OutputError(
-                "the images of the DICOM series differ in size; a DICOM-SEG needs one frame size"
+                "the images of the DICOM series differ in size; a DICOM-SEG or RTSTRUCT needs one frame size"
             )
         idx = _frame_indices(ds, inverse, shape)
         frames[f] = labels[idx]
@@ -353,7 +380,7 @@ def label_frames(labels: np.ndarray, affine: np.ndarray, datasets: Sequence[Any]
     if not covered.all():
         raise OutputError(
             "the DICOM images do not cover the whole label map; "
-            "a DICOM-SEG can only be written for the series that was segmented"
+            "a DICOM-SEG or RTSTRUCT can only be written for the series that was segmented"
         )
     return frames
 
@@ -379,6 +406,8 @@ def _segment_descriptions(
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm, family=dcm_codes.DCM.ArtificialIntelligence, version=version, source="stuseg"
     )
+    # The colours of the preview and the viewer tables, as RecommendedDisplayCIELabValue (0062,000D).
+    colors = label_colors(dict(enumerate(names, start=1)))
     descriptions = []
     for number, (name, sct) in enumerate(zip(names, coding), start=1):
         desc = hd.seg.SegmentDescription(
@@ -389,6 +418,7 @@ def _segment_descriptions(
             segmented_property_type=CodedConcept(*_concept(sct or GENERIC_CODES, "type")),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification,
+            display_color=hd.color.CIELabColor.from_rgb(*colors[number]),
         )
         if sct is None or len(name) > _MEANING_CHARS:
             desc.SegmentDescription = name  # ST: up to 1024 characters

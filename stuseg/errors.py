@@ -5,6 +5,8 @@ non-zero exit status. Messages are complete sentences without a trailing period,
 that the user knows what to do next.
 """
 
+__all__ = ["InputError", "LabelError", "OutputError", "StusegError", "StusegWarning", "WeightsError"]
+
 
 class StusegError(Exception):
     """Base class: the message is meant for the user, as is."""

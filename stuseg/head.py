@@ -16,6 +16,8 @@ import torch
 
 from stuseg.predict import PatchPredictor
 
+__all__ = ["ClassProbabilities", "softmax_last_"]
+
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 # (item, row start, row stop, scores, the softmax's sum or None for logits)
 _Chunk = tuple[int, int, int, torch.Tensor, "torch.Tensor | None"]

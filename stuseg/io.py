@@ -28,6 +28,24 @@ from stuseg.errors import InputError, StusegWarning
 from stuseg.geometry import LPS_TO_RAS
 from stuseg.paths import NIFTI_SUFFIXES, SITK_SUFFIXES, image_suffix
 
+__all__ = [
+    "SUPPORTED_INPUTS",
+    "SeriesInfo",
+    "StusegWarning",
+    "Volume",
+    "check_finite",
+    "check_pixel_kind",
+    "dicom_series_files",
+    "image_on_grid",
+    "label_image",
+    "load_nifti",
+    "looks_like_dicom",
+    "nifti_header_for",
+    "read_image",
+    "read_label_map",
+    "spatial_shape",
+]
+
 # SimpleITK is imported inside the functions that need it: NIfTI input and `stuseg --help` do not
 # pay for its import.
 

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
+__all__ = ["argmax_of_mean", "interpolate_argmax", "mean_top2", "vote_labels"]
+
 
 def _jit(parallel: bool = True) -> Callable[[Callable], Callable]:
     """numba's ``njit``, cached on disk; without the cache where no cache folder is writable

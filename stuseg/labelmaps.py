@@ -18,12 +18,10 @@ whole or not at all.
 
 from __future__ import annotations
 
-import colorsys
 import io
 import json
 import os
 import re
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,10 +33,41 @@ import numpy as np
 
 from stuseg import labels as lbl
 from stuseg import outputs
+from stuseg.colors import label_colors
 from stuseg.errors import InputError, LabelError, OutputError
 from stuseg.geometry import same_grid
 from stuseg.io import check_pixel_kind, label_image, load_nifti, spatial_shape
 from stuseg.paths import NIFTI_SUFFIXES, nifti_stem
+
+__all__ = [
+    "FORMAT",
+    "ExportResult",
+    "check_mask_folder_output",
+    "check_multilabel_output",
+    "companion_paths",
+    "export_labels",
+    "itksnap_text",
+    "label_colors",
+    "load_named_labels",
+    "load_named_masks",
+    "load_own_labels",
+    "load_segmentation",
+    "multilabel_paths",
+    "names_json",
+    "nifti_gz_bytes",
+    "own_table",
+    "read_names",
+    "read_table_file",
+    "save_masks",
+    "save_multilabel",
+    "segmentation_inputs",
+    "slicer_ctbl",
+    "value_counts",
+    "write_masks",
+    "write_multilabel",
+    "write_nifti",
+    "writer_threads",
+]
 
 FORMAT = "stuseg-labels/1"  # marks the JSON label table in header extensions and sidecars
 DOCUMENT = FORMAT.split("/")[0]  # its kind, as outputs.check_output compares kinds
@@ -232,38 +261,6 @@ def save_masks(
 
 # ---------------------------------------------------------------------------------------------
 # Writing multilabel files with names
-
-
-def _color(key: int) -> tuple[int, int, int]:
-    """The colour of colour key ``key``: the hue steps by the golden ratio (0.618...) per key,
-    which keeps neighbours far apart on the colour wheel; the brightness alternates too."""
-    hue = (key * 0.618033988749895) % 1.0
-    value = 0.95 if key % 2 else 0.75  # 104 hues alone are close
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.7, value)
-    return round(r * 255), round(g * 255), round(b * 255)
-
-
-def label_colors(names: Mapping[int, str]) -> dict[int, tuple[int, int, int]]:
-    """A distinct, stable RGB colour per label value, keyed by the structure's name.
-
-    A published structure's colour key is its model index, so it keeps its colour in every
-    numbering. Any other name's key comes from its name alone (CRC-32 of its case-folded UTF-8,
-    beyond the published indices), so a model's structure keeps its colour across numberings,
-    subsets and runs; where that colour is already taken in this table (by a published structure
-    or another name, taken in name order), the key steps on until the colour is free. No two
-    values of one table share a colour.
-    """
-    known = {n.lower(): i for i, n in enumerate(lbl.LABELS)}
-    colors = {v: _color(known[n.lower()]) for v, n in names.items() if n.lower() in known}
-    used = set(colors.values())
-    others = sorted((str(n).casefold(), v) for v, n in names.items() if v not in colors)
-    for folded, value in others:
-        key = len(lbl.LABELS) + zlib.crc32(folded.encode("utf-8", "surrogatepass"))
-        while _color(key) in used:
-            key += 1
-        colors[value] = _color(key)
-        used.add(colors[value])
-    return {v: colors[v] for v in names}
 
 
 def names_json(names: Mapping[int, str], numbering: str | None = None) -> str:
@@ -476,7 +473,7 @@ def _load_multilabel(path: Path) -> tuple[np.ndarray, nib.Nifti1Header, dict[int
         if top > len(lbl.STRUCTURES):
             raise LabelError(
                 f"{path} holds label value {top} but the model has only {len(lbl.STRUCTURES)} "
-                "structures; give a segmentation written by 'stuseg predict --ml'"
+                "structures; name its values with --names FILE.json (another tool's label table)"
             )
         names = dict(enumerate(lbl.STRUCTURES, start=1))
         return arr.astype(np.uint8, copy=False), header, names
@@ -662,6 +659,7 @@ def export_labels(
     combine: str | None = None,
     overwrite: bool = False,
     table: Mapping[int, str] | None = None,
+    names_file: Path | None = None,
 ) -> ExportResult:
     """Export the structures ``indices`` (model indices) of a segmentation.
 
@@ -684,6 +682,9 @@ def export_labels(
         combine: write the union of the structures as this one mask.
         overwrite: allow replacing files or a folder that stuseg did not write.
         table: the file's own label table (value -> name), for a model's own structures.
+        names_file: a JSON label table (see :func:`read_table_file`) that names the values of
+            multilabel file ``segmentation``, e.g. another tool's (TotalSegmentator's 117 classes);
+            exported as with ``table``.
 
     Returns:
         What was written, which structures the input lacks, and which exported ones are empty.
@@ -705,8 +706,15 @@ def export_labels(
                 f"--combine name '{combine}' is a structure's name; choose another so the union "
                 "cannot be mistaken for that structure"
             )
+    if names_file is not None:
+        if table is not None:
+            raise OutputError("give the label table either as a table or as a file, not both")
+        if segmentation.is_dir():
+            raise InputError(f"--names applies to a multilabel file; {segmentation} is a folder of masks")
+        table = read_table_file(names_file)
     if table is not None:
-        return _export_own(segmentation, output, indices, table, ml, numbering, combine, overwrite)
+        options = (ml, numbering, combine, overwrite)
+        return _export_own(segmentation, output, indices, table, *options, names_file=names_file)
     wanted = sorted(lbl.renumbering(indices))  # validates the indices
     if not wanted:
         raise LabelError("no structures selected; name them with --labels or --group")
@@ -777,23 +785,27 @@ def _export_own(
     numbering: str | None,
     combine: str | None,
     overwrite: bool,
+    *,
+    names_file: Path | None = None,
 ) -> ExportResult:
-    """``export_labels`` of a multilabel file named by its own ``table``; options checked there."""
+    """``export_labels`` of a multilabel file named by its own ``table`` (or by ``names_file``'s);
+    options checked there."""
+    source = str(names_file) if names_file is not None else "its label table"
     table = {int(v): str(n) for v, n in table.items()}
     wanted = sorted(set(values))
     if not wanted:
         raise LabelError("no structures selected; name them with --labels")
     unknown = [v for v in wanted if v not in table]
     if unknown:
-        raise LabelError(f"label value {unknown[0]} is not in the label table of {segmentation}")
+        raise LabelError(f"label value {unknown[0]} is not in {source}")
     chosen = numbering or lbl.Numbering.MODEL
     scheme = str(getattr(chosen, "value", chosen))
     if scheme not in (lbl.Numbering.MODEL.value, lbl.Numbering.COMPACT.value):
         raise LabelError(
-            f"--numbering {scheme} applies to the published structures only; {segmentation} names "
-            "its own, so choose model or compact"
+            f"--numbering {scheme} applies to the published structures only; {segmentation} is "
+            f"named by {source}, so choose model or compact"
         )
-    inputs = segmentation_inputs(segmentation)
+    inputs = [*segmentation_inputs(segmentation), *([names_file] if names_file is not None else [])]
     if ml:
         check_multilabel_output(output, inputs=inputs, overwrite=overwrite)
     else:
@@ -804,7 +816,7 @@ def _export_own(
     unnamed = [int(v) for v in np.flatnonzero(counts) if v and v not in table]
     if len(counts) > 256 or unnamed:
         value = unnamed[0] if unnamed else len(counts) - 1
-        raise LabelError(f"{segmentation} holds label value {value}, which its label table does not name")
+        raise LabelError(f"{segmentation} holds label value {value}, which {source} does not name")
     labels = labels.astype(np.uint8, copy=False)
     result = ExportResult(empty=[table[v] for v in wanted if counts[v] == 0])
     if ml:
@@ -941,13 +953,25 @@ def load_named_labels(path: Path, names_file: Path) -> tuple[np.ndarray, nib.Nif
     path, names_file = Path(path), Path(names_file)
     if not path.is_file():
         raise InputError(f"{path} does not exist; give a multilabel .nii.gz file")
+    return _labels_named_by(path, read_table_file(names_file), str(names_file))
+
+
+def read_table_file(names_file: Path) -> dict[int, str]:
+    """The label table (value -> name) in JSON file ``names_file``: stuseg's label table (the
+    sidecar of ``predict --ml``) or a plain object ``{"1": "spleen", ...}``.
+
+    Raises:
+        InputError: the file cannot be read.
+        LabelError: it is not a label table.
+    """
+    names_file = Path(names_file)
     try:
         table = _plain_table(names_file.read_bytes())
     except OSError as exc:
         raise InputError(f"cannot read {names_file}: {exc.strerror or exc}") from None
     if table is None:
         raise LabelError(f'{names_file} is not a label table; give JSON such as {{"1": "spleen", ...}}')
-    return _labels_named_by(path, table, str(names_file))
+    return table
 
 
 def _labels_named_by(

@@ -28,6 +28,32 @@ from typing import NamedTuple
 
 from stuseg.errors import LabelError
 
+__all__ = [
+    "FALLBACK_NAME",
+    "GROUPS",
+    "LABELS",
+    "LEFT_RIGHT_PAIRS",
+    "MAY_BE_IN_PIECES",
+    "NAME_BYTES",
+    "ONE_PIECE",
+    "STRUCTURES",
+    "TABLE",
+    "TOTALSEG_V1_INDEX",
+    "Group",
+    "Numbering",
+    "Structure",
+    "describe",
+    "file_name",
+    "index_of",
+    "left_right_pairs",
+    "lookup",
+    "model_names",
+    "one_piece",
+    "renumbering",
+    "select",
+    "select_from",
+]
+
 
 class Group(str, Enum):
     """Anatomical groups, as in the TotalSegmentator paper."""
@@ -511,18 +537,21 @@ def _listing(names: Iterable[str], most: int = 8) -> str:
     return shown if len(names) <= most else f"{shown}, ... ({len(names)} in all)"
 
 
-def select_from(names: Mapping[int, str], patterns: Iterable[str]) -> list[int]:
+def select_from(names: Mapping[int, str], patterns: Iterable[str], *, groups: bool = False) -> list[int]:
     """The label values of the structures that names and shell patterns select from any table.
 
-    ``select`` for a model's own label table (there are no groups). A word selects the
-    structures whose name equals it case-insensitively, or, failing that, whose ``file_name``
-    equals the word's (so ``Liver_Tumour`` selects "Liver Tumour" and the reverse). A word with
-    ``*``, ``?`` or ``[`` is a shell pattern matched against both forms of every name.
+    ``select`` for a model's own label table, or another tool's. A word selects the structures
+    whose name equals it case-insensitively, or, failing that, whose ``file_name`` equals the
+    word's (so ``Liver_Tumour`` selects "Liver Tumour" and the reverse). A word with ``*``, ``?``
+    or ``[`` is a shell pattern matched against both forms of every name. With ``groups``, a group
+    name (``organs``, ...) that is no name in the table selects the table's structures of that
+    group by the published names (another tool's table, such as TotalSegmentator's, shares many).
 
     Args:
         names: label value -> structure name (value 0, the background, is never selected).
         patterns: entries, each one or several names or patterns separated by commas (not by
             spaces: names may hold spaces); surrounding spaces are ignored. Overlaps count once.
+        groups: let group names select the table's published structures of that group.
 
     Returns:
         The selected label values, sorted, without duplicates.
@@ -558,4 +587,9 @@ def select_from(names: Mapping[int, str], patterns: Iterable[str]) -> list[int]:
         raise LabelError(f"unknown structure '{word}'{tail}")
 
     patterned = [(k, v) for k, values in (*by_name.items(), *by_file.items()) for v in values]
-    return _selection(words, {}, patterned, exact, hint)
+    chosen_groups = {}
+    for group, members in GROUPS.items() if groups else ():
+        inside = [v for v, n in sorted(table.items()) if n.lower() in {m.lower() for m in members}]
+        if inside and group not in by_name:
+            chosen_groups[group] = inside
+    return _selection(words, chosen_groups, patterned, exact, hint)

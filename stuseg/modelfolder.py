@@ -52,6 +52,7 @@ __all__ = [
     "arch_from_shapes",
     "cache_fold",
     "load_fold",
+    "load_fold_identified",
     "network_mismatch",
     "read_model_folder",
     "read_plain_pickle",

@@ -14,6 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "SIZES",
+    "Arch",
+    "ResBlock",
+    "STUNet",
+    "Stride",
+    "Upsample",
+    "build_network",
+    "canonical_size",
+    "count_parameters",
+]
+
 Stride = tuple[int, int, int]
 
 

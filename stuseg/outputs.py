@@ -40,6 +40,20 @@ from typing import Any, Literal
 
 from stuseg.errors import OutputError
 
+__all__ = [
+    "KINDS",
+    "MARKER",
+    "MARKER_FORMAT",
+    "check_output",
+    "clean_leftovers",
+    "document_kind",
+    "foreign_entries",
+    "recording",
+    "staged_files",
+    "staged_folder",
+    "written_by_stuseg",
+]
+
 MARKER = ".stuseg-run.json"
 MARKER_FORMAT = "stuseg-run/1"
 _STAGING = ".stuseg-staging"

@@ -36,6 +36,22 @@ from stuseg.predict import Autocast, Ensemble, Mirrored, PatchPredictor, Timed, 
 from stuseg.preprocess import Geometry, preprocess, restore
 from stuseg.threads import limit_threads, thread_count
 
+__all__ = [
+    "Image",
+    "Inferred",
+    "Prepared",
+    "Progress",
+    "Segmentation",
+    "Segmenter",
+    "check_ct",
+    "keep_freed_memory",
+    "load_model",
+    "parameters_sha256",
+    "prepare",
+    "resolve_device",
+    "segment",
+]
+
 if TYPE_CHECKING:
     from stuseg.modelfolder import TrainedModel
     from stuseg.weights import LoadedWeights
@@ -325,7 +341,7 @@ class Segmenter:
             size of ``weights``.
         weights: a local ``.model`` or ``.safetensors`` file instead of stuseg's cache.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        fast: argmax at the network resolution, then resample the label map (less memory).
+        fast: argmax at the network resolution, then resample the label map (a slightly cheaper export).
         tta: average over the 8 mirrorings.
         step_size: tile step as a fraction of the patch, in (0, 1].
         roi_subset: keep only these structures (names, groups, shell patterns).

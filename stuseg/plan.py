@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+__all__ = ["PLAN", "SCHEMES", "Framework", "Normalization", "Plan"]
+
 Framework = Literal["v1", "v2"]
 
 # The normalisation schemes stuseg implements, by nnU-Net's names for them:

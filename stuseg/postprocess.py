@@ -32,6 +32,18 @@ from stuseg.kernels import argmax_of_mean, interpolate_argmax, mean_top2, vote_l
 from stuseg.predict import Slab
 from stuseg.preprocess import axis_slice, nearest_indices
 
+__all__ = [
+    "AxisMap",
+    "ProbabilityExport",
+    "axis_maps",
+    "corner_tables",
+    "export_labels",
+    "linear_map",
+    "nearest_map",
+    "resample_labels",
+    "slab_labels",
+]
+
 
 @dataclass(frozen=True)
 class AxisMap:

@@ -28,6 +28,24 @@ from typing import Any
 import numpy as np
 import torch
 
+__all__ = [
+    "MIRROR_FLIPS",
+    "Autocast",
+    "Ensemble",
+    "FunctionPredictor",
+    "Mirrored",
+    "PatchPredictor",
+    "Slab",
+    "Timed",
+    "as_predictor",
+    "gaussian_importance",
+    "mirror_flips",
+    "pad_amounts",
+    "sliding_window",
+    "stream_axis",
+    "tile_starts",
+]
+
 # nnU-Net v1 flips these tensor dims for mirror TTA, in this order (dims 2, 3, 4 = z, y, x).
 MIRROR_FLIPS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (4, 3), (2,), (4, 2), (3, 2), (4, 3, 2))
 

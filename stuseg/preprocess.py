@@ -31,6 +31,23 @@ from stuseg.errors import InputError
 from stuseg.plan import PLAN, Normalization, Plan
 from stuseg.threads import available_cpus
 
+__all__ = [
+    "SEPARATE_Z_THRESHOLD",
+    "Geometry",
+    "axis_slice",
+    "nearest_indices",
+    "nonzero_bbox",
+    "nonzero_mask",
+    "normalize",
+    "preprocess",
+    "resample_image",
+    "resampled_shape",
+    "restore",
+    "separate_axis",
+    "to_model_order",
+    "zscore",
+]
+
 # nnU-Net's RESAMPLING_SEPARATE_Z_ANISO_THRESHOLD: above this max/min spacing ratio the
 # low-resolution axis is resampled on its own (nearest neighbour) instead of with the others.
 SEPARATE_Z_THRESHOLD = 3.0

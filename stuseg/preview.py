@@ -14,7 +14,7 @@ the views share one scale.
   over the CT and outlined at full colour.
 - Front view: for each (x, z), the structure nearest the viewer looking at the patient's front
   (front-most labelled voxel along y), shaded by its depth and by the slope of the surface.
-- Colours: ``stuseg.labelmaps.label_colors``, the colours of the viewer label files.
+- Colours: ``stuseg.colors.label_colors``, the colours of the viewer label files and the DICOM-SEG.
 """
 
 from __future__ import annotations
@@ -27,9 +27,20 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
+from stuseg.colors import label_colors
 from stuseg.errors import InputError
-from stuseg.labelmaps import label_colors
 from stuseg.statistics import jit, label_counts
+
+__all__ = [
+    "FILL_ALPHA",
+    "VIEW_PIXELS",
+    "WINDOW_LEVEL_HU",
+    "WINDOW_WIDTH_HU",
+    "Views",
+    "draw_views",
+    "render",
+    "write_preview",
+]
 
 if TYPE_CHECKING:
     from PIL import Image

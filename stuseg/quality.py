@@ -15,6 +15,17 @@ from scipy import ndimage
 
 from stuseg.geometry import PATIENT_LEFT_RAS
 
+__all__ = [
+    "CONNECTIVITY",
+    "FRAGMENT_SHARE",
+    "SIDE_MARGIN_MM",
+    "Pieces",
+    "pieces",
+    "remove_small_blobs",
+    "side_offset_mm",
+    "wrong_side",
+]
+
 # Voxels are one piece when they share a face, an edge or a corner (26-connectivity): a thin or
 # oblique structure (a rib, a vessel) sampled on a grid often touches its next voxel only at an
 # edge or a corner, and is still one piece.

@@ -3,11 +3,13 @@
 ``predict``, the local batch and the Ray workers all write through here, so a scan's result is
 the same files whoever made it:
 
-- ``Request``: what to write (NIfTI masks or the ``--ml`` file, statistics, preview, DICOM-SEG).
+- ``Request``: what to write (NIfTI masks or the ``--ml`` file, statistics, preview, DICOM-SEG,
+  RTSTRUCT).
 - ``Layout``: where each of those goes for one scan: inside a mask folder (``statistics.json``,
-  ``statistics.csv``, ``preview.png``, ``seg.dcm``, the run marker ``.stuseg-run.json``), or
-  beside a multilabel file ``OUT.nii.gz`` (``OUT.json``, ``OUT.itksnap.txt``, ``OUT.ctbl``,
-  ``OUT.statistics.json``, ``OUT.statistics.csv``, ``OUT.preview.png``, ``OUT.dcm``; the suffix
+  ``statistics.csv``, ``preview.png``, ``seg.dcm``, ``rtstruct.dcm``, the run marker
+  ``.stuseg-run.json``), or beside a multilabel file ``OUT.nii.gz`` (``OUT.json``,
+  ``OUT.itksnap.txt``, ``OUT.ctbl``, ``OUT.statistics.json``, ``OUT.statistics.csv``,
+  ``OUT.preview.png``, ``OUT.dcm``, ``OUT_rtstruct.dcm``; the suffix
   is matched in any letter case). ``Layout.check`` refuses, before any work, what cannot be
   written safely (``stuseg.outputs.check_output``: the output against the inputs, files stuseg
   did not write, an existing stuseg document of another kind, ``overwrite``).
@@ -54,13 +56,15 @@ class Request:
     ``nifti``: the masks (or, with ``multilabel``, the ``--ml`` file and its label files);
     ``statistics``: ``statistics.json`` and ``.csv``; ``preview``: ``preview.png``;
     ``dicom_seg``: a DICOM Segmentation (needs a DICOM series as input), encoded as ``seg_type``
-    with ``codes`` (structure name -> SNOMED CT codes) before the package's table.
+    with ``codes`` (structure name -> SNOMED CT codes) before the package's table;
+    ``rtstruct``: an RT Structure Set (contours; needs a DICOM series as input).
     """
 
     nifti: bool = True
     statistics: bool = False
     preview: bool = False
     dicom_seg: bool = False
+    rtstruct: bool = False
     seg_type: str = "binary"
     codes: Mapping[str, Any] | None = field(default=None, compare=False)
 
@@ -72,13 +76,19 @@ class Request:
             "statistics": self.statistics,
             "preview": self.preview,
             "dicom-seg": self.dicom_seg,
+            "rtstruct": self.rtstruct,
         }
         return tuple(name for name in PRODUCTS if wanted.get(name))
 
     @property
     def needs_dicom(self) -> bool:
-        """Whether an output is a DICOM object referencing the input series (a DICOM-SEG)."""
+        """Whether an output is a DICOM object referencing the input series (DICOM-SEG, RTSTRUCT)."""
         return any(PRODUCTS[p].dicom for p in self.products)
+
+    @property
+    def dicom_products(self) -> tuple[str, ...]:
+        """The requested outputs that reference the input series (``dicom-seg``, ``rtstruct``)."""
+        return tuple(p for p in self.products if PRODUCTS[p].dicom)
 
     @property
     def needs_ct(self) -> bool:
@@ -93,7 +103,7 @@ def check_request(request: Request) -> None:
         InputError: the one-line reason.
     """
     if not request.products:
-        raise InputError("nothing to write: ask for --output-type nifti and/or dicom-seg")
+        raise InputError("nothing to write: ask for --output-type nifti, dicom-seg and/or rtstruct")
     if request.seg_type not in SEG_TYPES:
         raise InputError(f"--dicom-seg-type must be one of {', '.join(SEG_TYPES)}, not {request.seg_type!r}")
 
@@ -137,8 +147,9 @@ def read_ct(image: str | Path, series: str | None = None) -> tuple[Any, float]:
     return volume, time.perf_counter() - start
 
 
-def dicom_source(image: str | Path, series: str | None = None) -> Any:
-    """The DICOM series a SEG of ``image`` references (``stuseg.dicomseg.read_dicom_source``).
+def dicom_source(image: str | Path, series: str | None = None, *, output: str = "dicom-seg") -> Any:
+    """The DICOM series a SEG or RTSTRUCT of ``image`` references
+    (``stuseg.dicomseg.read_dicom_source``; ``output``, the ``--output-type`` named in its errors).
 
     Raises:
         InputError: ``image`` is no DICOM series folder, or its headers cannot be referenced.
@@ -146,7 +157,7 @@ def dicom_source(image: str | Path, series: str | None = None) -> Any:
     """
     from stuseg.dicomseg import read_dicom_source
 
-    return read_dicom_source(Path(image), series)
+    return read_dicom_source(Path(image), series, output=output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +234,18 @@ def _write_seg(seg: Any, files: list[Path], folder: Path | None, src: Sources, r
     )
 
 
+def _rtstruct_paths(target: Path, multilabel: bool) -> list[Path]:
+    from stuseg.rtstruct import rtstruct_path_for
+
+    return [rtstruct_path_for(target, multilabel)]
+
+
+def _write_rtstruct(seg: Any, files: list[Path], folder: Path | None, src: Sources, request: Request) -> None:
+    from stuseg import rtstruct
+
+    rtstruct.write_rtstruct(seg.image, seg.names, src.dicom, files[0], algorithm=f"STU-Net {seg.size}")
+
+
 @dataclass(frozen=True)
 class Product:
     """One output type: where its files go (``place(target, multilabel)``), what writes them
@@ -243,6 +266,7 @@ PRODUCTS: dict[str, Product] = {
     "statistics": Product(_statistics_paths, _write_statistics, "stuseg-statistics", "statistics"),
     "preview": Product(_beside("preview", ".png"), _write_preview, None, "preview"),
     "dicom-seg": Product(_seg_paths, _write_seg, None, "dicom-seg", dicom="DICOM-SEG"),
+    "rtstruct": Product(_rtstruct_paths, _write_rtstruct, None, "rtstruct", dicom="RTSTRUCT"),
 }
 
 
@@ -336,7 +360,7 @@ def write_result(
     Check first with ``Layout.check``. A mask folder is written into a staged folder moved into
     place when complete (a previous one is replaced as a whole), with the run marker recording
     ``run`` (default: the command being recorded, ``stuseg.outputs.recording``); a multilabel
-    file and every file beside it are staged and renamed together. A DICOM-SEG that cannot be
+    file and every file beside it are staged and renamed together. A DICOM-SEG or RTSTRUCT that cannot be
     made for this scan (the input is no DICOM series, or no structure was found) is left out
     with a ``StusegWarning`` saying why; the rest is written. Seconds per output go into
     ``seg.timings`` (``write`` for the masks).

@@ -43,6 +43,26 @@ from stuseg import labels as label_table
 from stuseg.errors import InputError, LabelError
 from stuseg.geometry import same_grid
 
+__all__ = [
+    "COLUMNS",
+    "FLAGS",
+    "FORMAT",
+    "PERCENTILES",
+    "LabelledScan",
+    "Statistics",
+    "affine_of",
+    "align_to",
+    "compute",
+    "csv_text",
+    "label_counts",
+    "load_scan",
+    "of_segmentation",
+    "output_paths",
+    "warm_up",
+    "write_csv",
+    "write_statistics",
+]
+
 FORMAT = "stuseg-statistics/1"
 DOCUMENT = FORMAT.split("/")[0]  # its kind, as outputs.check_output compares kinds
 

@@ -26,6 +26,18 @@ from pathlib import Path
 
 from stuseg.errors import InputError
 
+__all__ = [
+    "CGROUP_ROOT",
+    "ENV_VAR",
+    "PROC_SELF_CGROUP",
+    "SPIN_COUNT",
+    "available_cpus",
+    "cgroup_cpu_quota",
+    "limit_spin_waiting",
+    "limit_threads",
+    "thread_count",
+]
+
 ENV_VAR = "STUSEG_THREADS"
 
 # Where the kernel describes the process's control groups. Module attributes so that tests can

@@ -258,6 +258,25 @@ def test_real_result_passes_dciodvfy(ts_seg: Path, tmp_path: Path) -> None:
     assert any("SegmentLabel" in line for line in dciodvfy_errors(tmp_path / "broken.dcm"))
 
 
+def test_real_result_carries_the_structure_colours(ts_seg: Path) -> None:
+    """RecommendedDisplayCIELabValue (PS3.3 C.10.7.1.1: L* scaled 0..100, a* and b* -128..127, to
+    0..65535) converted back to sRGB with scikit-image: the colours of the preview and viewer tables."""
+    from skimage.color import lab2rgb
+
+    from stuseg.colors import label_colors
+
+    want = {labels.LABELS[v]: c for v, c in label_colors(dict(enumerate(labels.STRUCTURES, start=1))).items()}
+    ds = pydicom.dcmread(ts_seg, stop_before_pixels=True)
+    assert len(ds.SegmentSequence) > 20
+    for item in ds.SegmentSequence:
+        raw = np.array(item.RecommendedDisplayCIELabValue, float)
+        lab = [raw[0] * 100 / 65535, raw[1] * 255 / 65535 - 128, raw[2] * 255 / 65535 - 128]
+        rgb = lab2rgb(np.array(lab).reshape(1, 1, 3)).reshape(3) * 255
+        np.testing.assert_allclose(
+            rgb, want[str(item.SegmentLabel)], atol=1.0, err_msg=str(item.SegmentLabel)
+        )
+
+
 # --- geometry: a flip or transpose cannot pass -------------------------------------------------
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -287,7 +289,7 @@ def test_error_values_above_104(tmp_path: Path, header) -> None:
     assert result.exit_code == 1
     assert result.stderr == (
         f"stuseg: error: {path} holds label value 117 but the model has only 104 structures; "
-        "give a segmentation written by 'stuseg predict --ml'\n"
+        "name its values with --names FILE.json (another tool's label table)\n"
     )
     assert not (tmp_path / "out").exists()
 
@@ -465,3 +467,82 @@ def test_export_into_a_folder_of_the_users_files(tmp_path: Path, ml_file: Path) 
     # the next export into the folder stuseg now owns replaces it without --overwrite
     assert invoke("export-labels", ml_file, mine, "-l", "aorta").exit_code == 0
     assert files_in(mine) == [MARKER, "aorta.nii.gz"]
+
+
+# --- another tool's label map, named by --names ------------------------------------------------------
+
+TS_RESULTS = Path(__file__).parent / "data" / "totalseg_results"
+TS_MULTILABEL = TS_RESULTS / "abdomen_ct_dicom_multilabel.nii.gz"
+TS_NAMES = TS_RESULTS / "totalsegmentator_v2_total_labels.json"
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stuseg", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_totalsegmentators_multilabel_file_exported_with_its_names(tmp_path: Path) -> None:
+    table = {int(v): n for v, n in json.loads(TS_NAMES.read_text(encoding="utf-8")).items()}
+    data = np.asanyarray(nib.load(TS_MULTILABEL).dataobj)
+    assert data.max() > 104  # TotalSegmentator's numbering: beyond the model's 104 values
+    out = tmp_path / "masks"
+    done = run_cli(
+        "export-labels", TS_MULTILABEL, out, "--names", TS_NAMES, "-l", "liver,kidney_*", "-g", "vessels"
+    )
+    assert done.returncode == 0, done.stderr
+    by_name = {n: v for v, n in table.items()}
+    vessels = {n for n in table.values() if n in labels.GROUPS["vessels"]}  # the group, by name
+    expected = {"liver", *(n for n in table.values() if n.startswith("kidney_")), *vessels}
+    assert {p.name.removesuffix(".nii.gz") for p in out.glob("*.nii.gz")} == expected
+    for name in expected:
+        mask = nib.load(out / f"{name}.nii.gz")
+        np.testing.assert_array_equal(np.asanyarray(mask.dataobj), data == by_name[name], err_msg=name)
+        np.testing.assert_array_equal(mask.affine, nib.load(TS_MULTILABEL).affine)
+    assert np.any(data == by_name["liver"])
+    assert done.stderr.strip().endswith(f"wrote {len(expected)} files")
+
+
+def test_totalsegmentators_multilabel_file_to_a_compact_ml_file(tmp_path: Path) -> None:
+    table = {n: int(v) for v, n in json.loads(TS_NAMES.read_text(encoding="utf-8")).items()}
+    out = tmp_path / "vert.nii.gz"
+    wanted = ["vertebrae_L1", "vertebrae_T12", "liver"]
+    args = ["--ml", "--numbering", "compact", "--names", TS_NAMES, "-l", ",".join(wanted)]
+    done = run_cli("export-labels", TS_MULTILABEL, out, *args)
+    assert done.returncode == 0, done.stderr
+    data = np.asanyarray(nib.load(TS_MULTILABEL).dataobj)
+    written = labelmaps.load_named_labels(out, out.with_name("vert.json"))
+    in_order = sorted(wanted, key=table.get)  # compact: 1..k in the file's own value order
+    assert written[2] == dict(enumerate(in_order, start=1))
+    expect = np.zeros(data.shape, np.uint8)
+    for k, name in enumerate(in_order, start=1):
+        expect[data == table[name]] = k
+    np.testing.assert_array_equal(written[0], expect)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("folder", "--names applies to a multilabel file"),
+        ("unnamed", "holds label value 5, which {names} does not name"),
+        ("not-json", "is not a label table"),
+        ("v1-numbering", "--numbering totalsegmentator-v1 applies to the published structures only"),
+    ],
+)
+def test_names_errors_are_one_line_and_write_nothing(tmp_path: Path, case: str, message: str) -> None:
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "spleen", "2": "kidney_right"}), encoding="utf-8")
+    seg = TS_MULTILABEL
+    extra: list[object] = []
+    if case == "folder":
+        seg = TS_RESULTS / "abdomen_ct_sm_masks"
+    elif case == "not-json":
+        names.write_text("spleen\nkidney_right\n", encoding="utf-8")
+    elif case == "v1-numbering":
+        extra = ["--ml", "--numbering", "totalsegmentator-v1"]
+    out = tmp_path / ("out.nii.gz" if extra else "out")
+    done = run_cli("export-labels", seg, out, "--names", names, "-l", "spleen", *extra)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert message.format(names=names) in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["names.json"]

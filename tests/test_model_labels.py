@@ -7,7 +7,6 @@ The expected names are written out here by hand from the rule documented in
 
 from __future__ import annotations
 
-import colorsys
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,8 +209,8 @@ def test_export_labels_selects_from_the_files_own_names(tmp_path: Path, own_file
         ),
         (
             ["-l", "GTVp", "--ml", "--numbering", "totalsegmentator-v1"],
-            "--numbering totalsegmentator-v1 applies to the published structures only; {seg} names its "
-            "own, so choose model or compact",
+            "--numbering totalsegmentator-v1 applies to the published structures only; {seg} is named "
+            "by its label table, so choose model or compact",
         ),
         (
             ["-l", "GTVp", "--combine", "gtvp"],
@@ -233,22 +232,20 @@ def test_export_labels_errors_for_own_names(
 # --- colours -------------------------------------------------------------------------------------
 
 
-def _published_color(index: int) -> tuple[int, int, int]:
-    """The published colours, by the formula they were made with (golden-ratio hue steps)."""
-    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.7, 0.95 if index % 2 else 0.75)
-    return round(r * 255), round(g * 255), round(b * 255)
-
-
-def test_published_colours_are_unchanged_and_model_colours_follow_the_name() -> None:
+def test_published_colours_follow_the_structure_and_model_colours_follow_the_names() -> None:
     published = dict(enumerate(labels.STRUCTURES, start=1))
-    assert labelmaps.label_colors(published) == {i: _published_color(i) for i in published}
-    assert labelmaps.label_colors({7: "liver"}) == {7: _published_color(labels.index_of("liver"))}
+    every = labelmaps.label_colors(published)
+    # a structure has one colour in every table that holds it, under any value
+    assert labelmaps.label_colors({7: "liver"}) == {7: every[labels.index_of("liver")]}
+    assert labelmaps.label_colors({1: "aorta", 2: "Liver"}) == {
+        1: every[labels.index_of("aorta")],
+        2: every[labels.index_of("liver")],
+    }
     one = labelmaps.label_colors(SAFE)
     assert len(set(one.values())) == 3
-    # the same name keeps its colour under another value, in another table
-    again = labelmaps.label_colors({9: "GTVp", 4: "kidney_left", 1: "aorta"})
-    assert again[9] == one[3] and again[4] == one[2]
-    assert again[1] == _published_color(labels.index_of("aorta"))
+    # the same names under other values: the same colours
+    again = labelmaps.label_colors({v + 10: n for v, n in SAFE.items()})
+    assert [again[v + 10] for v in SAFE] == [one[v] for v in SAFE]
     assert labelmaps.label_colors({1: "GTVp"}) == labelmaps.label_colors({1: "gtvp"})  # case-insensitive
 
 

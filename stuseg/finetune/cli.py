@@ -15,7 +15,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-app = typer.Typer(
+from stuseg.helptext import App
+
+__all__ = ["app"]
+
+app = App(
     name="finetune",
     help="Fine-tune a pretrained STU-Net on your labelled CT scans (nnU-Net v2 trains it).",
     no_args_is_help=True,

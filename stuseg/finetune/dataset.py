@@ -71,6 +71,7 @@ __all__ = [
     "PreparedCase",
     "PreparedDataset",
     "SourceCase",
+    "case_id",
     "find_cases",
     "label_table",
     "labels_from_option",

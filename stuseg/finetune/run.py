@@ -44,6 +44,50 @@ from typing import Any
 
 from stuseg.errors import InputError, StusegError, WeightsError
 
+__all__ = [
+    "CONFIGURATION",
+    "DEFAULT_ID",
+    "EPOCHS",
+    "EVENT",
+    "FOLDS",
+    "ITERATIONS",
+    "LOG",
+    "LR_FINETUNE",
+    "LR_SCRATCH",
+    "NORMALIZATIONS",
+    "PLANS",
+    "RECORD",
+    "SAVE_EVERY",
+    "SIZES",
+    "STAGES",
+    "VAL_ITERATIONS",
+    "EpochCallback",
+    "EpochParser",
+    "EpochReport",
+    "Progress",
+    "RunResult",
+    "TrainSettings",
+    "TrainingError",
+    "augmentation_workers",
+    "check_choice",
+    "check_dataset",
+    "check_size",
+    "checkpoint_to_resume",
+    "dataset_id",
+    "dataset_name",
+    "model_folder",
+    "patch_plans",
+    "read_record",
+    "resolve_settings",
+    "resume_hint",
+    "train",
+    "trainer_name",
+    "trainer_path",
+    "update_record",
+    "val_iterations",
+    "worker_environment",
+]
+
 RECORD = "stuseg-finetune.json"
 LOG = "finetune.log"
 CONFIGURATION = "3d_fullres"

@@ -31,6 +31,8 @@ from stuseg.finetune.run import (
     update_record,
 )
 
+__all__ = ["main"]
+
 
 def _event(**event: Any) -> None:
     sys.stdout.write(EVENT + json.dumps(event) + "\n")
