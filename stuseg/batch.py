@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stuseg import crash, memory, paths
+from stuseg import crash, locks, memory, paths
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.results import PRODUCTS, Layout, Request, Sources, dicom_source, mode_name, read_ct, write_result
 
@@ -1259,16 +1259,19 @@ def run(
 
     Raises:
         OutputError: the run log cannot be written (the batch stops; finished cases stay).
+        stuseg.locks.BusyError: another run is writing into ``output`` (one run per folder;
+            refused before any work, see ``stuseg.locks``).
         InputError: two cases share an id, or the request writes nothing.
     """
     settings = settings_of(segmenter, multilabel=multilabel, weights=weights, request=request)
-    cases, output = _begin(cases, output, settings)
-    recorder = _Recorder(settings, output, uuid4_hex())
-    total = threads or int(getattr(segmenter, "threads", 0) or 0) or _available_cpus()
-    with RunLog(output / LOG_NAME) as log:
-        todo = yield from skip_done(cases, output, recorder, log, overwrite=overwrite, ignored=ignored)
-        if todo:
-            yield from _overlapped(todo, segmenter, output, recorder, log, overwrite, progress, total)
+    with locks.hold(output):  # a second run into this folder is refused here, before any work
+        cases, output = _begin(cases, output, settings)
+        recorder = _Recorder(settings, output, uuid4_hex())
+        total = threads or int(getattr(segmenter, "threads", 0) or 0) or _available_cpus()
+        with RunLog(output / LOG_NAME) as log:
+            todo = yield from skip_done(cases, output, recorder, log, overwrite=overwrite, ignored=ignored)
+            if todo:
+                yield from _overlapped(todo, segmenter, output, recorder, log, overwrite, progress, total)
 
 
 def _begin(

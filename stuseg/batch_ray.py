@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from stuseg import crash
+from stuseg import crash, locks
 from stuseg.batch import (
     LOG_NAME,
     Case,
@@ -402,7 +402,7 @@ def _results(
             request=request,
         )
         recorder = _Recorder(settings, output, run_id)
-        with RunLog(output / LOG_NAME) as log:
+        with locks.hold(output), RunLog(output / LOG_NAME) as log:
             todo = yield from skip_done(cases, output, recorder, log, overwrite=overwrite, ignored=ignored)
             yield from _dispatch(ray, actors, todo, settings, overwrite, run_id, recorder, log, output)
     finally:

@@ -718,41 +718,44 @@ def predict_cmd(
         inputs.append(trained.source)
     request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
     layout = results.Layout(output, multilabel, request.products)
-    # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
-    dicom = None
-    if request.needs_dicom:
-        dicom = results.dicom_source(image, series, output=request.dicom_products[0])
-    layout.check(inputs, overwrite=overwrite)
-    from stuseg import pipeline
+    # One run at a time into OUTPUT: a second one is refused here (stuseg.locks), and the checks
+    # below see what the first one left.
+    with layout.locked():
+        # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
+        dicom = None
+        if request.needs_dicom:
+            dicom = results.dicom_source(image, series, output=request.dicom_products[0])
+        layout.check(inputs, overwrite=overwrite)
+        from stuseg import pipeline
 
-    pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # --statistics / --preview need the CT's intensities: read it here and keep it.
-        volume, read_s = results.read_ct(image, series) if request.needs_ct else (None, 0.0)
-        first = volume if volume is not None else input_path
-        with _tile_bar(quiet) as progress:
-            seg = pipeline.segment(
-                [first, *images[1:]] if len(images) > 1 else first,
-                model=trained,
-                size=size,
-                fast=fast,
-                tta=tta,
-                step_size=step_size,
-                device=device,
-                weights=weights_file,
-                roi_subset=roi_subset,
-                series=series,
-                progress=progress,
-            )
-        if volume is not None:
-            seg.timings["read"] = seg.timings.get("read", 0.0) + read_s
-        if remove_small_blobs is not None:
-            removed = seg.remove_small_blobs(remove_small_blobs)
-            if not quiet:
-                say(_blobs_line(removed, remove_small_blobs))
-        sources = results.Sources(ct=volume, dicom=dicom, mode=results.mode_name(fast, tta))
-        written = results.write_result(layout, seg, request, sources)
+        pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # --statistics / --preview need the CT's intensities: read it here and keep it.
+            volume, read_s = results.read_ct(image, series) if request.needs_ct else (None, 0.0)
+            first = volume if volume is not None else input_path
+            with _tile_bar(quiet) as progress:
+                seg = pipeline.segment(
+                    [first, *images[1:]] if len(images) > 1 else first,
+                    model=trained,
+                    size=size,
+                    fast=fast,
+                    tta=tta,
+                    step_size=step_size,
+                    device=device,
+                    weights=weights_file,
+                    roi_subset=roi_subset,
+                    series=series,
+                    progress=progress,
+                )
+            if volume is not None:
+                seg.timings["read"] = seg.timings.get("read", 0.0) + read_s
+            if remove_small_blobs is not None:
+                removed = seg.remove_small_blobs(remove_small_blobs)
+                if not quiet:
+                    say(_blobs_line(removed, remove_small_blobs))
+            sources = results.Sources(ct=volume, dicom=dicom, mode=results.mode_name(fast, tta))
+            written = results.write_result(layout, seg, request, sources)
     if not quiet:
         for w in caught:
             say(f"stuseg: warning: {w.message}")
@@ -957,6 +960,9 @@ def batch_cmd(
 
     if workers is not None and ray_address is None:
         raise fail("--workers applies only with --ray ADDRESS", code=2)
+    from stuseg import locks
+
+    held = contextlib.ExitStack()  # the batch folder's lock, from its check to the last case
     try:
         if size is not None:
             from stuseg.manifest import canonical_size
@@ -985,6 +991,8 @@ def batch_cmd(
         inputs = [*sources, *(p for c in found.cases for p in (c.input, *c.channels))]
         inputs += [weights_file] if weights_file else []
         inputs += [trained.source] if trained is not None else []
+        # A second batch into OUTPUT is refused here, before any work (stuseg.locks).
+        held.enter_context(locks.hold(output))
         batch.check_batch_output(output, inputs, overwrite=overwrite)
         options = batch.ModelOptions(
             size=size,
@@ -1034,6 +1042,7 @@ def batch_cmd(
                 progress=progress,
             )
     except StusegError as exc:
+        held.close()
         raise usage(exc) from None
 
     log = output / batch.LOG_NAME
@@ -1042,6 +1051,7 @@ def batch_cmd(
     start = time.perf_counter()
     try:
         with (
+            held,
             batch.signals_interrupt(),
             contextlib.closing(results),
             _batch_bars(quiet, len(found.cases)) as bars,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,17 @@ class Layout:
         if not self.multilabel:
             return [Path(self.target)]
         return [p for files in self.files().values() for p in files]
+
+    def locked(self) -> AbstractContextManager[None]:
+        """Hold the lock of this result (``stuseg.locks.hold``) while the block runs: take it
+        before ``check`` and keep it until ``write_result`` is done.
+
+        Raises:
+            stuseg.locks.BusyError: another run is writing this result.
+        """
+        from stuseg import locks
+
+        return locks.hold(self.target)
 
     def check(self, inputs: Sequence[str | Path], *, overwrite: bool = False) -> None:
         """Refuse, before any work, a result that cannot be written safely.
