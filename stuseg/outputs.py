@@ -511,6 +511,21 @@ def staged_folder(output: str | os.PathLike[str], *, run: Mapping[str, Any] | No
         raise
 
 
+def _statistics_twins(finals: Sequence[Path]) -> list[Path]:
+    """The CSV twins of the stuseg statistics files among ``finals`` that this write replaces
+    without writing their twin: they would be left describing a file that is gone."""
+    wanted = set(finals)
+    return [
+        f.with_suffix(".csv")
+        for f in finals
+        if f.suffix.lower() == ".json"
+        and f.with_suffix(".csv") not in wanted
+        and f.with_suffix(".csv").is_file()
+        and f.is_file()
+        and document_kind(f) == "stuseg-statistics"
+    ]
+
+
 @contextlib.contextmanager
 def staged_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
     """Write several files that belong together (a ``--ml`` file and its sidecars) all or none.
@@ -519,6 +534,12 @@ def staged_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
     that choose a format by suffix, such as ``.nii.gz``, choose the same). When the block
     succeeds, each is renamed to its final path (replacing what was there; call
     :func:`check_output` first); when it fails or is interrupted, they are deleted.
+
+    A result's sidecars go with it: a stuseg statistics file ``X.json`` replaced by something
+    else (a label table, under ``--overwrite``) takes its twin ``X.csv`` with it, unless ``X.csv``
+    is among ``paths`` (statistics written again). (The reverse keeps what it finds: a label
+    table replaced by statistics leaves the segmentation ``X.nii.gz`` and its viewer tables, which
+    still describe it; stuseg never deletes a segmentation it was not asked to write.)
 
     Args:
         paths: the final files.
@@ -533,6 +554,7 @@ def staged_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
     finals = [_real(Path(p)) for p in paths]
     for parent in {f.parent for f in finals}:
         clean_leftovers(parent)
+    orphans = _statistics_twins(finals)
     tag = _tag()
     temps = [f.parent / f"{_STAGING}-{tag}-{f.name}" for f in finals]
     current = os.fspath(paths[0]) if paths else ""
@@ -543,6 +565,9 @@ def staged_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
             current = os.fspath(shown)
             os.replace(temp, final)
             moved += 1
+        for twin in orphans:
+            current = os.fspath(twin)
+            twin.unlink(missing_ok=True)
     except OSError as exc:
         for temp in temps:
             _remove(temp)

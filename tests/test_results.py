@@ -102,6 +102,28 @@ def test_statistics_do_not_replace_a_label_table_nor_the_reverse(tmp_path: Path)
     assert _tree(tmp_path) == before
 
 
+def test_statistics_replaced_under_overwrite_take_their_csv_twin(tmp_path: Path) -> None:
+    """A label table written over a statistics file (--overwrite) leaves no statistics CSV
+    beside it; statistics written again keep theirs."""
+    import nibabel as nib
+
+    ct = write_ct(tmp_path / "ct.nii.gz", shape=(20, 18, 16))
+    labels = np.zeros((20, 18, 16), np.uint8)
+    labels[4:10, 4:10, 4:10] = 5  # liver
+    save_multilabel(labels, nib.load(ct).header, tmp_path / "seg.nii.gz", {5: "liver"}, numbering="model")
+    stats = ["statistics", tmp_path / "seg.nii.gz", ct, "-o", tmp_path / "other.json"]
+    assert run_cli(*stats).returncode == 0
+    assert run_cli(*stats, "--overwrite").returncode == 0  # statistics again: both files stay
+    assert {"other.json", "other.csv"} <= set(_tree(tmp_path))
+    ml = ["export-labels", tmp_path / "seg.nii.gz", tmp_path / "other.nii.gz", "--ml", "-l", "liver"]
+    done = run_cli(*ml, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    names = set(_tree(tmp_path))
+    assert {"other.nii.gz", "other.json", "other.itksnap.txt", "other.ctbl"} <= names
+    assert "other.csv" not in names
+    assert json.loads((tmp_path / "other.json").read_text())["format"].startswith("stuseg-labels/")
+
+
 # --- batch: outputs on resume, one weights identity, the cohort tables ------------------------
 
 
