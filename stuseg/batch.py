@@ -35,6 +35,7 @@ from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.results import PRODUCTS, Layout, Request, Sources, dicom_source, mode_name, read_ct, write_result
 
 __all__ = [
+    "COHORT_NAMES",
     "LIST_SUFFIXES",
     "LOG_NAME",
     "WHAT_IS_FOUND",
@@ -76,6 +77,10 @@ __all__ = [
 ]
 
 LOG_NAME = "stuseg-batch.jsonl"
+# The cohort tables ``stuseg statistics RESULTS/`` writes (``stuseg.cohort``).
+COHORT_NAMES = ("stuseg-cohort.csv", "stuseg-cohort.cases.csv")
+# What stuseg writes in a batch folder beside the cases' results: no case id equals one of these.
+_FOLDER_FILES = {LOG_NAME.casefold(), *(n.casefold() for n in COHORT_NAMES)}
 Status = Literal["ok", "failed", "skipped"]
 
 LIST_SUFFIXES = (".txt", ".csv")
@@ -170,9 +175,10 @@ def safe_id(text: str) -> str:
 
     Accents are dropped (``Müller`` -> ``Muller``), every other run of characters (and ``..``)
     becomes ``_``, dots, dashes and underscores are stripped from both ends (no hidden files, no
-    option look-alikes), names Windows
-    reserves get a trailing ``_``, and names longer than 100 characters are cut and given 8 hex
-    digits of the whole name's sha256 so they stay unique. Returns ``case`` for an empty result.
+    option look-alikes), names Windows reserves and the names of the batch folder's own files
+    (``stuseg-batch.jsonl``, the cohort tables: a scan ``stuseg-batch.jsonl.nii.gz``) get a
+    trailing ``_``, and names longer than 100 characters are cut and given 8 hex digits of the
+    whole name's sha256 so they stay unique. Returns ``case`` for an empty result.
     """
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     name = re.sub(r"[^A-Za-z0-9._-]+|\.{2,}", "_", ascii_text)
@@ -181,7 +187,7 @@ def safe_id(text: str) -> str:
         name = "case"
     if len(name) > _MAX_ID:
         name = f"{name[: _MAX_ID - 9]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-    if name.split(".")[0].lower() in _RESERVED:
+    if name.split(".")[0].lower() in _RESERVED or name.casefold() in _FOLDER_FILES:
         name = name + "_"
     return name
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stuseg.batch import LOG_NAME, read_log
+from stuseg.batch import COHORT_NAMES, LOG_NAME, read_log
 from stuseg.errors import InputError
 
 __all__ = [
@@ -67,7 +67,8 @@ def is_batch_folder(folder: Path) -> bool:
 def default_paths(folder: Path) -> tuple[Path, Path]:
     """Where ``stuseg statistics RESULTS/`` writes the tables: ``stuseg-cohort.csv`` and
     ``stuseg-cohort.cases.csv`` in the batch folder (no case's result can have these names)."""
-    return Path(folder) / "stuseg-cohort.csv", Path(folder) / "stuseg-cohort.cases.csv"
+    structures, cases = COHORT_NAMES
+    return Path(folder) / structures, Path(folder) / cases
 
 
 def cases_path(structures_csv: Path) -> Path:

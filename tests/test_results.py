@@ -248,3 +248,18 @@ def test_batch_writes_every_output_exactly_as_predict(tmp_path: Path, small_mode
         tmp_path / f"predict_{series_case}" / "seg.dcm"
     )
     assert dciodvfy_errors(out / series_case / "seg.dcm") == []
+
+
+def test_a_scan_named_like_the_batch_folders_own_files_gets_a_distinct_id(tmp_path: Path, segmenter) -> None:
+    for i, name in enumerate(["stuseg-batch.jsonl", "STUSEG-COHORT.csv", "stuseg-cohort.cases.csv"]):
+        write_ct(tmp_path / "in" / f"{name}.nii.gz", shape=(24, 22, 20), seed=i)
+    cases = batch.discover([tmp_path / "in"]).cases
+    ids = ["STUSEG-COHORT.csv_", "stuseg-batch.jsonl_", "stuseg-cohort.cases.csv_"]
+    assert sorted(c.id for c in cases) == ids
+    out = tmp_path / "out"
+    assert [r.status for r in batch.run(cases, segmenter, out)] == ["ok"] * 3
+    assert (out / batch.LOG_NAME).is_file() and (out / "stuseg-batch.jsonl_" / "liver.nii.gz").is_file()
+    done = run_cli("statistics", out)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out / "stuseg-cohort.csv")
+    assert set(table["case"]) == {c.id for c in cases}
