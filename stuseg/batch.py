@@ -1070,6 +1070,15 @@ class _Warnings:
             self._local.target = None
 
 
+def _dicom_headers(case: Case, request: Request) -> tuple[Any, str | None]:
+    """The headers a SEG or RTSTRUCT of the series ``case`` references, or (None, why not):
+    headers that cannot be referenced (e.g. blanked UIDs) leave those outputs out, not the case."""
+    try:
+        return dicom_source(case.input, case.series, output=request.dicom_products[0]), None
+    except InputError as exc:
+        return None, str(exc)
+
+
 @dataclass
 class CaseJob:
     """One case on its way: read and preprocessed (``read``), through the network (``infer``),
@@ -1094,7 +1103,7 @@ class CaseJob:
 
     def read(self, segmenter: Any, settings: Settings, threads: int | None = None) -> None:
         """Read and preprocess the case; with statistics or a preview, keep its CT volume; for a
-        DICOM-SEG of a DICOM series, read the headers the SEG will reference."""
+        DICOM-SEG or RTSTRUCT of a DICOM series, read the headers they will reference."""
         request, case = settings.request, self.case
         try:
             images: Any = case.images
@@ -1102,10 +1111,9 @@ class CaseJob:
             if request.needs_ct:
                 volume, _ = read_ct(case.input, case.series)
                 images = [volume, *case.channels] if case.channels else volume
-            dicom = None
+            self.sources = Sources(ct=volume, mode=mode_name(settings.fast, settings.tta))
             if request.needs_dicom and case.series:
-                dicom = dicom_source(case.input, case.series, output=request.dicom_products[0])
-            self.sources = Sources(ct=volume, dicom=dicom, mode=mode_name(settings.fast, settings.tta))
+                self.sources.dicom, self.sources.dicom_problem = _dicom_headers(case, request)
             self.prepared = segmenter.prepare(images, series=case.series, threads=threads)
             self.geometry = _geometry(self.prepared.header)
             self.voxels = self.prepared.geometry.voxels

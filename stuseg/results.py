@@ -119,10 +119,13 @@ def mode_name(fast: bool, tta: bool) -> str:
 class Sources:
     """What the writers need besides the segmentation: the CT's intensities (a ``Volume`` on the
     segmentation's grid, for statistics and preview), the DICOM series a SEG references (from
-    ``stuseg.dicomseg.read_dicom_source``), and how the result was predicted (``mode_name``)."""
+    ``stuseg.dicomseg.read_dicom_source``), and how the result was predicted (``mode_name``).
+    ``dicom_problem``: why a DICOM series' headers cannot be referenced (``read_dicom_source``'s
+    error; its SEG and RTSTRUCT are then left out with that reason)."""
 
     ct: Any = None
     dicom: Any = None
+    dicom_problem: str | None = None
     mode: str = "normal"
     threads: int | None = None
 
@@ -349,7 +352,8 @@ def _left_out(layout: Layout, seg: Any, src: Sources) -> dict[str, str]:
         if what is None:
             continue
         if src.dicom is None:
-            reasons[name] = f"no {what} was written: the input is not a DICOM series"
+            why = src.dicom_problem or "the input is not a DICOM series"
+            reasons[name] = f"no {what} was written: {why}"
         elif not seg.labels.any():
             reasons[name] = (
                 f"no structure was found, so no {what} was written (it needs at least one segment)"

@@ -263,3 +263,31 @@ def test_a_scan_named_like_the_batch_folders_own_files_gets_a_distinct_id(tmp_pa
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out / "stuseg-cohort.csv")
     assert set(table["case"]) == {c.id for c in cases}
+
+
+@pytest.mark.slow  # about 13 s on 2 cores (the network on a real series, twice)
+def test_a_series_whose_headers_cannot_be_referenced_loses_only_its_dicom_outputs(
+    tmp_path: Path, segmenter
+) -> None:
+    """A batch asking for masks, a DICOM-SEG and an RTSTRUCT over a series whose files lack their
+    FrameOfReferenceUID (a badly anonymised series): the masks are written, the SEG and RTSTRUCT
+    are left out with the reason in the case's record; asked for only those, the case fails."""
+    series = tmp_path / "in" / "series"
+    series.mkdir(parents=True)
+    for f in sorted(DICOM_UIDS.iterdir()):
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(series / f.name)
+    cases = batch.discover([tmp_path / "in"]).cases
+    assert len(cases) == 1 and cases[0].series is not None
+    out = tmp_path / "out"
+    request = results.Request(nifti=True, dicom_seg=True, rtstruct=True)
+    (result,) = batch.run(cases, segmenter, out, request=request, multilabel=True)
+    assert result.status == "ok", result.error
+    assert (out / f"{cases[0].id}.nii.gz").is_file() and not list(out.glob("*.dcm"))
+    for what in ("DICOM-SEG", "RTSTRUCT"):
+        (reason,) = [w for w in result.record["warnings"] if w.startswith(f"no {what} was written: ")]
+        assert "FrameOfReferenceUID" in reason and "badly anonymised" in reason
+    only_dicom = results.Request(nifti=False, dicom_seg=True)
+    (result,) = batch.run(cases, segmenter, tmp_path / "out2", request=only_dicom, multilabel=True)
+    assert result.status == "failed" and "FrameOfReferenceUID" in result.error
