@@ -26,22 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from stuseg import crash, locks
-from stuseg.batch import (
-    LOG_NAME,
-    Case,
-    CaseResult,
-    Ignored,
-    ModelOptions,
-    RunLog,
-    Settings,
-    Status,
-    _Recorder,
-    process,
-    skip_done,
-    uuid4_hex,
-)
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.results import Request
+from stuseg.runs.cases import Case, Ignored
+from stuseg.runs.folder import LOG_NAME
+from stuseg.runs.local import uuid4_hex
+from stuseg.runs.process import process
+from stuseg.runs.resume import ModelOptions, Settings, skip_done
+from stuseg.runs.runlog import CaseResult, Recorder, RunLog, Status
 
 __all__ = [
     "ACTOR_RESTARTS",
@@ -113,7 +105,7 @@ class CaseWorker:
     def identity(self) -> dict[str, Any]:
         """Host, pid, model size, weights sha256, device and selected labels (with a model's own
         names, see ``stuseg.batch.model_table``) of this actor."""
-        from stuseg.batch import model_table
+        from stuseg.runs.resume import model_table
 
         names, classes = model_table(self.segmenter)
         return {
@@ -136,7 +128,7 @@ class CaseWorker:
         Returns:
             (status, output paths, one-line error, log record).
         """
-        recorder = _Recorder(settings, self.output, run_id)
+        recorder = Recorder(settings, self.output, run_id)
         result = process(
             case,
             self.segmenter,
@@ -401,7 +393,7 @@ def _results(
             classes=int(first["classes"]),
             request=request,
         )
-        recorder = _Recorder(settings, output, run_id)
+        recorder = Recorder(settings, output, run_id)
         with locks.hold(output), RunLog(output / LOG_NAME) as log:
             todo = yield from skip_done(cases, output, recorder, log, overwrite=overwrite, ignored=ignored)
             yield from _dispatch(ray, actors, todo, settings, overwrite, run_id, recorder, log, output)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stuseg.batch import COHORT_NAMES, LOG_NAME, read_log
 from stuseg.errors import InputError
+from stuseg.runs.folder import COHORT_NAMES, LOG_NAME
+from stuseg.runs.runlog import read_log
 
 __all__ = [
     "CASE_COLUMNS",
