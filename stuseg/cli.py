@@ -11,10 +11,12 @@ terminal, so logs and pipes get exactly those lines.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -703,19 +705,12 @@ def predict_cmd(
     size = _canonical_size(size)
     if remove_small_blobs is not None and not remove_small_blobs > 0:
         raise fail(f"--remove-small-blobs must be a positive volume in mm3, got {remove_small_blobs:g}")
-    trained = None
-    if model is not None:
-        from stuseg.modelstore import resolve_model
-
-        # Read (not loaded: no weights yet) to know its channels and to refuse a bad folder now.
-        trained = resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value)
-    elif channels or folds is not None or checkpoint is not CheckpointChoice.FINAL:
+    if model is None and channels:
         raise fail("--channel, --folds and --checkpoint apply to a --model")
+    trained = _model_folder(model, folds, checkpoint, "--channel, --folds and --checkpoint")
     images = _channels(image, channels, trained.plan.in_channels if trained is not None else 1)
     # Every output check comes before any work, so a bad OUTPUT costs no prediction.
-    inputs = [*images, *([weights_file] if weights_file is not None else [])]
-    if trained is not None:
-        inputs.append(trained.source)
+    inputs = [*images, *_model_inputs(weights_file, trained)]
     request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
     layout = results.Layout(output, multilabel, request.products)
     # One run at a time into OUTPUT: a second one is refused here (stuseg.locks), and the checks
@@ -765,15 +760,38 @@ def predict_cmd(
 
 
 def _canonical_size(size: str | None) -> str | None:
-    """``--size`` as the model table names it (``S`` -> ``small``); an unknown one ends the command."""
+    """``--size`` as the model table names it (``S`` -> ``small``).
+
+    Raises:
+        StusegError: an unknown size, naming the valid ones.
+    """
     if size is None:
         return None
     from stuseg.manifest import canonical_size
 
-    try:
-        return canonical_size(size)
-    except StusegError as exc:
-        raise fail(str(exc)) from None
+    return canonical_size(size)
+
+
+def _model_folder(model: str | None, folds: list[str] | None, checkpoint: CheckpointChoice, only: str) -> Any:
+    """The ``--model`` folder (``stuseg.modelstore.resolve_model``: read, not loaded, so its
+    channels are known and a bad folder is refused before any work), or None without one.
+
+    Raises:
+        StusegError: the folder is unusable, or ``--folds``/``--checkpoint`` (named in ``only``)
+            were given without a model.
+    """
+    if model is not None:
+        from stuseg.modelstore import resolve_model
+
+        return resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value)
+    if folds is not None or checkpoint is not CheckpointChoice.FINAL:
+        raise StusegError(f"{only} apply to a --model")
+    return None
+
+
+def _model_inputs(weights_file: Path | None, trained: Any) -> list[Path]:
+    """What a run reads besides its scans: the ``--weights`` file, the ``--model`` folder."""
+    return [*([weights_file] if weights_file is not None else []), *([trained.source] if trained else [])]
 
 
 def _request(
@@ -950,47 +968,19 @@ def batch_cmd(
     ] = None,
 ) -> None:
     """Segment many CT scans with one model load: stages overlapped, resumable, one log line per case."""
-    import contextlib
-    import time
-
-    from stuseg import batch
-
-    def usage(exc: StusegError) -> typer.Exit:
-        return fail(str(exc), code=2)
+    from stuseg import batch, locks
 
     if workers is not None and ray_address is None:
         raise fail("--workers applies only with --ray ADDRESS", code=2)
-    from stuseg import locks
-
     held = contextlib.ExitStack()  # the batch folder's lock, from its check to the last case
+    tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
     try:
-        if size is not None:
-            from stuseg.manifest import canonical_size
-
-            size = canonical_size(size)
+        size = _canonical_size(size)
         request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
-        trained = None
-        if model is not None:
-            from stuseg.modelstore import resolve_model
-
-            trained = resolve_model(
-                _given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value
-            )
-        elif folds is not None or checkpoint is not CheckpointChoice.FINAL:
-            raise StusegError("--folds and --checkpoint apply to a --model")
-        elif roi_subset:
-            from stuseg import labels
-
-            labels.select(roi_subset)
-        found = batch.discover(sources)
-        if trained is not None and trained.plan.in_channels > 1:  # one case per <case>_0000, _0001, ...
-            found = batch.group_channels(found, trained.plan.in_channels)
-        if not found.cases:
-            shown = ", ".join(map(str, sources))
-            raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
+        trained = _batch_model(model, folds, checkpoint, roi_subset)
+        found = _batch_cases(sources, trained)
         inputs = [*sources, *(p for c in found.cases for p in (c.input, *c.channels))]
-        inputs += [weights_file] if weights_file else []
-        inputs += [trained.source] if trained is not None else []
+        inputs += _model_inputs(weights_file, trained)
         # A second batch into OUTPUT is refused here, before any work (stuseg.locks).
         held.enter_context(locks.hold(output))
         batch.check_batch_output(output, inputs, overwrite=overwrite)
@@ -1006,44 +996,90 @@ def batch_cmd(
             folds=tuple(f.name for f in trained.folds) if trained is not None else None,
             checkpoint=checkpoint.value,
         )
-        tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
-
-        def progress(case: batch.Case, done: int, total: int) -> None:
-            if tiles:
-                tiles[0].tile(case, done, total)
-
-        if ray_address is not None:
-            from stuseg import batch_ray
-
-            results = batch_ray.run(
-                found.cases,
-                output,
-                options,
-                address=ray_address,
-                workers=workers,
-                multilabel=multilabel,
-                overwrite=overwrite,
-                request=request,
-                ignored=found.ignored,
-            )
-        else:
-            from stuseg.pipeline import keep_freed_memory
-
-            # This process only runs stuseg, image after image: tune malloc for that.
-            keep_freed_memory(device, many_images=True)
-            results = batch.run_local(
-                found.cases,
-                output,
-                options,
-                multilabel=multilabel,
-                overwrite=overwrite,
-                request=request,
-                ignored=found.ignored,
-                progress=progress,
-            )
+        common = dict(multilabel=multilabel, overwrite=overwrite, request=request, ignored=found.ignored)
+        results = _start_batch(found.cases, output, options, ray_address, workers, tiles, common)
     except StusegError as exc:
         held.close()
-        raise usage(exc) from None
+        raise fail(str(exc), code=2) from None
+    with held:
+        counts, seconds = _follow_batch(results, found.cases, output, quiet, tiles)
+    log = output / batch.LOG_NAME
+    if not quiet:
+        # The rate only where scans were segmented: a resume that skipped everything has none.
+        rate = (
+            f" ({counts['ok'] / (seconds / 60):.2f} scans per minute)" if counts["ok"] and seconds > 0 else ""
+        )
+        say(
+            f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
+            f"in {_duration(seconds)}{rate}; "
+            + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
+            + f"log: {log}"
+        )
+    if counts["failed"]:
+        raise fail(f"{counts['failed']} of {len(found.cases)} cases failed, see {log}")
+
+
+def _batch_model(
+    model: str | None, folds: list[str] | None, checkpoint: CheckpointChoice, roi_subset: list[str] | None
+) -> Any:
+    """The ``--model`` folder a batch runs (``_model_folder``), or None; without one, the
+    ``--roi-subset`` names are checked against the published table before any work."""
+    trained = _model_folder(model, folds, checkpoint, "--folds and --checkpoint")
+    if trained is None and roi_subset:
+        from stuseg import labels
+
+        labels.select(roi_subset)
+    return trained
+
+
+def _batch_cases(sources: list[Path], trained: Any) -> Any:
+    """The cases found in SOURCEs (``stuseg.batch.discover``), grouped by channel for a model
+    with several; none found raises ``StusegError``."""
+    from stuseg import batch
+
+    found = batch.discover(sources)
+    if trained is not None and trained.plan.in_channels > 1:  # one case per <case>_0000, _0001, ...
+        found = batch.group_channels(found, trained.plan.in_channels)
+    if not found.cases:
+        shown = ", ".join(map(str, sources))
+        raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
+    return found
+
+
+def _start_batch(
+    cases: list[Any],
+    output: Path,
+    options: Any,
+    ray_address: str | None,
+    workers: int | None,
+    tiles: list[_BatchBars],
+    common: dict[str, Any],
+) -> Iterator[Any]:
+    """The iterator over the cases' results: on a Ray cluster (``stuseg.batch_ray.run``) or here
+    (``stuseg.batch.run_local``, the model loaded now); ``common``: the keyword arguments of both."""
+    from stuseg import batch
+
+    if ray_address is not None:
+        from stuseg import batch_ray
+
+        return batch_ray.run(cases, output, options, address=ray_address, workers=workers, **common)
+    from stuseg.pipeline import keep_freed_memory
+
+    def progress(case: batch.Case, done: int, total: int) -> None:
+        if tiles:
+            tiles[0].tile(case, done, total)
+
+    # This process only runs stuseg, image after image: tune malloc for that.
+    keep_freed_memory(options.device, many_images=True)
+    return batch.run_local(cases, output, options, progress=progress, **common)
+
+
+def _follow_batch(
+    results: Iterator[Any], cases: list[Any], output: Path, quiet: bool, tiles: list[_BatchBars]
+) -> tuple[dict[str, int], float]:
+    """Show each case's result as it comes (errors, warnings, the bars); the counts by status and
+    the seconds taken. Ctrl-C or SIGTERM ends the command with how many cases are done."""
+    from stuseg import batch
 
     log = output / batch.LOG_NAME
     log_size = log.stat().st_size if log.is_file() else 0  # what the log held before this run
@@ -1051,10 +1087,9 @@ def batch_cmd(
     start = time.perf_counter()
     try:
         with (
-            held,
             batch.signals_interrupt(),
             contextlib.closing(results),
-            _batch_bars(quiet, len(found.cases)) as bars,
+            _batch_bars(quiet, len(cases)) as bars,
         ):
             tiles.append(bars)
             for result in results:
@@ -1071,25 +1106,12 @@ def batch_cmd(
 
         signum = getattr(exc, "signum", signal.SIGINT)
         how = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted by Ctrl-C"
-        done = batch.cases_done(output, found.cases, since=log_size)
+        done = batch.cases_done(output, cases, since=log_size)
         raise fail(
-            f"{how}; {done} of {len(found.cases)} cases are done; run the same command again to go on",
+            f"{how}; {done} of {len(cases)} cases are done; run the same command again to go on",
             code=128 + signum,
         ) from None
-    seconds = time.perf_counter() - start
-    if not quiet:
-        # The rate only where scans were segmented: a resume that skipped everything has none.
-        rate = (
-            f" ({counts['ok'] / (seconds / 60):.2f} scans per minute)" if counts["ok"] and seconds > 0 else ""
-        )
-        say(
-            f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
-            f"in {_duration(seconds)}{rate}; "
-            + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
-            + f"log: {log}"
-        )
-    if counts["failed"]:
-        raise fail(f"{counts['failed']} of {len(found.cases)} cases failed, see {log}")
+    return counts, time.perf_counter() - start
 
 
 def _count(n: int, noun: str) -> str:
