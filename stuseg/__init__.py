@@ -15,7 +15,9 @@ The public API::
   reads it; ``StusegWarning``: what stuseg warns about (unusual input).
 - ``build_network`` (``stuseg.network``) builds an STU-Net of one size, untrained.
 - Submodules for the rest, importable as attributes too: ``stuseg.batch`` (cohorts),
-  ``stuseg.labels``, ``stuseg.statistics``, ``stuseg.memory``, ``stuseg.weights``.
+  ``stuseg.results`` (a result on disk: where each output goes, the one writer),
+  ``stuseg.cohort`` (a batch folder's tables), ``stuseg.labels``, ``stuseg.statistics``,
+  ``stuseg.memory``, ``stuseg.weights``.
 - Errors: every failure caused by the user's input, files or weights is a ``StusegError``
   (``InputError``, ``OutputError``, ``LabelError``, ``WeightsError``) with a one-line message.
 - ``stuseg.labels`` holds the label table (names, groups, TotalSegmentator v1 numbering).
@@ -80,7 +82,7 @@ _LAZY = {
     "StusegWarning": "stuseg.errors",
 }
 # Submodules a user reaches as ``stuseg.batch.run(...)`` after a plain ``import stuseg``.
-_SUBMODULES = ("batch", "labels", "memory", "statistics", "weights")
+_SUBMODULES = ("batch", "cohort", "labels", "memory", "results", "statistics", "weights")
 
 
 def __getattr__(name: str) -> Any:

@@ -25,28 +25,27 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from stuseg import crash, memory
-from stuseg.batch import (
-    LOG_NAME,
-    Case,
-    CaseResult,
-    Ignored,
-    ModelOptions,
-    RunLog,
-    Settings,
-    Status,
-    _geometry,
-    _Recorder,
-    _Warnings,
-    done_before,
-    failure,
-    latest_ok,
-    output_paths,
-    read_log,
-    uuid4_hex,
-    write_case,
-)
+from stuseg import crash, locks
 from stuseg.errors import InputError, OutputError, StusegError
+from stuseg.results import Request
+from stuseg.runs.cases import Case, Ignored
+from stuseg.runs.folder import LOG_NAME
+from stuseg.runs.local import uuid4_hex
+from stuseg.runs.process import process
+from stuseg.runs.resume import ModelOptions, Settings, skip_done
+from stuseg.runs.runlog import CaseResult, Recorder, RunLog, Status
+
+__all__ = [
+    "ACTOR_RESTARTS",
+    "EXTRA",
+    "TASK_RETRIES",
+    "TOKEN_PREFIX",
+    "CaseWorker",
+    "case_failure",
+    "check_shared_folder",
+    "require_ray",
+    "run",
+]
 
 EXTRA = 'pip install "stuseg[ray]"'
 TOKEN_PREFIX = ".stuseg-batch-token-"
@@ -95,7 +94,6 @@ class CaseWorker:
         limit_spin_waiting()
         self.host = socket.gethostname()
         self.output = Path(output)
-        self.weights = options.weights
         check_shared_folder(self.output, token, self.host)
         from stuseg.pipeline import keep_freed_memory
 
@@ -107,14 +105,14 @@ class CaseWorker:
     def identity(self) -> dict[str, Any]:
         """Host, pid, model size, weights sha256, device and selected labels (with a model's own
         names, see ``stuseg.batch.model_table``) of this actor."""
-        from stuseg.batch import identity_of, model_table
+        from stuseg.runs.resume import model_table
 
         names, classes = model_table(self.segmenter)
         return {
             "host": self.host,
             "pid": os.getpid(),
             "size": self.segmenter.size,
-            "weights_sha256": identity_of(self.segmenter, self.weights),
+            "weights_sha256": self.segmenter.weights_sha256,
             "device": str(self.segmenter.device),
             "labels": [int(v) for v in self.segmenter.keep],
             "names": list(names),
@@ -125,67 +123,24 @@ class CaseWorker:
     def process(
         self, case: Case, settings: Settings, overwrite: bool, run_id: str
     ) -> tuple[Status, list[str], str | None, dict[str, Any]]:
-        """Segment and write one case; failures are returned, not raised (Ray retries only deaths).
+        """Segment and write one case (``stuseg.batch.process``, as the local runner's stages do);
+        failures are returned, not raised (Ray retries only deaths).
 
         Returns:
             (status, output paths, one-line error, log record).
         """
-        recorder = _Recorder(settings, self.output, run_id)
-        started = time.perf_counter()
-        caught: list[str] = []
-        sink = _Warnings()
-        geometry = None
-        voxels = None  # the input's, once read: small inputs keep their freed pages
-        seg = None
-        paths: list[Path] = []
-        error = traceback = None
-        with sink.installed(), sink.to(caught):
-            try:
-                read, _, write = _split(self.threads, self.segmenter.device.type)
-                prepared = self.segmenter.prepare(case.images, series=case.series, threads=read)
-                geometry, voxels = _geometry(prepared.header), prepared.geometry.voxels
-                with self.network:
-                    inferred = self.segmenter.infer(prepared)
-                del prepared
-                seg = self.segmenter.finish(inferred)
-                del inferred
-                start = time.perf_counter()
-                paths = write_case(
-                    seg, case, self.output, settings, overwrite=overwrite, threads=write, run_id=run_id
-                )
-                seg.timings["write"] = time.perf_counter() - start
-            except Exception as exc:
-                error, traceback = failure(exc)
-                paths = []
-                if self.segmenter.device.type == "cuda":
-                    import torch
-
-                    torch.cuda.empty_cache()
-            finally:
-                memory.release_free_memory(voxels)
-        status: Status = "ok" if error is None else "failed"
-        record = recorder.record(
+        recorder = Recorder(settings, self.output, run_id)
+        result = process(
             case,
-            status,
-            outputs=paths,
-            error=error,
-            traceback=traceback,
-            geometry=geometry,
-            seconds=seg.timings if seg is not None else None,
-            wall=time.perf_counter() - started,
-            peak_rss=seg.peak_rss_bytes if seg is not None else memory.peak_rss_bytes(),
-            peak_gpu=seg.peak_gpu_bytes if seg is not None else None,
-            device=seg.device if seg is not None else str(self.segmenter.device),
-            warnings_=caught,
+            self.segmenter,
+            self.output,
+            recorder,
+            overwrite=overwrite,
+            threads=self.threads,
+            network=self.network,
             worker=f"{self.host}:{os.getpid()}",
         )
-        return status, [str(p) for p in paths], error, record
-
-
-def _split(threads: int, device_type: str) -> tuple[int, int, int]:
-    from stuseg.batch import split_threads
-
-    return split_threads(threads, device_type)
+        return result.status, [str(p) for p in result.outputs], result.error, result.record
 
 
 def check_shared_folder(output: Path, token: tuple[str, str], host: str) -> None:
@@ -294,6 +249,7 @@ def run(
     workers: int | None = None,
     multilabel: bool = False,
     overwrite: bool = False,
+    request: Request | None = None,
     ignored: Sequence[Ignored] = (),
     progress: Callable[[Case, int, int], None] | None = None,
 ) -> Iterator[CaseResult]:
@@ -357,6 +313,7 @@ def run(
         options,
         multilabel,
         overwrite,
+        request or Request(),
         ignored,
         run_id,
         connected,
@@ -412,6 +369,7 @@ def _results(
     options: ModelOptions,
     multilabel: bool,
     overwrite: bool,
+    request: Request,
     ignored: Sequence[Ignored],
     run_id: str,
     connected: bool,
@@ -435,22 +393,11 @@ def _results(
             names=tuple(first["names"]),
             classes=int(first["classes"]),
             precision=first["precision"],
+            request=request,
         )
-        recorder = _Recorder(settings, output, run_id)
-        latest = latest_ok(read_log(output / LOG_NAME))
-        with RunLog(output / LOG_NAME) as log:
-            for item in ignored:
-                log.write(recorder.record(None, "skipped", reason=item.reason, input_path=item.path))
-            todo: list[Case] = []
-            for case in cases:
-                if overwrite or not done_before(case, output, settings, latest):
-                    todo.append(case)
-                    continue
-                paths = output_paths(output, case.id, multilabel)
-                reason = "done before with the same weights and options"
-                rec = recorder.record(case, "skipped", outputs=paths, reason=reason)
-                log.write(rec)
-                yield CaseResult(case, "skipped", paths, None, rec)
+        recorder = Recorder(settings, output, run_id)
+        with locks.hold(output), RunLog(output / LOG_NAME) as log:
+            todo = yield from skip_done(cases, output, recorder, log, overwrite=overwrite, ignored=ignored)
             yield from _dispatch(ray, actors, todo, settings, overwrite, run_id, recorder, log, output)
     finally:
         _stop(ray, actors, identities, output, disconnect=connected)

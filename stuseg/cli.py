@@ -11,10 +11,12 @@ terminal, so logs and pipes get exactly those lines.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -716,7 +718,6 @@ def predict_cmd(
             help="SNOMED CT codes for a model's structures in a DICOM-SEG (CSV or JSON; see the README).",
         ),
     ] = None,
-    qa_fail: QaFailOption = False,
     dicom_seg_type: Annotated[
         DicomSegType | None,
         typer.Option(
@@ -726,146 +727,166 @@ def predict_cmd(
             "frame per slice, far smaller for many structures; needs a reader of Label Map Segmentation).",
         ),
     ] = None,
+    qa_fail: QaFailOption = False,
 ) -> None:
     """Segment the 104 structures of a CT scan, or a fine-tuned model's structures (--model)."""
-    import time
     import warnings
 
-    from stuseg import labelmaps, outputs
-    from stuseg.io import StusegWarning
+    from stuseg import results
 
     image = _given(input_path, "INPUT")
-    target = Path(output)
-    if size is not None:
-        from stuseg.network import canonical_size
-
-        try:
-            size = canonical_size(size)
-        except ValueError as exc:
-            raise fail(str(exc)) from None
+    size = _canonical_size(size)
     if remove_small_blobs is not None and not remove_small_blobs > 0:
         raise fail(f"--remove-small-blobs must be a positive volume in mm3, got {remove_small_blobs:g}")
-    trained = None
-    if model is not None:
-        from stuseg.modelstore import resolve_model
-
-        # Read (not loaded: no weights yet) to know its channels and to refuse a bad folder now.
-        trained = resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value)
-    elif channels or folds is not None or checkpoint is not CheckpointChoice.FINAL:
+    if model is None and channels:
         raise fail("--channel, --folds and --checkpoint apply to a --model")
+    trained = _model_folder(model, folds, checkpoint, "--channel, --folds and --checkpoint")
     images = _channels(image, channels, trained.plan.in_channels if trained is not None else 1)
     # Every output check comes before any work, so a bad OUTPUT costs no prediction.
-    inputs = [*images, *([weights_file] if weights_file is not None else [])]
-    if trained is not None:
-        inputs.append(trained.source)
-    types = set(output_types or [OutputType.NIFTI])
-    extras = _extra_outputs(target, multilabel, statistics=with_statistics, preview=with_preview)
-    dicom_source = codes = None
-    dicom_types = [t.value for t in (OutputType.DICOM_SEG, OutputType.RTSTRUCT) if t in types]
-    if dicom_types:
-        from stuseg import dicomseg, rtstruct
-
+    inputs = [*images, *_model_inputs(weights_file, trained)]
+    request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
+    layout = results.Layout(output, multilabel, request.products)
+    # One run at a time into OUTPUT: a second one is refused here (stuseg.locks), and the checks
+    # below see what the first one left.
+    with layout.locked():
         # A non-DICOM or unusable INPUT (e.g. blanked UIDs) is refused here, before any work.
-        dicom_source = dicomseg.read_dicom_source(image, series, output=dicom_types[0])
-    if OutputType.DICOM_SEG in types:
-        extras["dcm"] = dicomseg.seg_path_for(target, multilabel)
-        codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
-    elif codes_file is not None:
-        raise fail("--codes applies to --output-type dicom-seg")
-    elif dicom_seg_type is not None:
-        raise fail("--dicom-seg-type applies to --output-type dicom-seg")
-    if OutputType.RTSTRUCT in types:
-        extras["rtstruct"] = rtstruct.rtstruct_path_for(target, multilabel)
-    seg_type = (dicom_seg_type or DicomSegType.BINARY).value
-    if multilabel:
-        labelmaps.check_multilabel_output(output, inputs=inputs, overwrite=overwrite, extra=extras.values())
-    else:
-        labelmaps.check_mask_folder_output(output, inputs=inputs, overwrite=overwrite)
-    from stuseg import pipeline
+        dicom = None
+        if request.needs_dicom:
+            dicom = results.dicom_source(image, series, output=request.dicom_products[0])
+        layout.check(inputs, overwrite=overwrite)
+        from stuseg import pipeline
 
-    pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # --statistics / --preview need the CT's intensities: read it here and keep it.
-        volume = None
-        if with_statistics or with_preview:
-            from stuseg.io import read_image
-
-            start = time.perf_counter()
-            volume = read_image(image, series=series)
-            read_s = time.perf_counter() - start
-        first = volume if volume is not None else input_path
-        with _tile_bar(quiet) as progress:
-            seg = pipeline.segment(
-                [first, *images[1:]] if len(images) > 1 else first,
-                model=trained,
-                size=size,
-                fast=fast,
-                tta=tta,
-                step_size=step_size,
-                device=device,
-                weights=weights_file,
-                roi_subset=roi_subset,
-                series=series,
-                progress=progress,
-                precision=precision.value,
-            )
-        outputs.record_option("precision", seg.precision)  # what auto chose, for the run marker
-        if volume is not None:
-            seg.timings["read"] = seg.timings.get("read", 0.0) + read_s
-        if remove_small_blobs is not None:
-            removed = seg.remove_small_blobs(remove_small_blobs)
-            if not quiet:
-                say(_blobs_line(removed, remove_small_blobs))
-        mode = ("fast" if fast else "normal") + ("+tta" if tta else "")
-        start = time.perf_counter()
-        labels, header = seg.labels, seg.image.header
-        empty = {"dcm": "DICOM-SEG was written (it needs at least one segment)",
-                 "rtstruct": "RTSTRUCT was written (it needs at least one ROI)"}  # fmt: skip
-        for key in [k for k in empty if k in extras and not labels.any()]:
-            warnings.warn(f"no structure was found, so no {empty[key]}", StusegWarning, stacklevel=1)
-            extras.pop(key)
-        nifti = OutputType.NIFTI in types
-        # One result, written whole or not at all: the masks (or the --ml file group) and the
-        # extra files appear together.
-        if multilabel:
-            group = labelmaps.multilabel_paths(target) if nifti else []
-            with outputs.staged_files([*group, *extras.values()]) as temps:
-                if nifti:
-                    labelmaps.write_multilabel(temps[:4], labels, header, seg.names, numbering="model")
-                stats = _write_extras(
-                    seg, volume, dict(zip(extras, temps[len(group) :])), mode, dicom_source, codes, seg_type
+        pipeline.keep_freed_memory(device)  # this process only runs stuseg: tune malloc for it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # --statistics / --preview need the CT's intensities: read it here and keep it.
+            volume, read_s = results.read_ct(image, series) if request.needs_ct else (None, 0.0)
+            first = volume if volume is not None else input_path
+            with _tile_bar(quiet) as progress:
+                seg = pipeline.segment(
+                    [first, *images[1:]] if len(images) > 1 else first,
+                    model=trained,
+                    size=size,
+                    fast=fast,
+                    tta=tta,
+                    step_size=step_size,
+                    device=device,
+                    weights=weights_file,
+                    roi_subset=roi_subset,
+                    series=series,
+                    progress=progress,
+                    precision=precision.value,
                 )
-            written = [str(target)] if nifti else []
-            written += [str(extras[k]) for k in extras if k != "csv"]
-        else:
-            with outputs.staged_folder(target) as stage:
-                if nifti:
-                    labelmaps.write_masks(stage, labels, header, seg.names)
-                staged = _extra_outputs(stage, False, statistics=with_statistics, preview=with_preview)
-                if "dcm" in extras:
-                    staged["dcm"] = dicomseg.seg_path_for(stage, False)
-                if "rtstruct" in extras:
-                    staged["rtstruct"] = rtstruct.rtstruct_path_for(stage, False)
-                stats = _write_extras(seg, volume, staged, mode, dicom_source, codes, seg_type)
-            written = [f"{len(seg.names)} masks in {target}"] if nifti else []
-            written += [str(target / extras[k].name) for k in extras if k != "csv"]
-        extra_seconds = sum(
-            seg.timings.get(k, 0.0) for k in ("statistics", "preview", "dicom-seg", "rtstruct")
-        )
-        seg.timings["write"] = time.perf_counter() - start - extra_seconds
+            from stuseg import outputs
+
+            outputs.record_option("precision", seg.precision)  # what auto chose, for the run marker
+            if volume is not None:
+                seg.timings["read"] = seg.timings.get("read", 0.0) + read_s
+            if remove_small_blobs is not None:
+                removed = seg.remove_small_blobs(remove_small_blobs)
+                if not quiet:
+                    say(_blobs_line(removed, remove_small_blobs))
+            sources = results.Sources(ct=volume, dicom=dicom, mode=results.mode_name(fast, tta))
+            written = results.write_result(layout, seg, request, sources)
     if not quiet:
         for w in caught:
             say(f"stuseg: warning: {w.message}")
-        if stats is not None and (line := quality_line(stats)):
+        if written.statistics is not None and (line := quality_line(written.statistics)):
             say(line)
-        say(_summary(seg, " and ".join(written) or "nothing"))
+        say(_summary(seg, _what_was_written(layout, written, len(seg.names))))
     if qa_fail:
         from stuseg import quality
 
+        stats = written.statistics
         reason = quality.review_reason(quality.summarize(stats) if stats else quality.case_summary(seg))
         if reason:
-            raise fail(f"{reason}; the result is kept ({' and '.join(written) or 'nothing'})", QA_FAIL_EXIT)
+            what = _what_was_written(layout, written, len(seg.names))
+            raise fail(f"{reason}; the result is kept ({what})", QA_FAIL_EXIT)
+
+
+def _canonical_size(size: str | None) -> str | None:
+    """``--size`` as the model table names it (``S`` -> ``small``).
+
+    Raises:
+        StusegError: an unknown size, naming the valid ones.
+    """
+    if size is None:
+        return None
+    from stuseg.manifest import canonical_size
+
+    return canonical_size(size)
+
+
+def _model_folder(model: str | None, folds: list[str] | None, checkpoint: CheckpointChoice, only: str) -> Any:
+    """The ``--model`` folder (``stuseg.modelstore.resolve_model``: read, not loaded, so its
+    channels are known and a bad folder is refused before any work), or None without one.
+
+    Raises:
+        StusegError: the folder is unusable, or ``--folds``/``--checkpoint`` (named in ``only``)
+            were given without a model.
+    """
+    if model is not None:
+        from stuseg.modelstore import resolve_model
+
+        return resolve_model(_given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value)
+    if folds is not None or checkpoint is not CheckpointChoice.FINAL:
+        raise StusegError(f"{only} apply to a --model")
+    return None
+
+
+def _model_inputs(weights_file: Path | None, trained: Any) -> list[Path]:
+    """What a run reads besides its scans: the ``--weights`` file, the ``--model`` folder."""
+    return [*([weights_file] if weights_file is not None else []), *([trained.source] if trained else [])]
+
+
+def _request(
+    output_types: list[OutputType] | None,
+    statistics: bool,
+    preview: bool,
+    seg_type: DicomSegType | None,
+    codes_file: Path | None,
+) -> Any:
+    """The outputs asked for by predict's and batch's options (``stuseg.results.Request``)."""
+    from stuseg import results
+
+    types = set(output_types or [OutputType.NIFTI])
+    dicom_seg = OutputType.DICOM_SEG in types
+    if not dicom_seg and codes_file is not None:
+        raise StusegError("--codes applies to --output-type dicom-seg")
+    if not dicom_seg and seg_type is not None:
+        raise StusegError("--dicom-seg-type applies to --output-type dicom-seg")
+    codes = None
+    dicom_types = [t.value for t in (OutputType.DICOM_SEG, OutputType.RTSTRUCT) if t in types]
+    if dicom_types:
+        from stuseg import dicomseg
+
+        dicomseg.require_highdicom(dicom_types[0])  # the extra, before any work
+        codes = dicomseg.read_codes(codes_file) if codes_file is not None else None
+    return results.Request(
+        nifti=OutputType.NIFTI in types,
+        statistics=statistics,
+        preview=preview,
+        dicom_seg=dicom_seg,
+        rtstruct=OutputType.RTSTRUCT in types,
+        seg_type=(seg_type or DicomSegType.BINARY).value,
+        codes=codes,
+    )
+
+
+def _what_was_written(layout: Any, written: Any, structures: int) -> str:
+    """``104 masks in out and out/preview.png`` or ``seg.nii.gz and seg.statistics.json``."""
+    from stuseg.results import Layout
+
+    files = Layout(layout.target, layout.multilabel, written.products).files()
+    shown = []
+    if "nifti" in files:
+        shown.append(
+            f"{structures} masks in {layout.target}" if not layout.multilabel else str(layout.target)
+        )
+    for name, paths in files.items():
+        if name != "nifti":
+            shown.append(str(paths[0]))  # statistics: the JSON stands for its CSV twin
+    return " and ".join(shown) or "nothing"
 
 
 def _blobs_line(removed: dict[str, int], min_mm3: float) -> str:
@@ -964,51 +985,54 @@ def batch_cmd(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    with_statistics: Annotated[
+        bool,
+        typer.Option("--statistics", help="Also write each case's statistics.json/.csv, as predict does."),
+    ] = False,
+    with_preview: Annotated[
+        bool, typer.Option("--preview", help="Also write each case's preview.png, as predict does.")
+    ] = False,
+    output_types: Annotated[
+        list[OutputType] | None,
+        typer.Option(
+            "--output-type",
+            metavar="TYPE",
+            help="nifti (default), dicom-seg and/or rtstruct per case, as predict writes them; repeatable. "
+            "A case that is no DICOM series gets no SEG or RTSTRUCT (the reason is in the log).",
+        ),
+    ] = None,
+    dicom_seg_type: Annotated[
+        DicomSegType | None,
+        typer.Option(
+            "--dicom-seg-type", metavar="TYPE", help="For a DICOM-SEG: binary (default) or labelmap."
+        ),
+    ] = None,
+    codes_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--codes", metavar="FILE", help="SNOMED CT codes for a model's structures in a DICOM-SEG."
+        ),
+    ] = None,
     qa_fail: QaFailOption = False,
 ) -> None:
     """Segment many CT scans with one model load: stages overlapped, resumable, one log line per case."""
-    import contextlib
-    import time
-
-    from stuseg import batch
-
-    def usage(exc: StusegError) -> typer.Exit:
-        return fail(str(exc), code=2)
+    from stuseg import batch, locks
 
     if workers is not None and ray_address is None:
         raise fail("--workers applies only with --ray ADDRESS", code=2)
     if qa_fail and ray_address is not None:
         raise fail("--qa-fail is not available with --ray yet; run the batch on this machine", code=2)
+    held = contextlib.ExitStack()  # the batch folder's lock, from its check to the last case
+    tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
     try:
-        if size is not None:
-            from stuseg.network import canonical_size
-
-            try:
-                size = canonical_size(size)
-            except ValueError as exc:
-                raise StusegError(str(exc)) from None
-        trained = None
-        if model is not None:
-            from stuseg.modelstore import resolve_model
-
-            trained = resolve_model(
-                _given(model, "--model"), folds=_folds(folds), checkpoint=checkpoint.value
-            )
-        elif folds is not None or checkpoint is not CheckpointChoice.FINAL:
-            raise StusegError("--folds and --checkpoint apply to a --model")
-        elif roi_subset:
-            from stuseg import labels
-
-            labels.select(roi_subset)
-        found = batch.discover(sources)
-        if trained is not None and trained.plan.in_channels > 1:  # one case per <case>_0000, _0001, ...
-            found = batch.group_channels(found, trained.plan.in_channels)
-        if not found.cases:
-            shown = ", ".join(map(str, sources))
-            raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
+        size = _canonical_size(size)
+        request = _request(output_types, with_statistics, with_preview, dicom_seg_type, codes_file)
+        trained = _batch_model(model, folds, checkpoint, roi_subset)
+        found = _batch_cases(sources, trained)
         inputs = [*sources, *(p for c in found.cases for p in (c.input, *c.channels))]
-        inputs += [weights_file] if weights_file else []
-        inputs += [trained.source] if trained is not None else []
+        inputs += _model_inputs(weights_file, trained)
+        # A second batch into OUTPUT is refused here, before any work (stuseg.locks).
+        held.enter_context(locks.hold(output))
         batch.check_batch_output(output, inputs, overwrite=overwrite)
         options = batch.ModelOptions(
             size=size,
@@ -1023,53 +1047,105 @@ def batch_cmd(
             checkpoint=checkpoint.value,
             precision=precision.value,
         )
-        tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
-
-        def progress(case: batch.Case, done: int, total: int) -> None:
-            if tiles:
-                tiles[0].tile(case, done, total)
-
-        if ray_address is not None:
-            from stuseg import batch_ray
-
-            results = batch_ray.run(
-                found.cases,
-                output,
-                options,
-                address=ray_address,
-                workers=workers,
-                multilabel=multilabel,
-                overwrite=overwrite,
-                ignored=found.ignored,
-            )
-        else:
-            from stuseg.pipeline import keep_freed_memory
-
-            # This process only runs stuseg, image after image: tune malloc for that.
-            keep_freed_memory(device, many_images=True)
-            results = batch.run_local(
-                found.cases,
-                output,
-                options,
-                multilabel=multilabel,
-                overwrite=overwrite,
-                ignored=found.ignored,
-                progress=progress,
-                qa_fail=qa_fail,
-            )
+        common = dict(multilabel=multilabel, overwrite=overwrite, request=request, ignored=found.ignored)
+        results = _start_batch(found.cases, output, options, ray_address, workers, tiles, common, qa_fail)
     except StusegError as exc:
-        raise usage(exc) from None
+        held.close()
+        raise fail(str(exc), code=2) from None
+    with held:
+        counts, seconds, qa_failed = _follow_batch(results, found.cases, output, quiet, tiles)
+    log = output / batch.LOG_NAME
+    if not quiet:
+        # The rate only where scans were segmented: a resume that skipped everything has none.
+        rate = (
+            f" ({counts['ok'] / (seconds / 60):.2f} scans per minute)" if counts["ok"] and seconds > 0 else ""
+        )
+        say(
+            f"batch: {counts['ok']} ok, {counts['failed']} failed"
+            + (f" ({qa_failed} on quality flags)" if qa_failed else "")
+            + f", {counts['skipped']} skipped in {_duration(seconds)}{rate}; "
+            + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
+            + f"log: {log}"
+        )
+    if counts["failed"]:
+        raise fail(f"{counts['failed']} of {len(found.cases)} cases failed, see {log}")
+
+
+def _batch_model(
+    model: str | None, folds: list[str] | None, checkpoint: CheckpointChoice, roi_subset: list[str] | None
+) -> Any:
+    """The ``--model`` folder a batch runs (``_model_folder``), or None; without one, the
+    ``--roi-subset`` names are checked against the published table before any work."""
+    trained = _model_folder(model, folds, checkpoint, "--folds and --checkpoint")
+    if trained is None and roi_subset:
+        from stuseg import labels
+
+        labels.select(roi_subset)
+    return trained
+
+
+def _batch_cases(sources: list[Path], trained: Any) -> Any:
+    """The cases found in SOURCEs (``stuseg.batch.discover``), grouped by channel for a model
+    with several; none found raises ``StusegError``."""
+    from stuseg import batch
+
+    found = batch.discover(sources)
+    if trained is not None and trained.plan.in_channels > 1:  # one case per <case>_0000, _0001, ...
+        found = batch.group_channels(found, trained.plan.in_channels)
+    if not found.cases:
+        shown = ", ".join(map(str, sources))
+        raise StusegError(f"found no CT scans to segment in {shown}; {batch.WHAT_IS_FOUND}")
+    return found
+
+
+def _start_batch(
+    cases: list[Any],
+    output: Path,
+    options: Any,
+    ray_address: str | None,
+    workers: int | None,
+    tiles: list[_BatchBars],
+    common: dict[str, Any],
+    qa_fail: bool = False,
+) -> Iterator[Any]:
+    """The iterator over the cases' results: on a Ray cluster (``stuseg.batch_ray.run``) or here
+    (``stuseg.batch.run_local``, the model loaded now); ``common``: the keyword arguments of both;
+    ``qa_fail``: flagged cases fail (here only; the command refuses it with ``--ray``)."""
+    from stuseg import batch
+
+    if ray_address is not None:
+        from stuseg import batch_ray
+
+        return batch_ray.run(cases, output, options, address=ray_address, workers=workers, **common)
+    from stuseg.pipeline import keep_freed_memory
+
+    def progress(case: batch.Case, done: int, total: int) -> None:
+        if tiles:
+            tiles[0].tile(case, done, total)
+
+    # This process only runs stuseg, image after image: tune malloc for that.
+    keep_freed_memory(options.device, many_images=True)
+    return batch.run_local(cases, output, options, progress=progress, qa_fail=qa_fail, **common)
+
+
+def _follow_batch(
+    results: Iterator[Any], cases: list[Any], output: Path, quiet: bool, tiles: list[_BatchBars]
+) -> tuple[dict[str, int], float, int]:
+    """Show each case's result as it comes (errors, warnings, the bars); the counts by status,
+    the seconds taken and how many of the failed were written but failed on their quality flags
+    (``--qa-fail``). Ctrl-C or SIGTERM ends the command with how many cases are done."""
+    from stuseg import batch
 
     log = output / batch.LOG_NAME
     log_size = log.stat().st_size if log.is_file() else 0  # what the log held before this run
     counts = {"ok": 0, "failed": 0, "skipped": 0}
-    qa_failed = 0  # of the failed, those written but failed on their quality flags (--qa-fail)
+    qa_failed = 0
     start = time.perf_counter()
     try:
         with (
             batch.signals_interrupt(),
             contextlib.closing(results),
-            _batch_bars(quiet, len(found.cases)) as bars,
+            _batch_bars(quiet, len(cases)) as bars,
         ):
             tiles.append(bars)
             for result in results:
@@ -1087,27 +1163,12 @@ def batch_cmd(
 
         signum = getattr(exc, "signum", signal.SIGINT)
         how = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted by Ctrl-C"
-        done = batch.cases_done(output, found.cases, since=log_size)
+        done = batch.cases_done(output, cases, since=log_size)
         raise fail(
-            f"{how}; {done} of {len(found.cases)} cases are done; run the same command again to go on",
+            f"{how}; {done} of {len(cases)} cases are done; run the same command again to go on",
             code=128 + signum,
         ) from None
-    seconds = time.perf_counter() - start
-    if not quiet:
-        # The rate only where scans were segmented: a resume that skipped everything has none.
-        rate = (
-            f" ({counts['ok'] / (seconds / 60):.2f} scans per minute)" if counts["ok"] and seconds > 0 else ""
-        )
-        say(
-            f"batch: {counts['ok']} ok, {counts['failed']} failed"
-            + (f" ({qa_failed} on quality flags)" if qa_failed else "")
-            + f", {counts['skipped']} skipped "
-            f"in {_duration(seconds)}{rate}; "
-            + (f"{len(found.ignored)} non-image DICOM objects passed over; " if found.ignored else "")
-            + f"log: {log}"
-        )
-    if counts["failed"]:
-        raise fail(f"{counts['failed']} of {len(found.cases)} cases failed, see {log}")
+    return counts, time.perf_counter() - start, qa_failed
 
 
 def _count(n: int, noun: str) -> str:
@@ -1171,84 +1232,6 @@ def _batch_bars(quiet: bool, total: int) -> Iterator[_BatchBars]:
 # Statistics and preview
 
 
-def _extra_outputs(result: Path, multilabel: bool, *, statistics: bool, preview: bool) -> dict[str, Path]:
-    """The files ``--statistics`` / ``--preview`` add to a result, by kind (json, csv, png)."""
-    from stuseg.statistics import sidecar_paths
-
-    wanted = {"json": statistics, "csv": statistics, "png": preview}
-    if not any(wanted.values()):
-        return {}
-    return {k: v for k, v in sidecar_paths(result, multilabel).items() if wanted[k]}
-
-
-def _write_extras(
-    seg: Any,
-    volume: Any,
-    paths: dict[str, Path],
-    mode: str,
-    dicom_source: Any = None,
-    codes: Any = None,
-    seg_type: str = "binary",
-) -> Any:
-    """Write the statistics, preview, DICOM-SEG and RTSTRUCT files named in ``paths`` (staged paths).
-
-    ``codes``: SNOMED CT codes from the user's file for the DICOM-SEG's segments, or None;
-    ``seg_type``: the DICOM-SEG's encoding, ``binary`` or ``labelmap``. Returns the
-    ``Statistics`` written, or None when none were asked for.
-    """
-    import time
-
-    from stuseg import statistics as stats_mod
-
-    result = None
-    if not paths:
-        return result
-    # The label map's grid is the input's (its header holds the geometry; .affine may be None).
-    labels, affine = seg.labels, seg.image.header.get_best_affine()
-    if "json" in paths:
-        start = time.perf_counter()
-        result = stats_mod.compute(
-            labels,
-            affine,
-            volume.data,
-            seg.names,
-            size=seg.size,
-            mode=mode,
-            cleanup=seg.cleanup,
-            precision=seg.precision,
-            confidence=seg.confidence,
-        )
-        stats_mod.write_statistics(result, paths["json"], paths["csv"])
-        seg.timings["statistics"] = time.perf_counter() - start
-    if "png" in paths:
-        from stuseg.preview import write_preview
-
-        start = time.perf_counter()
-        write_preview(labels, affine, volume.data, seg.names, paths["png"])
-        seg.timings["preview"] = time.perf_counter() - start
-    if "dcm" in paths:
-        from stuseg.dicomseg import write_dicom_seg
-
-        start = time.perf_counter()
-        write_dicom_seg(
-            seg.image,
-            seg.names,
-            dicom_source,
-            paths["dcm"],
-            algorithm=f"STU-Net {seg.size}",
-            codes=codes,
-            seg_type=seg_type,
-        )
-        seg.timings["dicom-seg"] = time.perf_counter() - start
-    if "rtstruct" in paths:
-        from stuseg.rtstruct import write_rtstruct
-
-        start = time.perf_counter()
-        write_rtstruct(seg.image, seg.names, dicom_source, paths["rtstruct"], algorithm=f"STU-Net {seg.size}")
-        seg.timings["rtstruct"] = time.perf_counter() - start
-    return result
-
-
 # At most this many findings are named in the quality line; statistics.json lists every flag.
 QUALITY_LINE_ITEMS = 6
 
@@ -1304,27 +1287,45 @@ SeriesOption = Annotated[
 ]
 
 
-def _check_file_output(path: Path, suffix: str, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse an output file path before any work: wrong suffix, or unsafe (``outputs.check_output``)."""
+def _check_file_output(
+    path: Path, suffix: str, inputs: list[Path], overwrite: bool, document: str | None = None
+) -> None:
+    """Refuse an output file path before any work: wrong suffix, or unsafe (``outputs.check_output``,
+    which also refuses a stuseg document of another kind than ``document``)."""
     from stuseg import outputs
 
     if not path.name.lower().endswith(suffix):
         raise fail(f"{path} must end in {suffix}")
-    outputs.check_output(path, inputs=inputs, kind="file", overwrite=overwrite)
+    outputs.check_output(path, inputs=inputs, kind="file", overwrite=overwrite, document=document)
 
 
 @app.command("statistics")
 @user_errors
 def statistics_cmd(
-    segmentation: SegmentationArg,
-    ct: CtArg,
+    segmentation: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SEGMENTATION",
+            help="Folder of <structure>.nii.gz masks (stuseg's or TotalSegmentator's), a multilabel file, or "
+            "a batch folder (stuseg batch --output) for the cohort tables.",
+        ),
+    ],
+    ct: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[CT]",
+            help="The CT it was made from: NIfTI, NRRD, MHA/MHD or a DICOM folder (not for a batch folder).",
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
-            metavar="FILE.json",
-            help="Write FILE.json and FILE.csv (default: CSV to stdout).",
+            metavar="FILE",
+            help="Write FILE.json and FILE.csv (default: CSV to stdout); for a batch folder, the cohort "
+            "tables FILE.csv and FILE.cases.csv (default: stuseg-cohort.csv and stuseg-cohort.cases.csv "
+            "in it).",
         ),
     ] = None,
     names: NamesOption = None,
@@ -1335,9 +1336,12 @@ def statistics_cmd(
     from stuseg import outputs
     from stuseg import statistics as stats_mod
 
+    if ct is None:
+        _cohort(segmentation, output, overwrite, names, series)
+        return
     inputs = [segmentation, ct, *([names] if names is not None else [])]
     if output is not None:
-        _check_file_output(output, ".json", inputs, overwrite)
+        _check_file_output(output, ".json", inputs, overwrite, stats_mod.DOCUMENT)
         json_path, csv_path = stats_mod.output_paths(output)
         # The CSV carries no signature of its own: it is stuseg's when its JSON twin is.
         ours = json_path.is_file() and outputs.written_by_stuseg(json_path)
@@ -1360,6 +1364,30 @@ def statistics_cmd(
     present = sum(1 for r in result.structures if r["voxels"])
     counted = f"{present} of {len(result.structures)} structures present"
     err.print(f"wrote {json_path} and {csv_path} ({counted})", markup=False)
+
+
+def _cohort(
+    folder: Path, output: Path | None, overwrite: bool, names: Path | None, series: str | None
+) -> None:
+    """``stuseg statistics RESULTS/``: the cohort tables of a batch folder (``stuseg.cohort``)."""
+    from stuseg import cohort, outputs
+
+    if not cohort.is_batch_folder(folder):
+        raise fail(f"give the CT that {folder} was made from (only a batch folder needs none)")
+    if names is not None or series is not None:
+        raise fail("--names and --series apply to one segmentation, not to a batch folder")
+    table, cases = (output, cohort.cases_path(output)) if output is not None else cohort.default_paths(folder)
+    for path in (table, cases):
+        if not path.name.lower().endswith(".csv"):
+            raise fail(f"{path} must end in .csv")
+        ours = path.is_file() and cohort.written_by_cohort(path)
+        outputs.check_output(path, inputs=[], kind="file", overwrite=overwrite or ours)
+    result = cohort.cohort_of(folder)
+    with outputs.staged_files([table, cases]) as (tmp_table, tmp_cases):
+        tmp_table.write_text(result.structures, encoding="utf-8")
+        tmp_cases.write_text(result.cases, encoding="utf-8")
+    counted = f"{result.ok} case(s) ok, {result.failed} failed"
+    err.print(f"wrote {table} and {cases} ({counted})", markup=False)
 
 
 @app.command("preview")

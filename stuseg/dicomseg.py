@@ -44,7 +44,6 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from stuseg import paths
 from stuseg.colors import label_colors
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.geometry import LPS_TO_RAS
@@ -61,7 +60,7 @@ __all__ = [
     "label_frames",
     "read_codes",
     "read_dicom_source",
-    "seg_path_for",
+    "require_highdicom",
     "snomed_table",
     "write_dicom_seg",
 ]
@@ -233,7 +232,7 @@ def coding_of(
     return found
 
 
-def _require_highdicom(output: str = "dicom-seg") -> Any:
+def require_highdicom(output: str = "dicom-seg") -> Any:
     """Import highdicom (and pydicom with it), or explain in one line how to install them."""
     try:
         import highdicom
@@ -275,7 +274,7 @@ def read_dicom_source(
             geometry that a SEG must reference (a badly anonymised series); or they disagree on
             the study, series or frame of reference.
     """
-    _require_highdicom(output)
+    require_highdicom(output)
     import pydicom
 
     path = Path(input_path)
@@ -310,23 +309,6 @@ def read_dicom_source(
     if len({str(ds.SOPInstanceUID) for ds in datasets}) < len(datasets):
         raise InputError(f"the DICOM files in {path} repeat SOPInstanceUIDs; remove the duplicate files")
     return DicomSource(folder=path, files=files, datasets=tuple(datasets))
-
-
-def seg_path_for(output: Path, multilabel: bool) -> Path:
-    """Where ``stuseg predict`` writes the DICOM-SEG: ``seg.dcm`` in the output folder, or, with
-    ``--ml OUT.nii.gz``, ``OUT.dcm`` beside the multilabel file.
-
-    Args:
-        output: the OUTPUT of ``stuseg predict``.
-        multilabel: whether ``--ml`` was given (OUTPUT is then a file).
-
-    Returns:
-        The path of the SEG file.
-    """
-    output = Path(output)
-    if not multilabel:
-        return output / "seg.dcm"
-    return output.with_name(paths.stem(output) + ".dcm")
 
 
 def _frame_indices(
@@ -492,7 +474,7 @@ def write_dicom_seg(
     """
     if seg_type not in SEG_TYPES:
         raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, not {seg_type!r}")
-    hd = _require_highdicom()
+    hd = require_highdicom()
     from stuseg import __version__
     from stuseg.io import StusegWarning
 

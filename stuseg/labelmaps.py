@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 FORMAT = "stuseg-labels/1"  # marks the JSON label table in header extensions and sidecars
+DOCUMENT = FORMAT.split("/")[0]  # its kind, as outputs.check_output compares kinds
 # NIfTI extension code 6 is "comment": free text that header dump tools show as is.
 _COMMENT_CODE = 6
 # Masks of one segmentation must lie on one grid; affines may differ by float round-off only.
@@ -141,22 +143,27 @@ def write_nifti(img: nib.Nifti1Image, path: Path) -> None:
         OSError: the file cannot be written (disk full, permission).
     """
     path = Path(path)
-    if path.name.lower().endswith(".gz"):
-        from isal import igzip
+    with open(path, "wb") as raw:
+        if path.name.lower().endswith(".gz"):
+            with _gzip_writer(raw) as fh:
+                img.to_file_map(img.make_file_map({"image": fh}))
+        else:
+            img.to_file_map(img.make_file_map({"image": raw}))
 
-        with igzip.open(path, "wb", compresslevel=_GZIP_LEVEL) as fh:
-            img.to_file_map(img.make_file_map({"image": fh}))
-    else:
-        with open(path, "wb") as fh:
-            img.to_file_map(img.make_file_map({"image": fh}))
+
+def _gzip_writer(raw: Any) -> Any:
+    """An ISA-L gzip stream into the open binary file ``raw`` whose header names no file and no
+    time: the file is often written under a temporary (staging) name that ``gunzip -N`` would
+    otherwise restore, and equal images give equal bytes whenever they are written."""
+    from isal import igzip
+
+    return igzip.IGzipFile(filename="", mode="wb", compresslevel=_GZIP_LEVEL, fileobj=raw, mtime=0)
 
 
 def nifti_gz_bytes(img: nib.Nifti1Image) -> bytes:
     """The bytes of ``img`` as a ``.nii.gz`` file, made in memory (to write one encoding many times)."""
-    from isal import igzip
-
     buf = io.BytesIO()
-    with igzip.open(buf, "wb", compresslevel=_GZIP_LEVEL) as fh:
+    with _gzip_writer(buf) as fh:
         img.to_file_map(img.make_file_map({"image": fh}))
     return buf.getvalue()
 
@@ -613,8 +620,10 @@ def check_multilabel_output(
     outputs.check_output(output, inputs=inputs, kind="file", overwrite=overwrite, hint=hint)
     if nifti_stem(Path(output)) is None:
         raise OutputError(f"{output} is not a NIfTI file name; end it in .nii.gz")
-    for companion in companion_paths(Path(output)).values():
-        outputs.check_output(companion, inputs=inputs, kind="file", overwrite=overwrite)
+    outputs.check_output(output, inputs=inputs, kind="file", overwrite=overwrite, document=DOCUMENT)
+    for key, companion in companion_paths(Path(output)).items():
+        document = DOCUMENT if key == "json" else None
+        outputs.check_output(companion, inputs=inputs, kind="file", overwrite=overwrite, document=document)
     ours = Path(output).is_file() and outputs.written_by_stuseg(Path(output))
     for path in extra:
         outputs.check_output(path, inputs=inputs, kind="file", overwrite=overwrite or ours)

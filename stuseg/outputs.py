@@ -40,6 +40,21 @@ from typing import Any, Literal
 
 from stuseg.errors import OutputError
 
+__all__ = [
+    "KINDS",
+    "MARKER",
+    "MARKER_FORMAT",
+    "check_output",
+    "clean_leftovers",
+    "document_kind",
+    "foreign_entries",
+    "record_option",
+    "recording",
+    "staged_files",
+    "staged_folder",
+    "written_by_stuseg",
+]
+
 MARKER = ".stuseg-run.json"
 MARKER_FORMAT = "stuseg-run/1"
 _STAGING = ".stuseg-staging"
@@ -50,6 +65,13 @@ _LEFTOVER = re.compile(r"\.stuseg-(?:staging|replaced)-(?P<host>[^-]+)-(?P<pid>\
 # files a "written by stuseg" comment. Only that much of a file is read to recognise it.
 _SIGNATURES = (b'"format": "stuseg-', b"written by stuseg")
 _SNIFF_BYTES = 1 << 16
+_FORMAT = re.compile(rb'"format": "(stuseg-[a-z-]+)/[0-9]+"')
+# What each kind of stuseg document is, for messages (the part of "format" before the version).
+KINDS = {
+    "stuseg-labels": "label table",
+    "stuseg-statistics": "statistics file",
+    "stuseg-run": "run marker",
+}
 
 # The run being recorded in markers: set by the command line for the duration of a command.
 _RUN: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("stuseg_run", default=None)
@@ -111,6 +133,7 @@ def check_output(
     kind: Literal["folder", "file"],
     overwrite: bool = False,
     hint: str = "",
+    document: str | None = None,
 ) -> None:
     """Refuse an output that cannot be written safely, before any work is done.
 
@@ -127,6 +150,10 @@ def check_output(
         kind: ``"folder"`` for a folder of results, ``"file"`` for one file.
         overwrite: allow replacing an existing folder or file that stuseg did not write.
         hint: appended to the message for a path of the wrong kind, e.g. ", or add --ml ...".
+        document: the kind of stuseg document written to a file output (``stuseg-labels``,
+            ``stuseg-statistics``; see ``KINDS``): an existing stuseg document of another kind
+            is refused too unless ``overwrite`` (a label table is never silently replaced by
+            statistics, or the reverse).
 
     Raises:
         OutputError: the output is unsafe or impossible; the message says what to do instead.
@@ -160,7 +187,7 @@ def check_output(
     if kind == "folder":
         _check_folder(raw, out, overwrite, hint)
     else:
-        _check_file(raw, out, overwrite, hint)
+        _check_file(raw, out, overwrite, hint, document)
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(f"the folder {parent} does not exist; create it first (mkdir -p '{parent}')")
@@ -202,14 +229,29 @@ def _check_folder(raw: str, out: Path, overwrite: bool, hint: str) -> None:
         )
 
 
-def _check_file(raw: str, out: Path, overwrite: bool, hint: str) -> None:
+def _check_file(raw: str, out: Path, overwrite: bool, hint: str, document: str | None) -> None:
     if out.is_dir():
         raise OutputError(f"the output {raw} is a folder, but a file is written here; give a file name{hint}")
-    if os.path.lexists(out) and not overwrite and not written_by_stuseg(out):
+    if not os.path.lexists(out) or overwrite:
+        return
+    if not written_by_stuseg(out):
         raise OutputError(
             f"the file {raw} exists and was not written by stuseg; give a new file name, "
             "or add --overwrite to replace it"
         )
+    found = document_kind(out)
+    if document is not None and found is not None and found != document:
+        raise OutputError(
+            f"the file {raw} is a {KINDS.get(found, found)} that stuseg wrote for another result, "
+            f"not a {KINDS.get(document, document)}; give a new file name, or add --overwrite to replace it"
+        )
+
+
+def document_kind(path: Path) -> str | None:
+    """The kind of stuseg document ``path`` is (``stuseg-labels``, ``stuseg-statistics``, ...,
+    from its ``"format"``; gzip is looked into), or None for another file or one without a kind."""
+    match = _FORMAT.search(_head(path))
+    return match[1].decode() if match else None
 
 
 def foreign_entries(folder: Path, limit: int | None = None) -> list[str]:
@@ -274,18 +316,26 @@ def written_by_stuseg(path: Path) -> bool:
     Returns:
         True if its first 64 KiB (decompressed for ``.gz``) carry a stuseg signature.
     """
+    head = _head(path)
+    return any(sig in head for sig in _SIGNATURES)
+
+
+def _head(path: Path) -> bytes:
+    """The first 64 KiB of a file (decompressed for ``.gz``); empty if it cannot be read."""
     try:
         if path.name.lower().endswith(".gz"):
             from isal import igzip
+            from isal.igzip_lib import IsalError
 
-            with igzip.open(path, "rb") as fh:
-                head = fh.read(_SNIFF_BYTES)
-        else:
-            with open(path, "rb") as fh:
-                head = fh.read(_SNIFF_BYTES)
-    except Exception:  # unreadable or damaged: not recognisably ours
-        return False
-    return any(sig in head for sig in _SIGNATURES)
+            try:
+                with igzip.open(path, "rb") as fh:
+                    return fh.read(_SNIFF_BYTES)
+            except IsalError:  # damaged compressed data
+                return b""
+        with open(path, "rb") as fh:
+            return fh.read(_SNIFF_BYTES)
+    except (OSError, EOFError, ValueError):  # unreadable or damaged gzip: not recognisably ours
+        return b""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +520,21 @@ def staged_folder(output: str | os.PathLike[str], *, run: Mapping[str, Any] | No
         raise
 
 
+def _statistics_twins(finals: Sequence[Path]) -> list[Path]:
+    """The CSV twins of the stuseg statistics files among ``finals`` that this write replaces
+    without writing their twin: they would be left describing a file that is gone."""
+    wanted = set(finals)
+    return [
+        f.with_suffix(".csv")
+        for f in finals
+        if f.suffix.lower() == ".json"
+        and f.with_suffix(".csv") not in wanted
+        and f.with_suffix(".csv").is_file()
+        and f.is_file()
+        and document_kind(f) == "stuseg-statistics"
+    ]
+
+
 @contextlib.contextmanager
 def staged_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
     """Write several files that belong together (a ``--ml`` file and its sidecars) all or none.
@@ -478,6 +543,12 @@ def staged_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
     that choose a format by suffix, such as ``.nii.gz``, choose the same). When the block
     succeeds, each is renamed to its final path (replacing what was there; call
     :func:`check_output` first); when it fails or is interrupted, they are deleted.
+
+    A result's sidecars go with it: a stuseg statistics file ``X.json`` replaced by something
+    else (a label table, under ``--overwrite``) takes its twin ``X.csv`` with it, unless ``X.csv``
+    is among ``paths`` (statistics written again). (The reverse keeps what it finds: a label
+    table replaced by statistics leaves the segmentation ``X.nii.gz`` and its viewer tables, which
+    still describe it; stuseg never deletes a segmentation it was not asked to write.)
 
     Args:
         paths: the final files.
@@ -492,6 +563,7 @@ def staged_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
     finals = [_real(Path(p)) for p in paths]
     for parent in {f.parent for f in finals}:
         clean_leftovers(parent)
+    orphans = _statistics_twins(finals)
     tag = _tag()
     temps = [f.parent / f"{_STAGING}-{tag}-{f.name}" for f in finals]
     current = os.fspath(paths[0]) if paths else ""
@@ -502,6 +574,9 @@ def staged_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
             current = os.fspath(shown)
             os.replace(temp, final)
             moved += 1
+        for twin in orphans:
+            current = os.fspath(twin)
+            twin.unlink(missing_ok=True)
     except OSError as exc:
         for temp in temps:
             _remove(temp)

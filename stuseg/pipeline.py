@@ -9,6 +9,7 @@ output rows at input resolution (``stuseg.postprocess``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +58,7 @@ __all__ = [
     "check_ct",
     "keep_freed_memory",
     "load_model",
+    "parameters_sha256",
     "prepare",
     "resolve_device",
     "segment",
@@ -64,6 +66,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from stuseg.modelfolder import TrainedModel
+    from stuseg.weights import LoadedWeights
 
 Progress = Callable[[int, int], None]
 Image = str | Path | Volume  # an input image: a path or a volume already read
@@ -184,19 +187,37 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def load_model(size: str | None, weights: Path | None, device: torch.device) -> tuple[STUNet, str]:
+def load_model(size: str | None, weights: Path | None, device: torch.device) -> tuple[STUNet, LoadedWeights]:
     """Build the network of ``size`` (or the size of ``weights``) and load verified weights.
 
     Without ``weights``, ``size`` (default ``base``) comes from stuseg's cache, downloaded if
     needed. With ``weights``, the file's size is inferred; a ``size`` given too must agree.
+
+    Returns:
+        The network, and what was loaded (size, file, sha256) without its tensors.
     """
+    import dataclasses
+
     from stuseg.weights import load_weights
 
     loaded = load_weights(size or ("base" if weights is None else None), weights)
     net = build_network(loaded.size, device="meta")
     # assign=True adopts the (memory-mapped) tensors instead of copying into fresh parameters.
     net.load_state_dict(loaded.state_dict, strict=True, assign=True)
-    return net.to(device).eval(), loaded.size
+    return net.to(device).eval(), dataclasses.replace(loaded, state_dict={})
+
+
+def parameters_sha256(net: torch.nn.Module) -> str:
+    """A sha256 over a network's parameters and buffers (names, dtypes, shapes, bytes): the
+    identity of weights that came as a network object rather than a file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def check_ct(
@@ -459,18 +480,28 @@ class Segmenter:
         self.names = {v: _class_name(v, plan, labels) for v in range(1, plan.num_classes)}
         self.fast, self.tta, self.step_size = fast, tta, step_size
         self.batch_size = batch_size or (2 if self.device.type == "cuda" else 1)
-        # The sha256 that identifies the weights, where the loader knows it (model folders).
-        self.weights_sha256: str | None = None
+        self._identity: Callable[[], str]
         if self.trained is not None:
-            self.nets, self.weights_sha256 = _load_folds(self.trained, self.device)
-            self.size = self.trained.size
+            self.nets, sha = _load_folds(self.trained, self.device)
+            self.size, self._identity = self.trained.size, lambda: sha
         elif model is None:
-            net, self.size = load_model(size, weights, self.device)
-            self.nets = [net]
+            net, loaded = load_model(size, weights, self.device)
+            self.nets, self.size = [net], loaded.size
+            self._identity = lambda: loaded.sha256  # hashed on first use, once
         else:
             self.nets, self.size = [model.to(self.device).eval()], size or "custom"
+            self._identity = functools.cache(lambda: parameters_sha256(self.nets[0]))
         self.net = self.nets[0]
         self.load_seconds = time.perf_counter() - start
+
+    @property
+    def weights_sha256(self) -> str:
+        """The sha256 that identifies the loaded weights, the same whatever loaded them (the
+        command line, the Python API, a Ray worker): the original checkpoint's for the published
+        or a ``weights`` file (recorded in stuseg's converted files), one over the folds' for a
+        model folder, one over the parameters for a network object. Run logs record it, and a
+        batch resumes only results made with the same."""
+        return self._identity()
 
     def __call__(
         self, image: Image | Sequence[Image], *, series: str | None = None, progress: Progress | None = None

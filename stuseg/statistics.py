@@ -41,7 +41,7 @@ import nibabel as nib
 import numpy as np
 from numba import njit
 
-from stuseg import __version__, paths, quality
+from stuseg import __version__, quality
 from stuseg import labels as label_table
 from stuseg.errors import InputError, LabelError
 from stuseg.geometry import same_grid
@@ -61,13 +61,13 @@ __all__ = [
     "load_scan",
     "of_segmentation",
     "output_paths",
-    "sidecar_paths",
     "warm_up",
     "write_csv",
     "write_statistics",
 ]
 
 FORMAT = "stuseg-statistics/1"
+DOCUMENT = FORMAT.split("/")[0]  # its kind, as outputs.check_output compares kinds
 
 # Percentiles reported besides the median, with numpy's default ("linear") method.
 PERCENTILES = (5, 95)
@@ -654,22 +654,6 @@ def output_paths(json_path: Path) -> tuple[Path, Path]:
     """``(FILE.json, FILE.csv)`` for ``--output FILE.json``."""
     json_path = Path(json_path)
     return json_path, json_path.with_suffix(".csv")
-
-
-def sidecar_paths(result: Path, multilabel: bool) -> dict[str, Path]:
-    """Where ``predict --statistics/--preview`` put their files: inside a mask folder
-    (``statistics.json``, ``statistics.csv``, ``preview.png``), or beside a multilabel file
-    ``OUT.nii.gz`` (``OUT.statistics.json``, ``OUT.statistics.csv``, ``OUT.preview.png``)."""
-    result = Path(result)
-    if not multilabel:
-        return {k: result / n for k, n in (("json", "statistics.json"), ("csv", "statistics.csv"),
-                                            ("png", "preview.png"))}  # fmt: skip
-    stem = paths.stem(result)
-    return {
-        "json": result.with_name(f"{stem}.statistics.json"),
-        "csv": result.with_name(f"{stem}.statistics.csv"),
-        "png": result.with_name(f"{stem}.preview.png"),
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ functions that read or write tensors: ``weights_status`` does not need it.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import sys
@@ -517,6 +518,15 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     verified_by: str  # one of BY_MANIFEST, BY_HUB, BY_ARCH (+ ", as recorded in the file")
     path: Path  # the file the tensors are mapped from
+    # The sha256 of the original checkpoint where the file records it (stuseg's safetensors) or
+    # the loader computed it anyway (a manifest check); else the file's own, hashed on first use.
+    known_sha256: str | None = None
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """What identifies these weights wherever they are loaded from (run logs, resume): the
+        original checkpoint's sha256, so the cached conversion and the file it came from agree."""
+        return self.known_sha256 or sha256_file(self.path)
 
 
 def _sizes_cached_besides(size: str) -> str:
@@ -587,13 +597,17 @@ def load_weights(
         path = Path(path)
         tensors, meta = read_checkpoint(path)
         found = check_architecture(path, shapes_of(tensors), want)
+        recorded = meta.get("source_sha256") or None
         if meta.get("verified_by"):
             verified_by = f"{meta['verified_by']}, as recorded in the file"
         else:
             entry = load_manifest(manifest).entry(found)
             known = entry.sha256 is not None and path.stat().st_size == entry.size_bytes
-            verified_by = BY_MANIFEST if known and sha256_file(path) == entry.sha256 else BY_ARCH
-        return LoadedWeights(found, tensors, verified_by, path)
+            if known and sha256_file(path) == entry.sha256:
+                verified_by, recorded = BY_MANIFEST, entry.sha256
+            else:
+                verified_by = BY_ARCH
+        return LoadedWeights(found, tensors, verified_by, path, recorded)
 
     if want is None:
         raise WeightsError("give a model size (small, base, large, huge) or a weights file")
@@ -617,7 +631,8 @@ def load_weights(
     assert cached.metadata is not None
     tensors, _ = read_checkpoint(cache)
     check_architecture(cache, shapes_of(tensors), want)
-    return LoadedWeights(want, tensors, cached.metadata["verified_by"], cache)
+    recorded = cached.metadata.get("source_sha256") or None
+    return LoadedWeights(want, tensors, cached.metadata["verified_by"], cache, recorded)
 
 
 # --------------------------------------------------------------------------------------------

@@ -531,14 +531,17 @@ def test_a_case_that_cannot_be_written_fails_alone_and_leaves_nothing(
 ) -> None:
     _cohort(tmp_path / "in", 2)
     cases = batch.discover([tmp_path / "in"]).cases
-    real = batch._write_masks
+    from stuseg import labelmaps
 
-    def disk_full_for_case0(seg, folder: Path, threads: int) -> None:
-        real(seg, folder, threads)  # the masks are written into the staged folder...
-        if seg.image.shape[0] == 30:  # case0 is 30 voxels wide
+    real = labelmaps.write_masks
+
+    def disk_full_for_case0(folder: Path, labels: np.ndarray, *args, **kwargs) -> list[Path]:
+        written = real(folder, labels, *args, **kwargs)  # the masks are written into the staged folder...
+        if labels.shape[0] == 30:  # case0 is 30 voxels wide
             raise OSError(28, "No space left on device")  # ...and the disk fills up before the end
+        return written
 
-    monkeypatch.setattr(batch, "_write_masks", disk_full_for_case0)
+    monkeypatch.setattr(labelmaps, "write_masks", disk_full_for_case0)
     out = tmp_path / "out"
     results = list(batch.run(cases, segmenter, out))
     assert [(r.case.id, r.status) for r in results] == [("case0", "failed"), ("case1", "ok")]

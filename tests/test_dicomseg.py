@@ -30,6 +30,7 @@ from stuseg import dicomseg, labels
 from stuseg.cli import app
 from stuseg.errors import InputError, OutputError
 from stuseg.io import dicom_series_files, label_image, read_image
+from stuseg.results import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -363,10 +364,13 @@ def test_no_structure_present_writes_nothing_and_warns(tmp_path: Path, series_vo
     assert not path.exists()
 
 
-def test_seg_path_for() -> None:
-    assert dicomseg.seg_path_for(Path("out"), False) == Path("out/seg.dcm")
-    assert dicomseg.seg_path_for(Path("a/case.nii.gz"), True) == Path("a/case.dcm")
-    assert dicomseg.seg_path_for(Path("a/case.nii"), True) == Path("a/case.dcm")
+def test_where_the_seg_goes() -> None:
+    def seg(target: str, multilabel: bool) -> list[Path]:
+        return Layout(Path(target), multilabel, ("dicom-seg",)).files()["dicom-seg"]
+
+    assert seg("out", False) == [Path("out/seg.dcm")]
+    assert seg("a/case.nii.gz", True) == [Path("a/case.dcm")]
+    assert seg("a/case.nii", True) == [Path("a/case.dcm")]
 
 
 def test_series_files_are_those_read_image_reads() -> None:

@@ -56,7 +56,7 @@ def segment(image, *, roi_subset=None, series=None, **_):
     lab = np.asfortranarray(lut[lab])
     return types.SimpleNamespace(image=label_image(lab, volume.header), labels=lab,
         names={i: labels.LABELS[i] for i in keep}, timings={}, peak_rss_bytes=None,
-        peak_gpu_bytes=None, device="cpu", size="fake")
+        peak_gpu_bytes=None, device="cpu", size="fake", precision="float32", confidence=None)
 
 fake = types.ModuleType("stuseg.pipeline")
 fake.segment = segment
@@ -515,6 +515,7 @@ def test_a_full_disk_leaves_neither_masks_nor_a_multilabel_file(
     fake.labels, fake.image = lab, nib.Nifti1Image(lab, None, header=header)
     fake.names, fake.timings = dict(enumerate(labels.STRUCTURES, 1)), {}
     fake.peak_rss_bytes, fake.peak_gpu_bytes, fake.device, fake.size = None, None, "cpu", "fake"
+    fake.precision, fake.confidence = "float32", None
     monkeypatch.setattr(pipeline, "segment", lambda *a, **k: fake)
     real_write = labelmaps.write_nifti
     calls = []

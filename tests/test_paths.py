@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 
 from stuseg import paths
-from stuseg.dicomseg import seg_path_for
 from stuseg.labelmaps import companion_paths
-from stuseg.statistics import sidecar_paths
+from stuseg.results import Layout
 
 
 @pytest.mark.parametrize(
@@ -40,8 +39,6 @@ def test_every_sidecar_of_a_multilabel_result_shares_its_stem(tmp_path: Path, na
     result = tmp_path / name
     names = {
         companion_paths(result)["json"].name,
-        sidecar_paths(result, multilabel=True)["json"].name,
-        sidecar_paths(result, multilabel=True)["png"].name,
-        seg_path_for(result, multilabel=True).name,
+        *(p.name for p in Layout(result, True, ("statistics", "preview", "dicom-seg")).all_files()),
     }
-    assert names == {"OUT.json", "OUT.statistics.json", "OUT.preview.png", "OUT.dcm"}
+    assert names == {"OUT.json", "OUT.statistics.json", "OUT.statistics.csv", "OUT.preview.png", "OUT.dcm"}

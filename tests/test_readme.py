@@ -65,8 +65,9 @@ def user_folder(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def test_the_readme_has_the_examples_this_test_runs() -> None:
     blocks = python_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert any("stuseg.batch.run" in b for b in blocks)
+    assert any("stuseg.cohort.cohort_of" in b for b in blocks)
     assert any('model="liver-v2"' in b for b in blocks)
 
 

@@ -574,3 +574,43 @@ def test_cli_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
         'pip install "stuseg[dicom]"'
     ]
     assert not out.exists()
+
+
+# --- a batch: one RTSTRUCT per DICOM case -------------------------------------------------------
+
+
+@pytest.mark.slow  # about 17 s on 2 cores
+def test_batch_writes_an_rtstruct_per_dicom_case(tmp_path: Path, sources) -> None:
+    """A batch over a DICOM series and a NIfTI scan asking for masks and an RTSTRUCT: the series
+    case gets a valid RTSTRUCT whose contours, filled again, are its masks; the NIfTI case gets its
+    masks, and its record says why it has no RTSTRUCT (as for a DICOM-SEG)."""
+    from test_batch import Threshold, write_ct
+
+    from stuseg import batch, results
+    from stuseg.pipeline import Segmenter
+
+    shutil.copytree(SERIES, tmp_path / "in" / "series")
+    write_ct(tmp_path / "in" / "a.nii.gz", shape=(30, 28, 26), seed=1)
+    cases = batch.discover([tmp_path / "in"]).cases
+    segmenter = Segmenter(model=Threshold.build(), device="cpu", step_size=1.0, fast=True)
+    out = tmp_path / "out"
+    request = results.Request(nifti=True, rtstruct=True)
+    done = {r.case.id: r for r in batch.run(cases, segmenter, out, request=request)}
+    assert [r.status for r in done.values()] == ["ok", "ok"]
+    records = {r["case"]: r for r in batch.read_log(out / batch.LOG_NAME)}
+    series_case = next(c for c in records if c != "a")
+    assert records[series_case]["products"] == ["nifti", "rtstruct"]
+    assert records["a"]["products"] == ["nifti"]
+    assert any(
+        "no RTSTRUCT was written: the input is not a DICOM series" in w for w in records["a"]["warnings"]
+    )
+    assert not (out / "a" / "rtstruct.dcm").exists() and (out / "a" / "liver.nii.gz").is_file()
+    rt = out / series_case / "rtstruct.dcm"
+    assert dciodvfy_errors(rt) == []
+    filled = rasterise(rt, sources)
+    assert "liver" in filled
+    check_against_masks(filled, out / series_case, sources)
+    # Resumed with the same request: done; the RTSTRUCT is not written again.
+    before = rt.read_bytes()
+    assert [r.status for r in batch.run(cases, segmenter, out, request=request)] == ["skipped", "skipped"]
+    assert rt.read_bytes() == before

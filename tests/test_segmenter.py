@@ -16,6 +16,7 @@ from fabricate import tiny_network
 from stuseg import memory, pipeline
 from stuseg.io import read_image
 from stuseg.pipeline import Segmenter, segment
+from stuseg.weights import LoadedWeights
 
 # Anisotropic voxels, so that the image is resampled on the way in and back out.
 ZOOMS = (1.1, 0.9, 2.0)
@@ -72,7 +73,7 @@ def test_one_load_for_several_images(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     def counting_load(size, weights, device):
         loads.append((size, weights, device))
-        return tiny_network().to(device), "small"
+        return tiny_network().to(device), LoadedWeights("small", {}, "test", tmp_path / "w", "0" * 64)
 
     monkeypatch.setattr(pipeline, "load_model", counting_load)
     segmenter = Segmenter("small", device="cpu", fast=True)
