@@ -121,10 +121,11 @@ class CaseWorker:
         }
 
     def process(
-        self, case: Case, settings: Settings, overwrite: bool, run_id: str
+        self, case: Case, settings: Settings, overwrite: bool, run_id: str, qa_fail: bool = False
     ) -> tuple[Status, list[str], str | None, dict[str, Any]]:
         """Segment and write one case (``stuseg.batch.process``, as the local runner's stages do);
-        failures are returned, not raised (Ray retries only deaths).
+        failures are returned, not raised (Ray retries only deaths). ``qa_fail``: as for
+        ``stuseg.batch.run``.
 
         Returns:
             (status, output paths, one-line error, log record).
@@ -139,6 +140,7 @@ class CaseWorker:
             threads=self.threads,
             network=self.network,
             worker=f"{self.host}:{os.getpid()}",
+            qa_fail=qa_fail,
         )
         return result.status, [str(p) for p in result.outputs], result.error, result.record
 
@@ -252,6 +254,7 @@ def run(
     request: Request | None = None,
     ignored: Sequence[Ignored] = (),
     progress: Callable[[Case, int, int], None] | None = None,
+    qa_fail: bool = False,
 ) -> Iterator[CaseResult]:
     """Connect to the Ray cluster and start the actors (now), then return an iterator over results.
 
@@ -317,6 +320,7 @@ def run(
         ignored,
         run_id,
         connected,
+        qa_fail,
     )
 
 
@@ -373,6 +377,7 @@ def _results(
     ignored: Sequence[Ignored],
     run_id: str,
     connected: bool,
+    qa_fail: bool = False,
 ) -> Iterator[CaseResult]:
     try:
         shas = {i["weights_sha256"] for i in identities}
@@ -398,7 +403,9 @@ def _results(
         recorder = Recorder(settings, output, run_id)
         with locks.hold(output), RunLog(output / LOG_NAME) as log:
             todo = yield from skip_done(cases, output, recorder, log, overwrite=overwrite, ignored=ignored)
-            yield from _dispatch(ray, actors, todo, settings, overwrite, run_id, recorder, log, output)
+            yield from _dispatch(
+                ray, actors, todo, settings, overwrite, run_id, recorder, log, output, qa_fail
+            )
     finally:
         _stop(ray, actors, identities, output, disconnect=connected)
         with contextlib.suppress(OSError):
@@ -415,6 +422,7 @@ def _dispatch(
     recorder: Any,
     log: RunLog,
     output: Path,
+    qa_fail: bool = False,
 ) -> Iterator[CaseResult]:
     """Hand cases to actors as they become free; log and yield each result as it arrives."""
     pending = list(reversed(todo))
@@ -425,7 +433,7 @@ def _dispatch(
         for i in sorted(alive):
             while pending and load[i] < _PER_ACTOR:
                 case = pending.pop()
-                ref = actors[i].process.remote(case, settings, overwrite, run_id)
+                ref = actors[i].process.remote(case, settings, overwrite, run_id, qa_fail)
                 inflight[ref] = (case, i, time.perf_counter())
                 load[i] += 1
         if not inflight:  # every actor is gone

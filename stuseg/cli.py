@@ -1020,8 +1020,6 @@ def batch_cmd(
 
     if workers is not None and ray_address is None:
         raise fail("--workers applies only with --ray ADDRESS", code=2)
-    if qa_fail and ray_address is not None:
-        raise fail("--qa-fail is not available with --ray yet; run the batch on this machine", code=2)
     held = contextlib.ExitStack()  # the batch folder's lock, from its check to the last case
     tiles: list[_BatchBars] = []  # the bars, once shown; the network stage reports its tiles there
     try:
@@ -1110,13 +1108,15 @@ def _start_batch(
 ) -> Iterator[Any]:
     """The iterator over the cases' results: on a Ray cluster (``stuseg.batch_ray.run``) or here
     (``stuseg.batch.run_local``, the model loaded now); ``common``: the keyword arguments of both;
-    ``qa_fail``: flagged cases fail (here only; the command refuses it with ``--ray``)."""
+    ``qa_fail``: flagged cases fail, on the cluster as here."""
     from stuseg import batch
 
     if ray_address is not None:
         from stuseg import batch_ray
 
-        return batch_ray.run(cases, output, options, address=ray_address, workers=workers, **common)
+        return batch_ray.run(
+            cases, output, options, address=ray_address, workers=workers, qa_fail=qa_fail, **common
+        )
     from stuseg.pipeline import keep_freed_memory
 
     def progress(case: batch.Case, done: int, total: int) -> None:

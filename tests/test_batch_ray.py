@@ -228,3 +228,30 @@ def test_an_address_nothing_listens_on_fails_fast_in_one_line(tmp_path: Path) ->
         lines = done.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"stuseg: error: {message}"), done.stderr
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ray_batch_qa_fail_fails_flagged_cases_and_logs_their_quality(
+    tmp_path: Path, cluster: str, small_model: Path
+) -> None:
+    """--qa-fail on the cluster as on this machine: random weights leave every structure found
+    unsure (near-uniform softmax), so each case is flagged low_confidence, logged failed with
+    its result kept, and counted in the summary."""
+    src = tmp_path / "in"
+    write_ct(src / "a.nii.gz", shape=(40, 36, 32), seed=3)
+    out = tmp_path / "out"
+    args = ["--weights", str(small_model), "--step-size", "1.0", "--device", "cpu", "--qa-fail"]
+    cmd = [sys.executable, "-m", "stuseg", "batch", str(src), "-o", str(out), "--ray", cluster, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("stuseg: error: a: ")]
+    assert len(errors) == 1 and "quality flags raised (" in errors[0] and "low_confidence" in errors[0]
+    summary = next(line for line in done.stderr.splitlines() if line.startswith("batch: "))
+    assert summary.startswith("batch: 0 ok, 1 failed (1 on quality flags), 0 skipped in "), summary
+    (rec,) = [r for r in batch.read_log(out / batch.LOG_NAME) if r["case"] == "a"]
+    assert rec["status"] == "failed" and rec["outputs"] == ["a"]  # the result is kept for review
+    found = sorted(m.name.removesuffix(".nii.gz") for m in (out / "a").glob("*.nii.gz")
+                   if np.asanyarray(nib.load(m).dataobj).any())  # fmt: skip
+    assert found and rec["quality"]["low_confidence"] == found

@@ -280,6 +280,7 @@ def process(
     threads: int | None = None,
     network: contextlib.AbstractContextManager[Any] | None = None,
     worker: str | None = None,
+    qa_fail: bool = False,
 ) -> CaseResult:
     """One case from start to end in the calling thread (read, network, write, record): what a
     Ray worker does with each case it is given. ``network`` is held around the network stage
@@ -292,7 +293,13 @@ def process(
         with network or contextlib.nullcontext():
             job.infer(segmenter)
         return job.finish(
-            segmenter, output, recorder, overwrite=overwrite, threads=write_threads, worker=worker
+            segmenter,
+            output,
+            recorder,
+            overwrite=overwrite,
+            threads=write_threads,
+            worker=worker,
+            qa_fail=qa_fail,
         )
 
 
