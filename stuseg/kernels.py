@@ -289,6 +289,17 @@ def vote_labels(
 
 
 @_jit(parallel=False)
+def _interpolate_scores(scores, at, wt, acc) -> None:  # pragma: no cover
+    """``acc`` = the corners' class scores weighted by ``wt``: every class interpolated, in float64."""
+    acc[:] = 0.0
+    for e in range(8):
+        row = scores[at[e, 0], at[e, 1], at[e, 2]]
+        w = wt[e]
+        for c in range(scores.shape[3]):
+            acc[c] += w * row[c]
+
+
+@_jit(parallel=False)
 def _class_probability(scores, labels, top, at, wt, k, logits, agree, acc) -> float:  # pragma: no cover
     """The probability of class ``k`` at an output voxel with corners ``at`` and weights ``wt``.
 
@@ -314,12 +325,7 @@ def _class_probability(scores, labels, top, at, wt, k, logits, agree, acc) -> fl
             margin += wt[e] * top[at[e, 0], at[e, 1], at[e, 2]]
         if (n_classes - 1) * np.exp(-margin) < _NEGLIGIBLE:
             return 1.0
-    acc[:] = 0.0
-    for e in range(8):
-        row = scores[at[e, 0], at[e, 1], at[e, 2]]
-        w = wt[e]
-        for c in range(n_classes):
-            acc[c] += w * row[c]
+    _interpolate_scores(scores, at, wt, acc)
     total = 0.0
     for c in range(n_classes):
         total += np.exp(acc[c] - acc[k])
@@ -397,12 +403,7 @@ def interpolate_argmax(
                 for e in range(8):
                     bound += wt[e] * second[at[e, 0], at[e, 1], at[e, 2]]
                 if not best > np.float32(bound):
-                    acc[:] = 0.0
-                    for e in range(8):
-                        row = scores[at[e, 0], at[e, 1], at[e, 2]]
-                        w = wt[e]
-                        for k in range(n_classes):
-                            acc[k] += w * row[k]
+                    _interpolate_scores(scores, at, wt, acc)
                     top32 = np.float32(acc[0])
                     best_class = 0
                     for k in range(1, n_classes):
