@@ -22,9 +22,9 @@ import scipy.ndimage as ndi
 import torch
 from common import RESULTS, record
 
-from stuseg.pipeline import keep_freed_memory
-from stuseg.postprocess import ProbabilityExport, resample_labels
-from stuseg.predict import Slab
+from stuseg.inference.pipeline import keep_freed_memory
+from stuseg.inference.postprocess import ProbabilityExport, resample_labels
+from stuseg.inference.predict import Slab
 
 NET = (200, 273, 273)
 OUT = (300, 512, 512)

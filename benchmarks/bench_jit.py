@@ -1,4 +1,4 @@
-"""First-use cost of the compiled export loops (stuseg.kernels): a cold and a warm numba cache.
+"""First-use cost of the compiled export loops (stuseg.inference.kernels): a cold and a warm numba cache.
 
     python3 benchmarks/bench_jit.py
 
@@ -22,9 +22,9 @@ def child() -> None:
     import nibabel as nib
     import numpy as np
 
-    from stuseg import pipeline
-    from stuseg.io import Volume
-    from stuseg.network import build_network
+    from stuseg.images.io import Volume
+    from stuseg.inference import pipeline
+    from stuseg.model.network import build_network
 
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
     data = np.random.default_rng(0).normal(-200, 300, (64, 64, 64)).astype(np.float32)

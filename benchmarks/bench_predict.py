@@ -30,10 +30,11 @@ from common import RESULTS, make_ct, record, scratch
 
 def child(args: argparse.Namespace) -> None:
     """One measured run, in this (fresh) process."""
-    from stuseg.threads import limit_spin_waiting
+    from stuseg.inference.threads import limit_spin_waiting
 
     limit_spin_waiting()  # before torch loads, as the stuseg command does
-    from stuseg import labelmaps, pipeline
+    from stuseg.inference import pipeline
+    from stuseg.results import labelmaps
 
     mode = args.mode[0]
     pipeline.keep_freed_memory(args.device)  # as the stuseg command does
@@ -130,7 +131,7 @@ def main() -> None:
 
 
 def _native_bfloat16() -> str | None:
-    from stuseg.precision import native_bfloat16
+    from stuseg.model.precision import native_bfloat16
 
     return native_bfloat16()
 

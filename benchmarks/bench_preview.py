@@ -1,4 +1,4 @@
-"""Time of ``stuseg.preview`` (render and write preview.png) on a 512 x 512 x 300 CT.
+"""Time of ``stuseg.analysis.preview`` (render and write preview.png) on a 512 x 512 x 300 CT.
 
     python3 benchmarks/bench_preview.py [--shape 512 512 300] [--repeat 3] [--results FILE]
 
@@ -20,8 +20,8 @@ import numpy as np
 from bench_statistics import make_inputs
 from common import RESULTS, record
 
-from stuseg.labels import STRUCTURES
-from stuseg.preview import write_preview
+from stuseg.analysis.preview import write_preview
+from stuseg.structures.labels import STRUCTURES
 
 
 def main() -> None:

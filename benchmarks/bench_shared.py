@@ -10,7 +10,7 @@ the two shared wall times and their ratios to the lone one. Fair sharing of the 
 2x; the target is <= 2.3x.
 
 By default the runs get the environment the stuseg command chooses for itself (see
-``stuseg.threads.limit_spin_waiting``). ``--wait-policy active|passive`` sets OMP_WAIT_POLICY
+``stuseg.inference.threads.limit_spin_waiting``). ``--wait-policy active|passive`` sets OMP_WAIT_POLICY
 and ``--spin-count N`` sets GOMP_SPINCOUNT in the runs' environment instead, which the stuseg
 command respects: other choices, for comparison.
 """

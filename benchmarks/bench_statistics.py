@@ -1,8 +1,8 @@
-"""Time of ``stuseg.statistics.compute`` on a 512 x 512 x 300 CT with a smooth 104-label map.
+"""Time of ``stuseg.analysis.statistics.compute`` on a 512 x 512 x 300 CT with a smooth 104-label map.
 
     python3 benchmarks/bench_statistics.py [--shape 512 512 300] [--repeat 3] [--results FILE]
 
-The CT is synthetic (float32 "HU", as ``stuseg.io.read_image`` returns it, Fortran order as
+The CT is synthetic (float32 "HU", as ``stuseg.images.io.read_image`` returns it, Fortran order as
 nibabel reads it); the label map holds the 104 structures as blocks of about 32 x 32 x 19
 voxels with background in between (about half of the voxels labelled), so every structure has
 tens of thousands to millions of voxels. The compiled loop is loaded (or compiled) before timing;
@@ -20,8 +20,8 @@ import numpy as np
 import scipy.ndimage as ndi
 from common import RESULTS, record
 
-from stuseg import statistics
-from stuseg.labels import STRUCTURES
+from stuseg.analysis import statistics
+from stuseg.structures.labels import STRUCTURES
 
 
 def make_inputs(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ convolution, the only ops it counts) for one 1 x 1 x 128^3 tile. Each variant (f
 stuseg runs it, channels-last layouts, and bfloat16 ones where the CPU has a bfloat16
 instruction set: see ``_variants``; ``--precision`` keeps one type's) runs one warm-up pass,
 then ``--repeats`` timed passes, alternating, in this one process with the command's malloc
-tuning (``stuseg.memory.tune_process``). ``--compile`` adds each variant compiled by
+tuning (``stuseg.inference.memory.tune_process``). ``--compile`` adds each variant compiled by
 ``torch.compile`` (inductor, which fuses each norm with its activation; the first pass, which
 compiles, is the warm-up). ``--threads N`` sets torch's intra-op threads (default: every CPU
 the process may use).
@@ -83,14 +83,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch's intra-op threads")
     args = parser.parse_args()
 
-    from stuseg.threads import limit_spin_waiting
+    from stuseg.inference.threads import limit_spin_waiting
 
     limit_spin_waiting()  # before torch loads, as the command does
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stuseg import memory
-    from stuseg.network import build_network
+    from stuseg.inference import memory
+    from stuseg.model.network import build_network
 
     memory.tune_process()
     if args.threads:

@@ -71,7 +71,7 @@ if __name__ == "__main__":
 STUSEG_LIBRARY = """
 import json, resource, sys, time
 import stuseg, torch
-from stuseg import labelmaps
+from stuseg.results import labelmaps
 
 start = time.perf_counter()
 seg = stuseg.segment(sys.argv[1], model=sys.argv[2], device="cpu", fast=False)
@@ -89,7 +89,7 @@ def write_folder(root: Path) -> Path:
     import torch
     from model_folders import write_v2_folder
 
-    from stuseg.network import SIZES, build_network
+    from stuseg.model.network import SIZES, build_network
 
     for axis in range(3):  # the patch must be divisible by the total downsampling on each axis
         total = 1

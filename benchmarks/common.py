@@ -48,7 +48,7 @@ def make_weights(path: Path, size: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from stuseg.network import build_network
+    from stuseg.model.network import build_network
 
     gen = torch.Generator().manual_seed(0)
     sd = build_network(size, device="meta").state_dict()

@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_predict import make_ct
 
-from stuseg import labelmaps, pipeline
-from stuseg.head import ClassProbabilities
-from stuseg.network import build_network
+from stuseg.inference import pipeline
+from stuseg.model.head import ClassProbabilities
+from stuseg.model.network import build_network
+from stuseg.results import labelmaps
 
 
 def random_net(size: str, device: str, seed: int = 0) -> torch.nn.Module:

@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from stuseg.network import SIZES, build_network
+from stuseg.model.network import SIZES, build_network
 
 
 def write_cases(folder: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> None:

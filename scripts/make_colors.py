@@ -30,16 +30,16 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from stuseg import labels as lbl
-from stuseg.colors import LEGEND_DISTANCE, NEIGHBOUR_DISTANCE, delta_e, lab_to_rgb, rgb_to_lab
+from stuseg.structures import labels as lbl
+from stuseg.structures.colors import LEGEND_DISTANCE, NEIGHBOUR_DISTANCE, delta_e, lab_to_rgb, rgb_to_lab
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tests" / "data" / "totalseg_results"
 _PARENT = {"face": "69536005", "heart_atrium_left": "80891009", "heart_atrium_right": "80891009"}
 HEADER = """\
 # Display colours of the 104 structures that stuseg segments, one row per structure, in label order.
-# Every output that shows a colour takes it from here (stuseg.colors.label_colors): the preview, the
-# ITK-SNAP and 3D Slicer label tables, the DICOM-SEG's RecommendedDisplayCIELabValue.
+# Every output that shows a colour takes it from here (stuseg.structures.colors.label_colors): the
+# preview, the ITK-SNAP and 3D Slicer label tables, the DICOM-SEG's RecommendedDisplayCIELabValue.
 #
 # published_r/g/b: the recommendedDisplayRGBValue of the structure's SNOMED CT type and laterality
 # (stuseg/data/snomed_ct.csv) in, by source:

@@ -1,3 +1,3 @@
-from stuseg.cli import main
+from stuseg.cli.app import main
 
 main()

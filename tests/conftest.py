@@ -33,7 +33,7 @@ def allocator_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with the allocator policy of a fresh process, and whatever it changes is
     undone after it: a command run in this process (e.g. by a module-scoped fixture, which runs
     before this fixture) tunes malloc for good, as the command line does."""
-    from stuseg import memory
+    from stuseg.inference import memory
 
     monkeypatch.setattr(memory, "_hold_free_pages", False)
     monkeypatch.setattr(memory, "_process_tuned", False)

@@ -18,7 +18,7 @@ import numpy as np
 import reference_pipeline
 import torch
 
-from stuseg.network import Arch, build_network
+from stuseg.model.network import Arch, build_network
 
 
 def tiny_network(seed: int = 0) -> torch.nn.Module:

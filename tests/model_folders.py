@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from fabricate import _numpy1_spelling, write_checkpoint
 
-from stuseg.network import Arch, build_network
+from stuseg.model.network import Arch, build_network
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 TINY_DIMS = (4, 8, 16, 32, 64, 64)

@@ -13,7 +13,7 @@ the plans/configuration managers and dataset.json that nnU-Net reads itself, eac
 every trainer module of nnU-Net, one of which imports timm and so torchvision, and the CPU test
 environment's torchvision does not import (see constraints-cpu.txt).
 
-The network is ``stuseg.network.STUNet``, its ``Arch`` derived here from the checkpoint's shapes
+The network is ``stuseg.model.network.STUNet``, its ``Arch`` derived here from the checkpoint's shapes
 (independently of stuseg's own model-folder reader, which is what the oracle checks) and its
 strides from the plans.
 
@@ -71,7 +71,7 @@ def stunet_from_state_dict(
     [1, 1, 1]) is not a downsampling; the rest is cut or padded with [1, 1, 1] to one stride per
     stage after the first.
     """
-    from stuseg.network import Arch, STUNet
+    from stuseg.model.network import Arch, STUNet
 
     stages = sorted({int(k.split(".")[1]) for k in state if k.startswith(f"{_STAGE}.")})
     dims = tuple(int(state[f"{_STAGE}.{s}.0.conv1.weight"].shape[0]) for s in stages)

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from stuseg import batch
 from stuseg.cli import app
 from stuseg.errors import InputError
-from stuseg.io import read_image
+from stuseg.images.io import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM_UIDS = Path(__file__).parent / "data" / "abdomen_ct_dicom_uids"
@@ -402,7 +402,7 @@ class Threshold:
 
 @pytest.fixture
 def segmenter():
-    from stuseg.pipeline import Segmenter
+    from stuseg.inference.pipeline import Segmenter
 
     return Segmenter(model=Threshold.build(), device="cpu", step_size=1.0, fast=True)
 
@@ -443,7 +443,7 @@ def _same_masks(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 def test_api_batch_equals_one_case_at_a_time_and_isolates_a_corrupt_case(tmp_path: Path, segmenter) -> None:
-    from stuseg import labelmaps
+    from stuseg.results import labelmaps
 
     inputs = _cohort(tmp_path / "in", 3, corrupt_at=1)
     found = batch.discover([tmp_path / "in"])
@@ -475,7 +475,7 @@ def test_api_batch_equals_one_case_at_a_time_and_isolates_a_corrupt_case(tmp_pat
 
 @pytest.mark.slow
 def test_resume_skips_done_cases_and_redoes_them_when_options_change(tmp_path: Path, segmenter) -> None:
-    from stuseg.pipeline import Segmenter
+    from stuseg.inference.pipeline import Segmenter
 
     _cohort(tmp_path / "in", 2)
     cases = batch.discover([tmp_path / "in"]).cases
@@ -505,7 +505,7 @@ def test_resume_skips_done_cases_and_redoes_them_when_options_change(tmp_path: P
 
 @pytest.mark.slow
 def test_multilabel_batch_and_its_resume(tmp_path: Path, segmenter) -> None:
-    from stuseg.labelmaps import save_multilabel
+    from stuseg.results.labelmaps import save_multilabel
 
     inputs = _cohort(tmp_path / "in", 1)
     cases = batch.discover([tmp_path / "in"]).cases
@@ -531,7 +531,7 @@ def test_a_case_that_cannot_be_written_fails_alone_and_leaves_nothing(
 ) -> None:
     _cohort(tmp_path / "in", 2)
     cases = batch.discover([tmp_path / "in"]).cases
-    from stuseg import labelmaps
+    from stuseg.results import labelmaps
 
     real = labelmaps.write_masks
 

@@ -104,7 +104,7 @@ def test_ray_batch_matches_the_local_batch(tmp_path: Path, cluster: str, small_m
 
 
 def test_a_worker_that_does_not_see_the_folder_says_so(tmp_path: Path) -> None:
-    from stuseg.batch_ray import check_shared_folder
+    from stuseg.runs.cluster import check_shared_folder
 
     (tmp_path / ".stuseg-batch-token-x").write_text("x")
     check_shared_folder(tmp_path, (".stuseg-batch-token-x", "x"), "node1")  # seen: no error
@@ -121,7 +121,7 @@ def test_a_worker_that_does_not_see_the_folder_says_so(tmp_path: Path) -> None:
 def test_why_a_case_did_not_come_back_from_ray() -> None:
     """A dead actor is the worker's fault; a task that raised is a bug (with the worker's
     traceback); neither is called the other."""
-    from stuseg.batch_ray import TASK_RETRIES, case_failure
+    from stuseg.runs.cluster import TASK_RETRIES, case_failure
 
     worker_trace = 'Traceback (most recent call last):\n  File "worker.py", line 9\nTypeError: boom'
     raised = ray.exceptions.RayTaskError("CaseWorker.process", worker_trace, TypeError("boom"))
@@ -157,7 +157,7 @@ def test_a_worker_killed_mid_case_costs_a_retry_not_a_broken_output(
     import threading
     import time
 
-    from stuseg import batch_ray
+    from stuseg.runs import cluster as batch_ray
 
     src = tmp_path / "in"
     for i in range(2):

@@ -17,7 +17,8 @@ from conftest import DATA
 from scipy import ndimage
 from skimage.color import deltaE_ciede2000, rgb2lab
 
-from stuseg import colors, labelmaps, labels
+from stuseg.results import labelmaps
+from stuseg.structures import colors, labels
 
 RESULTS = DATA / "totalseg_results"
 ALL = dict(enumerate(labels.STRUCTURES, start=1))

@@ -17,12 +17,12 @@ import reference_pipeline
 import scipy.ndimage as ndi
 import torch
 
-from stuseg.cli import quality_line
-from stuseg.pipeline import Segmenter
-from stuseg.plan import Normalization, Plan
-from stuseg.postprocess import ProbabilityExport, export_labels, tensor_tallies
-from stuseg.predict import Slab
-from stuseg.quality import LOW_CONFIDENCE_SHARE, LOW_PROBABILITY, Confidence
+from stuseg.analysis.quality import LOW_CONFIDENCE_SHARE, LOW_PROBABILITY, Confidence
+from stuseg.cli.app import quality_line
+from stuseg.inference.pipeline import Segmenter
+from stuseg.inference.postprocess import ProbabilityExport, export_labels, tensor_tallies
+from stuseg.inference.predict import Slab
+from stuseg.model.plan import Normalization, Plan
 
 CENTRES = (-1000.0, 40.0, 300.0, 700.0)  # class k wins nearest CENTRES[k] (HU)
 
@@ -148,7 +148,7 @@ def test_statistics_carry_the_figures_and_flag_low_confidence(make_nifti) -> Non
 
 
 def test_a_label_map_from_files_has_no_confidence(tmp_path: Path) -> None:
-    from stuseg.statistics import compute
+    from stuseg.analysis.statistics import compute
 
     labels = np.zeros((5, 5, 5), np.uint8)
     labels[1:3, 1:3, 1:3] = 1
@@ -232,7 +232,7 @@ def test_the_accelerator_tallies_equal_the_compiled_ones(logits: bool) -> None:
         scores[0, 0, 0, 1] = scores[0, 0, 0, 2] = 40.0
     norm = torch.ones(scores.shape[:-1])
     compiled = Confidence.zeros(5, "network", logits)
-    from stuseg.postprocess import slab_labels
+    from stuseg.inference.postprocess import slab_labels
 
     out = np.zeros(scores.shape[:-1], np.uint8)
     slab_labels(Slab(0, 0, 5, scores, norm), out, compiled, logits=logits)

@@ -26,11 +26,12 @@ import SimpleITK as sitk
 from fabricate import small_checkpoint
 from typer.testing import CliRunner
 
-from stuseg import dicomseg, labels
 from stuseg.cli import app
 from stuseg.errors import InputError, OutputError
-from stuseg.io import dicom_series_files, label_image, read_image
-from stuseg.results import Layout
+from stuseg.images.io import dicom_series_files, label_image, read_image
+from stuseg.results import dicomseg
+from stuseg.results.write import Layout
+from stuseg.structures import labels
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -263,7 +264,7 @@ def test_real_result_carries_the_structure_colours(ts_seg: Path) -> None:
     0..65535) converted back to sRGB with scikit-image: the colours of the preview and viewer tables."""
     from skimage.color import lab2rgb
 
-    from stuseg.colors import label_colors
+    from stuseg.structures.colors import label_colors
 
     want = {labels.LABELS[v]: c for v, c in label_colors(dict(enumerate(labels.STRUCTURES, start=1))).items()}
     ds = pydicom.dcmread(ts_seg, stop_before_pixels=True)
@@ -391,7 +392,7 @@ SUBSET = ("aorta", "kidney_left", "liver", "rib_right_10", "spleen", "stomach", 
 
 def _fake_segment(ts_labels: np.ndarray, keep: tuple[str, ...] = SUBSET):
     """Stands in for the network in Typer-runner tests: TotalSegmentator's real labels, a subset."""
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     def segment(image, **kwargs):
         volume = read_image(Path(image), series=kwargs.get("series"))
@@ -409,7 +410,7 @@ def _fake_segment(ts_labels: np.ndarray, keep: tuple[str, ...] = SUBSET):
 def test_cli_runner_writes_masks_and_a_matching_seg(
     tmp_path: Path, monkeypatch, ts_labels, series_volume
 ) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", _fake_segment(ts_labels))
     out = tmp_path / "out"
@@ -432,7 +433,7 @@ def test_cli_runner_writes_masks_and_a_matching_seg(
 
 
 def test_cli_runner_ml_puts_the_seg_beside_the_file(tmp_path: Path, monkeypatch, ts_labels) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", _fake_segment(ts_labels))
     out = tmp_path / "case.nii.gz"
@@ -452,7 +453,7 @@ def _refused(args: list[str], first_line: str, out: Path) -> None:
 
 
 def test_nifti_input_with_dicom_seg_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", lambda *a, **k: pytest.fail("segmented anyway"))
     ct = DATA / "abdomen_ct_3mm.nii.gz"
@@ -466,7 +467,7 @@ def test_nifti_input_with_dicom_seg_is_refused_before_any_work(tmp_path: Path, m
 
 
 def test_badly_anonymised_series_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", lambda *a, **k: pytest.fail("segmented anyway"))
     out = tmp_path / "out"
@@ -488,7 +489,7 @@ def test_unknown_output_type(tmp_path: Path) -> None:
 def test_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = (
-        "import sys; sys.modules['highdicom'] = None; from stuseg.cli import main; "
+        "import sys; sys.modules['highdicom'] = None; from stuseg.cli.app import main; "
         f"sys.argv = ['stuseg', 'predict', {str(SERIES)!r}, {str(out)!r}, '--output-type', 'dicom-seg']; "
         "main()"
     )
@@ -574,7 +575,7 @@ def test_the_generic_codes_are_tissue_in_dicoms_segmentation_tables() -> None:
 
 
 def test_model_only_names_are_coded_generically_with_one_warning(tmp_path: Path, series_volume) -> None:
-    from stuseg.io import StusegWarning
+    from stuseg.images.io import StusegWarning
 
     image, names = _model_result(series_volume)
     path = tmp_path / "seg.dcm"
@@ -612,7 +613,7 @@ liver,123037004,Anatomical Structure,10200004,Liver,7771000,Left
 
 
 def test_user_codes_come_first_and_match_file_names(tmp_path: Path, series_volume) -> None:
-    from stuseg.io import StusegWarning
+    from stuseg.images.io import StusegWarning
 
     (tmp_path / "codes.csv").write_text(CODES_CSV, encoding="utf-8")
     codes = dicomseg.read_codes(tmp_path / "codes.csv")
@@ -761,7 +762,7 @@ def seg_types(tmp_path_factory: pytest.TempPathFactory, ts_labels) -> dict[str, 
     """``predict --ml --output-type nifti --output-type dicom-seg`` of the whole TotalSegmentator
     result, once without --dicom-seg-type (binary) and once with labelmap: -> the --ml NIfTI file
     (the SEG is case.dcm beside it)."""
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     runs = {}
     for kind in ("default", "labelmap"):
@@ -861,7 +862,7 @@ def test_labelmap_seg_passes_dciodvfy(seg_types: dict[str, Path], tmp_path: Path
 
 
 def test_dicom_seg_type_without_dicom_seg_is_refused(tmp_path: Path, monkeypatch) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", lambda *a, **k: pytest.fail("segmented anyway"))
     out = tmp_path / "out"
@@ -875,7 +876,7 @@ def test_dicom_seg_type_without_dicom_seg_is_refused(tmp_path: Path, monkeypatch
 
 
 def test_seg_type_choices_and_a_wrong_one(tmp_path: Path, series_volume) -> None:
-    from stuseg.cli import DicomSegType
+    from stuseg.cli.app import DicomSegType
 
     assert tuple(t.value for t in DicomSegType) == dicomseg.SEG_TYPES
     image = label_image(np.zeros(series_volume.data.shape, np.uint8), series_volume.header)

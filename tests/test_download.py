@@ -19,9 +19,10 @@ import torch
 from fabricate import random_state_dict, small_checkpoint
 from hub import FakeHub, Mode
 
-from stuseg import checkpoints, weights
 from stuseg.errors import WeightsError
-from stuseg.network import build_network
+from stuseg.model.network import build_network
+from stuseg.weights import cache as weights
+from stuseg.weights import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_REPO = "test-org/STU-Net"

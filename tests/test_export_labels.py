@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stuseg import labelmaps, labels
 from stuseg.cli import app
 from stuseg.errors import InputError, LabelError, OutputError
-from stuseg.io import label_image
-from stuseg.outputs import MARKER
+from stuseg.images.io import label_image
+from stuseg.results import labelmaps
+from stuseg.results.outputs import MARKER
+from stuseg.structures import labels
 
 REFERENCE = Path(__file__).parent / "data" / "reference" / "label_order.json"
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from stuseg.errors import InputError, LabelError, OutputError
 from stuseg.finetune.dataset import DatasetError, label_table, labels_from_option, prepare_dataset
-from stuseg.outputs import MARKER
+from stuseg.results.outputs import MARKER
 
 SHAPE = (12, 10, 8)
 AFFINE = np.array([[-1.5, 0, 0, 20.0], [0, -1.2, 0, 30.0], [0, 0, 2.0, -40.0], [0, 0, 0, 1]])

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from stuseg.errors import InputError, WeightsError
 from stuseg.finetune.weights import HEADS, IMAGE_CONVS, load_pretrained
-from stuseg.network import SIZES, Arch, STUNet
+from stuseg.model.network import SIZES, Arch, STUNet
 
 TINY = (4, 4, 8, 8, 8, 8)
 STRIDES = ((1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2))  # divisor (8, 32, 32)

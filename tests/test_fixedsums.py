@@ -10,9 +10,9 @@ import scipy.ndimage as ndi
 import torch
 from reference_pipeline import tile_starts_formula
 
-from stuseg.fixedsums import FIXED_ONE, add_rounded
-from stuseg.head import ClassProbabilities
-from stuseg.predict import Ensemble, sliding_window
+from stuseg.inference.fixedsums import FIXED_ONE, add_rounded
+from stuseg.inference.predict import Ensemble, sliding_window
+from stuseg.model.head import ClassProbabilities
 
 
 def float64_mean(
@@ -57,7 +57,7 @@ def streamed(x: np.ndarray, fn, k: int, patch, step: float, dtype: torch.dtype) 
 
 
 def bound(additions: np.ndarray) -> np.ndarray:
-    """The stated bound of stuseg.fixedsums on a mean probability."""
+    """The stated bound of stuseg.inference.fixedsums on a mean probability."""
     return 0.51 * additions / FIXED_ONE + 1e-6
 
 
@@ -111,7 +111,7 @@ def test_means_are_within_the_bound_of_the_float64_mean(shape: tuple[int, int, i
 def test_in_place_head_and_ensemble_stay_within_the_bound() -> None:
     """STU-Net's CPU head adding probability chunks straight into uint16 sums, two folds each
     rounding their own terms: within the bound for twice the tiles of the float32 path."""
-    from stuseg.network import Arch, build_network
+    from stuseg.model.network import Arch, build_network
 
     torch.manual_seed(3)
     nets = [
@@ -181,8 +181,8 @@ def test_the_pipeline_uses_fixed_point_only_for_probabilities_on_the_cpu_with_fe
     many folds (more than MAX_ADDITIONS terms over a voxel, 27 tiles at most at step 0.5): float32."""
     import dataclasses
 
-    from stuseg.pipeline import _sums_dtype
-    from stuseg.plan import PLAN
+    from stuseg.inference.pipeline import _sums_dtype
+    from stuseg.model.plan import PLAN
 
     cpu, shape = torch.device("cpu"), (244, 202, 224)
     assert _sums_dtype(shape, 1, cpu, PLAN, 0.5) == torch.uint16

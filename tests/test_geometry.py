@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stuseg.geometry import same_grid
+from stuseg.images.geometry import same_grid
 
 
 def test_same_grid_is_an_absolute_tolerance_of_a_micrometre() -> None:

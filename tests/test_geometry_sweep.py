@@ -33,9 +33,9 @@ import torch
 from test_predict_cli import assert_same_grid
 
 from stuseg.errors import InputError, LabelError
-from stuseg.pipeline import Segmenter, segment
-from stuseg.plan import Plan
-from stuseg.preprocess import SEPARATE_Z_THRESHOLD
+from stuseg.inference.pipeline import Segmenter, segment
+from stuseg.inference.preprocess import SEPARATE_Z_THRESHOLD
+from stuseg.model.plan import Plan
 
 PLAN = Plan(target_spacing=(1.5, 1.5, 1.5), patch_size=(16, 24, 32), num_classes=6)
 # The tile's extent along each input axis of a RAS image: (i, j, k) = (x, y, z) of the (z, y, x) patch.

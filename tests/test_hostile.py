@@ -26,15 +26,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stuseg import labelmaps, labels
 from stuseg.cli import app
-from stuseg.outputs import MARKER
+from stuseg.results import labelmaps
+from stuseg.results.outputs import MARKER
+from stuseg.structures import labels
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 ALL_MASKS = sorted(f"{n}.nii.gz" for n in labels.STRUCTURES)
 
-# `python -c` launcher: the real CLI, with `stuseg.pipeline` replaced by a module whose segment()
+# `python -c` launcher: the real CLI, with `stuseg.inference.pipeline` replaced by a module whose segment()
 # reads the image for real and labels it by thresholds (liver above 0 HU, spleen in -500..0),
 # honouring --roi-subset. STUSEG_TEST_SLOW_WRITE=<file>: every mask write touches <file>, then
 # sleeps, so a test can send a signal while masks are being written.
@@ -42,8 +43,9 @@ FAKE_PREDICT = """
 import os, sys, time, types
 import numpy as np
 import stuseg
-from stuseg import labelmaps, labels
-from stuseg.io import label_image, read_image
+from stuseg.results import labelmaps
+from stuseg.structures import labels
+from stuseg.images.io import label_image, read_image
 
 def segment(image, *, roi_subset=None, series=None, **_):
     volume = read_image(image, series=series)
@@ -58,10 +60,10 @@ def segment(image, *, roi_subset=None, series=None, **_):
         names={i: labels.LABELS[i] for i in keep}, timings={}, peak_rss_bytes=None,
         peak_gpu_bytes=None, device="cpu", size="fake", precision="float32", confidence=None)
 
-fake = types.ModuleType("stuseg.pipeline")
+fake = types.ModuleType("stuseg.inference.pipeline")
 fake.segment = segment
 fake.keep_freed_memory = lambda device="cpu": False  # the malloc tuning the command opts into
-sys.modules["stuseg.pipeline"] = stuseg.pipeline = fake
+sys.modules["stuseg.inference.pipeline"] = stuseg.inference.pipeline = fake
 ready = os.environ.get("STUSEG_TEST_SLOW_WRITE")
 if ready:
     real_write = labelmaps.write_nifti
@@ -71,7 +73,7 @@ if ready:
         time.sleep(1.5)
     labelmaps.write_nifti = slow_write
 sys.argv = ["stuseg", *sys.argv[1:]]
-from stuseg.cli import main
+from stuseg.cli.app import main
 main()
 """
 
@@ -504,7 +506,7 @@ def test_a_full_disk_leaves_neither_masks_nor_a_multilabel_file(
     tmp_path: Path, ct: Path, monkeypatch, ml: bool
 ) -> None:
     """In-process, the writer made to fail: ENOSPC on the 31st of 40 encoded masks, or on the --ml file."""
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     header = nib.load(ct).header
     lab = np.asfortranarray(

@@ -3,7 +3,7 @@
 Each case runs in a fresh interpreter, since this test process has long imported torch. Two
 independent observations per case:
 
-- in-process: a ``python3 -c`` script runs the command through ``stuseg.cli.main`` with
+- in-process: a ``python3 -c`` script runs the command through ``stuseg.cli.app.main`` with
   ``sys.argv`` set, catches its SystemExit, and then reports which of torch and numba are in
   ``sys.modules`` (written to a file, so the command's own output stays apart);
 - the real entry point: ``python3 -X importtime -m stuseg ...``, whose import log on stderr
@@ -32,7 +32,7 @@ report, args = sys.argv[1], sys.argv[2:]
 code = 0
 if args != ["<import>"]:
     sys.argv = ["stuseg", *args]
-    from stuseg.cli import main
+    from stuseg.cli.app import main
     try:
         main()
     except SystemExit as exc:
@@ -162,21 +162,22 @@ def test_a_real_export_labels_run(multilabel: tuple[Path, np.ndarray], tmp_path:
 
 def test_both_checks_see_a_heavy_import(tmp_path: Path) -> None:
     """Negative control: the same observers report numba when stuseg's kernels are imported."""
-    probe = PROBE.replace("import stuseg\n", "import stuseg.kernels\n")
+    probe = PROBE.replace("import stuseg\n", "import stuseg.inference.kernels\n")
     assert probe != PROBE
     report = tmp_path / "heavy.json"
     subprocess.run(
         [sys.executable, "-c", probe, str(report), "<import>"], env=_env(), check=True, timeout=120
     )
     assert json.loads(report.read_text())["heavy"] == ["numba"]
-    names, proc = _import_log(["-c", "import stuseg.kernels"], tmp_path)
+    names, proc = _import_log(["-c", "import stuseg.inference.kernels"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert names & set(HEAVY) == {"numba"}
 
 
 def test_public_api_resolves_lazily() -> None:
     import stuseg
-    from stuseg import network, pipeline
+    from stuseg.inference import pipeline
+    from stuseg.model import network
 
     assert stuseg.segment is pipeline.segment
     assert stuseg.build_network is network.build_network
@@ -188,7 +189,7 @@ def test_public_api_resolves_lazily() -> None:
 
 def test_segmenter_is_public() -> None:
     import stuseg
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     assert stuseg.Segmenter is pipeline.Segmenter
 
@@ -197,11 +198,12 @@ def test_a_plain_import_reaches_the_api_and_its_submodules(tmp_path: Path) -> No
     """In a fresh interpreter, as the README's examples use it: ``import stuseg`` and nothing else."""
     script = """
 import stuseg
-from stuseg import io, pipeline
+from stuseg.images import io
+from stuseg.inference import pipeline
 run = stuseg.batch.run
 import stuseg.runs.local
 assert run is stuseg.runs.local.run
-assert stuseg.labels.LABELS[1] == "adrenal_gland_left"
+assert stuseg.structures.labels.LABELS[1] == "adrenal_gland_left"
 assert (stuseg.Volume, stuseg.read_image) == (io.Volume, io.read_image)
 assert stuseg.StusegWarning is io.StusegWarning
 assert stuseg.Segmentation is pipeline.Segmentation

@@ -1,4 +1,4 @@
-"""Input checks before the network runs (``stuseg.checks``): each bad input gives its one line, and
+"""Input checks before the network runs (``stuseg.images.checks``): each bad input gives its one line, and
 the real scans in tests/data give none, except the thick, small-field-of-view chest, which is
 built to be both and says so."""
 
@@ -14,11 +14,11 @@ import pytest
 from pydicom.uid import generate_uid
 from test_predict_cli import run_cli
 
-from stuseg.checks import check_slice_spacing
 from stuseg.errors import InputError
-from stuseg.io import dicom_series_files, read_image
-from stuseg.pipeline import _check_channels, prepare
-from stuseg.plan import PLAN, Normalization, Plan
+from stuseg.images.checks import check_slice_spacing
+from stuseg.images.io import dicom_series_files, read_image
+from stuseg.inference.pipeline import _check_channels, prepare
+from stuseg.model.plan import PLAN, Normalization, Plan
 
 DATA = Path(__file__).parent / "data"
 SERIES = DATA / "abdomen_ct_dicom_uids"

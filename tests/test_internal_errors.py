@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from fabricate import tiny_network
 
-from stuseg import batch, crash
+from stuseg import batch
+from stuseg.cli import crash
 from stuseg.errors import InputError
-from stuseg.pipeline import Segmenter
+from stuseg.inference.pipeline import Segmenter
 
 TESTS = Path(__file__).resolve().parent
 
@@ -30,7 +31,8 @@ BOOTSTRAP = """
 import sys
 sys.path.insert(0, {tests!r})
 from fabricate import tiny_network
-from stuseg import labelmaps, pipeline
+from stuseg.results import labelmaps
+from stuseg.inference import pipeline
 
 real_segment, real_write = pipeline.segment, labelmaps.write_nifti
 pipeline.segment = lambda *a, **k: real_segment(*a, **{{**k, "model": tiny_network(), "size": None}})
@@ -44,7 +46,7 @@ def buggy_write(img, path):
 
 labelmaps.write_nifti = buggy_write
 sys.argv = ["stuseg", *sys.argv[1:]]
-from stuseg.cli import main
+from stuseg.cli.app import main
 main()
 """
 

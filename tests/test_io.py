@@ -14,8 +14,8 @@ import pytest
 import SimpleITK as sitk
 
 from stuseg.errors import InputError
-from stuseg.io import SUPPORTED_INPUTS, StusegWarning, Volume, label_image, read_image
-from stuseg.labelmaps import write_nifti
+from stuseg.images.io import SUPPORTED_INPUTS, StusegWarning, Volume, label_image, read_image
+from stuseg.results.labelmaps import write_nifti
 
 DATA = Path(__file__).parent / "data"
 

@@ -11,9 +11,9 @@ import pytest
 from conftest import REFERENCE, REPO
 from typer.testing import CliRunner
 
-from stuseg import labels
 from stuseg.cli import app
 from stuseg.errors import LabelError
+from stuseg.structures import labels
 
 # The oracle: STU-Net's own label_orders.json and TotalSegmentator v1's class map, recorded with
 # their sources in tests/data/reference/ (never a copy of stuseg's table).

@@ -1,4 +1,4 @@
-"""Two runs into one output: the second is refused in one line before any work (stuseg.locks).
+"""Two runs into one output: the second is refused in one line before any work (stuseg.results.locks).
 
 Every run here is a real process: a holder (a Python process holding an output's lock, as a
 running predict or batch does), and ``stuseg predict`` / ``stuseg batch`` as the user types them.
@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from test_batch import run_cli, write_ct
 
-from stuseg import batch, locks
+from stuseg import batch
+from stuseg.results import locks
 
 HOLD = (
-    "import sys\nfrom stuseg import locks\n"
+    "import sys\nfrom stuseg.results import locks\n"
     "with locks.hold(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
 )
 
@@ -100,7 +101,7 @@ def test_a_python_batch_into_a_held_folder_raises_before_any_work(tmp_path: Path
 def _segmenter():
     from test_batch import Threshold
 
-    from stuseg.pipeline import Segmenter
+    from stuseg.inference.pipeline import Segmenter
 
     return Segmenter(model=Threshold.build(), device="cpu", step_size=1.0, fast=True)
 

@@ -20,8 +20,8 @@ from scipy import ndimage
 from test_predict_cli import run_cli
 
 from stuseg import Segmenter, segment
-from stuseg.network import Arch, build_network
-from stuseg.plan import PLAN
+from stuseg.model.network import Arch, build_network
+from stuseg.model.plan import PLAN
 
 S = (1, 1, 1)
 STRIDES = (S, (2, 2, 2), (2, 2, 2), (2, 2, 2), S, S)

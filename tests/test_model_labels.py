@@ -2,7 +2,7 @@
 statistics, preview, export-labels, colours, the pipeline's selection and the batch log.
 
 The expected names are written out here by hand from the rule documented in
-``stuseg.labels.file_name`` (e.g. "kidney/left" -> ``kidney_left``), not computed with it.
+``stuseg.structures.labels.file_name`` (e.g. "kidney/left" -> ``kidney_left``), not computed with it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stuseg import batch, labelmaps, labels, pipeline
+from stuseg import batch
 from stuseg.cli import app
 from stuseg.errors import InputError, LabelError
-from stuseg.io import Volume, label_image
-from stuseg.plan import PLAN, Plan
+from stuseg.images.io import Volume, label_image
+from stuseg.inference import pipeline
+from stuseg.model.plan import PLAN, Plan
+from stuseg.results import labelmaps
+from stuseg.structures import labels
 
 SHAPE = (24, 20, 16)
 RAW = {0: "background", 1: "Liver Tumour", 2: "kidney/left", 3: "GTVp"}

@@ -26,7 +26,7 @@ from nnunet_oracle import nnunet_v2_predict
 from scipy import ndimage
 
 from stuseg import segment
-from stuseg.network import Arch, build_network
+from stuseg.model.network import Arch, build_network
 
 DATA = Path(__file__).parent / "data"
 DIMS = (4, 8, 16, 32, 64, 64)

@@ -1,5 +1,5 @@
-"""Reading fine-tuned nnU-Net v1/v2 model folders (stuseg.modelfolder) and the model registry
-(stuseg.modelstore, ``stuseg import-model`` / ``stuseg models``). Folders are fabricated by
+"""Reading fine-tuned nnU-Net v1/v2 model folders (stuseg.weights.modelfolder) and the model registry
+(stuseg.weights.modelstore, ``stuseg import-model`` / ``stuseg models``). Folders are fabricated by
 tests/model_folders.py with tiny STU-Nets."""
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from model_folders import (
 )
 from typer.testing import CliRunner
 
-from stuseg import checkpoints, modelfolder, modelstore
 from stuseg.cli import app
 from stuseg.errors import InputError, WeightsError
-from stuseg.modelfolder import Fold, load_fold, read_model_folder
-from stuseg.network import SIZES, Arch
-from stuseg.plan import PLAN, Normalization, Plan
+from stuseg.model.network import SIZES, Arch
+from stuseg.model.plan import PLAN, Normalization, Plan
+from stuseg.weights import checkpoints, modelfolder, modelstore
+from stuseg.weights.modelfolder import Fold, load_fold, read_model_folder
 
 ARCH = tiny_arch(3)  # background, liver, tumour
 
@@ -550,7 +550,7 @@ def test_a_fold_is_converted_once(tmp_path: Path, state: dict, monkeypatch: pyte
 
 
 def test_a_damaged_cache_is_converted_again(tmp_path: Path, state: dict) -> None:
-    from stuseg.io import StusegWarning
+    from stuseg.images.io import StusegWarning
 
     model = read_model_folder(write_v2_folder(tmp_path, state))
     fold = model.folds[0]
@@ -594,7 +594,7 @@ def test_import_list_resolve_and_load(tmp_path: Path, state: dict) -> None:
         ("CT",),
         ("1",),
     )
-    from stuseg.weights import sha256_file
+    from stuseg.weights.cache import sha256_file
 
     assert row.source_sha256 == (sha256_file(folder / "fold_1" / "checkpoint_final.pth"),)
     assert modelstore.resolve_model(str(folder)) == source

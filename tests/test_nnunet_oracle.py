@@ -24,7 +24,7 @@ from nnunet_oracle import (
 )
 from torch import nn
 
-from stuseg.network import Arch, STUNet
+from stuseg.model.network import Arch, STUNet
 
 # The input: 40 x 48 x 56 voxels (NIfTI x, y, z) at 1.5 x 1.5 x 3 mm; nnU-Net sees it as (z, y, x).
 SHAPE_XYZ = (40, 48, 56)

@@ -1,4 +1,4 @@
-"""stuseg.outputs: output checks before any work, staged folders and files, the ownership marker."""
+"""stuseg.results.outputs: output checks before any work, staged folders and files, the ownership marker."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stuseg import outputs
 from stuseg.errors import OutputError
-from stuseg.outputs import MARKER, check_output, clean_leftovers, staged_files, staged_folder
+from stuseg.results import outputs
+from stuseg.results.outputs import MARKER, check_output, clean_leftovers, staged_files, staged_folder
 
 
 def _dead_pid() -> int:

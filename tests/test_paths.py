@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from stuseg import paths
-from stuseg.labelmaps import companion_paths
-from stuseg.results import Layout
+from stuseg.images import paths
+from stuseg.results.labelmaps import companion_paths
+from stuseg.results.write import Layout
 
 
 @pytest.mark.parametrize(

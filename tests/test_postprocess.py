@@ -7,8 +7,14 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from stuseg.postprocess import ProbabilityExport, linear_map, nearest_map, resample_labels, slab_labels
-from stuseg.predict import Slab
+from stuseg.inference.postprocess import (
+    ProbabilityExport,
+    linear_map,
+    nearest_map,
+    resample_labels,
+    slab_labels,
+)
+from stuseg.inference.predict import Slab
 
 CASES = [
     ((7, 9, 11), (13, 20, 17), None),  # upsampling, non-integer ratios
@@ -179,7 +185,7 @@ def test_kernels_work_where_no_cache_folder_is_writable() -> None:
         "import numba.core.caching as caching\n"
         "caching.CacheImpl._locator_classes = []  # as on a read-only install without a home folder\n"
         "import numpy as np\n"
-        "from stuseg.postprocess import resample_labels\n"
+        "from stuseg.inference.postprocess import resample_labels\n"
         "lab = np.zeros((4, 5, 6), np.uint8); lab[2:, :, 3:] = 7\n"
         "print(resample_labels(lab, (8, 10, 12), None)[7, 9, 11])\n"
     )

@@ -27,12 +27,13 @@ import pytest
 import torch
 from model_folders import write_v2_folder
 
-from stuseg import batch, precision
+from stuseg import batch
 from stuseg.errors import InputError
-from stuseg.head import ClassProbabilities
-from stuseg.network import Arch, build_network
-from stuseg.outputs import MARKER
-from stuseg.pipeline import Segmenter, segment
+from stuseg.inference.pipeline import Segmenter, segment
+from stuseg.model import precision
+from stuseg.model.head import ClassProbabilities
+from stuseg.model.network import Arch, build_network
+from stuseg.results.outputs import MARKER
 
 NO_BF16 = "this CPU has no native bfloat16 (AMX-BF16, AVX512_BF16 or Arm BF16); bfloat16 would be emulated"
 needs_bf16 = pytest.mark.skipif(precision.native_bfloat16() is None, reason=NO_BF16)
@@ -41,7 +42,7 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
 def test_auto_is_float16_on_cuda_and_float32_on_the_cpu_and_mps() -> None:
     assert precision.resolve("auto", CUDA) == "float16"
-    assert precision.resolve("AUTO", CPU) == "float32"  # whatever the CPU: see stuseg.precision
+    assert precision.resolve("AUTO", CPU) == "float32"  # whatever the CPU: see stuseg.model.precision
     assert precision.resolve("auto", MPS) == "float32"
     assert precision.resolve("bfloat16", CPU) == "bfloat16"
     assert precision.resolve("float32", CUDA) == "float32"
@@ -124,7 +125,7 @@ def _volume(tmp_path: Path, shape: tuple[int, int, int] = (20, 22, 18)) -> Path:
 def test_the_network_runs_in_the_type_asked_for(tmp_path: Path, asked: str, dtype: torch.dtype) -> None:
     import dataclasses
 
-    from stuseg.plan import PLAN
+    from stuseg.model.plan import PLAN
 
     probe = ConvProbe()
     plan = dataclasses.replace(PLAN, num_classes=3)

@@ -14,10 +14,10 @@ import pytest
 from fabricate import shaped_state_dict, small_checkpoint, write_checkpoint
 from typer.testing import CliRunner
 
-from stuseg import labels
 from stuseg.cli import app
-from stuseg.io import read_image
-from stuseg.outputs import MARKER
+from stuseg.images.io import read_image
+from stuseg.results.outputs import MARKER
+from stuseg.structures import labels
 
 DATA = Path(__file__).parent / "data"
 
@@ -201,7 +201,7 @@ def test_weights_of_another_size(tmp_path: Path, make_nifti, base_shaped_model: 
 
 
 def test_weights_of_another_architecture(tmp_path: Path, make_nifti) -> None:
-    from stuseg.network import Arch
+    from stuseg.model.network import Arch
 
     odd = write_checkpoint(tmp_path / "other.model", shaped_state_dict(Arch(dims=(8,) * 6, depths=(1,) * 6)))
     _fails([str(make_nifti()), str(tmp_path / "out"), "--weights", str(odd)], "STU-Net", tmp_path / "out")
@@ -229,7 +229,8 @@ def test_non_ct_warning_is_printed(tmp_path: Path, small_model: Path, make_nifti
 
 def test_a_failed_write_leaves_no_output_folder(tmp_path: Path, make_nifti, monkeypatch) -> None:
     """Disk full after 4 masks: no output folder, no staging folder, exit 1 with one line."""
-    from stuseg import labelmaps, pipeline
+    from stuseg.inference import pipeline
+    from stuseg.results import labelmaps
 
     calls = {"n": 0}
     real_write = labelmaps.write_nifti
@@ -257,7 +258,8 @@ def test_a_failed_write_leaves_no_output_folder(tmp_path: Path, make_nifti, monk
 
 
 def test_masks_of_absent_structures_share_one_encoding(make_nifti, tmp_path: Path) -> None:
-    from stuseg import labelmaps, pipeline
+    from stuseg.inference import pipeline
+    from stuseg.results import labelmaps
 
     src = make_nifti()
     seg = pipeline.segment(src, model=_uniform_model(), device="cpu")

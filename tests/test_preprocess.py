@@ -12,8 +12,7 @@ import scipy.ndimage as ndi
 import scipy.stats
 
 from stuseg.errors import InputError
-from stuseg.plan import PLAN
-from stuseg.preprocess import (
+from stuseg.inference.preprocess import (
     nearest_indices,
     nonzero_bbox,
     preprocess,
@@ -24,6 +23,7 @@ from stuseg.preprocess import (
     to_model_order,
     zscore,
 )
+from stuseg.model.plan import PLAN
 
 TARGET = (1.5, 1.5, 1.5)
 

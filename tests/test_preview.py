@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from stuseg import preview, statistics
+from stuseg.analysis import preview, statistics
 from stuseg.cli import app
-from stuseg.labelmaps import label_colors
+from stuseg.results.labelmaps import label_colors
 
 DATA = Path(__file__).parent / "data"
 TS = DATA / "totalseg_results"

@@ -20,7 +20,7 @@ import stuseg
 PACKAGE = Path(stuseg.__file__).parent
 # Entry points: the command line's app, not a library API.
 COMMAND_MODULES = {
-    "stuseg.cli": ["app", "main"],
+    "stuseg.cli.app": ["app", "main"],
     "stuseg.finetune.cli": ["app"],
     "stuseg.finetune.worker": ["main"],
 }
@@ -43,9 +43,13 @@ def _defined(name: str) -> set[str]:
 
 
 def test_the_walk_finds_the_modules() -> None:
-    assert {"stuseg.colors", "stuseg.labels", "stuseg.pipeline", "stuseg.cli", "stuseg.finetune.run"} <= set(
-        MODULES
-    )
+    assert {
+        "stuseg.structures.colors",
+        "stuseg.structures.labels",
+        "stuseg.inference.pipeline",
+        "stuseg.cli.app",
+        "stuseg.finetune.run",
+    } <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

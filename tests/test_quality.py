@@ -12,9 +12,9 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from stuseg import labels as lbl
-from stuseg import quality, statistics
+from stuseg.analysis import quality, statistics
 from stuseg.cli import app
+from stuseg.structures import labels as lbl
 
 DATA = Path(__file__).parent / "data"
 TS = DATA / "totalseg_results"
@@ -236,7 +236,7 @@ def write_crafted(tmp_path: Path) -> tuple[Path, Path]:
     labels[4:14, 15:19, 2:8] = liver  # 240 voxels
     labels[30:34, 16:19, 10:14] = liver  # 48 voxels
     names = {v: lbl.STRUCTURES[v - 1] for v in np.unique(labels)[1:]}
-    from stuseg import labelmaps
+    from stuseg.results import labelmaps
 
     seg = tmp_path / "seg.nii.gz"
     labelmaps.save_multilabel(labels, image.header, seg, names)
@@ -267,7 +267,7 @@ def test_the_quality_line_names_at_most_six_findings() -> None:
         names[n] = f"rib_left_{n}"
         labels[n * 3, 2:4, 2:4] = n
         labels[n * 3 + 30, 2:4, 2:4] = n
-    from stuseg.cli import quality_line
+    from stuseg.cli.app import quality_line
 
     line = quality_line(statistics.compute(labels, np.eye(4), np.zeros(labels.shape), names))
     assert line is not None
@@ -282,8 +282,8 @@ def test_predict_with_statistics_prints_the_quality_line_only_when_flagged(
 ) -> None:
     """The network is replaced by a fixed label map: the crafted one, or its kidneys the right way
     round and its liver in one piece."""
-    from stuseg import pipeline
-    from stuseg.io import label_image
+    from stuseg.images.io import label_image
+    from stuseg.inference import pipeline
 
     seg_path, _ = write_crafted(tmp_path)
     made = np.asanyarray(nib.load(seg_path).dataobj)
@@ -311,7 +311,7 @@ def test_predict_with_statistics_prints_the_quality_line_only_when_flagged(
 
 
 def test_remove_small_blobs_drops_the_pieces_below_the_volume_in_mm3() -> None:
-    from stuseg.quality import remove_small_blobs
+    from stuseg.analysis.quality import remove_small_blobs
 
     labels = np.zeros((20, 20, 20), np.uint8)
     labels[2:8, 2:8, 2:8] = 1  # 216 voxels: kept

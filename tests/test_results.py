@@ -1,4 +1,4 @@
-"""One result on disk (stuseg.results), written alike by predict and batch; resume across entry
+"""One result on disk (stuseg.results.write), written alike by predict and batch; resume across entry
 points; outputs added on resume; the cohort tables; gzip headers; stuseg documents of one kind.
 
 The network is either the real small architecture with fabricated weights (CLI tests, as in
@@ -20,15 +20,17 @@ import pytest
 from test_batch import DICOM_UIDS, Threshold, run_cli, write_ct
 from test_dicomseg import dciodvfy_errors
 
-from stuseg import batch, results, statistics
+from stuseg import batch
+from stuseg.analysis import statistics
 from stuseg.cli import app  # noqa: F401  (the CLI module must import with the results module)
-from stuseg.labelmaps import save_multilabel
-from stuseg.outputs import MARKER
+from stuseg.results import write as results
+from stuseg.results.labelmaps import save_multilabel
+from stuseg.results.outputs import MARKER
 
 
 @pytest.fixture
 def segmenter():
-    from stuseg.pipeline import Segmenter
+    from stuseg.inference.pipeline import Segmenter
 
     return Segmenter(model=Threshold.build(), device="cpu", step_size=1.0, fast=True)
 
@@ -191,7 +193,7 @@ COMMON = ("--step-size", "1.0", "--device", "cpu")
 
 @pytest.mark.slow
 def test_python_batch_resumes_from_the_cli_and_the_reverse(tmp_path: Path, small_model: Path) -> None:
-    from stuseg.pipeline import Segmenter
+    from stuseg.inference.pipeline import Segmenter
 
     write_ct(tmp_path / "in" / "a.nii.gz", shape=(40, 36, 32), seed=1)
     cases = batch.discover([tmp_path / "in"]).cases

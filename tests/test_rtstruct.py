@@ -28,10 +28,11 @@ from matplotlib.path import Path as PolygonPath
 from test_dicomseg import SUBSET, _fake_segment, ts_on_series_grid
 from typer.testing import CliRunner
 
-from stuseg import dicomseg, labels, rtstruct
 from stuseg.cli import app
 from stuseg.errors import OutputError
-from stuseg.io import StusegWarning, label_image, read_image
+from stuseg.images.io import StusegWarning, label_image, read_image
+from stuseg.results import dicomseg, rtstruct
+from stuseg.structures import labels
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -388,7 +389,7 @@ def test_rtstruct_path_for() -> None:
 
 @pytest.mark.slow  # about 6 s on 2 cores
 def test_cli_writes_masks_seg_and_rtstruct_together(tmp_path: Path, monkeypatch, ts_labels, sources) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", _fake_segment(ts_labels))
     out = tmp_path / "out"
@@ -408,7 +409,7 @@ def test_cli_writes_masks_seg_and_rtstruct_together(tmp_path: Path, monkeypatch,
 
 
 def test_cli_ml_rtstruct_colours_are_the_viewer_tables(tmp_path: Path, monkeypatch, ts_labels) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", _fake_segment(ts_labels))
     out = tmp_path / "case.nii.gz"
@@ -429,7 +430,7 @@ def test_cli_ml_rtstruct_colours_are_the_viewer_tables(tmp_path: Path, monkeypat
 
 
 def test_cli_rtstruct_alone(tmp_path: Path, monkeypatch, ts_labels) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", _fake_segment(ts_labels))
     out = tmp_path / "out"
@@ -440,7 +441,7 @@ def test_cli_rtstruct_alone(tmp_path: Path, monkeypatch, ts_labels) -> None:
 
 
 def test_cli_a_failing_rtstruct_leaves_nothing(tmp_path: Path, monkeypatch, ts_labels) -> None:
-    from stuseg import pipeline
+    from stuseg.inference import pipeline
 
     monkeypatch.setattr(pipeline, "segment", _fake_segment(ts_labels))
 
@@ -562,7 +563,7 @@ def test_real_run_rtstruct_equals_its_nifti_masks(tmp_path_factory: pytest.TempP
 def test_cli_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = (
-        "import sys; sys.modules['pydicom'] = None; from stuseg.cli import main; "
+        "import sys; sys.modules['pydicom'] = None; from stuseg.cli.app import main; "
         f"sys.argv = ['stuseg', 'predict', {str(SERIES)!r}, {str(out)!r}, '--output-type', 'rtstruct']; "
         "main()"
     )
@@ -586,8 +587,9 @@ def test_batch_writes_an_rtstruct_per_dicom_case(tmp_path: Path, sources) -> Non
     masks, and its record says why it has no RTSTRUCT (as for a DICOM-SEG)."""
     from test_batch import Threshold, write_ct
 
-    from stuseg import batch, results
-    from stuseg.pipeline import Segmenter
+    from stuseg import batch
+    from stuseg.inference.pipeline import Segmenter
+    from stuseg.results import write as results
 
     shutil.copytree(SERIES, tmp_path / "in" / "series")
     write_ct(tmp_path / "in" / "a.nii.gz", shape=(30, 28, 26), seed=1)

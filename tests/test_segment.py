@@ -11,8 +11,8 @@ import pytest
 import reference_pipeline
 from fabricate import oracle_for, tiny_network
 
-from stuseg.io import read_image
-from stuseg.pipeline import segment
+from stuseg.images.io import read_image
+from stuseg.inference.pipeline import segment
 
 
 def label_phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -13,8 +13,8 @@ import pytest
 from conftest import DATA
 from fabricate import tiny_network
 
-from stuseg.io import read_image
-from stuseg.pipeline import segment
+from stuseg.images.io import read_image
+from stuseg.inference.pipeline import segment
 
 
 def _rotation(degrees: float) -> np.ndarray:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from fabricate import tiny_network
 
-from stuseg import memory, pipeline
-from stuseg.io import read_image
-from stuseg.pipeline import Segmenter, segment
-from stuseg.weights import LoadedWeights
+from stuseg.images.io import read_image
+from stuseg.inference import memory, pipeline
+from stuseg.inference.pipeline import Segmenter, segment
+from stuseg.weights.cache import LoadedWeights
 
 # Anisotropic voxels, so that the image is resampled on the way in and back out.
 ZOOMS = (1.1, 0.9, 2.0)
@@ -170,7 +170,8 @@ def test_nested_and_concurrent_calls_share_one_tuning(monkeypatch: pytest.Monkey
 
 _FREE_THEN_TRIM = """
 import numpy as np
-from stuseg import memory, pipeline
+from stuseg.inference import memory
+from stuseg.inference import pipeline
 
 def returned(voxels):
     block = np.ones(256 * 2**20, np.uint8)  # touched; from the heap, as mmap is off

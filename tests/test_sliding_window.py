@@ -11,8 +11,7 @@ import scipy.ndimage as ndi
 import torch
 from reference_pipeline import tile_starts_formula as reference_starts
 
-from stuseg.head import ClassProbabilities, softmax_last_
-from stuseg.predict import (
+from stuseg.inference.predict import (
     MIRROR_FLIPS,
     Mirrored,
     PatchPredictor,
@@ -21,6 +20,7 @@ from stuseg.predict import (
     sliding_window,
     tile_starts,
 )
+from stuseg.model.head import ClassProbabilities, softmax_last_
 
 
 def predict_scores(x: torch.Tensor, fn, num_classes: int, patch=(128, 128, 128), step=0.5, batch_size=1):
@@ -228,7 +228,7 @@ def test_class_probabilities_of_a_plain_module_is_the_softmax_classes_last() -> 
 
 def test_class_probabilities_of_stunet_match_its_forward() -> None:
     """The head applied as a matrix product on channels-last features equals the 1x1 conv."""
-    from stuseg.network import Arch, build_network
+    from stuseg.model.network import Arch, build_network
 
     torch.manual_seed(0)
     net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6, num_classes=7))
@@ -244,7 +244,7 @@ def test_accumulating_in_place_equals_materialising_each_tile() -> None:
     """The CPU path that adds probability chunks straight into the buffers, with the division by
     the softmax sum folded into the tile weight and one fused multiply-add, changes only the last
     float32 bits."""
-    from stuseg.network import Arch, build_network
+    from stuseg.model.network import Arch, build_network
 
     torch.manual_seed(1)
     net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6, num_classes=9))
@@ -289,11 +289,11 @@ def test_a_predictor_that_accumulates_is_asked_to_for_every_tile() -> None:
 def test_softmax_without_the_private_kernel_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The public fallback (where torch lacks aten._softmax.out) equals the in-place kernel bit for
     bit, and both equal a float64 softmax computed by hand to float32 precision."""
-    import stuseg.head
+    import stuseg.model.head
 
     logits = torch.randn(3, 5, 7, 105) * 8
     private = softmax_last_(logits.clone())
-    monkeypatch.setattr(stuseg.head, "_private_softmax_out", lambda: None)
+    monkeypatch.setattr(stuseg.model.head, "_private_softmax_out", lambda: None)
     public = softmax_last_(logits.clone())
     torch.testing.assert_close(public, private, rtol=0, atol=0)
     z = logits.double() - logits.double().amax(-1, keepdim=True)

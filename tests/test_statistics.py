@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stuseg import labelmaps, statistics
+from stuseg.analysis import statistics
 from stuseg.cli import app
 from stuseg.errors import InputError, LabelError
+from stuseg.results import labelmaps
 
 DATA = Path(__file__).parent / "data"
 TS = DATA / "totalseg_results"
@@ -39,7 +40,7 @@ def oblique_lps_affine(spacing: tuple[float, float, float]) -> np.ndarray:
 
 
 def oracle(mask: np.ndarray, ct: np.ndarray, affine: np.ndarray) -> dict[str, object]:
-    """A straightforward per-mask computation, written independently of stuseg.statistics."""
+    """A straightforward per-mask computation, written independently of stuseg.analysis.statistics."""
     n = int(mask.sum())
     out: dict[str, object] = {"voxels": n, "volume_ml": n * abs(np.linalg.det(affine[:3, :3])) / 1000}
     if n == 0:
@@ -402,9 +403,9 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_predict_with_statistics_and_preview_in_a_folder(tmp_path: Path, make_nifti, monkeypatch) -> None:
     """The wiring of the two flags; the network is replaced by a fixed segmentation (the real
     network runs in the subprocess test below)."""
-    from stuseg import labels as lbl
-    from stuseg import pipeline
-    from stuseg.io import Volume, label_image
+    from stuseg.images.io import Volume, label_image
+    from stuseg.inference import pipeline
+    from stuseg.structures import labels as lbl
 
     ct = make_nifti(shape=(40, 36, 30), affine=np.diag([-1.2, -1.2, 2.0, 1.0]))
     made = blobby_labels((40, 36, 30), 6, seed=4)
@@ -457,8 +458,8 @@ def test_predict_ml_with_statistics_in_a_subprocess(tmp_path: Path, small_model:
 
 def test_stusegs_own_results_keep_model_indices(tmp_path: Path, make_nifti) -> None:
     """A stuseg multilabel file and a stuseg mask folder give records labelled by model index."""
-    from stuseg import labels as lbl
-    from stuseg.io import label_image
+    from stuseg.images.io import label_image
+    from stuseg.structures import labels as lbl
 
     ct = make_nifti(shape=(20, 18, 16))
     header = nib.load(ct).header
@@ -483,8 +484,8 @@ def test_stusegs_own_results_keep_model_indices(tmp_path: Path, make_nifti) -> N
 
 def test_of_segmentation_for_seg_statistics(make_nifti) -> None:
     """What ``Segmentation.statistics(ct)`` delegates to: a path, a Volume or an array."""
-    from stuseg import pipeline
-    from stuseg.io import label_image, read_image
+    from stuseg.images.io import label_image, read_image
+    from stuseg.inference import pipeline
 
     ct = make_nifti(shape=(16, 14, 12), affine=np.diag([-1.5, -1.5, 2.5, 1.0]))
     volume = read_image(ct)

@@ -22,9 +22,9 @@ from conftest import DATA, make_ct_array
 from fabricate import oracle_for, small_checkpoint, tiny_network
 from test_predict_cli import assert_same_grid
 
-from stuseg import labels
-from stuseg.outputs import MARKER
-from stuseg.pipeline import segment
+from stuseg.inference.pipeline import segment
+from stuseg.results.outputs import MARKER
+from stuseg.structures import labels
 
 THICK_CT = DATA / "chest_ct_5mm_small_fov.nii.gz"
 
@@ -108,8 +108,9 @@ def test_command_line_normal_mode_on_the_real_thick_slice_ct(tmp_path: Path, tmp
 @pytest.mark.slow  # two tiles of a real STU-Net architecture, twice
 def test_a_batch_writes_the_same_masks_as_one_segment_call(tmp_path: Path) -> None:
     """The batch's staged path (prepare, infer, finish in three threads) on the thick-slice CT."""
-    from stuseg import batch, labelmaps
-    from stuseg.pipeline import Segmenter
+    from stuseg import batch
+    from stuseg.inference.pipeline import Segmenter
+    from stuseg.results import labelmaps
 
     segmenter = Segmenter(model=tiny_network(seed=2), device="cpu")
     out = tmp_path / "results"

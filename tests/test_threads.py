@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stuseg import threads
 from stuseg.errors import InputError
+from stuseg.inference import threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_limit_threads_restores_torch_and_numba() -> None:
     import numba
     import torch
 
-    import stuseg.kernels  # noqa: F401  numba is imported with the kernels
+    import stuseg.inference.kernels  # noqa: F401  numba is imported with the kernels
 
     torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
     with threads.limit_threads(1):
@@ -115,7 +115,7 @@ def test_limit_threads_restores_torch_and_numba() -> None:
 
 
 def test_cubic_resampling_uses_available_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    import stuseg.preprocess as pre
+    import stuseg.inference.preprocess as pre
 
     sizes = []
     real = pre.ThreadPoolExecutor
@@ -150,8 +150,8 @@ def test_short_spinning_fills_in_only_what_the_user_left_unset() -> None:
 
 def test_the_command_line_process_limits_spinning() -> None:
     """``python -m stuseg`` sets the spin count before torch loads; a user's own choice is kept."""
-    code = "import os, sys; from stuseg import cli; sys.argv = ['stuseg', '--version']\n"
-    code += "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+    code = "import os, sys; from stuseg.cli import main; sys.argv = ['stuseg', '--version']\n"
+    code += "try:\n    main()\nexcept SystemExit:\n    pass\n"
     code += "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     cases = (
@@ -175,9 +175,9 @@ def test_pipeline_works_where_the_resource_module_does_not_exist(tmp_path: Path)
 import sys
 sys.modules["resource"] = None  # any 'import resource' now raises ImportError
 import numpy as np, torch
-from stuseg.io import Volume, nifti_header_for
-from stuseg.network import Arch, build_network
-from stuseg.pipeline import peak_rss_bytes, segment
+from stuseg.images.io import Volume, nifti_header_for
+from stuseg.model.network import Arch, build_network
+from stuseg.inference.pipeline import peak_rss_bytes, segment
 assert peak_rss_bytes() is None
 torch.manual_seed(0)
 net = build_network(Arch(dims=(4, 4, 8, 8, 8, 8), depths=(1,) * 6))

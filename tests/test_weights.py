@@ -25,10 +25,12 @@ from fabricate import (
 )
 from typer.testing import CliRunner
 
-from stuseg import checkpoints, manifest, network, weights
 from stuseg.cli import app
 from stuseg.errors import WeightsError
-from stuseg.network import SIZES, Arch, build_network
+from stuseg.model import network
+from stuseg.model.network import SIZES, Arch, build_network
+from stuseg.weights import cache as weights
+from stuseg.weights import checkpoints, manifest
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +115,7 @@ def test_manifest_is_a_real_file_in_the_package_and_the_top_level_copy_is_identi
 
 
 def test_plan_facts_are_not_in_the_manifest(tmp_path: Path) -> None:
-    # They live in stuseg/plan.py only; an old (schema 1) manifest that still carries them is refused.
+    # They live in stuseg/model/plan.py only; an old (schema 1) manifest that still carries them is refused.
     raw = json.loads(manifest.default_manifest_path().read_text())
     for entry in raw["models"].values():
         assert not {"target_spacing", "patch_size", "normalization", "num_classes"} & set(entry)

@@ -24,8 +24,8 @@ from fabricate import shaped_state_dict, write_checkpoint
 from hub import FakeHub
 from typer.testing import CliRunner
 
-from stuseg import weights
 from stuseg.cli import app
+from stuseg.weights import cache as weights
 
 REPO = Path(__file__).resolve().parents[1]
 CT_AS_WEIGHTS = Path(__file__).parent / "data" / "abdomen_ct_3mm.nii.gz"
@@ -248,7 +248,7 @@ def hub_manifest(hub: FakeHub, data: bytes, folder: Path) -> Path:
     """A manifest whose small entry is ``data`` on the loopback hub, pinned to a commit."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     served = hub.add("test-org/STU-Net", "small_ep4k.model", data, commit)
-    raw = json.loads((REPO / "stuseg" / "weights_manifest.json").read_text())
+    raw = json.loads((REPO / "stuseg" / "weights" / "weights_manifest.json").read_text())
     entry = raw["models"]["small"]
     entry.update(repo="test-org/STU-Net", revision=commit, size_bytes=len(data), sha256=served.sha256)
     raw["models"] = {"small": entry}
@@ -258,7 +258,7 @@ def hub_manifest(hub: FakeHub, data: bytes, folder: Path) -> Path:
 
 
 LOAD = (
-    "import sys, warnings; warnings.simplefilter('always'); from stuseg.weights import load_weights; "
+    "import sys, warnings; warnings.simplefilter('always'); from stuseg.weights.cache import load_weights; "
     "w = load_weights('small', manifest=sys.argv[1]); print(w.size, w.verified_by)"
 )
 

@@ -16,8 +16,8 @@ Sources (SRC), one of:
   name without its suffix). Relative paths are relative to the CSV's folder; other columns are
   ignored.
 
-Images may be NIfTI, NRRD, MetaImage or DICOM folders (read by ``stuseg.io.read_image``); label
-maps NIfTI, NRRD or MetaImage (``stuseg.io.read_label_map``). A folder holding the marks of two
+Images may be NIfTI, NRRD, MetaImage or DICOM folders (read by ``stuseg.images.io.read_image``); label
+maps NIfTI, NRRD or MetaImage (``stuseg.images.io.read_label_map``). A folder holding the marks of two
 layouts is refused rather than guessed at; so are files that pair with nothing.
 
 Label table: names in order (values 1, 2, ...), or a mapping in either direction
@@ -29,14 +29,14 @@ are uint8 in stuseg).
 Every case is checked (readable files, every channel and the label map on one grid, whole-number
 label values that the table names, some foreground) and every problem is collected: one
 :class:`DatasetError` lists them all, one line each, and then nothing is written. The output
-folder appears whole or not at all (``stuseg.outputs``):
+folder appears whole or not at all (``stuseg.results.outputs``):
 
     OUTPUT/imagesTr/<case>_0000.nii.gz   one file per channel, the input's grid bit for bit
     OUTPUT/labelsTr/<case>.nii.gz        uint8, on the same grid
     OUTPUT/dataset.json                  channel_names, labels, numTraining, file_ending, name
 
 Images keep their values: int16 where every voxel is a whole number in its range (CT almost
-always), else float32. Case ids are the names made safe with ``stuseg.labels.file_name`` and must
+always), else float32. Case ids are the names made safe with ``stuseg.structures.labels.file_name`` and must
 be unique regardless of letter case.
 
 nnU-Net's own tools look a raw dataset up as ``$nnUNet_raw/DatasetXXX_Name``; OUTPUT may be any
@@ -57,12 +57,12 @@ from pathlib import Path
 import numpy as np
 
 from stuseg.errors import InputError, LabelError
-from stuseg.geometry import same_grid
-from stuseg.io import Volume, image_on_grid, label_image, read_image, read_label_map
-from stuseg.labelmaps import write_nifti
-from stuseg.labels import file_name
-from stuseg.outputs import check_output, staged_folder
-from stuseg.paths import IMAGE_SUFFIXES, channel_of, image_suffix, stem
+from stuseg.images.geometry import same_grid
+from stuseg.images.io import Volume, image_on_grid, label_image, read_image, read_label_map
+from stuseg.images.paths import IMAGE_SUFFIXES, channel_of, image_suffix, stem
+from stuseg.results.labelmaps import write_nifti
+from stuseg.results.outputs import check_output, staged_folder
+from stuseg.structures.labels import file_name
 
 __all__ = [
     "FILE_ENDING",
@@ -274,7 +274,7 @@ def labels_from_option(text: str) -> dict[int, str]:
 
 
 def case_id(raw: str) -> str:
-    """A case id made safe as a file name (the rule of ``stuseg.labels.file_name``)."""
+    """A case id made safe as a file name (the rule of ``stuseg.structures.labels.file_name``)."""
     return file_name(raw)
 
 

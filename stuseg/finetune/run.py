@@ -273,7 +273,9 @@ def patch_plans(plans: Mapping[str, Any], normalization: str = "zscore") -> tupl
         if before != after:
             changes[key] = {"before": before, "after": after}
 
-    from stuseg.modelfolder import stunet_strides  # the one cut-or-pad rule, shared with reading folders
+    from stuseg.weights.modelfolder import (
+        stunet_strides,  # the one cut-or-pad rule, shared with reading folders
+    )
 
     new_strides = [[1, 1, 1], *(list(s) for s in stunet_strides(strides[1:], f"the {CONFIGURATION} plan"))]
     change("strides", strides, new_strides)
@@ -432,7 +434,7 @@ def _pretrained(settings: TrainSettings) -> TrainSettings:
     """The settings with the pretrained weights file checked (and found in the cache if not given)."""
     from dataclasses import replace
 
-    from stuseg.weights import load_weights
+    from stuseg.weights.cache import load_weights
 
     if settings.from_scratch:
         return settings
@@ -578,7 +580,7 @@ def train(
 
 def worker_environment(run: Path, device: str) -> dict[str, str]:
     """The child's environment: the run's nnU-Net folders, and modest parallelism on the CPU."""
-    from stuseg.threads import limit_spin_waiting
+    from stuseg.inference.threads import limit_spin_waiting
 
     env = dict(os.environ)
     run = run.resolve()
@@ -587,7 +589,7 @@ def worker_environment(run: Path, device: str) -> dict[str, str]:
     env["nnUNet_results"] = str(run / "nnUNet_results")
     env["PYTHONUNBUFFERED"] = "1"  # each nnU-Net line as it is printed
     # A process that exists to run stuseg: short OpenMP spins, as the command line sets for itself
-    # (stuseg.threads), also when the driver is called as a library.
+    # (stuseg.inference.threads), also when the driver is called as a library.
     limit_spin_waiting(env)
     # The child imports the very stuseg this process runs (an unpacked or editable copy included).
     root = str(Path(__file__).resolve().parents[2])

@@ -8,7 +8,7 @@ extension points (subclassing, ``build_network_architecture``) and change nothin
 
 What they change from ``nnUNetTrainer``:
 
-- the network is ``stuseg.network.STUNet`` of the class's ``size``, with the plan's strides
+- the network is ``stuseg.model.network.STUNet`` of the class's ``size``, with the plan's strides
   (``pool_op_kernel_sizes`` without its first entry, cut or padded with [1, 1, 1] to 5) and
   3x3x3 kernels whatever the plan says, as the authors' trainers build it;
 - deep supervision is STU-Net's flag, with one loss scale per STU-Net decoder level;
@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stuseg.errors import WeightsError
 from stuseg.finetune.weights import WeightsReport, load_pretrained
-from stuseg.modelfolder import stunet_strides
-from stuseg.network import SIZES, Arch, Stride, STUNet, canonical_size
+from stuseg.model.network import SIZES, Arch, Stride, STUNet, canonical_size
+from stuseg.weights.modelfolder import stunet_strides
 
 __all__ = [
     "STUNetTrainer",

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stuseg.checkpoints import load_container, read_checkpoint, sniff, strip_wrappers
 from stuseg.errors import WeightsError
-from stuseg.network import SIZES
-from stuseg.weights import sha256_file
+from stuseg.model.network import SIZES
+from stuseg.weights.cache import sha256_file
+from stuseg.weights.checkpoints import load_container, read_checkpoint, sniff, strip_wrappers
 
 if TYPE_CHECKING:
     import torch
 
-    from stuseg.network import STUNet
+    from stuseg.model.network import STUNet
 
 __all__ = ["HEADS", "IMAGE_CONVS", "WeightsReport", "load_pretrained", "read_network_tensors"]
 

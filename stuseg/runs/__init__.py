@@ -3,8 +3,8 @@
 One job per module, lower ones never importing higher ones: ``folder`` (the batch folder's own
 file names), ``cases`` (discovery), ``runlog`` (the typed run log), ``resume`` (what a result
 depends on, what is done), ``process`` (one case), ``local`` (one machine, stages overlapped),
-``signals`` (Ctrl-C and SIGTERM). ``stuseg.batch`` re-exports their public names;
-``stuseg.batch_ray`` runs the cases on a Ray cluster.
+``cluster`` (the same cases on a Ray cluster), ``signals`` (Ctrl-C and SIGTERM).
+``stuseg.batch`` re-exports their public names.
 """
 
 __all__: list[str] = []

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stuseg import paths
 from stuseg.errors import InputError
+from stuseg.images import paths
 from stuseg.runs.folder import FOLDER_FILES
 
 __all__ = [
@@ -248,7 +248,7 @@ def _search_folder(root: Path, base_prefix: str | None = None) -> tuple[list[_Fo
     found: list[_Found] = []
     ignored: list[Ignored] = []
     root_name = base_prefix if base_prefix is not None else resolved(root).name
-    from stuseg.io import looks_like_dicom
+    from stuseg.images.io import looks_like_dicom
 
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -393,7 +393,7 @@ def group_channels(found: Discovery, count: int) -> Discovery:
     Returns:
         The grouped cases, in the order of their channel-0 files, and what was passed over.
     """
-    from stuseg.paths import channel_of
+    from stuseg.images.paths import channel_of
 
     groups: dict[tuple[Path, str], dict[int, Case]] = {}
     ignored = list(found.ignored)

@@ -15,15 +15,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from stuseg import crash, locks
+from stuseg.cli import crash
 from stuseg.errors import InputError, OutputError, StusegError
-from stuseg.results import Request
+from stuseg.inference.threads import available_cpus
+from stuseg.results import locks
+from stuseg.results.write import Request
 from stuseg.runs.cases import Case, Ignored
 from stuseg.runs.folder import LOG_NAME
 from stuseg.runs.process import CaseJob, CaseWarnings, split_threads
 from stuseg.runs.resume import ModelOptions, Settings, settings_of, skip_done
 from stuseg.runs.runlog import CaseResult, Recorder, RunLog, one_line
-from stuseg.threads import available_cpus
 
 __all__ = [
     "check_batch_output",
@@ -82,22 +83,22 @@ def run(
         multilabel: write ``<id>.nii.gz`` multilabel files instead of mask folders.
         overwrite: redo cases already done, and replace case outputs stuseg did not write.
         weights: the weights file, recorded in the log's options.
-        request: what each case's result holds (``stuseg.results.Request``: masks, statistics,
+        request: what each case's result holds (``stuseg.results.write.Request``: masks, statistics,
             preview, DICOM-SEG), written as ``stuseg predict`` writes it; default the masks.
         ignored: objects ``discover`` passed over, logged as ``skipped`` with their reason.
         progress: ``progress(case, tiles_done, tiles_total)`` from the network stage.
         threads: CPUs to share between the stages (default ``segmenter.threads``); see
             ``split_threads``.
         qa_fail: a case whose result raises a quality flag for review
-            (``stuseg.quality.REVIEW_FLAGS``) is logged as ``failed``, its result kept.
+            (``stuseg.analysis.quality.REVIEW_FLAGS``) is logged as ``failed``, its result kept.
 
     Yields:
         One ``CaseResult`` per case as it finishes (skipped ones first), then stops.
 
     Raises:
         OutputError: the run log cannot be written (the batch stops; finished cases stay).
-        stuseg.locks.BusyError: another run is writing into ``output`` (one run per folder;
-            refused before any work, see ``stuseg.locks``).
+        stuseg.results.locks.BusyError: another run is writing into ``output`` (one run per folder;
+            refused before any work, see ``stuseg.results.locks``).
         InputError: two cases share an id, or the request writes nothing.
     """
     settings = settings_of(segmenter, multilabel=multilabel, weights=weights, request=request)
@@ -117,7 +118,7 @@ def _begin(
     cases: Iterable[Case], output: str | os.PathLike[str], settings: Settings
 ) -> tuple[list[Case], Path]:
     """The cases as a list (ids checked unique) and the batch folder (created)."""
-    from stuseg.results import check_request
+    from stuseg.results.write import check_request
 
     check_request(settings.request)
     cases = list(cases)
@@ -272,7 +273,7 @@ def uuid4_hex() -> str:
 def check_batch_output(output: Path, inputs: Sequence[Path], *, overwrite: bool = False) -> None:
     """Refuse a batch folder that cannot be written safely, before any work.
 
-    Refused: what ``stuseg.outputs.check_output`` refuses for a folder (an output equal to,
+    Refused: what ``stuseg.results.outputs.check_output`` refuses for a folder (an output equal to,
     inside or containing an input, the current or home folder, a file, a missing or read-only
     parent); and, unless ``overwrite``, an existing folder that holds files but no run log of an
     earlier batch (a folder of the user's own files). Each case's own output is checked again
@@ -286,7 +287,7 @@ def check_batch_output(output: Path, inputs: Sequence[Path], *, overwrite: bool 
     Raises:
         OutputError: one line saying what to do instead.
     """
-    from stuseg.outputs import check_output
+    from stuseg.results.outputs import check_output
 
     check_output(output, inputs=inputs, kind="folder", overwrite=True)
     output = Path(output)

@@ -1,4 +1,4 @@
-"""One case of a batch: read -> segment -> ``stuseg.results.write_result`` -> run record.
+"""One case of a batch: read -> segment -> ``stuseg.results.write.write_result`` -> run record.
 
 ``CaseJob`` holds the three stages of one case (the local runner overlaps them across cases);
 ``process`` runs all three at once (a Ray worker); ``write_case`` writes a case's result as
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stuseg import memory
 from stuseg.errors import InputError
-from stuseg.results import Request, Sources, dicom_source, mode_name, read_ct, write_result
+from stuseg.inference import memory
+from stuseg.inference.threads import available_cpus
+from stuseg.results.write import Request, Sources, dicom_source, mode_name, read_ct, write_result
 from stuseg.runs.cases import Case
 from stuseg.runs.resume import Settings, case_layout
 from stuseg.runs.runlog import CaseResult, Recorder, Status, failure
-from stuseg.threads import available_cpus
 
 __all__ = [
     "CaseJob",
@@ -49,7 +49,7 @@ def write_case(
     overwrite: bool = False,
     run_id: str = "",
 ) -> tuple[list[Path], list[str]]:
-    """Write one case's result into ``output`` through ``stuseg.results.write_result``, so that it
+    """Write one case's result into ``output`` through ``stuseg.results.write.write_result``, so that it
     is what ``stuseg predict`` writes for the same scan, and appears whole or not at all.
 
     A mask folder's marker records the case's input, the settings' fingerprint and the outputs
@@ -93,7 +93,7 @@ def split_threads(total: int, device_type: str) -> tuple[int, int, int]:
     are what the device waits for, so they get half of the CPUs each.
 
     Args:
-        total: the CPUs the process may use (``stuseg.threads.available_cpus()``).
+        total: the CPUs the process may use (``stuseg.inference.threads.available_cpus()``).
         device_type: ``"cpu"``, ``"cuda"`` or ``"mps"``.
 
     Returns:
@@ -262,7 +262,7 @@ class CaseJob:
 
 def _quality_of(seg: Any, qa_fail: bool) -> tuple[dict[str, Any], str | None]:
     """A written case's quality flags in brief, and with ``qa_fail`` the reason to fail it (or None)."""
-    from stuseg import quality
+    from stuseg.analysis import quality
 
     start = time.perf_counter()
     summary = quality.case_summary(seg)

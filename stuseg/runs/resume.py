@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stuseg.results import PRODUCTS, Layout, Request
+from stuseg.results.write import PRODUCTS, Layout, Request
 from stuseg.runs.cases import Case, Ignored
 from stuseg.runs.folder import LOG_NAME
 from stuseg.runs.runlog import CaseResult, Recorder, RunLog, read_log
@@ -61,7 +61,7 @@ class ModelOptions:
         Raises:
             WeightsError, InputError, LabelError: as ``Segmenter`` does.
         """
-        from stuseg.pipeline import Segmenter
+        from stuseg.inference.pipeline import Segmenter
 
         subset = list(self.roi_subset) if self.roi_subset else None
         return Segmenter(
@@ -93,7 +93,7 @@ class Settings:
     so the published models' records are as before. A model's names are compared too: they
     name its output files.
 
-    ``precision`` is the type the network ran in (``stuseg.precision``, resolved). float32 and
+    ``precision`` is the type the network ran in (``stuseg.model.precision``, resolved). float32 and
     float16 are the original pipeline's own (CPU, CUDA) and count as one, as the devices do;
     bfloat16 enters the fingerprint, so a batch resumed in another precision than bfloat16
     results were made in (or the reverse) redoes those cases, and records made before the
@@ -141,7 +141,7 @@ class Settings:
 
     def options(self) -> dict[str, Any]:
         """Everything, for the log (``roi_subset``: the names kept, None for all of the model's)."""
-        from stuseg.labels import LABELS
+        from stuseg.structures.labels import LABELS
 
         if self.names:
             kept, classes = list(self.names), self.classes or len(self.names)
@@ -182,8 +182,8 @@ def model_table(segmenter: Any) -> tuple[tuple[str, ...], int]:
     The model's table is the Segmenter's ``names`` (value -> name) where it has one, else its
     plan's default (``class_<value>`` beyond the published class count).
     """
-    from stuseg.labels import STRUCTURES
-    from stuseg.pipeline import _class_name
+    from stuseg.inference.pipeline import _class_name
+    from stuseg.structures.labels import STRUCTURES
 
     plan = segmenter.plan
     table = {v: _class_name(v, plan, getattr(segmenter, "names", None)) for v in range(1, plan.num_classes)}
@@ -288,7 +288,7 @@ def done_before(
             and record["outputs"]
             and all((output / rel).is_file() for rel in record["outputs"])
         )
-    from stuseg.outputs import MARKER
+    from stuseg.results.outputs import MARKER
 
     try:
         marker = json.loads((output / case.id / MARKER).read_text(encoding="utf-8"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stuseg import crash
+from stuseg.cli import crash
 from stuseg.errors import OutputError, StusegError
 from stuseg.runs.cases import Case, resolved
 
@@ -219,7 +219,7 @@ class Recorder:
         rec["options"] = s.options() | ({"device": device} if device else {})
         rec["fingerprint"] = s.fingerprint()
         rec["warnings"] = list(warnings_)
-        if quality is not None:  # the case's quality flags in brief (stuseg.quality.case_summary)
+        if quality is not None:  # the case's quality flags in brief (stuseg.analysis.quality.case_summary)
             rec["quality"] = dict(quality)
         rec["run"] = self.run_id
         rec["host"] = worker or self.host

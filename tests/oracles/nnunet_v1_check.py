@@ -38,7 +38,7 @@ from nnunet.preprocessing.cropping import crop_to_nonzero
 from nnunet.preprocessing.preprocessing import resample_patient
 from test_thick_slices import FAILED_INPUTS
 
-from stuseg.pipeline import segment
+from stuseg.inference.pipeline import segment
 
 TARGET = np.array([1.5, 1.5, 1.5])
 

@@ -1,0 +1,173 @@
+"""Which floating-point type the network's convolutions run in: ``--precision``.
+
+``auto`` (the default) picks, per device:
+
+- CUDA: float16 autocast, as the original nnU-Net v1 pipeline and stuseg always have.
+- CPU: float32. bfloat16 runs only when asked for (``--precision bfloat16``): on the decisive
+  test weights of the agreement tests (``tests/test_precision.py``: random STU-Nets whose
+  classes each win somewhere, on the real abdomen and chest CTs) bfloat16's labels agreed with
+  float32's on 99.1-99.6% of voxels, mean per-structure Dice 0.985-0.994, below the 99.9% and
+  0.995 that ``auto`` requires. Random weights decide by small margins, so they are the hard
+  case; with trained weights the agreement may well hold, but no trained weights can be reached
+  from here to measure it.
+- MPS: float32 (reduced precision there has not been measured).
+
+"Natively" means an instruction set that multiplies bfloat16 numbers itself: AMX-BF16 (Intel
+Sapphire Rapids and later), AVX512_BF16 (Intel Cooper Lake and later, AMD Zen 4 and later) or
+Arm's BF16 extension (FEAT_BF16: Apple M2 and later, AWS Graviton 3 and later, Neoverse V1/N2).
+Without one, oneDNN converts bfloat16 to float32 around every multiply and a bfloat16 network is
+slower than float32 (why nnU-Net v2 leaves CPU autocast off). The flags come from the CPU itself:
+``torch.cpu.get_capabilities()`` (torch's cpuinfo, every OS) where this torch has it, else the
+kernel's ``/proc/cpuinfo`` flags (Linux) or ``sysctl hw.optional.arm.FEAT_BF16`` (macOS).
+``torch.backends.cpu.get_cpu_capability()`` is not enough: it names the widest vector set torch's
+own kernels use (``AVX512``), which Skylake servers without bfloat16 report too.
+
+Whatever the choice, only the network up to its last decoder features runs in it
+(``torch.autocast``: convolutions in the reduced type, and the activations between them, norms
+included, in it too). The last 1x1 head, the softmax, the sliding window's sums and everything
+after stay float32 on the CPU (``stuseg.model.head``). bfloat16 keeps float32's range (no overflow
+where float32 has none) with an 8-bit mantissa; the disagreement comes from rounding each
+convolution's inputs and outputs to it (running the norms in float32 as well changed the
+agreement above by 0.03 points, so they are left to autocast).
+
+Importing this module imports nothing heavy; torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stuseg.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "CHOICES",
+    "PROC_CPUINFO",
+    "check",
+    "dtype",
+    "native_bfloat16",
+    "resolve",
+    "slow_on_this_cpu",
+]
+
+CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+# CPU flags of native bfloat16 arithmetic, by the names torch.cpu.get_capabilities() and Linux's
+# /proc/cpuinfo give them (x86: amx_bf16, avx512_bf16; arm64: bf16 in the "Features" line, and
+# cpuinfo's sve_bf16).
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
+
+# Where Linux describes the CPU: a module attribute so that tests can point it at a fabricated file.
+PROC_CPUINFO = Path("/proc/cpuinfo")
+
+
+def check(precision: str) -> str:
+    """``precision`` lower-cased if it is one of ``CHOICES``.
+
+    Raises:
+        InputError: anything else, naming the choices.
+    """
+    name = str(getattr(precision, "value", precision)).strip().lower()
+    if name not in CHOICES:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(CHOICES)}")
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def native_bfloat16() -> str | None:
+    """The CPU feature that computes bfloat16 natively (e.g. ``amx_bf16``), or None without one."""
+    flags = _torch_flags()
+    if flags is None:
+        flags = _linux_flags() if sys.platform.startswith("linux") else _macos_flags()
+    found = [f for f in _BF16_FLAGS if f in flags]
+    return found[0] if found else None
+
+
+def _torch_flags() -> set[str] | None:
+    """The CPU's flags that torch's cpuinfo reports as present; None where this torch lacks it."""
+    import torch
+
+    get = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
+    if get is None:
+        return None
+    try:
+        return {name for name, value in get().items() if value is True}
+    except Exception:  # a build without cpuinfo: fall back to the OS
+        return None
+
+
+def _linux_flags() -> set[str]:
+    """x86 ``flags`` and arm64 ``Features`` of the first CPU in ``/proc/cpuinfo``."""
+    try:
+        text = PROC_CPUINFO.read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def _macos_flags() -> set[str]:
+    """``{"bf16"}`` on a Mac whose CPU has FEAT_BF16 (M2 and later), else empty."""
+    if sys.platform != "darwin":
+        return set()
+    try:
+        done = subprocess.run(
+            ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {"bf16"} if done.stdout.strip() == "1" else set()
+
+
+def resolve(precision: str, device: torch.device) -> str:
+    """The precision the network runs in on ``device``: ``float32``, ``bfloat16`` or ``float16``.
+
+    bfloat16 asked for on a CPU without native bfloat16 runs (oneDNN emulates it, with the same
+    rounding) but is slower than float32: ``slow_on_this_cpu`` says so.
+
+    Raises:
+        InputError: an unknown name, or a precision that ``device`` cannot run: float16 or
+            bfloat16 on MPS, float16 on the CPU (see below), bfloat16 on a GPU without it.
+    """
+    import torch
+
+    name = check(precision)
+    kind = device.type
+    if name == "auto":
+        return "float16" if kind == "cuda" else "float32"  # the CPU: see the module's docstring
+    if name == "float32":
+        return name
+    if kind == "mps":
+        raise InputError(f"--precision {name} is not supported on MPS; use float32 (or auto)")
+    if kind == "cpu" and name == "float16":
+        # CPU autocast accepts float16, but only AVX512_FP16/AMX-FP16 CPUs compute it natively,
+        # and float16's range (65504) is what bfloat16 was made to avoid; bfloat16 is the CPU's
+        # reduced type.
+        raise InputError(
+            "--precision float16 is for CUDA GPUs; on the CPU use bfloat16 (a CPU with native "
+            "bfloat16 runs it faster) or float32"
+        )
+    if kind == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"this GPU ({device}) has no bfloat16; use --precision float16 or float32")
+    return name
+
+
+def slow_on_this_cpu(precision: str, device: torch.device) -> bool:
+    """Whether a resolved ``precision`` on ``device`` is bfloat16 on a CPU that only emulates it."""
+    return device.type == "cpu" and precision == "bfloat16" and native_bfloat16() is None
+
+
+def dtype(name: str) -> torch.dtype | None:
+    """The autocast type of a resolved precision; None for float32 (no autocast)."""
+    import torch
+
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[check(name)]
