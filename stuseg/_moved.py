@@ -25,7 +25,6 @@ MOVED = {
     "stuseg.checks": "stuseg.images.checks",
     "stuseg.cohort": "stuseg.analysis.cohort",
     "stuseg.colors": "stuseg.structures.colors",
-    "stuseg.crash": "stuseg.cli.crash",
     "stuseg.dicomseg": "stuseg.results.dicomseg",
     "stuseg.fixedsums": "stuseg.inference.fixedsums",
     "stuseg.geometry": "stuseg.images.geometry",

@@ -42,17 +42,12 @@ from stuseg.runs.process import (
     write_case,
 )
 from stuseg.runs.resume import (
-    ModelOptions,
-    Settings,
     case_layout,
     cases_done,
     done_before,
     holds,
     latest_ok,
-    model_table,
     output_paths,
-    product_tags,
-    settings_of,
     skip_done,
 )
 from stuseg.runs.runlog import (
@@ -61,6 +56,13 @@ from stuseg.runs.runlog import (
     failure,
     one_line,
     read_log,
+)
+from stuseg.runs.settings import (
+    ModelOptions,
+    Settings,
+    model_table,
+    product_tags,
+    settings_of,
 )
 from stuseg.runs.signals import (
     Interrupted,

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 from fabricate import tiny_network
 
-from stuseg import batch
-from stuseg.cli import crash
+from stuseg import batch, crash
 from stuseg.errors import InputError
 from stuseg.inference.pipeline import Segmenter
 

@@ -27,7 +27,6 @@ __all__ = [
     "SIDE_MARGIN_MM",
     "Confidence",
     "Pieces",
-    "case_summary",
     "low_confidence",
     "pieces",
     "remove_small_blobs",
@@ -239,28 +238,20 @@ def low_confidence(low_share: float) -> bool:
 REVIEW_FLAGS = ("wrong_side", "fragmented", "low_confidence")
 
 
-def case_summary(seg: object) -> dict[str, object]:
-    """A segmentation's quality flags in brief, for a batch's run log (one record per case).
+def summarize(stats: object) -> dict[str, object]:
+    """A segmentation's quality flags in brief, for a batch's run log (one record per case) and
+    ``--qa-fail``.
 
-    Computed from its label map and the probabilities tallied while it was made (no CT needed):
-    the structures raising each of ``REVIEW_FLAGS`` by name, how many structures are ``empty``
-    or ``touches_border``, and the least confident structure present (lowest mean winning
-    probability; None where no probabilities were seen).
-
-    Args:
-        seg: a ``stuseg.inference.pipeline.Segmentation``.
+    Of its statistics (a ``stuseg.analysis.statistics.Statistics``; without a CT,
+    ``statistics.of_segmentation(seg, None)`` computes them from the label map and the
+    probabilities tallied while it was made): the structures raising each of ``REVIEW_FLAGS`` by
+    name, how many structures are ``empty`` or ``touches_border``, and the least confident
+    structure present (lowest mean winning probability; None where no probabilities were seen).
 
     Returns:
         ``{"wrong_side": [...], "fragmented": [...], "low_confidence": [...], "empty": n,
         "touches_border": n, "least_confident": {"structure": ..., "mean_probability": ...}}``.
     """
-    from stuseg.analysis.statistics import of_segmentation  # built on this module: imported when used
-
-    return summarize(of_segmentation(seg, None))
-
-
-def summarize(stats: object) -> dict[str, object]:
-    """``case_summary`` of statistics already computed (a ``stuseg.analysis.statistics.Statistics``)."""
     flagged = stats.flagged()  # type: ignore[attr-defined]
     summary: dict[str, object] = {flag: flagged[flag] for flag in REVIEW_FLAGS}
     summary |= {flag: len(flagged[flag]) for flag in ("empty", "touches_border")}
@@ -274,7 +265,7 @@ def summarize(stats: object) -> dict[str, object]:
 
 
 def review_reason(summary: dict[str, object]) -> str | None:
-    """One line naming the structures a ``case_summary`` flags for review, or None if none."""
+    """One line naming the structures a ``summarize`` summary flags for review, or None if none."""
     parts = []
     for flag in REVIEW_FLAGS:
         names = list(summary.get(flag) or [])  # type: ignore[call-overload]

@@ -4,7 +4,7 @@ No logic of its own. Heavy imports (torch) happen inside the commands so ``--hel
 Diagnostics go to stderr, data to stdout. Every command is wrapped by :func:`user_errors`: a
 ``StusegError`` becomes one line ``stuseg: error: ...`` on stderr and exit status 1; a bug
 becomes one line ``stuseg: error: internal error: ...`` naming a report file with its traceback
-(``stuseg.cli.crash``), status 1; Ctrl-C and SIGTERM end it with one line and status 130 / 143. In
+(``stuseg.crash``), status 1; Ctrl-C and SIGTERM end it with one line and status 130 / 143. In
 every case the library has removed unfinished outputs first. Progress bars are drawn only on a
 terminal, so logs and pipes get exactly those lines.
 """
@@ -155,7 +155,7 @@ def user_errors(fn: F) -> F:
 
 def internal_error_line(exc: BaseException) -> str:
     """The one line for a bug: what it was, and the report file with its traceback."""
-    from stuseg.cli import crash
+    from stuseg import crash
 
     path = crash.report(exc)
     where = f"please report it with the file {path}" if path else "its traceback could not be saved to a file"
@@ -796,10 +796,10 @@ def predict_cmd(
             say(line)
         say(_summary(seg, _what_was_written(layout, written, len(seg.names))))
     if qa_fail:
-        from stuseg.analysis import quality
+        from stuseg.analysis import quality, statistics
 
-        stats = written.statistics
-        reason = quality.review_reason(quality.summarize(stats) if stats else quality.case_summary(seg))
+        stats = written.statistics or statistics.of_segmentation(seg, None)
+        reason = quality.review_reason(quality.summarize(stats))
         if reason:
             what = _what_was_written(layout, written, len(seg.names))
             raise fail(f"{reason}; the result is kept ({what})", QA_FAIL_EXIT)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from stuseg.cli import crash
+from stuseg import crash
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.results import locks
 from stuseg.results.write import Request
@@ -33,8 +33,9 @@ from stuseg.runs.cases import Case, Ignored
 from stuseg.runs.folder import LOG_NAME
 from stuseg.runs.local import uuid4_hex
 from stuseg.runs.process import process
-from stuseg.runs.resume import ModelOptions, Settings, skip_done
+from stuseg.runs.resume import skip_done
 from stuseg.runs.runlog import CaseResult, Recorder, RunLog, Status
+from stuseg.runs.settings import ModelOptions, Settings
 
 __all__ = [
     "ACTOR_RESTARTS",
@@ -106,7 +107,7 @@ class CaseWorker:
     def identity(self) -> dict[str, Any]:
         """Host, pid, model size, weights sha256, device and selected labels (with a model's own
         names, see ``stuseg.batch.model_table``) of this actor."""
-        from stuseg.runs.resume import model_table
+        from stuseg.runs.settings import model_table
 
         names, classes = model_table(self.segmenter)
         return {

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from stuseg.cli import crash
+from stuseg import crash
 from stuseg.errors import InputError, OutputError, StusegError
 from stuseg.inference.threads import available_cpus
 from stuseg.results import locks
@@ -23,8 +23,9 @@ from stuseg.results.write import Request
 from stuseg.runs.cases import Case, Ignored
 from stuseg.runs.folder import LOG_NAME
 from stuseg.runs.process import CaseJob, CaseWarnings, split_threads
-from stuseg.runs.resume import ModelOptions, Settings, settings_of, skip_done
+from stuseg.runs.resume import skip_done
 from stuseg.runs.runlog import CaseResult, Recorder, RunLog, one_line
+from stuseg.runs.settings import ModelOptions, Settings, settings_of
 
 __all__ = [
     "check_batch_output",

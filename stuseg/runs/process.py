@@ -20,8 +20,9 @@ from stuseg.inference import memory
 from stuseg.inference.threads import available_cpus
 from stuseg.results.write import Request, Sources, dicom_source, mode_name, read_ct, write_result
 from stuseg.runs.cases import Case
-from stuseg.runs.resume import Settings, case_layout
+from stuseg.runs.resume import case_layout
 from stuseg.runs.runlog import CaseResult, Recorder, Status, failure
+from stuseg.runs.settings import Settings
 
 __all__ = [
     "CaseJob",
@@ -262,10 +263,10 @@ class CaseJob:
 
 def _quality_of(seg: Any, qa_fail: bool) -> tuple[dict[str, Any], str | None]:
     """A written case's quality flags in brief, and with ``qa_fail`` the reason to fail it (or None)."""
-    from stuseg.analysis import quality
+    from stuseg.analysis import quality, statistics
 
     start = time.perf_counter()
-    summary = quality.case_summary(seg)
+    summary = quality.summarize(statistics.of_segmentation(seg, None))
     seg.timings["quality"] = time.perf_counter() - start
     return summary, quality.review_reason(summary) if qa_fail else None
 

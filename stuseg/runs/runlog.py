@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stuseg.cli import crash
+from stuseg import crash
 from stuseg.errors import OutputError, StusegError
 from stuseg.runs.cases import Case, resolved
 
 if TYPE_CHECKING:
-    from stuseg.runs.resume import Settings
+    from stuseg.runs.settings import Settings
 
 __all__ = [
     "CaseResult",
@@ -219,7 +219,7 @@ class Recorder:
         rec["options"] = s.options() | ({"device": device} if device else {})
         rec["fingerprint"] = s.fingerprint()
         rec["warnings"] = list(warnings_)
-        if quality is not None:  # the case's quality flags in brief (stuseg.analysis.quality.case_summary)
+        if quality is not None:  # the case's quality flags in brief (stuseg.analysis.quality.summarize)
             rec["quality"] = dict(quality)
         rec["run"] = self.run_id
         rec["host"] = worker or self.host
