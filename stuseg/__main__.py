@@ -1,3 +1,3 @@
-from stuseg.cli.app import main
+from stuseg.cli import main
 
 main()

@@ -5,7 +5,7 @@ An exception that is not one of stuseg's own errors (``StusegError``: bad input,
 or in a library under it. The user is owed one line that says so and where the details are,
 never a traceback in the terminal; whoever fixes it is owed the traceback, the versions and the
 command. ``report`` writes that file; ``summary`` is the line's text. The command line prints the
-line (``stuseg.cli.app``), a batch records both per case in its run log and goes on
+line (``stuseg.cli.base``), a batch records both per case in its run log and goes on
 (``stuseg.batch``).
 """
 

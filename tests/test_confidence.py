@@ -18,7 +18,7 @@ import scipy.ndimage as ndi
 import torch
 
 from stuseg.analysis.quality import LOW_CONFIDENCE_SHARE, LOW_PROBABILITY, Confidence
-from stuseg.cli.app import quality_line
+from stuseg.cli.render import quality_line
 from stuseg.inference.pipeline import Segmenter
 from stuseg.inference.postprocess import ProbabilityExport, export_labels, tensor_tallies
 from stuseg.inference.predict import Slab

@@ -489,7 +489,7 @@ def test_unknown_output_type(tmp_path: Path) -> None:
 def test_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = (
-        "import sys; sys.modules['highdicom'] = None; from stuseg.cli.app import main; "
+        "import sys; sys.modules['highdicom'] = None; from stuseg.cli import main; "
         f"sys.argv = ['stuseg', 'predict', {str(SERIES)!r}, {str(out)!r}, '--output-type', 'dicom-seg']; "
         "main()"
     )
@@ -876,7 +876,7 @@ def test_dicom_seg_type_without_dicom_seg_is_refused(tmp_path: Path, monkeypatch
 
 
 def test_seg_type_choices_and_a_wrong_one(tmp_path: Path, series_volume) -> None:
-    from stuseg.cli.app import DicomSegType
+    from stuseg.cli.options import DicomSegType
 
     assert tuple(t.value for t in DicomSegType) == dicomseg.SEG_TYPES
     image = label_image(np.zeros(series_volume.data.shape, np.uint8), series_volume.header)

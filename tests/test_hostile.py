@@ -73,7 +73,7 @@ if ready:
         time.sleep(1.5)
     labelmaps.write_nifti = slow_write
 sys.argv = ["stuseg", *sys.argv[1:]]
-from stuseg.cli.app import main
+from stuseg.cli import main
 main()
 """
 

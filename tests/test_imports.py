@@ -3,7 +3,7 @@
 Each case runs in a fresh interpreter, since this test process has long imported torch. Two
 independent observations per case:
 
-- in-process: a ``python3 -c`` script runs the command through ``stuseg.cli.app.main`` with
+- in-process: a ``python3 -c`` script runs the command through ``stuseg.cli.main`` with
   ``sys.argv`` set, catches its SystemExit, and then reports which of torch and numba are in
   ``sys.modules`` (written to a file, so the command's own output stays apart);
 - the real entry point: ``python3 -X importtime -m stuseg ...``, whose import log on stderr
@@ -32,7 +32,7 @@ report, args = sys.argv[1], sys.argv[2:]
 code = 0
 if args != ["<import>"]:
     sys.argv = ["stuseg", *args]
-    from stuseg.cli.app import main
+    from stuseg.cli import main
     try:
         main()
     except SystemExit as exc:

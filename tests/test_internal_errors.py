@@ -45,7 +45,7 @@ def buggy_write(img, path):
 
 labelmaps.write_nifti = buggy_write
 sys.argv = ["stuseg", *sys.argv[1:]]
-from stuseg.cli.app import main
+from stuseg.cli import main
 main()
 """
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ import stuseg
 PACKAGE = Path(stuseg.__file__).parent
 # Entry points: the command line's app, not a library API.
 COMMAND_MODULES = {
-    "stuseg.cli.app": ["app", "main"],
+    "stuseg.cli": ["app", "main"],
+    "stuseg.cli.commands": ["app", "main"],
     "stuseg.finetune.cli": ["app"],
     "stuseg.finetune.worker": ["main"],
 }
@@ -47,7 +50,7 @@ def test_the_walk_finds_the_modules() -> None:
         "stuseg.structures.colors",
         "stuseg.structures.labels",
         "stuseg.inference.pipeline",
-        "stuseg.cli.app",
+        "stuseg.cli.base",
         "stuseg.finetune.run",
     } <= set(MODULES)
 
@@ -71,3 +74,51 @@ def test_the_package_exports_the_python_api() -> None:
     for name in ("segment", "Segmenter", "Segmentation", "Volume", "read_image", "StusegWarning"):
         assert name in stuseg.__all__
         assert getattr(stuseg, name) is not None
+
+
+# The flat modules of stuseg <= 0.x and where each went; written out here, not read from stuseg.
+OLD_PATHS = {
+    "stuseg.io": "stuseg.images.io",
+    "stuseg.pipeline": "stuseg.inference.pipeline",
+    "stuseg.labels": "stuseg.structures.labels",
+    "stuseg.statistics": "stuseg.analysis.statistics",
+    "stuseg.labelmaps": "stuseg.results.labelmaps",
+    "stuseg.network": "stuseg.model.network",
+    "stuseg.batch_ray": "stuseg.runs.cluster",
+}
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(OLD_PATHS.items()))
+def test_an_old_import_path_gives_the_moved_module_and_says_where_it_went(old: str, new: str) -> None:
+    code = (
+        "import importlib, warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    old = importlib.import_module({old!r})\n"
+        f"print(old is importlib.import_module({new!r}), old.__name__)\n"
+        "print([str(w.message) for w in caught if w.category is DeprecationWarning])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    same, messages = proc.stdout.splitlines()
+    assert same == f"True {new}"
+    assert f"{old} moved to {new}" in messages
+
+
+def test_every_old_flat_module_still_imports() -> None:
+    """Each old path the finder knows resolves (a typo in its table would only show when a user hit it)."""
+    from stuseg._moved import MOVED
+
+    for old, new in MOVED.items():
+        assert not (PACKAGE / f"{old.split('.')[-1]}.py").exists(), old
+        with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+            sys.modules.pop(old, None)
+            assert importlib.import_module(old) is importlib.import_module(new)
+
+
+def test_the_packages_forward_their_face_modules_names() -> None:
+    from stuseg import results, weights
+
+    assert results.write_result is importlib.import_module("stuseg.results.write").write_result
+    assert weights.download_weights is importlib.import_module("stuseg.weights.cache").download_weights
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        results.nothing  # noqa: B018

@@ -267,7 +267,7 @@ def test_the_quality_line_names_at_most_six_findings() -> None:
         names[n] = f"rib_left_{n}"
         labels[n * 3, 2:4, 2:4] = n
         labels[n * 3 + 30, 2:4, 2:4] = n
-    from stuseg.cli.app import quality_line
+    from stuseg.cli.render import quality_line
 
     line = quality_line(statistics.compute(labels, np.eye(4), np.zeros(labels.shape), names))
     assert line is not None

@@ -563,7 +563,7 @@ def test_real_run_rtstruct_equals_its_nifti_masks(tmp_path_factory: pytest.TempP
 def test_cli_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = (
-        "import sys; sys.modules['pydicom'] = None; from stuseg.cli.app import main; "
+        "import sys; sys.modules['pydicom'] = None; from stuseg.cli import main; "
         f"sys.argv = ['stuseg', 'predict', {str(SERIES)!r}, {str(out)!r}, '--output-type', 'rtstruct']; "
         "main()"
     )

@@ -1,9 +1,25 @@
 """The ``stuseg`` command line: parse, call the library, render.
 
-``app`` (the Typer app, its error handling and the entry point ``main``), ``helptext`` (plain
-``--help`` text), ``crash`` (what a bug becomes: one line and a report file).
+``commands`` (the table of commands and the entry point ``main``), ``base`` (the Typer app
+and what wraps every command), ``options`` (the options predict and batch share), ``render``
+(what commands print), ``predict``, ``batch``, ``tools``, ``models`` (one group of commands
+each), ``helptext`` (plain ``--help`` text). A bug becomes one line and a report file
+through ``stuseg.crash``.
 """
 
-from stuseg.cli.app import app, main
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["app", "main"]
+
+
+def __getattr__(name: str) -> Any:
+    """``app`` and ``main`` of ``stuseg.cli.commands``, imported on first use (PEP 562), so that a
+    command module (``stuseg.finetune.cli``) can import ``stuseg.cli.base`` without the table of
+    every command, which imports it."""
+    if name in __all__:
+        import importlib
+
+        return getattr(importlib.import_module("stuseg.cli.commands"), name)
+    raise AttributeError(f"module 'stuseg.cli' has no attribute {name!r}")

@@ -1,20 +1,21 @@
-"""``stuseg finetune``: the fine-tuning commands, a Typer sub-app that ``stuseg.cli.app`` registers.
+"""``stuseg finetune``: the fine-tuning commands, a Typer sub-app that ``stuseg.cli.commands`` registers.
 
-Parse, call the library, render, as in ``stuseg.cli.app``. This module is imported whenever the
-command line is, so it imports nothing but Typer at the top: the commands import the rest.
+Parse, call the library, render, as in ``stuseg.cli``. This module is imported whenever the
+command line is, so it imports nothing but Typer and ``stuseg.cli.base`` at the top: the commands
+import the rest.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
+from stuseg.cli.base import err, fail, say, user_errors
 from stuseg.cli.helptext import App
 
 __all__ = ["app"]
@@ -28,26 +29,10 @@ app = App(
     rich_markup_mode=None,
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(fn: F) -> F:
-    """``stuseg.cli.app.user_errors`` around a command, looked up when the command runs (``stuseg.cli.app``
-    imports this module to register the sub-app, so it cannot be imported from here up front)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        from stuseg.cli.app import user_errors as guard
-
-        return guard(fn)(*args, **kwargs)
-
-    return run  # type: ignore[return-value]
-
 
 @contextmanager
 def _case_bar() -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar over cases on stderr, only on a terminal."""
-    from stuseg.cli.app import err
 
     if not err.is_terminal:
         yield None
@@ -105,7 +90,6 @@ def finetune_prepare_cmd(
     ] = False,
 ) -> None:
     """Check labelled scans and write them as an nnU-Net v2 raw dataset; lists every bad case."""
-    from stuseg.cli.app import fail, say
     from stuseg.finetune import dataset
 
     table = dataset.labels_from_option(labels)
@@ -219,7 +203,6 @@ def finetune_train_cmd(
     ] = False,
 ) -> None:
     """Fine-tune STU-Net on DATASET; the trained model folder is RUN/model (for `stuseg predict --model`)."""
-    from stuseg.cli.app import fail, say
     from stuseg.finetune import run as ft
 
     if resume:
