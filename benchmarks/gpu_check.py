@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import make_ct
 
 from stuseg.inference import pipeline
-from stuseg.model.head import ClassProbabilities
+from stuseg.inference.head import ClassProbabilities
 from stuseg.model.network import build_network
 from stuseg.results import labelmaps
 

@@ -1,11 +1,23 @@
-"""Errors that stuseg raises for problems a user can fix.
+"""Errors that stuseg raises for problems a user can fix, and reading a user's text file into one.
 
 Library code raises these; only the command line turns them into one line on stderr and a
 non-zero exit status. Messages are complete sentences without a trailing period, written so
 that the user knows what to do next.
 """
 
-__all__ = ["InputError", "LabelError", "OutputError", "StusegError", "StusegWarning", "WeightsError"]
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "InputError",
+    "LabelError",
+    "OutputError",
+    "StusegError",
+    "StusegWarning",
+    "WeightsError",
+    "read_user_text",
+]
 
 
 class StusegError(Exception):
@@ -30,3 +42,15 @@ class OutputError(StusegError):
 
 class StusegWarning(UserWarning):
     """Something in the input is unusual but usable; the result may need a second look."""
+
+
+def read_user_text(path: Path, what: str, error: type[StusegError] = InputError) -> str:
+    """The text of a file the user named (a list, codes or label table), a byte-order mark dropped.
+
+    Raises:
+        ``error`` (InputError unless given): one line, "cannot read the ``what`` ``path``: why".
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read the {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None

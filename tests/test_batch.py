@@ -697,3 +697,12 @@ def test_interrupted_by_sigint_then_sigterm_then_completed(tmp_path: Path, small
     assert {r["case"]: r["status"] for r in last_run} == {
         c: ("skipped" if c in finished else "ok") for c in ("ct0", "ct1", "ct2", "ct3")
     }
+
+
+def test_a_list_file_that_is_not_text_is_refused_in_one_line(tmp_path: Path) -> None:
+    listing = tmp_path / "cases.txt"
+    listing.write_bytes(b"ct1.nii.gz\n\xff\xfe not utf-8\n")
+    result = CliRunner().invoke(app, ["batch", str(listing), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2  # the sources cannot be read: a usage error, as a missing one is
+    assert re.fullmatch(r"stuseg: error: cannot read the list file \S+cases\.txt: .*utf-8.*\n", result.output)
+    assert not (tmp_path / "out").exists()

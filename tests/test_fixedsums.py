@@ -11,8 +11,8 @@ import torch
 from reference_pipeline import tile_starts_formula
 
 from stuseg.inference.fixedsums import FIXED_ONE, add_rounded
+from stuseg.inference.head import ClassProbabilities
 from stuseg.inference.predict import Ensemble, sliding_window
-from stuseg.model.head import ClassProbabilities
 
 
 def float64_mean(

@@ -29,9 +29,9 @@ from model_folders import write_v2_folder
 
 from stuseg import batch
 from stuseg.errors import InputError
+from stuseg.inference.head import ClassProbabilities
 from stuseg.inference.pipeline import Segmenter, segment
 from stuseg.model import precision
-from stuseg.model.head import ClassProbabilities
 from stuseg.model.network import Arch, build_network
 from stuseg.results.outputs import MARKER
 

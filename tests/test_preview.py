@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from stuseg.analysis import preview, statistics
+from stuseg.analysis import preview
 from stuseg.cli import app
+from stuseg.results import scans
 from stuseg.results.labelmaps import label_colors
 
 DATA = Path(__file__).parent / "data"
@@ -142,7 +143,7 @@ def test_overlapping_layers_are_painted_last_on_top() -> None:
 
 
 def test_real_scan_lps_copy_gives_the_same_picture_and_liver_on_the_left() -> None:
-    scan = statistics.load_scan(TS_MASKS, TS_CT)
+    scan = scans.load_scan(TS_MASKS, TS_CT)
     (labels,) = scan.labels
     lab_lps, aff_lps = to_lps(labels, scan.affine)
     ct_lps, _ = to_lps(scan.ct, scan.affine)
@@ -191,7 +192,7 @@ def test_preview_command_draws_totalsegmentator_masks(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["preview", str(TS_MASKS), str(TS_CT), str(out)])
     assert result.exit_code == 0, result.output
     assert result.stderr.strip() == f"wrote {out}"
-    scan = statistics.load_scan(TS_MASKS, TS_CT)
+    scan = scans.load_scan(TS_MASKS, TS_CT)
     with Image.open(out) as png:
         assert png.format == "PNG" and png.mode == "RGB"
         expected = preview.render(scan.labels, scan.affine, scan.ct, scan.names)

@@ -24,7 +24,7 @@ PACKAGE = Path(stuseg.__file__).parent
 COMMAND_MODULES = {
     "stuseg.cli": ["app", "main"],
     "stuseg.cli.commands": ["app", "main"],
-    "stuseg.finetune.cli": ["app"],
+    "stuseg.cli.finetune": ["app"],
     "stuseg.finetune.worker": ["main"],
 }
 MODULES = sorted(

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from stuseg.analysis import quality, statistics
 from stuseg.cli import app
+from stuseg.results import scans
 from stuseg.structures import labels as lbl
 
 DATA = Path(__file__).parent / "data"
@@ -81,7 +82,7 @@ def test_pieces_match_labelling_the_whole_volume_on_real_results() -> None:
         (TS / "abdomen_ct_sm_masks", TS / "abdomen_ct_sm.nii.gz", None),
         (TS / "abdomen_ct_dicom_multilabel.nii.gz", DATA / "abdomen_ct_dicom", v2_names),
     ):
-        scan = statistics.load_scan(seg, ct, names=names)
+        scan = scans.load_scan(seg, ct, names=names)
         result = statistics.compute(scan.labels, scan.affine, scan.ct, scan.names).by_name()
         checked = 0
         for layer in scan.labels:
@@ -173,8 +174,8 @@ def test_the_side_margin() -> None:
 def test_real_results_raise_no_wrong_side_flag_and_their_fragment_flags() -> None:
     """TotalSegmentator's results: every pair the right way round by far; one fragment flag (a
     pancreas in two halves, 28 mm apart inside the field of view)."""
-    masks = statistics.load_scan(TS / "abdomen_ct_sm_masks", TS / "abdomen_ct_sm.nii.gz")
-    dicom = statistics.load_scan(
+    masks = scans.load_scan(TS / "abdomen_ct_sm_masks", TS / "abdomen_ct_sm.nii.gz")
+    dicom = scans.load_scan(
         TS / "abdomen_ct_dicom_multilabel.nii.gz",
         DATA / "abdomen_ct_dicom",
         names=TS / "totalsegmentator_v2_total_labels.json",

@@ -11,6 +11,7 @@ import scipy.ndimage as ndi
 import torch
 from reference_pipeline import tile_starts_formula as reference_starts
 
+from stuseg.inference.head import ClassProbabilities, softmax_last_
 from stuseg.inference.predict import (
     MIRROR_FLIPS,
     Mirrored,
@@ -20,7 +21,6 @@ from stuseg.inference.predict import (
     sliding_window,
     tile_starts,
 )
-from stuseg.model.head import ClassProbabilities, softmax_last_
 
 
 def predict_scores(x: torch.Tensor, fn, num_classes: int, patch=(128, 128, 128), step=0.5, batch_size=1):
@@ -289,11 +289,11 @@ def test_a_predictor_that_accumulates_is_asked_to_for_every_tile() -> None:
 def test_softmax_without_the_private_kernel_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The public fallback (where torch lacks aten._softmax.out) equals the in-place kernel bit for
     bit, and both equal a float64 softmax computed by hand to float32 precision."""
-    import stuseg.model.head
+    import stuseg.inference.head
 
     logits = torch.randn(3, 5, 7, 105) * 8
     private = softmax_last_(logits.clone())
-    monkeypatch.setattr(stuseg.model.head, "_private_softmax_out", lambda: None)
+    monkeypatch.setattr(stuseg.inference.head, "_private_softmax_out", lambda: None)
     public = softmax_last_(logits.clone())
     torch.testing.assert_close(public, private, rtol=0, atol=0)
     z = logits.double() - logits.double().amax(-1, keepdim=True)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from stuseg.analysis import statistics
 from stuseg.cli import app
 from stuseg.errors import InputError, LabelError
-from stuseg.results import labelmaps
+from stuseg.results import labelmaps, scans
 
 DATA = Path(__file__).parent / "data"
 TS = DATA / "totalseg_results"
@@ -211,7 +211,7 @@ def test_totalsegmentator_volumes_and_mean_hu_match_its_statistics_formula() -> 
     ct_img = nib.load(TS_CT)
     ct16 = ct_img.get_fdata().astype(np.int16)
     zooms = ct_img.header.get_zooms()
-    stats = statistics.load_scan(TS_MASKS, TS_CT)
+    stats = scans.load_scan(TS_MASKS, TS_CT)
     result = statistics.compute(stats.labels, stats.affine, stats.ct, stats.names).by_name()
     files = sorted(TS_MASKS.glob("*.nii.gz"))
     assert len(files) == 117 and len(result) == 117
@@ -236,7 +236,7 @@ def test_totalsegmentator_volumes_and_mean_hu_match_its_statistics_formula() -> 
 def test_totalsegmentator_multilabel_stored_flipped_is_matched_to_the_dicom_grid() -> None:
     """TotalSegmentator's multilabel result for the DICOM series is stored with the j axis
     reversed (LAS) relative to the series as read (LPS): the same voxels, matched exactly."""
-    scan = statistics.load_scan(
+    scan = scans.load_scan(
         TS / "abdomen_ct_dicom_multilabel.nii.gz",
         DATA / "abdomen_ct_dicom",
         names=TS / "totalsegmentator_v2_total_labels.json",
@@ -474,7 +474,7 @@ def test_stusegs_own_results_keep_model_indices(tmp_path: Path, make_nifti) -> N
         nib.save(label_image((data == value).astype(np.uint8), header), folder / f"{name}.nii.gz")
     ct_data = nib.load(ct).get_fdata(dtype=np.float32)
     for seg in (tmp_path / "seg.nii.gz", folder):
-        scan = statistics.load_scan(seg, ct)
+        scan = scans.load_scan(seg, ct)
         result = statistics.compute(scan.labels, scan.affine, scan.ct, scan.names).by_name()
         assert result["liver"]["label"] == liver and result["spleen"]["label"] == spleen
         for name, value in (("liver", liver), ("spleen", spleen)):

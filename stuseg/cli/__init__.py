@@ -16,7 +16,7 @@ __all__ = ["app", "main"]
 
 def __getattr__(name: str) -> Any:
     """``app`` and ``main`` of ``stuseg.cli.commands``, imported on first use (PEP 562), so that a
-    command module (``stuseg.finetune.cli``) can import ``stuseg.cli.base`` without the table of
+    command module (``stuseg.cli.finetune``) can import ``stuseg.cli.base`` without the table of
     every command, which imports it."""
     if name in __all__:
         import importlib

@@ -136,7 +136,7 @@ def user_errors(fn: _F) -> _F:
         except Exception as exc:
             raise fail(internal_error_line(exc)) from None
         if caught and not kwargs.get("quiet"):  # warnings a command did not render itself, once each
-            from stuseg.images.io import StusegWarning
+            from stuseg.errors import StusegWarning
 
             mine = [str(w.message) for w in caught if issubclass(w.category, StusegWarning)]
             for message in dict.fromkeys(mine):

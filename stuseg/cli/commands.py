@@ -11,7 +11,7 @@ import sys
 
 from stuseg.cli import batch, models, predict, tools
 from stuseg.cli.base import app, internal_error_line, say
-from stuseg.finetune.cli import app as finetune_app
+from stuseg.cli.finetune import app as finetune_app
 
 __all__ = ["app", "main"]
 

@@ -197,7 +197,7 @@ def statistics_cmd(
 ) -> None:
     """Volume, intensity (HU) statistics, centroid and bounding box of each structure of a segmentation."""
     from stuseg.analysis import statistics as stats_mod
-    from stuseg.results import outputs
+    from stuseg.results import outputs, scans
 
     if ct is None:
         _cohort(segmentation, output, overwrite, names, series)
@@ -209,7 +209,7 @@ def statistics_cmd(
         # The CSV carries no signature of its own: it is stuseg's when its JSON twin is.
         ours = json_path.is_file() and outputs.written_by_stuseg(json_path)
         _check_file_output(csv_path, ".csv", inputs, overwrite or ours)
-    scan = stats_mod.load_scan(segmentation, ct, names=names, series=series)
+    scan = scans.load_scan(segmentation, ct, names=names, series=series)
     if scan.reordered:
         note = "is stored in another axis order than the CT; matched voxel for voxel"
         err.print(f"note: {segmentation} {note}", markup=False)
@@ -232,9 +232,9 @@ def statistics_cmd(
 def _cohort(
     folder: Path, output: Path | None, overwrite: bool, names: Path | None, series: str | None
 ) -> None:
-    """``stuseg statistics RESULTS/``: the cohort tables of a batch folder (``stuseg.analysis.cohort``)."""
-    from stuseg.analysis import cohort
+    """``stuseg statistics RESULTS/``: the cohort tables of a batch folder (``stuseg.runs.cohort``)."""
     from stuseg.results import outputs
+    from stuseg.runs import cohort
 
     if not cohort.is_batch_folder(folder):
         raise fail(f"give the CT that {folder} was made from (only a batch folder needs none)")
@@ -264,12 +264,11 @@ def preview_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Draw a preview picture: three slices with the structures, a front view and a legend."""
-    from stuseg.analysis import statistics as stats_mod
     from stuseg.analysis.preview import write_preview
-    from stuseg.results import outputs
+    from stuseg.results import outputs, scans
 
     _check_file_output(output, ".png", [segmentation, ct, *([names] if names is not None else [])], overwrite)
-    scan = stats_mod.load_scan(segmentation, ct, names=names, series=series)
+    scan = scans.load_scan(segmentation, ct, names=names, series=series)
     if scan.reordered:
         note = "is stored in another axis order than the CT; matched voxel for voxel"
         err.print(f"note: {segmentation} {note}", markup=False)

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from stuseg.analysis.quality import Confidence
-from stuseg.errors import InputError, StusegError
+from stuseg.errors import InputError, StusegError, StusegWarning
 from stuseg.images.checks import check_field_of_view, check_hounsfield, check_modality, check_slice_thickness
 from stuseg.images.geometry import same_grid
-from stuseg.images.io import StusegWarning, Volume, check_finite, label_image, read_image
+from stuseg.images.io import Volume, check_finite, label_image, read_image
 from stuseg.inference import memory
 from stuseg.inference.fixedsums import MAX_ADDITIONS
+from stuseg.inference.head import ClassProbabilities
 from stuseg.inference.memory import peak_rss_bytes, release_free_memory
 from stuseg.inference.postprocess import export_labels
 from stuseg.inference.predict import (
@@ -43,7 +44,6 @@ from stuseg.inference.predict import (
 from stuseg.inference.preprocess import Geometry, preprocess, restore
 from stuseg.inference.threads import limit_threads, thread_count
 from stuseg.model import precision as precisions
-from stuseg.model.head import ClassProbabilities
 from stuseg.model.network import STUNet, build_network
 from stuseg.model.plan import PLAN, Normalization, Plan
 from stuseg.structures import labels as label_table
@@ -241,7 +241,7 @@ def _predictor(
 
     ``precision`` (resolved, ``stuseg.model.precision``): on CUDA a reduced type autocasts the whole
     predictor as the originals' float16 autocast does (softmax in float32); on the CPU only the
-    network up to its features, the head, softmax and sums staying float32 (``stuseg.model.head``).
+    network up to its features, the head, softmax and sums staying float32 (``stuseg.inference.head``).
     """
     dtype = precisions.dtype(precision)
     members: list[PatchPredictor] = []

@@ -4,7 +4,7 @@
 (B, C_in, *patch) to per-class scores with the classes last, (B, *patch, K), that may also add
 its weighted scores into the window's buffers in place - and yields the Gaussian-weighted
 average of the overlapping patches, as nnU-Net v1 does (tile positions, Gaussian, padding).
-What predicts is up to the caller: the STU-Net head (``stuseg.model.head``), a mirror-TTA wrapper
+What predicts is up to the caller: the STU-Net head (``stuseg.inference.head``), a mirror-TTA wrapper
 around it, or a plain function in a test. Nothing here knows about networks.
 
 Classes last: a voxel's K scores are contiguous, which makes the softmax, the weighted sums

@@ -25,7 +25,7 @@ own kernels use (``AVX512``), which Skylake servers without bfloat16 report too.
 Whatever the choice, only the network up to its last decoder features runs in it
 (``torch.autocast``: convolutions in the reduced type, and the activations between them, norms
 included, in it too). The last 1x1 head, the softmax, the sliding window's sums and everything
-after stay float32 on the CPU (``stuseg.model.head``). bfloat16 keeps float32's range (no overflow
+after stay float32 on the CPU (``stuseg.inference.head``). bfloat16 keeps float32's range (no overflow
 where float32 has none) with an 8-bit mantissa; the disagreement comes from rounding each
 convolution's inputs and outputs to it (running the norms in float32 as well changed the
 agreement above by 0.03 points, so they are left to autocast).

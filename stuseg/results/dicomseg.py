@@ -44,7 +44,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from stuseg.errors import InputError, OutputError, StusegError
+from stuseg.errors import InputError, OutputError, StusegError, read_user_text
 from stuseg.images.geometry import LPS_TO_RAS
 from stuseg.structures.colors import label_colors
 
@@ -172,12 +172,7 @@ def read_codes(path: Path) -> dict[str, SnomedCodes]:
             line naming the file, the row and the problem) or repeats a structure.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(
-            f"cannot read the codes file {path}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
+    text = read_user_text(path, "codes file")
     rows: list[tuple[str, Mapping[str, Any]]] = []
     if path.suffix.lower() == ".csv":
         lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if not line.startswith("#")]
@@ -391,7 +386,7 @@ def _segment_descriptions(
     from highdicom.sr import CodedConcept
     from pydicom.sr.codedict import codes as dcm_codes
 
-    from stuseg.images.io import StusegWarning
+    from stuseg.errors import StusegWarning
 
     coding = coding_of(names, codes)
     generic = [n for n, c in zip(names, coding) if c is None]
@@ -476,7 +471,7 @@ def write_dicom_seg(
         raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, not {seg_type!r}")
     hd = require_highdicom()
     from stuseg import __version__
-    from stuseg.images.io import StusegWarning
+    from stuseg.errors import StusegWarning
 
     data = np.asanyarray(labels.dataobj)
     # Segmentation.image keeps its geometry in the header only (its .affine is None).

@@ -349,7 +349,7 @@ def write_rtstruct(
         OutputError: the labels do not lie on the source images, or the file cannot be written.
     """
     from stuseg import __version__
-    from stuseg.images.io import StusegWarning
+    from stuseg.errors import StusegWarning
     from stuseg.results.labelmaps import label_colors
 
     data = np.asanyarray(labels.dataobj)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stuseg.errors import InputError
+from stuseg.errors import InputError, read_user_text
 from stuseg.images import paths
 from stuseg.runs.folder import FOLDER_FILES
 
@@ -299,12 +299,7 @@ def read_list(path: Path) -> list[tuple[Path, str | None]]:
             without a path.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(
-            f"cannot read the list file {path}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
+    text = read_user_text(path, "list file")
     folder = path.parent
 
     def where(entry: str) -> Path:

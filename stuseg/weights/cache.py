@@ -556,7 +556,7 @@ def _repair(size: str, cached: _Cached, download: bool, manifest: Path | None) -
         download_weights(size, manifest=manifest, force=True)
     except WeightsError as exc:
         raise WeightsError(f"{damaged}, and downloading them again failed: {exc}") from None
-    from stuseg.images.io import StusegWarning
+    from stuseg.errors import StusegWarning
 
     warnings.warn(f"{damaged}; they were downloaded and verified again", StusegWarning, stacklevel=3)
 

@@ -907,7 +907,7 @@ def cache_fold(model: TrainedModel, fold: Fold) -> tuple[Path, str]:
     metadata = {"format": "pt", "source": str(fold.checkpoint.resolve()), "source_sha256": sha}
     write_safetensors(state, dest, metadata)
     if damage:
-        from stuseg.images.io import StusegWarning
+        from stuseg.errors import StusegWarning
 
         warnings.warn(
             f"the cached conversion of {fold.checkpoint} was damaged ({damage}); it was converted again",

@@ -160,8 +160,9 @@ def _statistics_rows(folder: Path, rec: Mapping[str, Any]) -> tuple[list[str], l
 def _computed(result: Path, rec: Mapping[str, Any]) -> str:
     """statistics.csv's text for a case written without ``--statistics``: from its result and CT."""
     from stuseg.analysis import statistics
+    from stuseg.results import scans
 
-    scan = statistics.load_scan(result, Path(rec["input"]), series=rec.get("series"))
+    scan = scans.load_scan(result, Path(rec["input"]), series=rec.get("series"))
     stats = statistics.compute(
         scan.labels, scan.affine, scan.ct, scan.names, size=rec.get("size"), mode=_mode(rec)
     )
