@@ -1,7 +1,7 @@
-"""Numbers and pictures made from a segmentation: statistics, quality flags, the preview, cohorts.
+"""Numbers and pictures made from a segmentation: statistics, quality flags, the preview.
 
 ``statistics`` (per structure, on the CT), ``quality`` (pieces, sides, confidence),
-``preview`` (the PNG), ``cohort`` (a batch folder as two tidy tables).
+``preview`` (the PNG). A batch folder's tables are ``stuseg.runs.cohort``.
 """
 
 __all__: list[str] = []
