@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHOICES",
     "PROC_CPUINFO",
+    "channels_last",
     "check",
     "dtype",
     "native_bfloat16",
@@ -164,6 +165,13 @@ def resolve(precision: str, device: torch.device) -> str:
 def slow_on_this_cpu(precision: str, device: torch.device) -> bool:
     """Whether a resolved ``precision`` on ``device`` is bfloat16 on a CPU that only emulates it."""
     return device.type == "cpu" and precision == "bfloat16" and native_bfloat16() is None
+
+
+def channels_last(name: str, device: torch.device) -> bool:
+    """Whether the network runs in ``torch.channels_last_3d`` (weights and input) for a resolved
+    precision on ``device``: bfloat16 on the CPU only (see the module's docstring). float32, and
+    every precision on an accelerator, keep PyTorch's default layout."""
+    return device.type == "cpu" and check(name) == "bfloat16"
 
 
 def dtype(name: str) -> torch.dtype | None:

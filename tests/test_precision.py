@@ -126,10 +126,10 @@ def test_the_network_runs_in_the_type_asked_for(tmp_path: Path, asked: str, dtyp
 
     from stuseg.plan import PLAN
 
-    probe = ConvProbe()
     plan = dataclasses.replace(PLAN, num_classes=3)
-    seg = segment(_volume(tmp_path), model=probe, plan=plan, device="cpu", precision=asked)
-    assert probe.seen == {dtype}
+    segmenter = Segmenter(model=ConvProbe(), plan=plan, device="cpu", precision=asked)
+    seg = segmenter(_volume(tmp_path))
+    assert segmenter.net.seen == {dtype}  # the network that ran (bfloat16: a channels-last copy)
     assert seg.precision == asked
     assert Segmenter(model=ConvProbe(), plan=plan, device="cpu").precision == "float32"  # auto
 
@@ -153,6 +153,117 @@ def test_the_head_softmax_and_sums_stay_float32_under_bfloat16() -> None:
         sums[name] = target
     difference = (sums["bfloat16"] - sums["float32"]).abs()
     assert 0 < difference.max() < 0.2
+
+
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def _record_convolutions(net: torch.nn.Module, seen: list[tuple[bool, bool]]) -> None:
+    """Each 3D convolution of ``net`` adds (its input is channels-last, its weight is) when it
+    runs; recorded through a closure, so a copy of ``net`` records into the same list."""
+
+    def hook(conv: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(
+            (
+                args[0].is_contiguous(memory_format=CHANNELS_LAST),
+                conv.weight.is_contiguous(memory_format=CHANNELS_LAST),
+            )
+        )
+
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.register_forward_pre_hook(hook)
+
+
+def _layout(net: torch.nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
+    return [(name, t.stride(), t.data_ptr()) for name, t in net.state_dict().items()]
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")  # emulated: slow, not wrong
+@pytest.mark.parametrize("asked", ["bfloat16", "float32"])
+def test_bfloat16_on_the_cpu_feeds_the_network_channels_last(tmp_path: Path, asked: str) -> None:
+    """bfloat16 on the CPU: every convolution's weight, and the network's (2-channel) input, in
+    channels_last_3d when they run; float32: neither (the default layout, unchanged). The
+    caller's module is left as it was either way."""
+    import dataclasses
+
+    from stuseg.plan import PLAN, Normalization
+
+    torch.manual_seed(0)
+    net = build_network(Arch((4, 4, 4, 4, 4, 4), (1,) * 6, in_channels=2, num_classes=3)).eval()
+    seen: list[tuple[bool, bool]] = []
+    _record_convolutions(net, seen)
+    before = _layout(net)
+    zscore = Normalization()
+    plan = dataclasses.replace(PLAN, num_classes=3, patch_size=(32, 32, 32), channels=(zscore, zscore))
+    ct = _volume(tmp_path)
+    segmenter = Segmenter(model=net, plan=plan, device="cpu", precision=asked)
+    segmenter([ct, ct])
+    assert seen, "no convolution ran"
+    if asked == "bfloat16":
+        assert seen[0][0], "the network's input was not channels-last"
+        assert all(weight for _, weight in seen), "a convolution ran with channels-first weights"
+        assert segmenter.net is not net  # a copy was converted, not the caller's module
+    else:
+        assert not seen[0][0] and not all(weight for _, weight in seen)
+        assert segmenter.net is net
+    assert _layout(net) == before
+
+
+class _Uncopyable(torch.nn.Module):
+    """A network module that ``copy.deepcopy`` refuses (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
+def test_a_module_that_cannot_be_copied_runs_in_bfloat16_in_its_own_layout(tmp_path: Path) -> None:
+    import dataclasses
+
+    from stuseg.plan import PLAN
+
+    net = _Uncopyable()
+    before = _layout(net)
+    plan = dataclasses.replace(PLAN, num_classes=3, patch_size=(16, 16, 16))
+    segmenter = Segmenter(model=net, plan=plan, device="cpu", precision="bfloat16")
+    assert segmenter.net is net and _layout(net) == before
+    assert segmenter(_volume(tmp_path)).precision == "bfloat16"
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
+def test_float32_after_bfloat16_on_the_same_module_is_bit_identical(tmp_path: Path) -> None:
+    """A bfloat16 Segmenter made from the caller's module must not change what a float32 one
+    made from it afterwards computes: the module's own float32 output, bit for bit, and the labels."""
+    import dataclasses
+
+    from stuseg.plan import PLAN
+
+    torch.manual_seed(0)
+    net = build_network(Arch((4, 4, 8, 8, 8, 8), (1,) * 6, num_classes=5)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)  # labels that vary from voxel to voxel (as fabricate.tiny_network)
+    plan = dataclasses.replace(PLAN, num_classes=5, patch_size=(32, 32, 32))
+    ct = _volume(tmp_path)
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits = net(x)
+    first = Segmenter(model=net, plan=plan, device="cpu", fast=True)(ct).labels
+    in_bf16 = Segmenter(model=net, plan=plan, device="cpu", fast=True, precision="bfloat16")
+    assert in_bf16(ct).precision == "bfloat16"
+    again = Segmenter(model=net, plan=plan, device="cpu", fast=True)(ct).labels
+    with torch.inference_mode():
+        assert torch.equal(net(x), logits)
+    assert len(np.unique(first)) >= 3, "the weights label too few classes to compare"
+    np.testing.assert_array_equal(again, first)
 
 
 def test_a_bad_precision_on_the_command_line_is_one_usage_line(tmp_path: Path) -> None:
