@@ -17,6 +17,7 @@ from torch import nn
 __all__ = [
     "SIZES",
     "Arch",
+    "GroupwiseInstanceNorm3d",
     "ResBlock",
     "STUNet",
     "Stride",
@@ -24,6 +25,7 @@ __all__ = [
     "build_network",
     "canonical_size",
     "count_parameters",
+    "to_channels_last",
 ]
 
 Stride = tuple[int, int, int]
@@ -209,3 +211,33 @@ def build_network(size: str | Arch, device: str | torch.device | None = None) ->
 def count_parameters(net: nn.Module) -> int:
     """The number of parameters (weights and biases) of ``net``."""
     return sum(p.numel() for p in net.parameters())
+
+
+class GroupwiseInstanceNorm3d(nn.InstanceNorm3d):
+    """``InstanceNorm3d`` (input statistics, no running ones) computed by ``group_norm`` with one
+    group per channel: the same function, by a kernel that keeps a channels-last input
+    channels-last. ``InstanceNorm3d``'s own makes its input channels-first (``contiguous()``
+    before a batch norm), so in a channels-last network every norm costs a copy there and one
+    back at the next convolution. In float32 its statistics are less exact than
+    ``InstanceNorm3d``'s (5e-5 against 6e-7 at unit scale, measured on a 16 x 32^3 block of mean
+    5): it is for reduced precision, whose own rounding (4e-2 there in bfloat16) dwarfs that.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+
+def to_channels_last(net: nn.Module) -> nn.Module:
+    """``net`` itself, changed in place for channels-last inference: its 5-D weights in
+    ``torch.channels_last_3d`` and each plain ``InstanceNorm3d`` without running statistics made
+    a ``GroupwiseInstanceNorm3d`` sharing its parameters (the same names, so the same state dict).
+    """
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.InstanceNorm3d and not child.track_running_stats:
+                norm = GroupwiseInstanceNorm3d(child.num_features, child.eps, affine=False)
+                norm.weight, norm.bias = child.weight, child.bias
+                norm.affine = child.affine
+                norm.train(child.training)
+                setattr(parent, name, norm)
+    return net.to(memory_format=torch.channels_last_3d)

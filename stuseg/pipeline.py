@@ -32,7 +32,7 @@ from stuseg.geometry import same_grid
 from stuseg.head import ClassProbabilities
 from stuseg.io import StusegWarning, Volume, check_finite, label_image, read_image
 from stuseg.memory import peak_rss_bytes, release_free_memory
-from stuseg.network import STUNet, build_network
+from stuseg.network import STUNet, build_network, to_channels_last
 from stuseg.plan import PLAN, Normalization, Plan
 from stuseg.postprocess import export_labels
 from stuseg.predict import (
@@ -265,8 +265,8 @@ def _in_layout(
     nets: Sequence[torch.nn.Module], device: torch.device, precision: str, *, shared: bool
 ) -> list[torch.nn.Module]:
     """The networks in the memory layout that ``precision`` runs in on ``device``: for bfloat16 on
-    the CPU their weights in ``torch.channels_last_3d`` (``stuseg.precision.channels_last``),
-    otherwise the networks unchanged.
+    the CPU ``stuseg.network.to_channels_last`` (weights in ``torch.channels_last_3d``, instance
+    norms that keep that layout; ``stuseg.precision.channels_last``), otherwise unchanged.
 
     Networks loaded for this Segmenter are converted in place. A ``shared`` one (the caller's own
     module) is converted as a copy, one more copy of its weights while the Segmenter lives, so
@@ -284,7 +284,7 @@ def _in_layout(
             except Exception:  # a module with an attribute deepcopy refuses: keep its layout
                 out.append(net)
                 continue
-        out.append(net.to(memory_format=torch.channels_last_3d))
+        out.append(to_channels_last(net))
     return out
 
 

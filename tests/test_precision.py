@@ -14,6 +14,7 @@ an expected failure, strict, so that the day it holds the suite says so and ``au
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -182,9 +183,9 @@ def _layout(net: torch.nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
 @pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")  # emulated: slow, not wrong
 @pytest.mark.parametrize("asked", ["bfloat16", "float32"])
 def test_bfloat16_on_the_cpu_feeds_the_network_channels_last(tmp_path: Path, asked: str) -> None:
-    """bfloat16 on the CPU: every convolution's weight, and the network's (2-channel) input, in
-    channels_last_3d when they run; float32: neither (the default layout, unchanged). The
-    caller's module is left as it was either way."""
+    """bfloat16 on the CPU: every convolution's weight and input (the network's 2-channel input,
+    and every activation after it: the norms keep the layout) in channels_last_3d when they run;
+    float32: the default layout, unchanged. The caller's module is left as it was either way."""
     import dataclasses
 
     from stuseg.plan import PLAN, Normalization
@@ -203,11 +204,35 @@ def test_bfloat16_on_the_cpu_feeds_the_network_channels_last(tmp_path: Path, ask
     if asked == "bfloat16":
         assert seen[0][0], "the network's input was not channels-last"
         assert all(weight for _, weight in seen), "a convolution ran with channels-first weights"
+        assert all(given for given, _ in seen), "a convolution's input was reordered to channels-first"
         assert segmenter.net is not net  # a copy was converted, not the caller's module
     else:
         assert not seen[0][0] and not all(weight for _, weight in seen)
         assert segmenter.net is net
     assert _layout(net) == before
+
+
+def test_a_channels_last_network_computes_what_the_network_computes() -> None:
+    """``to_channels_last`` (its norms by ``group_norm``) in float32 against the network as built:
+    the same state dict, the same features to float32 accuracy, and features that stay
+    channels-last (so the head reads them without a copy)."""
+    from stuseg.network import GroupwiseInstanceNorm3d, to_channels_last
+
+    torch.manual_seed(0)
+    net = build_network(Arch((4, 8, 8, 8, 8, 8), (1,) * 6, num_classes=3)).eval()
+    x = torch.randn(2, 1, 32, 32, 32) * 100 + 40  # off-centre: the norms' statistics matter
+    with torch.inference_mode():
+        expected = net.features(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    last = to_channels_last(copy.deepcopy(net))
+    assert any(isinstance(m, GroupwiseInstanceNorm3d) for m in last.modules())
+    got_state = last.state_dict()
+    assert list(got_state) == list(state)
+    assert all(torch.equal(got_state[k], v) for k, v in state.items())
+    with torch.inference_mode():
+        got = last.features(x.contiguous(memory_format=CHANNELS_LAST))
+    assert got.is_contiguous(memory_format=CHANNELS_LAST)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 class _Uncopyable(torch.nn.Module):
