@@ -38,16 +38,17 @@ caller's own module as a copy), each tile's input likewise, and its instance nor
 activations around every bfloat16 convolution: on one 128^3 tile of STU-Net small
 (``benchmarks/bench_tile.py``, RESULTS.md, 2026-12-07 09:54) ``aten::copy_`` took 598 ms of a
 1.15 s pass, and autocast gained only 1.1-1.2x over float32 against 1.6-1.9x channels-last.
-Those figures time the whole network, its last 1x1 layer in bfloat16 included, which stuseg
-runs in float32. For the features alone (what stuseg runs in bfloat16) channels-last with
+Those figures time the whole network, its last 1x1 layer in bfloat16 included, which stuseg runs
+in float32. For the features alone (what stuseg runs in bfloat16) channels-last with
 ``InstanceNorm3d`` was no faster than the default layout (it makes each norm's input
 channels-first again: 0.85-2.0 s against 0.64-1.09 s, a throwaway script, 18:03), and with the
-norms by ``group_norm`` it took 0.90 s against 1.78 s in the default layout and 2.62 s in float32 (``bench_tile.py
---precision bfloat16`` and ``--precision float32``, variants ``*-features``, 2026-12-07 18:16 on
-a 2-core machine busy with another job: ratios, not speeds). The agreement above is that of this
-layout (99.13-99.62% of voxels, Dice 0.985-0.994; the default layout's differed by 0.02 points).
-float32 keeps the default layout: channels-last is slower there (1.6-1.9 s against 1.24-1.50 s
-for that tile), and float32's results stay the same bit for bit.
+norms by ``group_norm`` it took 0.90 s against 1.78 s in the default layout and 2.62 s in
+float32 (``bench_tile.py --precision bfloat16`` and ``--precision float32``, variants
+``*-features``, 2026-12-07 18:16 on a 2-core machine busy with another job: ratios, not speeds).
+The agreement above is that of this layout (99.13-99.62% of voxels, Dice 0.985-0.994; the
+default layout's differed by 0.02 points). float32 keeps the default layout: channels-last is
+slower there (1.6-1.9 s against 1.24-1.50 s for that tile), and float32's results stay the same
+bit for bit.
 
 Importing this module imports nothing heavy; torch is imported inside the functions that need it.
 """
