@@ -291,6 +291,31 @@ def test_float32_after_bfloat16_on_the_same_module_is_bit_identical(tmp_path: Pa
     np.testing.assert_array_equal(again, first)
 
 
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
+def test_bfloat16_with_mirroring_agrees_with_float32_with_mirroring(tmp_path: Path) -> None:
+    """The mirrorings flip a channels-last input and flip the classes-last result back: bfloat16
+    with ``tta`` labels as float32 with ``tta`` does but for rounding, whereas leaving the
+    mirrorings out changes a third of the labels of these weights (so a misplaced flip would show)."""
+    import dataclasses
+
+    from stuseg.plan import PLAN
+
+    torch.manual_seed(0)
+    net = build_network(Arch((4, 4, 8, 8, 8, 8), (1,) * 6, num_classes=5)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    plan = dataclasses.replace(PLAN, num_classes=5, patch_size=(32, 32, 32))
+    ct = _volume(tmp_path)
+
+    def labels(tta: bool, asked: str) -> np.ndarray:
+        return Segmenter(model=net, plan=plan, device="cpu", tta=tta, precision=asked)(ct).labels
+
+    mirrored = labels(True, "float32")
+    assert (labels(True, "bfloat16") == mirrored).mean() >= 0.99
+    assert (labels(False, "float32") == mirrored).mean() < 0.9
+
+
 def test_a_bad_precision_on_the_command_line_is_one_usage_line(tmp_path: Path) -> None:
     ct = _volume(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
