@@ -218,13 +218,20 @@ class GroupwiseInstanceNorm3d(nn.InstanceNorm3d):
     group per channel: the same function, by a kernel that keeps a channels-last input
     channels-last. ``InstanceNorm3d``'s own makes its input channels-first (``contiguous()``
     before a batch norm), so in a channels-last network every norm costs a copy there and one
-    back at the next convolution. In float32 its statistics are less exact than
-    ``InstanceNorm3d``'s (5e-5 against 6e-7 at unit scale, measured on a 16 x 32^3 block of mean
-    5): it is for reduced precision, whose own rounding (4e-2 there in bfloat16) dwarfs that.
+    back at the next convolution.
+
+    ``group_norm``'s channels-last CPU kernel takes the variance from sums of x and x^2, whose
+    difference cancels where a channel's mean is large beside its spread. Each channel is first
+    shifted by the mean of every 4th voxel along each axis (a norm does not change with a
+    shift), one more pass that keeps that cancellation small. Measured on a half-padded 128^3
+    tile of the real abdomen through STU-Net small under bfloat16 autocast, the logits' error
+    inside the image against float64 was 1.05e-4 (RMS) with the shift, 3.1e-4 without it and
+    1.15e-4 with ``InstanceNorm3d`` in the default layout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+        shift = x[:, :, ::4, ::4, ::4].float().mean((2, 3, 4), keepdim=True).to(x.dtype)
+        return F.group_norm(x - shift, self.num_features, self.weight, self.bias, self.eps)
 
 
 def to_channels_last(net: nn.Module) -> nn.Module:
