@@ -6,7 +6,7 @@
 - CPU: float32. bfloat16 runs only when asked for (``--precision bfloat16``): on the decisive
   test weights of the agreement tests (``tests/test_precision.py``: random STU-Nets whose
   classes each win somewhere, on the real abdomen and chest CTs) bfloat16's labels agreed with
-  float32's on 99.1-99.6% of voxels, mean per-structure Dice 0.985-0.994, below the 99.9% and
+  float32's on 99.1-99.6% of voxels, mean per-structure Dice 0.984-0.994, below the 99.9% and
   0.995 that ``auto`` requires. Random weights decide by small margins, so they are the hard
   case; with trained weights the agreement may well hold, but no trained weights can be reached
   from here to measure it.
@@ -41,14 +41,13 @@ activations around every bfloat16 convolution: on one 128^3 tile of STU-Net smal
 Those figures time the whole network, its last 1x1 layer in bfloat16 included, which stuseg runs
 in float32. For the features alone (what stuseg runs in bfloat16) channels-last with
 ``InstanceNorm3d`` was no faster than the default layout (it makes each norm's input
-channels-first again: 0.85-2.0 s against 0.64-1.09 s, a throwaway script, 18:03), and with the
-norms by ``group_norm`` it took 0.90 s against 1.78 s in the default layout and 2.62 s in
-float32 (``bench_tile.py --precision bfloat16`` and ``--precision float32``, variants
-``*-features``, 2026-12-07 18:16 on a 2-core machine busy with another job: ratios, not speeds).
-The agreement above is that of this layout (99.13-99.62% of voxels, Dice 0.985-0.994; the
-default layout's differed by 0.02 points). float32 keeps the default layout: channels-last is
-slower there (1.6-1.9 s against 1.24-1.50 s for that tile), and float32's results stay the same
-bit for bit.
+channels-first again; a throwaway script, 2026-12-07 18:03); as stuseg runs them now,
+``bench_tile.py --precision bfloat16`` gave 0.48-0.67 s against 0.67-0.83 s in the default
+layout, and ``--precision float32`` 1.35-1.74 s in float32 (variants ``*-features``, 18:41, on a
+2-core machine busy with another job: ratios, not speeds). The agreement above is that of this
+layout (99.09-99.60% of voxels, Dice 0.984-0.994; in the default layout 99.15-99.62% and
+0.985-0.994). float32 keeps the default layout: channels-last is slower there (1.6-1.9 s against
+1.24-1.50 s for that tile), and float32's results stay the same bit for bit.
 
 Importing this module imports nothing heavy; torch is imported inside the functions that need it.
 """
