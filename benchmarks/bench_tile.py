@@ -160,19 +160,35 @@ def _variants(torch, net, x, bf16: bool) -> dict[str, tuple]:
     ``torch.channels_last_3d`` (oneDNN's own layout, no reorder around each convolution).
     ``bfloat16-autocast``: ``torch.autocast`` (the norms stay float32). ``bfloat16-weights``:
     the network converted to bfloat16 (activations stay bfloat16 between layers).
+
+    These run the whole network, its last 1x1 layer (16 -> 105 channels at full resolution)
+    included. stuseg runs only ``net.features`` in the network's type and that layer in float32
+    (``stuseg.inference.head``): ``*-features`` time ``net.features`` alone, ``float32-features`` as
+    stuseg's float32 runs it, ``bfloat16-features-stuseg`` as ``--precision bfloat16`` runs it on
+    the CPU (``stuseg.model.network.to_channels_last``: channels-last, norms by ``group_norm``, autocast).
+    Their GFLOP/s use the whole network's count (the last layer is 3% of it).
     """
     import copy
+
+    from stuseg.model.network import to_channels_last
 
     last = torch.channels_last_3d
     net_cl = copy.deepcopy(net).to(memory_format=last)
     x_cl = x.contiguous(memory_format=last)
-    found = {"float32": (net, x, False), "float32-channels-last": (net_cl, x_cl, False)}
+    found = {
+        "float32": (net, x, False),
+        "float32-channels-last": (net_cl, x_cl, False),
+        "float32-features": (net.features, x, False),
+    }
     if bf16:
         net_b = copy.deepcopy(net).to(torch.bfloat16).to(memory_format=last)
+        net_stuseg = to_channels_last(copy.deepcopy(net))
         found |= {
             "bfloat16-autocast": (net, x, True),
             "bfloat16-autocast-channels-last": (net_cl, x_cl, True),
             "bfloat16-weights-channels-last": (net_b, x_cl.to(torch.bfloat16), False),
+            "bfloat16-features-default-layout": (net.features, x, True),
+            "bfloat16-features-stuseg": (net_stuseg.features, x_cl, True),
         }
     return found
 

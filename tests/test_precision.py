@@ -8,12 +8,13 @@ zero, so that the class follows the features) in nnU-Net v2 model folders, on th
 and chest CTs of ``tests/data``, normal and ``--fast``. No trained weights can be had here (the
 hub is unreachable), and the real scans with the published plan and random weights are noise. The
 target for ``auto`` to pick bfloat16 on the CPU is >= 99.9% of voxels equal and a mean
-per-structure Dice >= 0.995. It is not met (99.1-99.6%, 0.985-0.994 when measured): that test is
+per-structure Dice >= 0.995. It is not met (99.1-99.6%, 0.984-0.994 when measured): that test is
 an expected failure, strict, so that the day it holds the suite says so and ``auto`` can change.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -127,10 +128,10 @@ def test_the_network_runs_in_the_type_asked_for(tmp_path: Path, asked: str, dtyp
 
     from stuseg.model.plan import PLAN
 
-    probe = ConvProbe()
     plan = dataclasses.replace(PLAN, num_classes=3)
-    seg = segment(_volume(tmp_path), model=probe, plan=plan, device="cpu", precision=asked)
-    assert probe.seen == {dtype}
+    segmenter = Segmenter(model=ConvProbe(), plan=plan, device="cpu", precision=asked)
+    seg = segmenter(_volume(tmp_path))
+    assert segmenter.net.seen == {dtype}  # the network that ran (bfloat16: a channels-last copy)
     assert seg.precision == asked
     assert Segmenter(model=ConvProbe(), plan=plan, device="cpu").precision == "float32"  # auto
 
@@ -154,6 +155,166 @@ def test_the_head_softmax_and_sums_stay_float32_under_bfloat16() -> None:
         sums[name] = target
     difference = (sums["bfloat16"] - sums["float32"]).abs()
     assert 0 < difference.max() < 0.2
+
+
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def _record_convolutions(net: torch.nn.Module, seen: list[tuple[bool, bool]]) -> None:
+    """Each 3D convolution of ``net`` adds (its input is channels-last, its weight is) when it
+    runs; recorded through a closure, so a copy of ``net`` records into the same list."""
+
+    def hook(conv: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(
+            (
+                args[0].is_contiguous(memory_format=CHANNELS_LAST),
+                conv.weight.is_contiguous(memory_format=CHANNELS_LAST),
+            )
+        )
+
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.register_forward_pre_hook(hook)
+
+
+def _layout(net: torch.nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
+    return [(name, t.stride(), t.data_ptr()) for name, t in net.state_dict().items()]
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")  # emulated: slow, not wrong
+@pytest.mark.parametrize("asked", ["bfloat16", "float32"])
+def test_bfloat16_on_the_cpu_feeds_the_network_channels_last(tmp_path: Path, asked: str) -> None:
+    """bfloat16 on the CPU: every convolution's weight and input (the network's 2-channel input,
+    and every activation after it: the norms keep the layout) in channels_last_3d when they run;
+    float32: the default layout, unchanged. The caller's module is left as it was either way."""
+    import dataclasses
+
+    from stuseg.model.plan import PLAN, Normalization
+
+    torch.manual_seed(0)
+    net = build_network(Arch((4, 4, 4, 4, 4, 4), (1,) * 6, in_channels=2, num_classes=3)).eval()
+    seen: list[tuple[bool, bool]] = []
+    _record_convolutions(net, seen)
+    before = _layout(net)
+    zscore = Normalization()
+    plan = dataclasses.replace(PLAN, num_classes=3, patch_size=(32, 32, 32), channels=(zscore, zscore))
+    ct = _volume(tmp_path)
+    segmenter = Segmenter(model=net, plan=plan, device="cpu", precision=asked)
+    segmenter([ct, ct])
+    assert seen, "no convolution ran"
+    if asked == "bfloat16":
+        assert seen[0][0], "the network's input was not channels-last"
+        assert all(weight for _, weight in seen), "a convolution ran with channels-first weights"
+        assert all(given for given, _ in seen), "a convolution's input was reordered to channels-first"
+        assert segmenter.net is not net  # a copy was converted, not the caller's module
+    else:
+        assert not seen[0][0] and not all(weight for _, weight in seen)
+        assert segmenter.net is net
+    assert _layout(net) == before
+
+
+def test_a_channels_last_network_computes_what_the_network_computes() -> None:
+    """``to_channels_last`` (its norms by ``group_norm``) in float32 against the network as built:
+    the same state dict, the same features to float32 accuracy, and features that stay
+    channels-last (so the head reads them without a copy)."""
+    from stuseg.model.network import GroupwiseInstanceNorm3d, to_channels_last
+
+    torch.manual_seed(0)
+    net = build_network(Arch((4, 8, 8, 8, 8, 8), (1,) * 6, num_classes=3)).eval()
+    x = torch.randn(2, 1, 32, 32, 32) * 100 + 40  # off-centre: the norms' statistics matter
+    with torch.inference_mode():
+        expected = net.features(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    last = to_channels_last(copy.deepcopy(net))
+    assert any(isinstance(m, GroupwiseInstanceNorm3d) for m in last.modules())
+    got_state = last.state_dict()
+    assert list(got_state) == list(state)
+    assert all(torch.equal(got_state[k], v) for k, v in state.items())
+    with torch.inference_mode():
+        got = last.features(x.contiguous(memory_format=CHANNELS_LAST))
+    assert got.is_contiguous(memory_format=CHANNELS_LAST)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+class _Uncopyable(torch.nn.Module):
+    """A network module that ``copy.deepcopy`` refuses (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
+def test_a_module_that_cannot_be_copied_runs_in_bfloat16_in_its_own_layout(tmp_path: Path) -> None:
+    import dataclasses
+
+    from stuseg.model.plan import PLAN
+
+    net = _Uncopyable()
+    before = _layout(net)
+    plan = dataclasses.replace(PLAN, num_classes=3, patch_size=(16, 16, 16))
+    segmenter = Segmenter(model=net, plan=plan, device="cpu", precision="bfloat16")
+    assert segmenter.net is net and _layout(net) == before
+    assert segmenter(_volume(tmp_path)).precision == "bfloat16"
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
+def test_float32_after_bfloat16_on_the_same_module_is_bit_identical(tmp_path: Path) -> None:
+    """A bfloat16 Segmenter made from the caller's module must not change what a float32 one
+    made from it afterwards computes: the module's own float32 output, bit for bit, and the labels."""
+    import dataclasses
+
+    from stuseg.model.plan import PLAN
+
+    torch.manual_seed(0)
+    net = build_network(Arch((4, 4, 8, 8, 8, 8), (1,) * 6, num_classes=5)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)  # labels that vary from voxel to voxel (as fabricate.tiny_network)
+    plan = dataclasses.replace(PLAN, num_classes=5, patch_size=(32, 32, 32))
+    ct = _volume(tmp_path)
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits = net(x)
+    first = Segmenter(model=net, plan=plan, device="cpu", fast=True)(ct).labels
+    in_bf16 = Segmenter(model=net, plan=plan, device="cpu", fast=True, precision="bfloat16")
+    assert in_bf16(ct).precision == "bfloat16"
+    again = Segmenter(model=net, plan=plan, device="cpu", fast=True)(ct).labels
+    with torch.inference_mode():
+        assert torch.equal(net(x), logits)
+    assert len(np.unique(first)) >= 3, "the weights label too few classes to compare"
+    np.testing.assert_array_equal(again, first)
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
+def test_bfloat16_with_mirroring_agrees_with_float32_with_mirroring(tmp_path: Path) -> None:
+    """The mirrorings flip a channels-last input and flip the classes-last result back: bfloat16
+    with ``tta`` labels as float32 with ``tta`` does but for rounding, whereas leaving the
+    mirrorings out changes a third of the labels of these weights (so a misplaced flip would show)."""
+    import dataclasses
+
+    from stuseg.model.plan import PLAN
+
+    torch.manual_seed(0)
+    net = build_network(Arch((4, 4, 8, 8, 8, 8), (1,) * 6, num_classes=5)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    plan = dataclasses.replace(PLAN, num_classes=5, patch_size=(32, 32, 32))
+    ct = _volume(tmp_path)
+
+    def labels(tta: bool, asked: str) -> np.ndarray:
+        return Segmenter(model=net, plan=plan, device="cpu", tta=tta, precision=asked)(ct).labels
+
+    mirrored = labels(True, "float32")
+    assert (labels(True, "bfloat16") == mirrored).mean() >= 0.99
+    assert (labels(False, "float32") == mirrored).mean() < 0.9
 
 
 def test_a_bad_precision_on_the_command_line_is_one_usage_line(tmp_path: Path) -> None:
@@ -312,7 +473,7 @@ def test_bfloat16_stays_close_to_float32_on_real_scans(name: str, fast: bool, tm
 @pytest.mark.xfail(
     strict=True,
     reason="on random decisive weights bfloat16 agrees with float32 on 99.1-99.6% of voxels (mean "
-    "Dice 0.985-0.994): why auto stays float32 on the CPU",
+    "Dice 0.984-0.994): why auto stays float32 on the CPU",
 )
 @pytest.mark.parametrize("fast", [False, True], ids=["normal", "fast"])
 @pytest.mark.parametrize("name", list(REAL))

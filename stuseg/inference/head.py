@@ -77,6 +77,12 @@ class ClassProbabilities(PatchPredictor):
     features, under ``torch.autocast`` in that type. On the CPU the features are then made
     float32 again, so that the head, the softmax and the sums stay float32 and take the
     streamed path above.
+
+    ``channels_last``: the network's weights are in ``torch.channels_last_3d`` (the CPU's
+    bfloat16 path, ``stuseg.model.precision.channels_last``), so each input is made so too, and oneDNN
+    need not reorder it for the first convolution. The features may then come out in either
+    layout; the head's matrix product reads them through a view either way (``movedim(1, -1)``
+    is contiguous for channels-last features, so each chunk's ``reshape`` is then free).
     """
 
     def __init__(
@@ -86,11 +92,13 @@ class ClassProbabilities(PatchPredictor):
         *,
         softmax: bool = True,
         autocast: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.net = net
         self.chunk = chunk
         self.softmax = softmax
         self.autocast = autocast
+        self.channels_last = channels_last
         self.features = getattr(net, "features", None)
         self.head = net.seg_outputs[-1] if self.features is not None else None  # type: ignore[index]
         self.seconds = {"softmax": 0.0, "accumulate": 0.0}
@@ -158,6 +166,8 @@ class ClassProbabilities(PatchPredictor):
         on the CPU back in float32."""
         fn = self.features if features else self.net
         assert fn is not None
+        if self.channels_last:  # the network's weights are: see the class's docstring
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         if self.autocast is None:
             return fn(x)
         with torch.autocast(x.device.type, dtype=self.autocast):

@@ -9,6 +9,7 @@ output rows at input resolution (``stuseg.inference.postprocess``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import time
 import warnings
@@ -44,7 +45,7 @@ from stuseg.inference.predict import (
 from stuseg.inference.preprocess import Geometry, preprocess, restore
 from stuseg.inference.threads import limit_threads, thread_count
 from stuseg.model import precision as precisions
-from stuseg.model.network import STUNet, build_network
+from stuseg.model.network import STUNet, build_network, to_channels_last
 from stuseg.model.plan import PLAN, Normalization, Plan
 from stuseg.structures import labels as label_table
 
@@ -241,9 +242,11 @@ def _predictor(
 
     ``precision`` (resolved, ``stuseg.model.precision``): on CUDA a reduced type autocasts the whole
     predictor as the originals' float16 autocast does (softmax in float32); on the CPU only the
-    network up to its features, the head, softmax and sums staying float32 (``stuseg.inference.head``).
+    network up to its features, the head, softmax and sums staying float32 (``stuseg.inference.head``),
+    and bfloat16 there feeds the network channels-last input (``_in_layout`` made its weights so).
     """
     dtype = precisions.dtype(precision)
+    last = precisions.channels_last(precision, device)
     members: list[PatchPredictor] = []
     for net in nets:
         v1 = plan.framework == "v1"
@@ -251,11 +254,38 @@ def _predictor(
         if device.type == "cuda" and dtype is not None:
             member = Autocast(ClassProbabilities(net, softmax=v1), "cuda", dtype)
         else:
-            member = ClassProbabilities(net, softmax=v1, autocast=dtype)
+            member = ClassProbabilities(net, softmax=v1, autocast=dtype, channels_last=last)
         if tta:
             member = Mirrored(member, mirror_flips(plan.mirror_axes, plan.framework))
         members.append(member)
     return members[0] if len(members) == 1 else Ensemble(members)
+
+
+def _in_layout(
+    nets: Sequence[torch.nn.Module], device: torch.device, precision: str, *, shared: bool
+) -> list[torch.nn.Module]:
+    """The networks in the memory layout that ``precision`` runs in on ``device``: for bfloat16 on
+    the CPU ``stuseg.model.network.to_channels_last`` (weights in ``torch.channels_last_3d``, instance
+    norms that keep that layout; ``stuseg.model.precision.channels_last``), otherwise unchanged.
+
+    Networks loaded for this Segmenter are converted in place. A ``shared`` one (the caller's own
+    module) is converted as a copy, one more copy of its weights while the Segmenter lives, so
+    that the caller's module, and any float32 Segmenter made from it, keep their layout and their
+    bit-exact float32 results. A module that cannot be copied runs in its own layout: the layout
+    changes the speed, not the numbers' precision.
+    """
+    if not precisions.channels_last(precision, device):
+        return list(nets)
+    out = []
+    for net in nets:
+        if shared:
+            try:
+                net = copy.deepcopy(net)
+            except (TypeError, RuntimeError, copy.Error):  # an attribute deepcopy refuses: keep its layout
+                out.append(net)
+                continue
+        out.append(to_channels_last(net))
+    return out
 
 
 # Normal mode: the export holds a slab's mean scores (float32, K per voxel) and the row or two
@@ -419,10 +449,12 @@ class Segmenter:
             ``class_2``, ... and ``roi_subset`` (which names published structures) cannot be used.
         batch_size: tiles per forward pass (default 2 on CUDA, else 1).
         threads: CPU threads for this work (default ``stuseg.inference.threads.available_cpus()``).
-        precision: the type of the network's convolutions: ``auto`` (float16 on CUDA, bfloat16
-            on a CPU that computes it natively, else float32), ``float32``, ``bfloat16`` or
-            ``float16`` (CUDA only); see ``stuseg.model.precision``. The resolved choice is
-            ``self.precision`` and each Segmentation's ``precision``.
+        precision: the type of the network's convolutions: ``auto`` (float16 on CUDA, float32
+            on the CPU and MPS), ``float32``, ``bfloat16`` or ``float16`` (CUDA only); see
+            ``stuseg.model.precision``. The resolved choice is ``self.precision`` and each
+            Segmentation's ``precision``. bfloat16 on the CPU runs the network with its weights
+            and input in ``torch.channels_last_3d``: a network module given as ``model`` is then
+            copied (``self.net`` is the copy), so the caller's module keeps its layout.
 
     While the network runs on the CPU, glibc's malloc serves large blocks from the heap and its
     defaults come back afterwards (see ``stuseg.inference.memory``; ``STUSEG_TUNE_MALLOC=0`` leaves malloc
@@ -491,6 +523,9 @@ class Segmenter:
         else:
             self.nets, self.size = [model.to(self.device).eval()], size or "custom"
             self._identity = functools.cache(lambda: parameters_sha256(self.nets[0]))
+        # The caller's module only is shared; networks loaded here are this Segmenter's own.
+        shared = model is not None and self.trained is None
+        self.nets = _in_layout(self.nets, self.device, self.precision, shared=shared)
         self.net = self.nets[0]
         self.load_seconds = time.perf_counter() - start
 

