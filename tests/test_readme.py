@@ -67,7 +67,7 @@ def test_the_readme_has_the_examples_this_test_runs() -> None:
     blocks = python_blocks()
     assert len(blocks) == 4
     assert any("stuseg.batch.run" in b for b in blocks)
-    assert any("stuseg.runs.cohort.cohort_of" in b for b in blocks)
+    assert any("from stuseg.runs.cohort import cohort_of" in b for b in blocks)
     assert any('model="liver-v2"' in b for b in blocks)
 
 

@@ -44,7 +44,10 @@ in float32. For the features alone (what stuseg runs in bfloat16) channels-last 
 channels-first again; a throwaway script, 2026-12-07 18:03); as stuseg runs them now,
 ``bench_tile.py --precision bfloat16`` gave 0.48-0.67 s against 0.67-0.83 s in the default
 layout, and ``--precision float32`` 1.35-1.74 s in float32 (variants ``*-features``, 18:41, on a
-2-core machine busy with another job: ratios, not speeds). The agreement above is that of this
+2-core machine busy with another job: ratios, not speeds). End to end (``bench_predict.py``,
+512 x 512 x 300, small, ``--fast``, RESULTS.md 2026-12-07 18:45, quiet machine) the network
+stage took 31 s in bfloat16 channels-last, 41 s in bfloat16 in the default layout, and 69-70 s
+in float32. The agreement above is that of this
 layout (99.09-99.60% of voxels, Dice 0.984-0.994; in the default layout 99.15-99.62% and
 0.985-0.994). float32 keeps the default layout: channels-last is slower there (1.6-1.9 s against
 1.24-1.50 s for that tile), and float32's results stay the same bit for bit.
