@@ -133,3 +133,48 @@ def test_two_real_batches_into_one_folder_do_the_work_once(tmp_path: Path) -> No
     records = batch.read_log(out / batch.LOG_NAME)
     assert sorted((r["case"], r["status"]) for r in records) == [(f"case{i}", "ok") for i in range(3)]
     assert not locks.lock_path(out).exists()
+
+
+def test_a_predict_into_a_case_of_a_held_batch_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    """``stuseg predict CT results/case1`` while another run holds ``results/``: refused before any
+    work, naming the folder and its owner; nothing is written."""
+    ct = write_ct(tmp_path / "in" / "ct.nii.gz")
+    weights = tmp_path / "in" / "weights.pth"
+    weights.write_bytes(b"never read: the run stops before loading a model")
+    results = tmp_path / "results"
+    results.mkdir()
+    before = _tree(tmp_path)
+    holder = _holder(results)
+    try:
+        done = run_cli("predict", ct, results / "case1", "--weights", weights, "--device", "cpu")
+    finally:
+        _release(holder)
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"stuseg: error: another stuseg run (pid {holder.pid} on {socket.gethostname()}")
+    inside = f"is writing {results}, which holds {results / 'case1'}; "
+    assert line.endswith(inside + "wait for it to finish (or stop it), then run this again")
+    assert _tree(tmp_path) == before
+
+
+def test_a_case_being_written_by_a_predict_fails_in_the_batch_not_both(tmp_path: Path) -> None:
+    """The reverse: a run holding ``results/case1`` (a predict writing it) while this process writes
+    the batch's case there: that case's write is refused, and the lock of results/ does not stop
+    this process's own writes inside it (the batch holds it itself)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    holder = _holder(results / "case1")
+    try:
+        with locks.hold(results):
+            with locks.hold(results / "case2"):
+                pass  # inside a folder this process holds: allowed
+            with (
+                pytest.raises(locks.BusyError, match=r"is writing .*case1; wait"),
+                locks.hold(results / "case1"),
+            ):
+                pass
+    finally:
+        _release(holder)
+    # And once nobody holds results/ any more, a run inside it goes ahead.
+    with locks.hold(results / "case1"):
+        pass

@@ -8,8 +8,11 @@ guesswork, on this host or (through NFS's lock manager) another. The file holds 
 pid, host and start time, for the message the second run gives.
 
 A second run into a held output is refused at once (``BusyError``, one line naming the owner),
-before any work: it neither waits nor writes. The same process may take a lock it holds again
-(``stuseg batch`` holds its folder's lock while ``stuseg.batch.run`` takes it too).
+before any work: it neither waits nor writes. So is a run into anything inside a held folder
+(``stuseg predict CT results/case1`` while a batch writes ``results/``): each folder above the
+output whose lock file exists is tested with a brief shared ``flock``. The same process may
+take a lock it holds again, or write inside a folder it holds (``stuseg batch`` holds its
+folder's lock while ``stuseg.batch.run`` takes it too, and each case's own).
 
 Where no lock can be taken, the run goes on without one: the folder holding the output is missing
 or read-only (the output checks that follow refuse it with their own message), the file system
@@ -75,6 +78,7 @@ def hold(output: str | os.PathLike[str]) -> Iterator[None]:
             with _GUARD:
                 _HELD[key] -= 1
         return
+    _check_enclosing(Path(output))
     fd = _acquire(path, Path(output))
     with _GUARD:
         _HELD[key] = 1
@@ -126,6 +130,37 @@ def _acquire(path: Path, output: Path) -> int | None:
 
 
 _ADVICE = "wait for it to finish (or stop it), then run this again"
+
+
+def _check_enclosing(output: Path) -> None:
+    """Refuse ``output`` if another process holds the lock of a folder it lies in.
+
+    Only the folders whose lock file exists are tested (a file opened, not created), each with a
+    shared ``flock`` taken and dropped at once: it fails only where a run holds the folder.
+    """
+    if fcntl is None:
+        return
+    for folder in Path(os.path.abspath(output)).parents:
+        path = lock_path(folder)
+        with _GUARD:
+            mine = str(path) in _HELD
+        if mine or folder == folder.parent:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # no lock file: no run holds this folder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(fd)
+            raise BusyError(
+                f"another stuseg run ({owner}) is writing {folder}, which holds {output}; {_ADVICE}"
+            ) from None
+        except OSError:
+            continue  # a file system without flock: unlocked, as in _acquire
+        finally:
+            os.close(fd)
 
 
 def _owner(fd: int) -> str:

@@ -63,6 +63,8 @@ def write_case(
     Raises:
         OutputError: the case's output is unsafe (e.g. a folder of the user's own files, without
             ``overwrite``) or cannot be written (disk full); nothing of it was written then.
+        stuseg.results.locks.BusyError: another run (a ``predict`` into the case's own output)
+            is writing it.
     """
     layout = case_layout(output, case.id, settings)
     layout.check([case.input, *case.channels], overwrite=overwrite)
@@ -80,7 +82,8 @@ def write_case(
             "run": run_id,
         },
     }
-    written = write_result(layout, seg, settings.request, sources, run=run)
+    with layout.locked():  # a predict into OUTPUT/<case> meanwhile is refused, and the reverse
+        written = write_result(layout, seg, settings.request, sources, run=run)
     return written.paths, products
 
 
