@@ -178,3 +178,18 @@ def test_a_case_being_written_by_a_predict_fails_in_the_batch_not_both(tmp_path:
     # And once nobody holds results/ any more, a run inside it goes ahead.
     with locks.hold(results / "case1"):
         pass
+
+
+def test_a_batch_worker_writes_its_case_inside_the_folder_its_driver_holds(tmp_path: Path) -> None:
+    """A Ray worker is another process than the driver holding the batch folder: the case's own
+    lock, taken without the test of the folders above, is granted; a predict's is not."""
+    results = tmp_path / "results"
+    results.mkdir()
+    driver = _holder(results)
+    try:
+        with locks.hold(results / "case1", enclosing=False):
+            assert (results / ".stuseg-lock-case1").is_file()
+        with pytest.raises(locks.BusyError, match=r"which holds"), locks.hold(results / "case1"):
+            pass
+    finally:
+        _release(driver)

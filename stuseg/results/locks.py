@@ -12,7 +12,8 @@ before any work: it neither waits nor writes. So is a run into anything inside a
 (``stuseg predict CT results/case1`` while a batch writes ``results/``): each folder above the
 output whose lock file exists is tested with a brief shared ``flock``. The same process may
 take a lock it holds again, or write inside a folder it holds (``stuseg batch`` holds its
-folder's lock while ``stuseg.batch.run`` takes it too, and each case's own).
+folder's lock while ``stuseg.batch.run`` takes it too; each case's own lock is taken by the
+process writing it, the batch's or a Ray worker, without the test of the folders above).
 
 Where no lock can be taken, the run goes on without one: the folder holding the output is missing
 or read-only (the output checks that follow refuse it with their own message), the file system
@@ -59,8 +60,11 @@ def lock_path(output: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
-def hold(output: str | os.PathLike[str]) -> Iterator[None]:
+def hold(output: str | os.PathLike[str], *, enclosing: bool = True) -> Iterator[None]:
     """Hold the lock of ``output`` while the block runs (see the module's docstring).
+
+    ``enclosing=False`` leaves out the test of the folders above ``output``: for a batch's own
+    case writes, inside the folder its run holds (in this process, or on Ray in the driver's).
 
     Raises:
         BusyError: another process holds it; the message names its pid, host and start time.
@@ -78,7 +82,8 @@ def hold(output: str | os.PathLike[str]) -> Iterator[None]:
             with _GUARD:
                 _HELD[key] -= 1
         return
-    _check_enclosing(Path(output))
+    if enclosing:
+        _check_enclosing(Path(output))
     fd = _acquire(path, Path(output))
     with _GUARD:
         _HELD[key] = 1

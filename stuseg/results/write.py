@@ -306,16 +306,17 @@ class Layout:
             return [Path(self.target)]
         return [p for files in self.files().values() for p in files]
 
-    def locked(self) -> AbstractContextManager[None]:
+    def locked(self, *, enclosing: bool = True) -> AbstractContextManager[None]:
         """Hold the lock of this result (``stuseg.results.locks.hold``) while the block runs: take it
-        before ``check`` and keep it until ``write_result`` is done.
+        before ``check`` and keep it until ``write_result`` is done. ``enclosing``: also refuse it
+        while another run holds a folder it lies in (``False`` for a batch's own cases).
 
         Raises:
             stuseg.results.locks.BusyError: another run is writing this result.
         """
         from stuseg.results import locks
 
-        return locks.hold(self.target)
+        return locks.hold(self.target, enclosing=enclosing)
 
     def check(self, inputs: Sequence[str | Path], *, overwrite: bool = False) -> None:
         """Refuse, before any work, a result that cannot be written safely.

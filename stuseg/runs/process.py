@@ -82,7 +82,9 @@ def write_case(
             "run": run_id,
         },
     }
-    with layout.locked():  # a predict into OUTPUT/<case> meanwhile is refused, and the reverse
+    # A predict into OUTPUT/<case> meanwhile is refused, and the reverse. The batch folder itself
+    # is held by this run (by this process, or on Ray by the driver): not tested here.
+    with layout.locked(enclosing=False):
         written = write_result(layout, seg, settings.request, sources, run=run)
     return written.paths, products
 
