@@ -4,7 +4,7 @@ The modules moved into one package per job (``ARCHITECTURE.md``). Importing a mo
 name gives the very module object of the new name (so a patch through either name patches both)
 and a ``DeprecationWarning`` naming the new path. ``stuseg.results``, ``stuseg.weights`` and
 ``stuseg.cli`` are packages now; their old names (``Request``, ``download_weights``, ``main``, ...)
-are forwarded by the packages themselves.
+are forwarded by the packages themselves (``forwarding``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
-__all__ = ["MOVED", "install"]
+__all__ = ["MOVED", "forwarding", "install"]
 
 # Old name -> new name.
 MOVED = {
@@ -84,3 +86,15 @@ def install() -> None:
     """Put the finder at the end of ``sys.meta_path`` once (real modules are always found first)."""
     if not any(isinstance(f, _Moved) for f in sys.meta_path):
         sys.meta_path.append(_Moved())
+
+
+def forwarding(package: str, face: str, names: Sequence[str]) -> Callable[[str], Any]:
+    """A package's ``__getattr__`` (PEP 562) that hands on ``names`` from its ``face`` module,
+    imported on first use (so importing the package, or another of its modules, stays light)."""
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return getattr(importlib.import_module(face), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -118,7 +118,13 @@ def test_every_old_flat_module_still_imports() -> None:
 def test_the_packages_forward_their_face_modules_names() -> None:
     from stuseg import results, weights
 
-    assert results.write_result is importlib.import_module("stuseg.results.write").write_result
-    assert weights.download_weights is importlib.import_module("stuseg.weights.cache").download_weights
+    write = importlib.import_module("stuseg.results.write")
+    cache = importlib.import_module("stuseg.weights.cache")
+    assert results.write_result is write.write_result
+    assert weights.download_weights is cache.download_weights
+    # Each package declares its face's names, all of them (a name added to the face alone would
+    # not be forwarded).
+    assert sorted(results.__all__) == sorted(write.__all__)
+    assert sorted(weights.__all__) == sorted(cache.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         results.nothing  # noqa: B018

@@ -9,17 +9,11 @@ through ``stuseg.crash``.
 
 from __future__ import annotations
 
-from typing import Any
+from stuseg._moved import forwarding
 
 __all__ = ["app", "main"]
 
 
-def __getattr__(name: str) -> Any:
-    """``app`` and ``main`` of ``stuseg.cli.commands``, imported on first use (PEP 562), so that a
-    command module (``stuseg.cli.finetune``) can import ``stuseg.cli.base`` without the table of
-    every command, which imports it."""
-    if name in __all__:
-        import importlib
-
-        return getattr(importlib.import_module("stuseg.cli.commands"), name)
-    raise AttributeError(f"module 'stuseg.cli' has no attribute {name!r}")
+# ``app`` and ``main`` of ``stuseg.cli.commands``, imported on first use, so that a command module
+# (``stuseg.cli.finetune``) can import ``stuseg.cli.base`` without the table of every command.
+__getattr__ = forwarding(__name__, "stuseg.cli.commands", __all__)

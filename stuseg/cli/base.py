@@ -39,14 +39,7 @@ __all__ = [
 ]
 
 
-app = App(
-    name="stuseg",
-    help="Segment the 104 TotalSegmentator structures in CT scans with STU-Net.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = App("stuseg", "Segment the 104 TotalSegmentator structures in CT scans with STU-Net.")
 
 
 out = Console()

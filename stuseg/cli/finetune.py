@@ -20,14 +20,7 @@ from stuseg.cli.helptext import App
 
 __all__ = ["app"]
 
-app = App(
-    name="finetune",
-    help="Fine-tune a pretrained STU-Net on your labelled CT scans (nnU-Net v2 trains it).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = App("finetune", "Fine-tune a pretrained STU-Net on your labelled CT scans (nnU-Net v2 trains it).")
 
 
 @contextmanager

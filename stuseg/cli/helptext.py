@@ -60,7 +60,19 @@ class PlainHelpCommand(TyperCommand):
 
 
 class App(typer.Typer):
-    """``typer.Typer`` whose commands are ``PlainHelpCommand`` unless a command asks for another."""
+    """``typer.Typer`` whose commands are ``PlainHelpCommand`` unless a command asks for another,
+    with stuseg's settings: help when called bare, no shell completion, no rich tracebacks or
+    markup (errors are one line, ``stuseg.cli.base.user_errors``)."""
+
+    def __init__(self, name: str, help: str) -> None:
+        super().__init__(
+            name=name,
+            help=help,
+            no_args_is_help=True,
+            add_completion=False,
+            pretty_exceptions_enable=False,
+            rich_markup_mode=None,
+        )
 
     def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
         return super().command(*args, cls=cls or PlainHelpCommand, **kwargs)

@@ -11,7 +11,7 @@ names, imported on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from stuseg._moved import forwarding
 
 __all__ = [
     "PRODUCTS",
@@ -28,10 +28,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """``stuseg.results.X`` for a public name of ``stuseg.results.write`` (PEP 562)."""
-    if name in __all__:
-        from stuseg.results import write
-
-        return getattr(write, name)
-    raise AttributeError(f"module 'stuseg.results' has no attribute {name!r}")
+__getattr__ = forwarding(__name__, "stuseg.results.write", __all__)

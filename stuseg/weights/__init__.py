@@ -11,7 +11,7 @@ registry of imported models).
 
 from __future__ import annotations
 
-from typing import Any
+from stuseg._moved import forwarding
 
 __all__ = [
     "BY_ARCH",
@@ -31,10 +31,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """``stuseg.weights.X`` for a public name of ``stuseg.weights.cache`` (PEP 562)."""
-    if name in __all__:
-        from stuseg.weights import cache
-
-        return getattr(cache, name)
-    raise AttributeError(f"module 'stuseg.weights' has no attribute {name!r}")
+__getattr__ = forwarding(__name__, "stuseg.weights.cache", __all__)
