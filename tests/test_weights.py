@@ -8,6 +8,7 @@ import fractions
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typer.testing import CliRunner
 
 from stuseg.cli import app
 from stuseg.errors import WeightsError
-from stuseg.model import network
+from stuseg.model import network, sizes
 from stuseg.model.network import SIZES, Arch, build_network
 from stuseg.weights import cache as weights
 from stuseg.weights import checkpoints, manifest
@@ -69,12 +70,6 @@ def test_state_dict_matches_reference(size: str) -> None:
     got = {k: list(v.shape) for k, v in net.state_dict().items()}
     assert got == dict(ref["state_dict"])
     assert sum(v.numel() for v in net.state_dict().values()) == PARAMS[size] == ref["total_params"]
-
-
-def test_aliases_build_the_same_table_row() -> None:
-    assert build_network("S", device="meta").arch == build_network("small", device="meta").arch
-    with pytest.raises(ValueError, match=r"small.*base.*large.*huge"):
-        build_network("xl", device="meta")
 
 
 def test_forward_output_and_divisibility() -> None:
@@ -128,16 +123,28 @@ def test_plan_facts_are_not_in_the_manifest(tmp_path: Path) -> None:
         manifest.load_manifest(path)
 
 
-def test_size_names_agree_with_the_network_table() -> None:
-    # manifest.py keeps the names without importing torch; network.SIZES is the table they name.
-    assert tuple(network.SIZES) == manifest.SIZE_NAMES
-    for name in ("small", "S", " Base ", "l", "HUGE", "h"):
-        assert manifest.canonical_size(name) == network.canonical_size(name)
-    for name in ("xl", "", "sm"):
-        with pytest.raises(ValueError):
-            network.canonical_size(name)
-        with pytest.raises(WeightsError, match="valid sizes"):
-            manifest.canonical_size(name)
+def test_size_names_are_the_network_table_in_order() -> None:
+    # sizes.py keeps the names without importing torch; network.SIZES is the table they name.
+    assert tuple(network.SIZES) == sizes.SIZE_NAMES == ("small", "base", "large", "huge")
+
+
+@pytest.mark.parametrize(
+    ("given", "size"),
+    [("small", "small"), ("S", "small"), (" Base ", "base"), ("l", "large"), ("HUGE", "huge")],
+)
+def test_a_size_is_named_by_its_name_or_first_letter(given: str, size: str) -> None:
+    assert sizes.canonical_size(given) == size
+    assert network.build_network(given, device="meta").arch == network.SIZES[size]  # meta: no memory
+
+
+@pytest.mark.parametrize("given", ["xl", "", "sm", "bases"])
+def test_an_unknown_size_is_one_line_listing_the_sizes(given: str) -> None:
+    line = f"unknown model size {given!r}; valid sizes: small (S), base (B), large (L), huge (H)"
+    with pytest.raises(WeightsError) as raised:
+        sizes.canonical_size(given)
+    assert str(raised.value) == line
+    with pytest.raises(WeightsError, match=re.escape(line)):
+        network.build_network(given, device="meta")
 
 
 @pytest.mark.parametrize(

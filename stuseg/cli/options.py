@@ -222,7 +222,7 @@ def canonical_size(size: str | None) -> str | None:
     """
     if size is None:
         return None
-    from stuseg.weights.manifest import canonical_size
+    from stuseg.model.sizes import canonical_size
 
     return canonical_size(size)
 

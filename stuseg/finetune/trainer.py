@@ -37,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stuseg.errors import WeightsError
 from stuseg.finetune.weights import WeightsReport, load_pretrained
-from stuseg.model.network import SIZES, Arch, Stride, STUNet, canonical_size
+from stuseg.model.network import SIZES, Arch, Stride, STUNet
+from stuseg.model.sizes import canonical_size
 from stuseg.weights.modelfolder import stunet_strides
 
 __all__ = [

@@ -1,7 +1,8 @@
-"""The network and what describes it: STU-Net's module, its plan, its number type.
+"""The network and what describes it: STU-Net's sizes, module, plan and number type.
 
-``network`` (the architecture), ``plan`` (how a model wants its images prepared and its outputs
-read), ``precision`` (the type the convolutions run in).
+``sizes`` (the sizes by name, without torch), ``network`` (the architecture), ``plan`` (how a
+model wants its images prepared and its outputs read), ``precision`` (the type the
+convolutions run in).
 """
 
 __all__: list[str] = []

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stuseg.model.sizes import canonical_size
+
 __all__ = [
     "SIZES",
     "Arch",
@@ -23,7 +25,6 @@ __all__ = [
     "Stride",
     "Upsample",
     "build_network",
-    "canonical_size",
     "count_parameters",
     "to_channels_last",
 ]
@@ -62,18 +63,6 @@ SIZES: dict[str, Arch] = {
     "large": Arch(dims=tuple(64 * w for w in _WIDTHS), depths=(2,) * 6),
     "huge": Arch(dims=tuple(96 * w for w in _WIDTHS), depths=(3,) * 6),
 }
-
-_ALIASES = {name[0]: name for name in SIZES}
-
-
-def canonical_size(name: str) -> str:
-    """Map ``small``/``S``/``Base``/... to the ``SIZES`` key; raise ValueError listing valid names."""
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in SIZES:
-        valid = ", ".join(f"{n} ({n[0].upper()})" for n in SIZES)
-        raise ValueError(f"unknown model size {name!r}; valid sizes: {valid}")
-    return key
 
 
 class ResBlock(nn.Module):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stuseg.errors import WeightsError
+from stuseg.model.sizes import SIZE_NAMES, canonical_size
 from stuseg.weights.checkpoints import (
     DamagedFile,
     check_architecture,
@@ -40,7 +41,7 @@ from stuseg.weights.checkpoints import (
     validate_safetensors,
     write_safetensors,
 )
-from stuseg.weights.manifest import HEX64, SIZE_NAMES, WeightsEntry, canonical_size, load_manifest
+from stuseg.weights.manifest import HEX64, WeightsEntry, load_manifest
 
 if TYPE_CHECKING:
     import torch

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from stuseg.errors import WeightsError
-from stuseg.weights.manifest import SIZE_NAMES
+from stuseg.model.sizes import SIZE_NAMES
 
 if TYPE_CHECKING:
     import torch

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stuseg.errors import WeightsError
+from stuseg.model.sizes import SIZE_NAMES, canonical_size
 
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_SCHEMA",
-    "SIZE_NAMES",
     "Manifest",
     "WeightsEntry",
-    "canonical_size",
     "default_manifest_path",
     "load_manifest",
 ]
@@ -36,32 +35,8 @@ __all__ = [
 MANIFEST_SCHEMA = 2
 MANIFEST_NAME = "weights_manifest.json"
 
-# The STU-Net sizes, in the order of ``stuseg.model.network.SIZES`` (a test keeps the two equal). Kept
-# here as names only so that reading the manifest does not import torch through network.py.
-SIZE_NAMES = ("small", "base", "large", "huge")
-
 HEX40 = re.compile(r"[0-9a-f]{40}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def canonical_size(name: str) -> str:
-    """Map ``small``/``S``/``Base``/... to one of ``SIZE_NAMES``.
-
-    Args:
-        name: a size name or its first letter, in any case.
-
-    Returns:
-        The canonical size name.
-
-    Raises:
-        WeightsError: the name is not a size; the message lists the valid ones.
-    """
-    key = name.strip().lower()
-    key = {n[0]: n for n in SIZE_NAMES}.get(key, key)
-    if key not in SIZE_NAMES:
-        valid = ", ".join(f"{n} ({n[0].upper()})" for n in SIZE_NAMES)
-        raise WeightsError(f"unknown model size {name!r}; valid sizes: {valid}")
-    return key
 
 
 @dataclass(frozen=True)
