@@ -109,9 +109,19 @@ def test_limit_threads_restores_torch_and_numba() -> None:
     import stuseg.inference.kernels  # noqa: F401  numba is imported with the kernels
 
     torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
-    with threads.limit_threads(1):
-        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
-    assert (torch.get_num_threads(), numba.get_num_threads()) == (torch_before, numba_before)
+    try:
+        # Two threads before, one inside: a limit that did nothing could not pass on a machine
+        # whose default is one thread.
+        torch.set_num_threads(2)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        outside = (torch.get_num_threads(), numba.get_num_threads())
+        with threads.limit_threads(1):
+            assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+        assert (torch.get_num_threads(), numba.get_num_threads()) == outside
+        assert outside[0] == 2
+    finally:
+        torch.set_num_threads(torch_before)
+        numba.set_num_threads(numba_before)
 
 
 def test_cubic_resampling_uses_available_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
