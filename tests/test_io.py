@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from stuseg.errors import InputError
-from stuseg.images.io import SUPPORTED_INPUTS, StusegWarning, Volume, label_image, read_image
+from stuseg.images.io import SUPPORTED_INPUTS, StusegWarning, Volume, label_image, label_values, read_image
 from stuseg.results.labelmaps import write_nifti
 
 DATA = Path(__file__).parent / "data"
@@ -629,3 +629,19 @@ def test_metaio_complaints_are_quoted_not_printed(tmp_path: Path, capfd) -> None
         f"cannot read {path}: it is damaged, truncated or not a MetaImage image, or its data file is missing "
         "(ITK: DimSize required and not defined); check the file or export it again"
     )
+
+
+def test_label_values_keep_a_type_that_fits_and_check_the_rest() -> None:
+    small = np.array([[0, 7]], np.uint8)
+    assert label_values(small, np.uint16, ValueError) is small  # narrower unsigned: as it is
+    wide = np.array([0, 300, 65535], np.int64)
+    narrowed = label_values(wide, np.uint16, ValueError)
+    assert narrowed.dtype == np.uint16 and narrowed.tolist() == [0, 300, 65535]
+    with pytest.raises(ValueError, match=r"^label values must lie in 0\.\.255 to be written as uint8$"):
+        label_values(np.array([256], np.uint16), np.uint8, ValueError, " to be written as uint8")
+    with pytest.raises(KeyError, match=r"label values must lie in 0\.\.65535"):
+        label_values(np.array([-1], np.int16), np.uint16, KeyError)
+    with pytest.raises(ValueError, match=r"^a label map must hold integers, not float32$"):
+        label_values(np.array([1.0], np.float32), np.uint8, ValueError)
+    with pytest.raises(ValueError, match="must hold integers, not bool"):
+        label_values(np.array([True]), np.uint8, ValueError)

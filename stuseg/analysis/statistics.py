@@ -45,6 +45,7 @@ from stuseg import __version__
 from stuseg.analysis import quality
 from stuseg.errors import InputError, LabelError
 from stuseg.images.geometry import same_grid
+from stuseg.images.io import label_values
 from stuseg.structures import labels as label_table
 
 __all__ = [
@@ -244,7 +245,7 @@ def label_counts(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         ``(counts, [along0, along1, along2])``: int64 arrays; ``counts`` has one entry per value
         up to the largest present (at least 2).
     """
-    labels = _label_dtype(labels)
+    labels = label_values(labels, np.uint16, LabelError)
     top = int(labels.max(initial=0))
     counts = np.zeros(max(top + 1, 2), np.int64)
     along = [np.zeros(n, np.int64) for n in labels.shape]
@@ -255,16 +256,6 @@ def label_counts(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
 def warm_up() -> None:
     """Compile (or load from numba's cache) the loop for uint8 labels and float32 intensities."""
     compute(np.ones((2, 2, 2), np.uint8), np.eye(4), np.zeros((2, 2, 2), np.float32), {1: "x"})
-
-
-def _label_dtype(labels: np.ndarray) -> np.ndarray:
-    if labels.dtype in (np.uint8, np.uint16):
-        return labels
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise LabelError(f"a label map must hold integers, not {labels.dtype}")
-    if labels.size and (labels.min() < 0 or labels.max() > 65535):
-        raise LabelError("label values must lie in 0..65535")
-    return labels.astype(np.uint16)
 
 
 def _percentiles_of_sorted(values: np.ndarray, percents: Sequence[float]) -> list[float]:
@@ -286,7 +277,7 @@ def _percentiles_of_sorted(values: np.ndarray, percents: Sequence[float]) -> lis
 
 def _measure_layer(labels: np.ndarray, ct: np.ndarray) -> dict[int, dict[str, object]]:
     """Raw per-label measurements of one label map: {value: fields} for every value present."""
-    labels = _label_dtype(labels)
+    labels = label_values(labels, np.uint16, LabelError)
     if labels.flags.c_contiguous and not labels.flags.f_contiguous and ct.flags.c_contiguous:
         # Both in C order: loop the transposed (Fortran-ordered) views and swap the axes back.
         swap = True

@@ -38,6 +38,7 @@ __all__ = [
     "dicom_series_files",
     "image_on_grid",
     "label_image",
+    "label_values",
     "load_nifti",
     "looks_like_dicom",
     "nifti_header_for",
@@ -92,6 +93,26 @@ def label_image(data: np.ndarray, like: nib.Nifti1Header) -> nib.Nifti1Image:
     if data.dtype != np.uint8:
         raise TypeError("label images are written as uint8")
     return image_on_grid(data, like)
+
+
+def label_values(
+    data: np.ndarray, dtype: type[np.unsignedinteger], error: type[Exception], why: str = ""
+) -> np.ndarray:
+    """``data`` as label values of the unsigned ``dtype``: as it is where its type is unsigned and
+    no wider, else cast once its values are checked to be integers that ``dtype`` holds.
+
+    Raises:
+        ``error``: the values are not integers, or lie outside 0..max of ``dtype`` (``why`` says
+            what that bound is for).
+    """
+    if data.dtype.kind == "u" and data.dtype.itemsize <= np.dtype(dtype).itemsize:
+        return data
+    if not np.issubdtype(data.dtype, np.integer):
+        raise error(f"a label map must hold integers, not {data.dtype}")
+    top = int(np.iinfo(dtype).max)
+    if data.size and (data.min() < 0 or data.max() > top):
+        raise error(f"label values must lie in 0..{top}{why}")
+    return data.astype(dtype)
 
 
 def image_on_grid(data: np.ndarray, like: nib.Nifti1Header) -> nib.Nifti1Image:

@@ -33,7 +33,7 @@ import numpy as np
 
 from stuseg.errors import InputError, LabelError, OutputError
 from stuseg.images.geometry import same_grid
-from stuseg.images.io import check_pixel_kind, label_image, load_nifti, spatial_shape
+from stuseg.images.io import check_pixel_kind, label_image, label_values, load_nifti, spatial_shape
 from stuseg.images.paths import NIFTI_SUFFIXES, nifti_stem
 from stuseg.results import outputs
 from stuseg.structures import labels as lbl
@@ -298,17 +298,6 @@ def slicer_ctbl(names: Mapping[int, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _as_uint8_labels(data: np.ndarray) -> np.ndarray:
-    if data.dtype == np.uint8:
-        return data
-    if not np.issubdtype(data.dtype, np.integer):
-        raise ValueError(f"label maps must hold integers, not {data.dtype}")
-    # uint8 holds 0..255: enough for 104 structures in any numbering, and what viewers expect.
-    if data.size and (data.min() < 0 or data.max() > 255):
-        raise ValueError("label values must lie in 0..255 to be written as uint8")
-    return data.astype(np.uint8)
-
-
 def multilabel_paths(path: Path) -> list[Path]:
     """The four files of multilabel file ``path``: itself, its JSON sidecar and viewer label files.
 
@@ -349,7 +338,8 @@ def write_multilabel(
         ValueError: a value without a name, a value outside 1..255 or an unusable name.
         OSError: a file cannot be written.
     """
-    data = _as_uint8_labels(np.asarray(data))
+    # uint8 holds 0..255: enough for 104 structures in any numbering, and what viewers expect.
+    data = label_values(np.asarray(data), np.uint8, ValueError, " to be written as uint8")
     names = {int(v): str(n) for v, n in names.items()}
     for v, n in names.items():
         if not 1 <= v <= 255 or not n.strip() or any(c in n for c in '"\n\r'):
