@@ -10,6 +10,11 @@ hub is unreachable), and the real scans with the published plan and random weigh
 target for ``auto`` to pick bfloat16 on the CPU is >= 99.9% of voxels equal and a mean
 per-structure Dice >= 0.995. It is not met (99.1-99.6%, 0.984-0.994 when measured): that test is
 an expected failure, strict, so that the day it holds the suite says so and ``auto`` can change.
+
+On weights that decide as a trained model does (``trained_weights``: a small STU-Net fitted to
+TotalSegmentator's masks of the real abdomen) bfloat16 comes closer (99.77-99.88%, Dice
+0.994-0.996 when measured) and still falls short, where float16, ``auto``'s choice on CUDA,
+meets the target; those tests guard the figures and print them (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from model_folders import write_v2_folder
+import trained_weights
+from model_folders import CT_PROPERTIES, write_v2_folder
 
 from stuseg import batch
 from stuseg.errors import InputError
@@ -481,3 +487,96 @@ def test_bfloat16_meets_the_target_for_auto(name: str, fast: bool, tmp_path: Pat
     equal, dice = _agreement(name, fast, tmp_path)
     assert equal >= 0.999, f"{name}: {equal:.4%} of voxels equal"
     assert dice >= 0.995, f"{name}: mean Dice {dice:.4f}"
+
+
+# --- agreement on weights that decide like a trained model's ---------------------------------
+# Random weights label by small margins everywhere; a trained network only at organ borders. The
+# weights of ``trained_weights`` (a small STU-Net fitted to TotalSegmentator's masks of the real
+# abdomen in a few minutes) show how far each reduced type moves a trained network's labels.
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict[str, torch.Tensor]:
+    return trained_weights.train()
+
+
+def _mean_dice(a: np.ndarray, b: np.ndarray) -> float:
+    present = [v for v in np.union1d(np.unique(a), np.unique(b)) if v > 0]
+    return float(
+        np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in present])
+    )
+
+
+@pytest.mark.slow
+def test_the_trained_weights_segment_the_abdomen_as_totalsegmentator_did(
+    trained: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """The fixture is what it claims (and stuseg reads its v2 folder the right way round): in
+    float32 its labels on the 30 labelled slices match the masks it was fitted to."""
+    folder = trained_weights.write_folder(tmp_path / "models", trained)
+    labels = segment(DATA / "abdomen_ct_3mm.nii.gz", model=folder, device="cpu", precision="float32").labels
+    _, truth = trained_weights.labelled_slices()
+    first = trained_weights.FIRST_SLICE
+    found = labels[:, :, first : first + truth.shape[2]]
+    liver = 2 * np.sum((found == 1) & (truth == 1)) / (np.sum(found == 1) + np.sum(truth == 1))
+    assert liver >= 0.9, f"liver Dice {liver:.3f}"
+    assert _mean_dice(found, truth) >= 0.75
+
+
+def _tile_labels(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> np.ndarray:
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None),
+    ):
+        return net(x).float().argmax(1)[0].numpy()
+
+
+@pytest.mark.slow
+def test_float16_the_cuda_default_meets_the_target_on_trained_weights(
+    trained: dict[str, torch.Tensor],
+) -> None:
+    """``auto`` is float16 on CUDA, as in the original pipeline. On trained weights its labels
+    agree with float32's on >= 99.9% of voxels with a mean Dice >= 0.995, the target that
+    bfloat16 must meet for ``auto`` to pick it on the CPU. The network runs on the whole real
+    abdomen at once (the CPU emulates float16; what counts is the type's rounding). bfloat16's
+    figure on the same input is printed beside it (``pytest -s``)."""
+    net = build_network(trained_weights.ARCH)
+    net.load_state_dict(trained)
+    net.eval()
+    ct = np.asarray(nib.load(DATA / "abdomen_ct_3mm.nii.gz").dataobj, dtype=np.float32).T  # (z, y, x)
+    p = CT_PROPERTIES
+    x = torch.from_numpy((np.clip(ct, p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"])
+    shape = x.shape
+    x = torch.nn.functional.pad(x, (0, -shape[2] % 16, 0, -shape[1] % 16, 0, -shape[0] % 16))[None, None]
+    inside = tuple(slice(0, n) for n in shape)
+    reference = _tile_labels(net, x, None)[inside]
+    figures = {}
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        labels = _tile_labels(net, x, dtype)[inside]
+        figures[name] = float((labels == reference).mean()), _mean_dice(labels, reference)
+        equal, dice = figures[name]
+        print(f"trained weights, {name}: {equal:.4%} of voxels equal, mean Dice {dice:.4f}")
+    assert len(np.unique(reference)) == trained_weights.ARCH.num_classes
+    equal, dice = figures["float16"]
+    assert equal >= 0.999, f"float16: {equal:.4%} of voxels equal"
+    assert dice >= 0.995, f"float16: mean Dice {dice:.4f}"
+
+
+@pytest.mark.slow
+@needs_bf16
+@pytest.mark.parametrize("fast", [False, True], ids=["normal", "fast"])
+@pytest.mark.parametrize("image", ["abdomen_ct_3mm.nii.gz", "chest_ct_1p5mm_lps.nii.gz"])
+def test_bfloat16_on_trained_weights(
+    trained: dict[str, torch.Tensor], image: str, fast: bool, tmp_path: Path
+) -> None:
+    """The whole pipeline, bfloat16 against float32, on the trained weights: closer than on
+    random weights, still short of the target (measured: see ``stuseg.model.precision``). A guard
+    with a margin below what was measured; the figures are printed (``pytest -s``)."""
+    folder = trained_weights.write_folder(tmp_path / "models", trained)
+    a = segment(DATA / image, model=folder, device="cpu", fast=fast, precision="float32").labels
+    b = segment(DATA / image, model=folder, device="cpu", fast=fast, precision="bfloat16").labels
+    equal, dice = float((a == b).mean()), _mean_dice(a, b)
+    mode = "fast" if fast else "normal"
+    print(f"trained weights, {image}, {mode}: {equal:.4%} of voxels equal, mean Dice {dice:.4f}")
+    assert equal >= 0.997, f"{equal:.4%} of voxels equal"
+    assert dice >= 0.99, f"mean Dice {dice:.4f}"
