@@ -116,8 +116,8 @@ def main() -> None:
             model(tensor)
             return time.perf_counter() - start
 
-    for name in variants:
-        one(name)  # warm-up: oneDNN picks and caches its kernels
+    # The warm-up pass: oneDNN picks and caches its kernels; a compiled variant compiles.
+    first = {name: one(name) for name in variants}
     for _ in range(args.repeats):
         for name in variants:
             seconds[name].append(one(name))
@@ -143,6 +143,7 @@ def main() -> None:
                 "precision": name,
                 "gflop_per_tile": round(flops / 1e9, 1),
                 "seconds": [round(s, 3) for s in seconds[name]],
+                "first_pass_seconds": round(first[name], 2),
                 "gflops_best": round(flops / 1e9 / best, 1),
                 "share_of_peak": round(flops / 1e9 / best / peak, 3) if peak else None,
                 "torch_threads": torch.get_num_threads(),
@@ -163,9 +164,11 @@ def _variants(torch, net, x, bf16: bool) -> dict[str, tuple]:
 
     These run the whole network, its last 1x1 layer (16 -> 105 channels at full resolution)
     included. stuseg runs only ``net.features`` in the network's type and that layer in float32
-    (``stuseg.inference.head``): ``*-features`` time ``net.features`` alone, ``float32-features`` as
-    stuseg's float32 runs it, ``bfloat16-features-stuseg`` as ``--precision bfloat16`` runs it on
-    the CPU (``stuseg.model.network.to_channels_last``: channels-last, norms by ``group_norm``, autocast).
+    (``stuseg.inference.head``): ``*-features`` time ``net.features`` alone, ``float32-features``
+    as stuseg's float32 runs it, ``float32-features-channels-last`` the same in channels-last
+    (where inductor's float32 was fastest: RESULTS.md, 2026-12-07 21:37),
+    ``bfloat16-features-stuseg`` as ``--precision bfloat16`` runs it on the CPU
+    (``stuseg.model.network.to_channels_last``: channels-last, norms by ``group_norm``, autocast).
     Their GFLOP/s use the whole network's count (the last layer is 3% of it).
     """
     import copy
@@ -179,6 +182,7 @@ def _variants(torch, net, x, bf16: bool) -> dict[str, tuple]:
         "float32": (net, x, False),
         "float32-channels-last": (net_cl, x_cl, False),
         "float32-features": (net.features, x, False),
+        "float32-features-channels-last": (net_cl.features, x_cl, False),
     }
     if bf16:
         net_b = copy.deepcopy(net).to(torch.bfloat16).to(memory_format=last)
