@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 import trained_weights
-from model_folders import CT_PROPERTIES, write_v2_folder
+from model_folders import write_v2_folder
 
 from stuseg import batch
 from stuseg.errors import InputError
@@ -443,12 +443,15 @@ REAL = {
 _MEASURED: dict[tuple[str, bool], tuple[float, float]] = {}
 
 
+def _dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
+    """The Dice between the voxels of ``value`` in two label maps."""
+    return float(2 * np.sum((a == value) & (b == value)) / (np.sum(a == value) + np.sum(b == value)))
+
+
 def _mean_dice(a: np.ndarray, b: np.ndarray) -> float:
     """The mean Dice between two label maps over the structures (values > 0) either holds."""
     present = [v for v in np.union1d(np.unique(a), np.unique(b)) if v > 0]
-    return float(
-        np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in present])
-    )
+    return float(np.mean([_dice(a, b, v) for v in present]))
 
 
 def _agreement(name: str, fast: bool, tmp_path: Path) -> tuple[float, float]:
@@ -507,18 +510,21 @@ def trained() -> dict[str, torch.Tensor]:
     return trained_weights.train()
 
 
+@pytest.fixture(scope="module")
+def trained_folder(trained: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_weights.write_folder(tmp_path_factory.mktemp("trained"), trained)
+
+
 @pytest.mark.slow
-def test_the_trained_weights_segment_the_abdomen_as_totalsegmentator_did(
-    trained: dict[str, torch.Tensor], tmp_path: Path
-) -> None:
+def test_the_trained_weights_segment_the_abdomen_as_totalsegmentator_did(trained_folder: Path) -> None:
     """The fixture is what it claims (and stuseg reads its v2 folder the right way round): in
     float32 its labels on the 30 labelled slices match the masks it was fitted to."""
-    folder = trained_weights.write_folder(tmp_path / "models", trained)
-    labels = segment(DATA / "abdomen_ct_3mm.nii.gz", model=folder, device="cpu", precision="float32").labels
+    image = DATA / "abdomen_ct_3mm.nii.gz"
+    labels = segment(image, model=trained_folder, device="cpu", precision="float32").labels
     _, truth = trained_weights.labelled_slices()
     first = trained_weights.FIRST_SLICE
     found = labels[:, :, first : first + truth.shape[2]]
-    liver = 2 * np.sum((found == 1) & (truth == 1)) / (np.sum(found == 1) + np.sum(truth == 1))
+    liver = _dice(found, truth, 1)
     assert liver >= 0.9, f"liver Dice {liver:.3f}"
     assert _mean_dice(found, truth) >= 0.75
 
@@ -544,8 +550,7 @@ def test_float16_the_cuda_default_meets_the_target_on_trained_weights(
     net.load_state_dict(trained)
     net.eval()
     ct = np.asarray(nib.load(DATA / "abdomen_ct_3mm.nii.gz").dataobj, dtype=np.float32).T  # (z, y, x)
-    p = CT_PROPERTIES
-    x = torch.from_numpy((np.clip(ct, p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / p["std"])
+    x = torch.from_numpy(trained_weights.normalised(ct))
     shape = x.shape
     x = torch.nn.functional.pad(x, (0, -shape[2] % 16, 0, -shape[1] % 16, 0, -shape[0] % 16))[None, None]
     inside = tuple(slice(0, n) for n in shape)
@@ -567,15 +572,12 @@ def test_float16_the_cuda_default_meets_the_target_on_trained_weights(
 @needs_bf16
 @pytest.mark.parametrize("fast", [False, True], ids=["normal", "fast"])
 @pytest.mark.parametrize("image", ["abdomen_ct_3mm.nii.gz", "chest_ct_1p5mm_lps.nii.gz"])
-def test_bfloat16_on_trained_weights(
-    trained: dict[str, torch.Tensor], image: str, fast: bool, tmp_path: Path
-) -> None:
+def test_bfloat16_on_trained_weights(trained_folder: Path, image: str, fast: bool) -> None:
     """The whole pipeline, bfloat16 against float32, on the trained weights: closer than on
     random weights, still short of the target (measured: see ``stuseg.model.precision``). A guard
     with a margin below what was measured; the figures are printed (``pytest -s``)."""
-    folder = trained_weights.write_folder(tmp_path / "models", trained)
-    a = segment(DATA / image, model=folder, device="cpu", fast=fast, precision="float32").labels
-    b = segment(DATA / image, model=folder, device="cpu", fast=fast, precision="bfloat16").labels
+    a = segment(DATA / image, model=trained_folder, device="cpu", fast=fast, precision="float32").labels
+    b = segment(DATA / image, model=trained_folder, device="cpu", fast=fast, precision="bfloat16").labels
     equal, dice = float((a == b).mean()), _mean_dice(a, b)
     mode = "fast" if fast else "normal"
     print(f"trained weights, {image}, {mode}: {equal:.4%} of voxels equal, mean Dice {dice:.4f}")

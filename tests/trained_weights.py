@@ -56,11 +56,16 @@ def labelled_slices() -> tuple[np.ndarray, np.ndarray]:
     return ct, labels
 
 
+def normalised(hu: np.ndarray) -> np.ndarray:
+    """CT values as the model folder's CTNormalization makes them (``CT_PROPERTIES``)."""
+    lo, hi = CT_PROPERTIES["percentile_00_5"], CT_PROPERTIES["percentile_99_5"]
+    return (np.clip(hu, lo, hi) - CT_PROPERTIES["mean"]) / CT_PROPERTIES["std"]
+
+
 def train(iterations: int = 600, seed: int = 0) -> dict[str, torch.Tensor]:
     """The state dict of ``ARCH`` fitted to the labelled slices (about 3 minutes on 2 cores)."""
     ct, labels = labelled_slices()
-    lo, hi = CT_PROPERTIES["percentile_00_5"], CT_PROPERTIES["percentile_99_5"]
-    x = (np.clip(ct, lo, hi) - CT_PROPERTIES["mean"]) / CT_PROPERTIES["std"]
+    x = normalised(ct)
     # nnU-Net v2 (SimpleITK) hands the network the voxels as (z, y, x); one slice of air above
     # and below makes 32 slices, a multiple of the network's divisor.
     image = F.pad(torch.from_numpy(x.T.copy()), (0, 0, 0, 0, 1, 1), value=float(x.min()))
