@@ -168,6 +168,8 @@ def test_a_resumed_batch_that_asks_for_statistics_adds_them_and_the_cohort_table
         assert [rows.loc[case.id, f"shape_{a}"] for a in "ijk"] == rec["shape"]
         assert rows.loc[case.id, "seconds_network"] == pytest.approx(rec["seconds"]["network"])
         assert rows.loc[case.id, "peak_rss_bytes"] == rec["peak_rss_bytes"]
+        assert rows.loc[case.id, "device"] == "cpu"
+        assert rows.loc[case.id, "precision"] == segmenter.precision == "float32"
     # Written again on request, the tables are recognised as stuseg's.
     assert run_cli("statistics", out).returncode == 0
 

@@ -11,7 +11,9 @@ Both tables are plain CSV (comma, one header row, empty cells for missing values
   computed from its result and its input CT.
 - ``cases``: one row per case: ``case``, ``input``, ``series``, ``status``, ``error``, shape and
   spacing per axis, ``seconds_<stage>`` per stage, ``wall_seconds``, peak memory, model and
-  weights, and the number of warnings.
+  weights, the device and the network's precision (``float32``, ``bfloat16``, ``float16``: the
+  resolved choice, not ``auto``; empty for records of a stuseg that did not log it), and the
+  number of warnings.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ CASE_COLUMNS = (
     "spacing_j_mm", "spacing_k_mm",
 )  # fmt: skip
 _TAIL = ("wall_seconds", "peak_rss_bytes", "peak_gpu_bytes", "size", "mode", "weights_sha256", "device",
-         "warnings")  # fmt: skip
+         "precision", "warnings")  # fmt: skip
 
 
 @dataclass
@@ -192,6 +194,7 @@ def _cases_table(latest: Mapping[str, Mapping[str, Any]]) -> str:
         row += [seconds.get(s) for s in stages]
         row += [rec.get("wall_seconds"), rec.get("peak_rss_bytes"), rec.get("peak_gpu_bytes")]
         row += [rec.get("size"), _mode(rec), rec.get("weights_sha256"), options.get("device")]
+        row.append(options.get("precision"))
         row.append(len(rec.get("warnings") or []))
         writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
