@@ -1,7 +1,8 @@
 """Which weights, verified and cached; fine-tuned nnU-Net model folders and their registry.
 
 ``manifest`` (which published checkpoint each size is, pinned with its hash), ``checkpoints``
-(read, validate and write checkpoint files), ``cache`` (download, import, load, report what is
+(read, validate and write checkpoint files), ``digests`` (files' sha256, remembered while a file
+is unchanged), ``cache`` (download, import, load, report what is
 there), ``modelfolder`` (a fine-tuned nnU-Net v1/v2 folder, read safely), ``modelstore`` (the
 registry of imported models).
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import os
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from stuseg.weights.checkpoints import (
     validate_safetensors,
     write_safetensors,
 )
+from stuseg.weights.digests import remembered_sha256, sha256_file
 from stuseg.weights.manifest import HEX64, WeightsEntry, load_manifest
 
 if TYPE_CHECKING:
@@ -70,8 +70,6 @@ BY_ARCH = "architecture (keys and shapes)"
 
 Progress = Callable[[str, int, "int | None"], None]
 """``progress(phase, done, total)``: ``phase`` is a short label, ``total`` may be None."""
-
-_CHUNK = 8 << 20  # 8 MiB reads for hashing
 
 
 def _no_progress(phase: str, done: int, total: int | None) -> None:
@@ -144,33 +142,6 @@ def _writable_cache() -> Path:
 
 # --------------------------------------------------------------------------------------------
 # Hashing
-
-
-def sha256_file(path: Path, progress: Progress | None = None, phase: str = "verify") -> str:
-    """Streaming sha256 of a file.
-
-    Args:
-        path: the file.
-        progress: called with ``(phase, bytes done, total bytes)`` as it goes.
-        phase: the label passed to ``progress``.
-
-    Returns:
-        The hex digest.
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    progress = progress or _no_progress
-    total = path.stat().st_size
-    digest = hashlib.sha256()
-    done = 0
-    progress(phase, 0, total)
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            done += len(chunk)
-            progress(phase, done, total)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +498,7 @@ class LoadedWeights:
     def sha256(self) -> str:
         """What identifies these weights wherever they are loaded from (run logs, resume): the
         original checkpoint's sha256, so the cached conversion and the file it came from agree."""
-        return self.known_sha256 or sha256_file(self.path)
+        return self.known_sha256 or remembered_sha256(self.path)
 
 
 def _sizes_cached_besides(size: str) -> str:
@@ -604,7 +575,7 @@ def load_weights(
         else:
             entry = load_manifest(manifest).entry(found)
             known = entry.sha256 is not None and path.stat().st_size == entry.size_bytes
-            if known and sha256_file(path) == entry.sha256:
+            if known and remembered_sha256(path) == entry.sha256:
                 verified_by, recorded = BY_MANIFEST, entry.sha256
             else:
                 verified_by = BY_ARCH

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from stuseg.errors import InputError, WeightsError
 from stuseg.model.network import SIZES, Arch, Stride
 from stuseg.model.plan import Normalization, Plan
-from stuseg.weights.cache import sha256_file, stuseg_home
+from stuseg.weights.cache import stuseg_home
 from stuseg.weights.checkpoints import (
     load_container,
     ndarray_reconstruct,
@@ -41,6 +41,7 @@ from stuseg.weights.checkpoints import (
     strip_wrappers,
     write_safetensors,
 )
+from stuseg.weights.digests import remembered_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -890,7 +891,7 @@ def cache_fold(model: TrainedModel, fold: Fold) -> tuple[Path, str]:
             written (disk full, read-only).
     """
     try:
-        sha = sha256_file(fold.checkpoint)
+        sha = remembered_sha256(fold.checkpoint)
     except OSError as exc:
         raise WeightsError(f"checkpoint {fold.checkpoint} cannot be read ({exc.strerror or exc})") from None
     dest = _cache_folder() / f"{sha}.safetensors"
@@ -940,7 +941,7 @@ def load_fold_identified(model: TrainedModel, fold: Fold) -> tuple[dict[str, tor
     else:
         path = fold.checkpoint
         try:
-            actual = sha256_file(path)
+            actual = remembered_sha256(path)
         except OSError as exc:
             raise WeightsError(f"weights file {path} cannot be read ({exc.strerror or exc})") from None
         if actual != fold.sha256:
