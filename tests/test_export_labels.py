@@ -547,3 +547,90 @@ def test_names_errors_are_one_line_and_write_nothing(tmp_path: Path, case: str, 
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert message.format(names=names) in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["names.json"]
+
+
+# --- a folder of masks named by its files: a fine-tuned model's, or another tool's -------------------
+
+
+def _own_folder(tmp_path: Path, header: nib.Nifti1Header) -> tuple[Path, dict[str, np.ndarray]]:
+    """A folder as ``stuseg predict --model`` writes it for a model whose structures are partly
+    not published ones (``kidney``, ``tumour``), and the masks the test put in it."""
+    shape = header.get_data_shape()
+    rng = np.random.default_rng(3)
+    regions = rng.integers(0, 4, size=shape)  # 0 background, then one structure each: no overlap
+    masks = {name: (regions == k).astype(np.uint8) for k, name in enumerate(["tumour", "kidney", "liver"], 1)}
+    folder = tmp_path / "seg"
+    folder.mkdir()
+    for name, mask in masks.items():
+        nib.save(nib.Nifti1Image(mask, header.get_best_affine(), header), folder / f"{name}.nii.gz")
+    return folder, masks
+
+
+def test_a_folder_of_a_models_own_structures_exports_by_its_names(tmp_path: Path, header) -> None:
+    folder, masks = _own_folder(tmp_path, header)
+    done = run_cli("export-labels", folder, tmp_path / "some", "-l", "kidney,tumour")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "some").glob("*.nii.gz")) == ["kidney.nii.gz", "tumour.nii.gz"]
+    for name in ("kidney", "tumour"):
+        written = nib.load(tmp_path / "some" / f"{name}.nii.gz")
+        np.testing.assert_array_equal(np.asanyarray(written.dataobj), masks[name], err_msg=name)
+        assert_same_geometry(tmp_path / "some" / f"{name}.nii.gz", header)
+    # A group selects by the names the folder shares with the published structures.
+    done = run_cli("export-labels", folder, tmp_path / "organs", "-g", "organs", "-l", "tumour")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "organs").glob("*.nii.gz")) == ["liver.nii.gz", "tumour.nii.gz"]
+    done = run_cli("export-labels", folder, tmp_path / "union", "-l", "kidney,tumour", "--combine", "both")
+    assert done.returncode == 0, done.stderr
+    union = np.asanyarray(nib.load(tmp_path / "union" / "both.nii.gz").dataobj)
+    np.testing.assert_array_equal(union, masks["kidney"] | masks["tumour"])
+
+
+def test_a_folder_of_own_structures_to_an_ml_file_numbers_them_by_name(tmp_path: Path, header) -> None:
+    folder, masks = _own_folder(tmp_path, header)
+    out = tmp_path / "two.nii.gz"
+    done = run_cli("export-labels", folder, out, "-l", "tumour,kidney", "--ml")
+    assert done.returncode == 0, done.stderr
+    data, _, names = labelmaps.load_named_labels(out, out.with_name("two.json"))
+    assert names == {1: "kidney", 2: "tumour"}  # 1..k in name order: a folder carries no values
+    np.testing.assert_array_equal(data, masks["kidney"] + 2 * masks["tumour"])
+    refused = run_cli(
+        "export-labels", folder, tmp_path / "m.nii.gz", "-l", "kidney", "--ml", "--numbering", "model"
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"stuseg: error: {folder} is a folder of masks, which carries no label values; its --ml file "
+        "numbers the structures 1..k in name order (--numbering compact)"
+    )
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_overlapping_masks_of_own_structures_are_exported_one_at_a_time(tmp_path: Path, header) -> None:
+    folder, masks = _own_folder(tmp_path, header)
+    cyst = masks["kidney"] | masks["tumour"]
+    nib.save(nib.Nifti1Image(cyst, header.get_best_affine(), header), folder / "cyst.nii.gz")
+    for out, extra in ((tmp_path / "ml.nii.gz", ["--ml"]), (tmp_path / "masks", [])):
+        done = run_cli("export-labels", folder, out, "-l", "cyst,kidney", *extra)
+        assert done.returncode == 1
+        assert done.stderr.strip() == (
+            f"stuseg: error: masks cyst and kidney in {folder} overlap; one label map cannot hold both, "
+            "so export them one at a time"
+        )
+        assert not out.exists()
+    alone = run_cli("export-labels", folder, tmp_path / "cyst", "-l", "cyst")
+    assert alone.returncode == 0, alone.stderr
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "cyst" / "cyst.nii.gz").dataobj), cyst)
+
+
+def test_totalsegmentators_folder_exports_its_own_names_too(tmp_path: Path) -> None:
+    source = TS_RESULTS / "abdomen_ct_sm_masks"
+    assert (source / "heart.nii.gz").name.removesuffix(".nii.gz") not in labels.STRUCTURES
+    out = tmp_path / "out"
+    done = run_cli("export-labels", source, out, "-l", "heart", "-g", "organs")
+    assert done.returncode == 0, done.stderr
+    names = {p.name.removesuffix(".nii.gz") for p in source.glob("*.nii.gz")}
+    organs = {n for n in names if n in labels.GROUPS["organs"]}
+    assert {p.name.removesuffix(".nii.gz") for p in out.glob("*.nii.gz")} == organs | {"heart"}
+    for name in organs | {"heart"}:
+        mine, theirs = nib.load(out / f"{name}.nii.gz"), nib.load(source / f"{name}.nii.gz")
+        np.testing.assert_array_equal(np.asanyarray(mine.dataobj) != 0, np.asanyarray(theirs.dataobj) != 0)
+        np.testing.assert_array_equal(mine.affine, theirs.affine)

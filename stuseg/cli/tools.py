@@ -97,7 +97,8 @@ def export_labels_cmd(
     if not patterns:
         raise fail("name the structures to export with --labels or --group (see 'stuseg labels')")
     # Another tool's values are named by --names; a model's own structures by the table its --ml
-    # file carries; either way they are selected from that table.
+    # file carries, or in a folder by its masks' names; either way they are selected from that
+    # table (by groups too where it is not a model's own --ml table: by the names it shares).
     if names_file is not None:
         table = labelmaps.read_table_file(names_file)
     else:
@@ -107,7 +108,7 @@ def export_labels_cmd(
         output,
         labels.select(patterns)
         if table is None
-        else labels.select_from(table, patterns, groups=names_file is not None),
+        else labels.select_from(table, patterns, groups=names_file is not None or segmentation.is_dir()),
         ml=ml,
         numbering=numbering,
         combine=combine,

@@ -744,21 +744,29 @@ def export_labels(
 
 
 def own_table(path: Path) -> dict[int, str] | None:
-    """The label table of a multilabel file written for a model with its own structures.
+    """The label table of a segmentation of a model with its own structures (a fine-tuned one),
+    or of another tool's folder of masks.
 
     Args:
         path: a segmentation (a multilabel file or a folder of masks).
 
     Returns:
-        Label value -> name, as the file carries it (header extension or JSON sidecar), when a
-        name is not one of the published structures; None for a folder, a file without a table
-        or a table of published names (which :func:`load_segmentation` reads).
+        Label value -> name when a name is not one of the published structures: a multilabel
+        file's as it carries it (header extension or JSON sidecar); a folder's masks numbered
+        1, 2, ... in file-name order (a folder carries no label values). None for a file without
+        a table, or a file or folder of published names only (which :func:`load_segmentation`
+        reads).
 
     Raises:
         InputError: the file cannot be read.
     """
     path = Path(path)
-    if path.is_dir() or not path.is_file():
+    if path.is_dir():
+        names = list(_named_mask_files(path))
+        if not names or {n.lower() for n in names} <= {n.lower() for n in lbl.STRUCTURES}:
+            return None
+        return dict(enumerate(names, start=1))
+    if not path.is_file():
         return None
     table = read_names(load_nifti(path), path)
     if table is None or {n.lower() for n in table.values()} <= {n.lower() for n in lbl.STRUCTURES}:
@@ -778,9 +786,10 @@ def _export_own(
     *,
     names_file: Path | None = None,
 ) -> ExportResult:
-    """``export_labels`` of a multilabel file named by its own ``table`` (or by ``names_file``'s);
-    options checked there."""
-    source = str(names_file) if names_file is not None else "its label table"
+    """``export_labels`` of a multilabel file named by its own ``table`` (or by ``names_file``'s),
+    or of a folder of masks named by their files (``own_table``); options checked there."""
+    folder = Path(segmentation).is_dir()
+    source = str(names_file) if names_file is not None else "its masks" if folder else "its label table"
     table = {int(v): str(n) for v, n in table.items()}
     wanted = sorted(set(values))
     if not wanted:
@@ -788,8 +797,14 @@ def _export_own(
     unknown = [v for v in wanted if v not in table]
     if unknown:
         raise LabelError(f"label value {unknown[0]} is not in {source}")
-    chosen = numbering or lbl.Numbering.MODEL
+    # A folder's masks carry no label values: its --ml file numbers the selection 1..k.
+    chosen = numbering or (lbl.Numbering.COMPACT if folder else lbl.Numbering.MODEL)
     scheme = str(getattr(chosen, "value", chosen))
+    if folder and scheme != lbl.Numbering.COMPACT.value:
+        raise LabelError(
+            f"{segmentation} is a folder of masks, which carries no label values; its --ml file "
+            "numbers the structures 1..k in name order (--numbering compact)"
+        )
     if scheme not in (lbl.Numbering.MODEL.value, lbl.Numbering.COMPACT.value):
         raise LabelError(
             f"--numbering {scheme} applies to the published structures only; {segmentation} is "
@@ -800,8 +815,11 @@ def _export_own(
         check_multilabel_output(output, inputs=inputs, overwrite=overwrite)
     else:
         check_mask_folder_output(output, inputs=inputs, overwrite=overwrite)
-    _, raw, header = _load_label_nifti(segmentation)
-    labels = _integer_data(raw, segmentation)
+    if folder:
+        labels, header = _folder_label_map(Path(segmentation), table, wanted)
+    else:
+        _, raw, header = _load_label_nifti(segmentation)
+        labels = _integer_data(raw, segmentation)
     counts = value_counts(labels, 256)
     unnamed = [int(v) for v in np.flatnonzero(counts) if v and v not in table]
     if len(counts) > 256 or unnamed:
@@ -827,6 +845,40 @@ def _export_own(
             written = write_masks(stage, labels, header, {v: table[v] for v in wanted})
     result.written = [Path(output) / p.name for p in written]
     return result
+
+
+def _folder_label_map(
+    folder: Path, table: Mapping[int, str], wanted: Sequence[int]
+) -> tuple[np.ndarray, nib.Nifti1Header]:
+    """The masks ``wanted`` of a folder named by its files, as one uint8 label map numbered by
+    ``table`` (``own_table``'s numbering); other masks left out.
+
+    Raises:
+        InputError: the folder changed since ``table`` was read, or its masks differ in grid.
+        LabelError: two of the wanted masks overlap (one label map cannot hold both).
+    """
+    layers, header, names = load_named_masks(folder)
+    if names != dict(table):
+        raise InputError(f"the masks in {folder} changed while it was read; run the command again")
+    if len(table) > 255:
+        raise LabelError(f"{folder} holds {len(table)} masks; export at most 255 structures at once")
+    labels = np.zeros(layers[0].shape, np.uint8, order="F")
+    flat = labels.reshape(-1, order="F")
+    keep = np.zeros(len(table) + 1, bool)
+    keep[list(wanted)] = True
+    for layer in layers:
+        values = layer.reshape(-1, order="F")
+        where = np.flatnonzero(keep[values])
+        clash = flat[where]
+        if clash.any():
+            first = int(clash[clash != 0][0])
+            other = int(values[where][clash != 0][0])
+            raise LabelError(
+                f"masks {table[first]} and {table[other]} in {folder} overlap; one label map cannot "
+                "hold both, so export them one at a time"
+            )
+        flat[where] = values[where]
+    return labels, header
 
 
 # ---------------------------------------------------------------------------------------------
