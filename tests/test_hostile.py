@@ -37,8 +37,10 @@ ALL_MASKS = sorted(f"{n}.nii.gz" for n in labels.STRUCTURES)
 
 # `python -c` launcher: the real CLI, with `stuseg.inference.pipeline` replaced by a module whose segment()
 # reads the image for real and labels it by thresholds (liver above 0 HU, spleen in -500..0),
-# honouring --roi-subset. STUSEG_TEST_SLOW_WRITE=<file>: every mask write touches <file>, then
-# sleeps, so a test can send a signal while masks are being written.
+# honouring --roi-subset. STUSEG_TEST_SLOW_WRITE=<file>: the first mask written creates <file> and
+# waits until the test has removed it (so however loaded the machine, the write is still under
+# way when the test acts), then every write sleeps, so a test can send a signal while masks are
+# being written.
 FAKE_PREDICT = """
 import os, sys, time, types
 import numpy as np
@@ -67,9 +69,15 @@ sys.modules["stuseg.inference.pipeline"] = stuseg.inference.pipeline = fake
 ready = os.environ.get("STUSEG_TEST_SLOW_WRITE")
 if ready:
     real_write = labelmaps.write_nifti
+    first = [True]
     def slow_write(img, path):
         real_write(img, path)
-        open(ready, "a").close()
+        if first[0]:
+            first[0] = False
+            open(ready, "a").close()
+            deadline = time.monotonic() + 120
+            while os.path.exists(ready) and time.monotonic() < deadline:
+                time.sleep(0.02)
         time.sleep(1.5)
     labelmaps.write_nifti = slow_write
 sys.argv = ["stuseg", *sys.argv[1:]]
@@ -448,6 +456,9 @@ def _start_slow_predict(tmp_path: Path, ct: Path, out: Path) -> tuple[subprocess
         stderr=subprocess.PIPE,
         text=True,
         env=_env(STUSEG_TEST_SLOW_WRITE=str(ready)),
+        # Ctrl-C as a terminal gives it, also where pytest itself ignores SIGINT (a shell's
+        # background job does): an ignored SIGINT is inherited, and stuseg rightly keeps it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not ready.exists():
