@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ from stuseg.weights.checkpoints import (
     validate_safetensors,
     write_safetensors,
 )
-from stuseg.weights.digests import remembered_sha256, sha256_file
+from stuseg.weights.digests import Progress, no_progress, remembered_sha256, sha256_file
 from stuseg.weights.manifest import HEX64, WeightsEntry, load_manifest
 
 if TYPE_CHECKING:
@@ -67,13 +66,6 @@ __all__ = [
 BY_MANIFEST = "sha256 (manifest)"
 BY_HUB = "sha256 (hub-reported)"
 BY_ARCH = "architecture (keys and shapes)"
-
-Progress = Callable[[str, int, "int | None"], None]
-"""``progress(phase, done, total)``: ``phase`` is a short label, ``total`` may be None."""
-
-
-def _no_progress(phase: str, done: int, total: int | None) -> None:
-    pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +239,7 @@ def import_weights(
             architecture; the cache cannot be written (STUSEG_HOME a file, read-only, disk full).
             The cache is left as it was.
     """
-    progress = progress or _no_progress
+    progress = progress or no_progress
     file = Path(file)
     want = canonical_size(size) if size is not None else None
     tensors, _ = read_checkpoint(file)
@@ -389,7 +381,7 @@ def download_weights(
             without a copy, refusing, or serving other bytes than pinned (size or sha256, the bad
             download is deleted); not enough disk space.
     """
-    progress = progress or _no_progress
+    progress = progress or no_progress
     entry = load_manifest(manifest).entry(size)
     cached = _cached(entry.size)
     if not force and _is_published(cached, entry):

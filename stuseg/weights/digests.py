@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["MEMO_NAME", "RACY_SECONDS", "remembered_sha256", "sha256_file"]
+__all__ = ["MEMO_NAME", "RACY_SECONDS", "Progress", "no_progress", "remembered_sha256", "sha256_file"]
 
 MEMO_NAME = "digests.json"
 RACY_SECONDS = 2.0  # a file changed this recently is hashed but not remembered
@@ -40,11 +40,12 @@ _MAX_ENTRIES = 2000  # the oldest are dropped beyond this
 _CHUNK = 8 << 20
 _LOCK = threading.Lock()
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, "int | None"], None]
+"""``progress(phase, done, total)``: ``phase`` is a short label, ``total`` may be None."""
 
 
-def _no_progress(phase: str, done: int, total: int) -> None:
-    pass
+def no_progress(phase: str, done: int, total: int | None) -> None:
+    """A ``Progress`` that reports nowhere."""
 
 
 def sha256_file(path: Path, progress: Progress | None = None, phase: str = "verify") -> str:
@@ -61,7 +62,7 @@ def sha256_file(path: Path, progress: Progress | None = None, phase: str = "veri
     Raises:
         OSError: the file cannot be read.
     """
-    progress = progress or _no_progress
+    progress = progress or no_progress
     total = path.stat().st_size
     digest = hashlib.sha256()
     done = 0
