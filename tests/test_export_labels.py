@@ -585,6 +585,18 @@ def test_a_folder_of_a_models_own_structures_exports_by_its_names(tmp_path: Path
     np.testing.assert_array_equal(union, masks["kidney"] | masks["tumour"])
 
 
+def test_only_the_masks_asked_for_are_read(tmp_path: Path, header) -> None:
+    folder, masks = _own_folder(tmp_path, header)
+    (folder / "liver.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not a whole gzip stream")
+    done = run_cli("export-labels", folder, tmp_path / "ml.nii.gz", "-l", "tumour,kidney", "--ml")
+    assert done.returncode == 0, done.stderr
+    data, _, names = labelmaps.load_named_labels(tmp_path / "ml.nii.gz", tmp_path / "ml.json")
+    assert names == {1: "kidney", 2: "tumour"}
+    np.testing.assert_array_equal(data, masks["kidney"] + 2 * masks["tumour"])
+    broken = run_cli("export-labels", folder, tmp_path / "liver", "-l", "liver")
+    assert broken.returncode == 1 and "liver.nii.gz" in broken.stderr and broken.stderr.count("\n") == 1
+
+
 def test_a_folder_of_own_structures_to_an_ml_file_numbers_them_by_name(tmp_path: Path, header) -> None:
     folder, masks = _own_folder(tmp_path, header)
     out = tmp_path / "two.nii.gz"

@@ -22,7 +22,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -851,14 +851,14 @@ def _folder_label_map(
     folder: Path, table: Mapping[int, str], wanted: Sequence[int]
 ) -> tuple[np.ndarray, nib.Nifti1Header]:
     """The masks ``wanted`` of a folder named by its files, as one uint8 label map numbered by
-    ``table`` (``own_table``'s numbering); other masks left out.
+    ``table`` (``own_table``'s numbering); the other masks are not read.
 
     Raises:
         InputError: the folder changed since ``table`` was read, or its masks differ in grid.
         LabelError: two of the wanted masks overlap (one label map cannot hold both).
     """
-    layers, header, names = load_named_masks(folder)
-    if names != dict(table):
+    layers, header, names = load_named_masks(folder, only={table[v] for v in wanted})
+    if names != {v: table[v] for v in wanted}:
         raise InputError(f"the masks in {folder} changed while it was read; run the command again")
     if len(table) > 255:
         raise LabelError(f"{folder} holds {len(table)} masks; export at most 255 structures at once")
@@ -899,7 +899,9 @@ def _named_mask_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def load_named_masks(folder: Path) -> tuple[list[np.ndarray], nib.Nifti1Header, dict[int, str]]:
+def load_named_masks(
+    folder: Path, only: Collection[str] | None = None
+) -> tuple[list[np.ndarray], nib.Nifti1Header, dict[int, str]]:
     """Read a folder of 0/1 masks named ``<structure>.nii.gz``, whatever the structure names.
 
     Each mask gets a label value (1, 2, ... in file name order). Masks may overlap (tools that
@@ -909,10 +911,13 @@ def load_named_masks(folder: Path) -> tuple[list[np.ndarray], nib.Nifti1Header, 
 
     Args:
         folder: the folder; every visible ``*.nii.gz`` / ``*.nii`` in it is read as a mask.
+        only: read only the masks of these names (the others are not opened); values stay
+            those of the whole folder's file name order.
 
     Returns:
         ``(layers, header, names)``: uint8 (uint16 beyond 255 masks) label maps in Fortran
-        order, the first mask's NIfTI header, and label value -> name (the file name stem).
+        order, the first mask's NIfTI header, and label value -> name (the file name stem) of
+        the masks read.
 
     Raises:
         InputError: no masks, a file that cannot be read, or masks on different grids.
@@ -929,6 +934,8 @@ def load_named_masks(folder: Path) -> tuple[list[np.ndarray], nib.Nifti1Header, 
     ref_header: nib.Nifti1Header | None = None
     first = ""
     for value, (name, path) in enumerate(files.items(), start=1):
+        if only is not None and name not in only:
+            continue
         img, raw, header = _load_label_nifti(path)  # one reader for every NIfTI stuseg reads
         if ref is None:
             ref, ref_header, first = img, header, path.name
@@ -958,6 +965,8 @@ def load_named_masks(folder: Path) -> tuple[list[np.ndarray], nib.Nifti1Header, 
             flat = layer.reshape(-1, order="F")
         flat[where] = value
         names[value] = name
+    if ref_header is None:  # ``only`` named none of the folder's masks
+        raise InputError(f"folder {folder} holds no mask named {', '.join(sorted(only or ()))}")
     if not layers:  # every mask empty
         layers.append(np.zeros(ref_header.get_data_shape()[:3], dtype, order="F"))
     return layers, ref_header, names
